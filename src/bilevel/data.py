@@ -2,6 +2,11 @@
 
 A sampler returns a batch (a tuple of tensors) from :meth:`next`; :meth:`full` returns all the
 data (used for evaluation). Samplers own their random state and can be checkpointed.
+
+Any re-iterable of batches (a ``torch.utils.data.DataLoader``, a list) is accepted too:
+:func:`as_sampler` — the one adapter, called by :func:`bilevel.solve` — wraps it in
+:class:`IterableSampler`. :func:`paired` makes the pairing of the lower and upper batches of
+one task explicit.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Sampler", "FullBatch", "Minibatches", "FixedBatches"]
+__all__ = [
+    "Sampler", "FullBatch", "Minibatches", "FixedBatches", "IterableSampler", "paired", "as_sampler"
+]
 
 
 class Sampler:
@@ -144,3 +151,224 @@ class FixedBatches(Sampler):
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
         self.last_index = state["last_index"]
+
+
+# --- any iterable of batches (DataLoader, list, generator factory) ------------------------------
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor moved to ``device`` (non-blocking from pinned memory)."""
+    if device is None:
+        return batch
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(device, non_blocking=t.is_pinned()) if isinstance(t, Tensor) else t, batch
+    )
+
+
+def _generators(iterable: Any) -> list[torch.Generator]:
+    """The torch generators that decide a DataLoader's order (its own and its sampler's)."""
+    out = []
+    for owner in (iterable, getattr(iterable, "sampler", None),
+                  getattr(getattr(iterable, "batch_sampler", None), "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in out):
+            out.append(g)
+    return out
+
+
+class IterableSampler(Sampler):
+    """Any re-iterable of batches — a ``torch.utils.data.DataLoader`` (with its own workers and
+    pin-memory), a list of tuples of tensors, ... — behind the sampler interface.
+
+    * :meth:`next` returns the next batch, re-iterating ``iterable`` at the end of each epoch
+      (``epoch`` counts completed passes); batches are moved to ``device`` (the device of the
+      variables when built by :func:`bilevel.solve`).
+    * :meth:`full` concatenates one whole pass along dim 0 (used for tracking/evaluation). It is
+      computed once and cached, from a separate pass that does not disturb the batch order.
+    * :meth:`state_dict` records the epoch, the position inside it and the state of the loader's
+      torch generators at the start of the epoch (``DataLoader(generator=...)`` or a sampler with a
+      ``generator``). Resuming is exact when the loader's order is decided by such a seeded
+      generator (or the loader does not shuffle); a loader that shuffles with the global RNG
+      resumes at the right position but in a different order — approximate.
+
+    A single-pass iterator (``iter(it) is it``, e.g. a generator) is rejected: it cannot be
+    re-iterated per epoch. ``name`` (e.g. ``"lower_data"``) appears in every error message.
+    """
+
+    def __init__(self, iterable: Any, *, name: str = "data", device: torch.device | str | None = None):
+        if hasattr(type(iterable), "__next__"):  # an iterator (not re-iterable); never iter() here
+            raise TypeError(
+                f"{name}: got a single-pass iterator ({type(iterable).__name__}); pass a "
+                "re-iterable object (a DataLoader, a list of batches, or a Sampler) so that it can "
+                "be re-iterated every epoch"
+            )
+        self.iterable, self.name = iterable, name
+        self.device = None if device is None else torch.device(device)
+        self.epoch, self.pos = 0, 0
+        self._it: Any = None
+        self._gen_states: list[Tensor] | None = None
+        self._full: tuple[Tensor, ...] | None = None
+        bs = getattr(iterable, "batch_size", None)
+        self.batch_size = int(bs) if isinstance(bs, int) else 0
+        try:
+            self.n = len(iterable.dataset) if hasattr(iterable, "dataset") else 0
+        except TypeError:
+            self.n = 0
+
+    def _start_epoch(self) -> None:
+        gens = _generators(self.iterable)
+        if self._gen_states is not None and len(self._gen_states) == len(gens):
+            for g, s in zip(gens, self._gen_states):  # resuming: replay this epoch's order
+                g.set_state(s)
+        self._gen_states = [g.get_state() for g in gens]
+        self._it = iter(self.iterable)
+
+    def _empty(self) -> ValueError:
+        return ValueError(f"{self.name}: the data loader / iterable yielded no batch")
+
+    def next(self) -> Any:
+        if self._it is None:
+            self._start_epoch()
+            for _ in range(self.pos):  # resuming inside an epoch: skip the batches already used
+                next(self._it)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self.pos == 0:
+                raise self._empty() from None
+            self.epoch, self.pos, self._gen_states = self.epoch + 1, 0, None
+            self._start_epoch()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                raise self._empty() from None
+        self.pos += 1
+        return _to_device(batch, self.device)
+
+    def full(self) -> Any:
+        if self._full is None:
+            gens = _generators(self.iterable)
+            saved = [g.get_state() for g in gens]
+            batches = list(self.iterable)
+            for g, s in zip(gens, saved):
+                g.set_state(s)
+            if not batches:
+                raise self._empty()
+            leaves0, spec = torch.utils._pytree.tree_flatten(batches[0])
+            if not all(isinstance(t, Tensor) for t in leaves0):
+                raise TypeError(
+                    f"{self.name}: cannot concatenate batches holding non-tensors for full(); "
+                    "yield tensors or tuples/lists/dicts of tensors"
+                )
+            cols = [torch.utils._pytree.tree_flatten(b)[0] for b in batches]
+            self._full = torch.utils._pytree.tree_unflatten(
+                [torch.cat([c[i] for c in cols]) for i in range(len(leaves0))], spec
+            )
+        return _to_device(self._full, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos, "generators": self._gen_states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._gen_states = state["generators"]
+        self._it = None  # the next draw restarts the recorded epoch and skips `pos` batches
+
+
+def as_sampler(data: Any, name: str = "data", *, device: torch.device | str | None = None) -> Any:
+    """Turn ``lower_data=`` / ``upper_data=`` into the sampler interface (``next()``, ``full()``,
+    ``state_dict()``, ``load_state_dict()``).
+
+    ``None`` and objects that already have that interface (every :class:`Sampler`, or a duck-typed
+    one) are returned unchanged; any other re-iterable (``DataLoader``, list of batches) is wrapped
+    in :class:`IterableSampler`, whose batches are moved to ``device``. Anything else is a
+    ``TypeError`` naming ``name``.
+    """
+    if isinstance(data, (IterableSampler, _PairedHalf)):
+        src = data if isinstance(data, IterableSampler) else data.pairs.source
+        if src.device is None and device is not None:  # built by the user without a device
+            src.device = torch.device(device)
+        return data
+    if data is None or isinstance(data, Sampler):
+        return data
+    if callable(getattr(data, "next", None)) and callable(getattr(data, "full", None)):
+        return data
+    if isinstance(data, (Tensor, str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(
+            f"{name} must be a bilevel.data sampler or an iterable of batches (e.g. a "
+            f"torch.utils.data.DataLoader), got {type(data).__name__}"
+        )
+    return IterableSampler(data, name=name, device=device)
+
+
+class _PairSource:
+    """The shared state of :func:`paired`: the task iterable and the pair drawn by one half but
+    not yet by the other."""
+
+    def __init__(self, source: IterableSampler):
+        self.source = source
+        self.pending: Any = None  # (task, index of the half that drew it)
+
+    def draw(self, index: int) -> Any:
+        if self.pending is not None:
+            task, by = self.pending
+            if by == index:
+                names = ("lower", "upper")
+                raise RuntimeError(
+                    f"{self.source.name}: paired() {names[index]} batch drawn twice before the "
+                    f"{names[1 - index]} batch of the same task; the solver draws the two levels "
+                    "at different rates, so a pairing is not defined — pass separate samplers"
+                )
+            self.pending = None
+            return task[index]
+        task = self.source.next()
+        if not isinstance(task, (tuple, list)) or len(task) != 2:
+            raise TypeError(
+                f"{self.source.name}: paired() needs an iterable of (lower_batch, upper_batch) "
+                f"pairs, got a {type(task).__name__}"
+                + (f" of length {len(task)}" if isinstance(task, (tuple, list)) else "")
+            )
+        self.pending = (task, index)
+        return task[index]
+
+
+class _PairedHalf(Sampler):
+    """One half of :func:`paired` (see there)."""
+
+    def __init__(self, pairs: _PairSource, index: int):
+        self.pairs, self.index = pairs, index
+        self.n, self.batch_size = pairs.source.n, pairs.source.batch_size
+
+    def next(self) -> Any:
+        return self.pairs.draw(self.index)
+
+    def full(self) -> Any:
+        return self.pairs.source.full()[self.index]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.index == 1:  # the lower half carries the shared state
+            return {}
+        return {"source": self.pairs.source.state_dict(), "pending": self.pairs.pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.index == 0:
+            self.pairs.source.load_state_dict(state["source"])
+            self.pairs.pending = state["pending"]
+
+
+def paired(tasks: Any, name: str = "tasks", *, device: torch.device | str | None = None
+           ) -> tuple[Sampler, Sampler]:
+    """``lower_data, upper_data = paired(tasks)``: explicit pairing of the two levels' batches.
+
+    ``tasks`` is a re-iterable (e.g. a DataLoader) whose items are pairs ``(lower_batch,
+    upper_batch)`` drawn together (a task's support and query sets, two halves of one
+    minibatch). The rule, independent of which level a solver asks for first: the k-th lower
+    batch and the k-th upper batch come from the k-th pair. A level asking twice before the other
+    asked once raises (the solver draws the levels at different rates; pairing is undefined).
+    Checkpoint with the lower half's ``state_dict`` (it carries the shared position); ``full()``
+    concatenates one pass of each half.
+    """
+    src = tasks if isinstance(tasks, IterableSampler) else IterableSampler(tasks, name=name,
+                                                                         device=device)
+    pairs = _PairSource(src)
+    return _PairedHalf(pairs, 0), _PairedHalf(pairs, 1)

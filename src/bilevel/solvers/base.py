@@ -23,7 +23,7 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
-from ..data import Sampler
+from ..data import Sampler, as_sampler
 from ..inner import Dynamics, with_projection
 from ..problem import Bound, Problem
 from ..validation import check_compatible, check_finite, check_variables
@@ -45,10 +45,13 @@ class Context:
         lower_data: Sampler | None = None,
         upper_data: Sampler | None = None,
         y_fn: Callable | None = None,
+        device: torch.device | None = None,
     ):
         self.problem, self.xspec, self.yspec = problem, xspec, yspec
         self.x_projection, self.y_projection = x_projection, y_projection
-        self.lower_data, self.upper_data = lower_data, upper_data
+        # samplers, or any iterable of batches / DataLoader (batches moved to `device`)
+        self.lower_data = as_sampler(lower_data, "lower_data", device=device)
+        self.upper_data = as_sampler(upper_data, "upper_data", device=device)
         self.y_fn = y_fn
 
     # data ---------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def solve(
     check_variables(ys, "y0")
     check_compatible(xs, ys)
     ctx = Context(problem, xspec, yspec, x_projection=x_projection, y_projection=y_projection,
-                  lower_data=lower_data, upper_data=upper_data, y_fn=y_fn)
+                  lower_data=lower_data, upper_data=upper_data, y_fn=y_fn, device=xs[0].device)
     if state is None:
         state = solver.init(ctx, ctx.project_x(T.detach(xs)), ctx.project_y(T.detach(ys)))
         state.setdefault("t", 0)

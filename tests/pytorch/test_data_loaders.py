@@ -1,0 +1,129 @@
+"""DataLoaders and other iterables as lower_data / upper_data (bilevel.data.as_sampler)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import bilevel as bl
+from bilevel.data import IterableSampler, as_sampler, paired
+
+F64 = torch.float64
+
+
+def _data(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+
+
+def _ids(batch):
+    return batch[1].tolist()
+
+
+def test_reiterated_per_epoch_and_counts_epochs():
+    batches = [(torch.tensor([float(i)]),) for i in range(3)]
+    s = as_sampler(batches, "lower_data")
+    got = [float(s.next()[0]) for _ in range(7)]
+    assert got == [0, 1, 2, 0, 1, 2, 0]
+    assert s.epoch == 2 and s.pos == 1
+
+
+def test_full_concatenates_one_pass_without_disturbing_the_order():
+    X, t = _data()
+    idx = torch.arange(10)
+    mk = lambda: DataLoader(TensorDataset(X, idx), batch_size=4, shuffle=True,  # noqa: E731
+                            generator=torch.Generator().manual_seed(3))
+    a, b = IterableSampler(mk()), IterableSampler(mk())
+    first = _ids(a.next())
+    full = b.full()
+    assert torch.equal(torch.sort(full[1]).values, idx) and torch.equal(torch.sort(full[0], 0)[0],
+                                                                         torch.sort(X, 0)[0])
+    assert _ids(b.next()) == first  # full() restored the generator
+
+
+@pytest.mark.parametrize("cut", [2, 3, 7])  # inside the first epoch, at its end, in a later one
+def test_resume_is_exact_with_a_seeded_loader(cut):
+    X, _ = _data()
+    idx = torch.arange(10)
+
+    def loader():
+        return DataLoader(TensorDataset(X, idx), batch_size=3, shuffle=True,
+                          generator=torch.Generator().manual_seed(7))
+
+    ref = IterableSampler(loader())
+    straight = [_ids(ref.next()) for _ in range(12)]
+    first = IterableSampler(loader())
+    head = [_ids(first.next()) for _ in range(cut)]
+    saved = first.state_dict()
+    resumed = IterableSampler(loader())  # fresh loader, fresh generator: only the state carries over
+    resumed.load_state_dict(saved)
+    tail = [_ids(resumed.next()) for _ in range(12 - cut)]
+    assert head + tail == straight
+    assert len({tuple(b) for b in straight[:4]}) == 4 and straight[:4] != straight[4:8]  # shuffles
+
+
+def test_dataloader_drives_solve_like_the_equivalent_full_batch():
+    X, t = _data(12)
+    prob = bl.Problem(
+        upper=lambda x, y, b: ((b[0] @ y - b[1]) ** 2).mean(),
+        lower=lambda x, y, b: ((b[0] @ y - b[1]) ** 2).mean() + x.exp() * (y ** 2).sum(),
+    )
+    solver = bl.solvers.HypergradientDescent(
+        bl.hypergrad.CG(bl.inner.GD(lr=0.2, steps=30), iters=10), upper=0.5)
+    x0, y0 = torch.tensor(0.0, dtype=F64), torch.zeros(3, dtype=F64)
+    ref = bl.solve(prob, x0, y0, solver=solver, steps=4, lower_data=bl.data.FullBatch(X, t),
+                   upper_data=bl.data.FullBatch(X, t))
+    loader = DataLoader(TensorDataset(X, t), batch_size=12)
+    res = bl.solve(prob, x0, y0, solver=solver, steps=4, lower_data=loader, upper_data=loader)
+    torch.testing.assert_close(res.x, ref.x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res.y, ref.y, rtol=1e-12, atol=1e-12)
+    assert res.history[-1]["upper_loss"] == pytest.approx(ref.history[-1]["upper_loss"], rel=1e-12)
+
+
+def test_batches_move_to_the_device_of_the_variables():
+    s = as_sampler([(torch.ones(2),)], "lower_data", device="meta")
+    assert s.next()[0].device.type == "meta" and s.full()[0].device.type == "meta"
+
+
+def test_dataloader_with_a_worker_process():
+    X, t = _data(8)
+    s = as_sampler(DataLoader(TensorDataset(X, t), batch_size=4, num_workers=1), "lower_data")
+    got = [s.next() for _ in range(3)]
+    torch.testing.assert_close(got[2][0], X[:4])
+
+
+def test_empty_loader_is_an_error_naming_the_argument():
+    empty = DataLoader(TensorDataset(torch.zeros(0, 3)), batch_size=2)
+    prob = bl.Problem(upper=lambda x, y, b: (y ** 2).sum(), lower=lambda x, y, b: (y - x).pow(2).sum())
+    est = bl.hypergrad.CG(bl.inner.GD(lr=0.1, steps=2))
+    with pytest.raises(ValueError, match="upper_data: the data loader / iterable yielded no batch"):
+        bl.solve(prob, torch.zeros(2), torch.zeros(2), solver=bl.solvers.HypergradientDescent(est),
+                 steps=1, lower_data=[(torch.zeros(1),)], upper_data=empty)
+
+
+def test_single_pass_iterators_and_non_iterables_are_rejected_by_name():
+    with pytest.raises(TypeError, match="lower_data: got a single-pass iterator"):
+        as_sampler(iter([(torch.ones(1),)]), "lower_data")
+    with pytest.raises(TypeError, match="upper_data must be a bilevel.data sampler"):
+        as_sampler(torch.ones(3), "upper_data")
+    with pytest.raises(TypeError, match="upper_data must be"):
+        as_sampler(3, "upper_data")
+
+
+def test_paired_batches_come_from_the_same_task_whatever_the_call_order():
+    tasks = [((torch.tensor([float(i)]),), (torch.tensor([10.0 + i]),)) for i in range(3)]
+    lo, up = paired(tasks)
+    assert float(up.next()[0]) == 10 and float(lo.next()[0]) == 0  # upper asked first
+    assert float(lo.next()[0]) == 1 and float(up.next()[0]) == 11
+    saved = lo.state_dict()
+    assert float(lo.next()[0]) == 2
+    with pytest.raises(RuntimeError, match="lower batch drawn twice"):
+        lo.next()
+    lo2, up2 = paired(tasks)
+    lo2.load_state_dict(saved)
+    assert float(up2.next()[0]) == 12 and float(lo2.next()[0]) == 2
+    torch.testing.assert_close(lo.full()[0], torch.tensor([0.0, 1.0, 2.0]))
+    torch.testing.assert_close(up.full()[0], torch.tensor([10.0, 11.0, 12.0]))
+    with pytest.raises(TypeError, match="pairs"):
+        paired([(torch.ones(1),)])[0].next()
