@@ -11,6 +11,7 @@ Quick start::
 """
 
 from . import closed_form, data, hypergrad, inner, linalg, oracles, solvers
+from .layers import argmin, fixed_point
 from .errors import (
     BilevelError,
     ConfigError,
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Problem",
     "params",
+    "argmin",
+    "fixed_point",
     "solve",
     "SolveResult",
     "solvers",

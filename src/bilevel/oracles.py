@@ -39,6 +39,8 @@ __all__ = [
     "cross",
     "hvp_and_cross",
     "grad_y_fn",
+    "implicit_products",
+    "MapLinearization",
 ]
 
 Fn = Callable[[T.Leaves, T.Leaves], Tensor]
@@ -219,3 +221,44 @@ def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Le
 def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:
     """∇_y fn as a pure ``torch.func`` function, composable with ``jvp`` and ``vmap``."""
     return torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)
+
+
+# --- products for implicit layers (bilevel.layers) ----------------------------------------------
+
+
+def implicit_products(fn: Fn, xs: T.Leaves, ys: T.Leaves):
+    """``(∇_y g, v -> H v, w -> J^T w)`` at (x, y), built with ``torch.func``.
+
+    The three are pure functions of ``xs`` and ``ys`` (partial derivatives, whatever graph the
+    tensors carry), and stay differentiable by ordinary autograd: used for the double backward
+    of :func:`bilevel.argmin` (implicit differentiation inside implicit differentiation).
+    """
+    gfun = grad_y_fn(fn)
+    gy, vjp_y = torch.func.vjp(lambda ys_: gfun(xs, ys_), tuple(ys))
+    _, vjp_x = torch.func.vjp(lambda xs_: gfun(xs_, tuple(ys)), tuple(xs))
+
+    def hvp_(v: T.Leaves) -> T.Leaves:
+        _record(fn, "hvp")
+        return tuple(vjp_y(tuple(v))[0])
+
+    def cross_(w: T.Leaves) -> T.Leaves:
+        _record(fn, "cross")
+        return tuple(vjp_x(tuple(w))[0])
+
+    return tuple(gy), hvp_, cross_
+
+
+class MapLinearization:
+    """A map ``(xs, zs) -> Φ(x, z)`` (flat leaves shaped like z) evaluated once with its graph, for
+    repeated vector-Jacobian products ``(∂_z Φ)^T w`` and ``(∂_x Φ)^T w`` (fixed-point layers)."""
+
+    def __init__(self, phi: Callable[[T.Leaves, T.Leaves], T.Leaves], xs: T.Leaves, zs: T.Leaves):
+        with torch.enable_grad():
+            self.xs, self.zs = T.requires_grad(xs), T.requires_grad(zs)
+            self.out = tuple(phi(self.xs, self.zs))
+
+    def vjp_z(self, w: T.Leaves) -> T.Leaves:
+        return _grad(self.out, self.zs, w, retain_graph=True)
+
+    def vjp_x(self, w: T.Leaves) -> T.Leaves:
+        return _grad(self.out, self.xs, w, retain_graph=True)
