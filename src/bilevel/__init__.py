@@ -11,7 +11,6 @@ Quick start::
 """
 
 from . import closed_form, data, hypergrad, inner, linalg, oracles, solvers
-from .layers import argmin, fixed_point
 from .errors import (
     BilevelError,
     ConfigError,
@@ -20,6 +19,7 @@ from .errors import (
     NonScalarObjectiveError,
     StructureMismatchError,
 )
+from .layers import argmin, fixed_point
 from .problem import Problem, params
 from .solvers import SolveResult, solve
 
