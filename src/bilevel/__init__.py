@@ -10,7 +10,7 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, data, hypergrad, inner, linalg, oracles, solvers
+from . import closed_form, data, hypergrad, inner, layers, linalg, modules, oracles, solvers
 from .errors import (
     BilevelError,
     ConfigError,
@@ -20,6 +20,7 @@ from .errors import (
     StructureMismatchError,
 )
 from .layers import argmin, fixed_point
+from .modules import Functional, load_into
 from .problem import Problem, params
 from .solvers import SolveResult, solve
 
@@ -30,6 +31,10 @@ __all__ = [
     "params",
     "argmin",
     "fixed_point",
+    "Functional",
+    "load_into",
+    "modules",
+    "layers",
     "solve",
     "SolveResult",
     "solvers",

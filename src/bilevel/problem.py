@@ -190,8 +190,14 @@ class Bound:
         check_like(gs, self.xspec, self.xs, self.xspec, "hypergradient")
 
 
-def params(module: nn.Module) -> dict[str, Tensor]:
-    """A module's parameters as ``{name: tensor}`` (detached views) for ``functional_call``."""
+def params(module: nn.Module, *, frozen: str = "error", name: str = "module") -> dict[str, Tensor]:
+    """A module's trainable parameters as ``{name: tensor}`` (detached copies) for
+    ``functional_call`` / :class:`bilevel.Functional`: a variable of the bilevel problem.
+
+    Parameters with ``requires_grad=False`` raise a :class:`~bilevel.ConfigError` naming them and
+    ``name`` unless ``frozen="constant"`` (then they are left out and stay fixed)."""
     if not isinstance(module, nn.Module):
         raise StructureMismatchError(f"params() expects an nn.Module, got {type(module).__name__}")
-    return {k: p.detach() for k, p in module.named_parameters()}
+    from .modules import module_params
+
+    return module_params(module, frozen=frozen, name=name)

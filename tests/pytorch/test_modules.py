@@ -1,0 +1,231 @@
+"""nn.Modules in bilevel problems: every estimator on a small CNN with BatchNorm (train mode,
+functional buffers), against dense float64 references; buffers as state; seeded dropout;
+load_into; bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bilevel as bl
+from bilevel import hypergrad as H
+from tests.reference_problems import dense_ift, fd_grad, hessian_spectrum, newton, rel_err
+
+F64 = torch.float64
+
+
+def _cnn(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten()]  # smooth: FD checks
+    layers += [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(*layers, nn.Linear(18, 2)).double()
+
+
+def _data(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 5, 5, generator=gen, dtype=F64), torch.randint(0, 2, (n,), generator=gen)
+
+
+@pytest.fixture(scope="module")
+def cnn_problem():
+    """Weight-decay tuning of a CNN with BatchNorm: g = CE_train + ½ e^x ‖y‖², f = CE_val, both in
+    train mode (batch statistics). y* by Newton in float64, exact hypergradient by a dense solve."""
+    module = _cnn()
+    net = bl.Functional(module)
+    train, val = _data(16, 1), _data(8, 2)
+
+    def g(x, y):
+        return F.cross_entropy(net(y, train[0]), train[1]) + 0.5 * x.exp() * sum(
+            (p**2).sum() for p in y.values())
+
+    def f(x, y):
+        return F.cross_entropy(net(y, val[0]), val[1])
+
+    y0 = net.params()
+    names, shapes = list(y0), [p.shape for p in y0.values()]
+    sizes = [p.numel() for p in y0.values()]
+
+    def unflat(v):
+        return {k: t.reshape(s) for k, t, s in zip(names, torch.split(v, sizes), shapes)}
+
+    x = torch.tensor(-0.5, dtype=F64)
+    g_vec = lambda xv, v: g(xv.reshape(()), unflat(v))  # noqa: E731
+    f_vec = lambda xv, v: f(xv.reshape(()), unflat(v))  # noqa: E731
+    v = torch.cat([p.reshape(-1) for p in y0.values()])
+    for _ in range(200):  # plain gradient descent into the basin of a minimum, then Newton
+        vr = v.detach().requires_grad_(True)
+        v = v - 0.5 * torch.autograd.grad(g_vec(x.reshape(1), vr), vr)[0]
+    v_star = newton(g_vec, x.reshape(1), v.detach())
+    mu, L = hessian_spectrum(g_vec, x.reshape(1), v_star)
+    assert mu > 0  # strongly convex around y*: the implicit references are well defined
+    hg, _, _ = dense_ift(f_vec, g_vec, x.reshape(1), v_star)
+    buffers_before = {k: b.clone() for k, b in module.named_buffers()}
+    return dict(module=module, net=net, problem=bl.Problem(f, g), x=x, y0=y0, y_star=unflat(v_star),
+                hg=hg.reshape(()), mu=mu, L=L, buffers=buffers_before, f=f, g=g, data=(train, val))
+
+
+@pytest.mark.parametrize("est", [
+    H.CG(None, iters=200, tol=1e-14),
+    H.Exact(None),
+    "neumann",
+    "fixed_point",
+])
+def test_implicit_estimators_on_the_cnn_match_the_dense_reference(cnn_problem, est):
+    P = cnn_problem
+    if est == "neumann":
+        est = H.Neumann(None, iters=int(40 * P["L"] / P["mu"]), alpha=1 / P["L"])
+    elif est == "fixed_point":
+        est = H.FixedPoint(None, iters=int(40 * P["L"] / P["mu"]), lr=1 / P["L"])
+    res = est(P["problem"], P["x"], P["y_star"])
+    # CG / Exact: solve to round-off; Neumann / FixedPoint: (1 − μ/L)^iters ≈ e^-40
+    assert rel_err(res.grad, P["hg"]) < 1e-8
+    _buffers_untouched(P)
+
+
+def test_unrolled_estimators_on_the_cnn_match_finite_differences_of_the_unroll(cnn_problem):
+    P = cnn_problem
+    dyn = bl.inner.GD(lr=1 / P["L"], steps=15)
+    rev = H.Reverse(dyn)(P["problem"], P["x"], P["y0"])
+    fwd = H.Forward(dyn)(P["problem"], P["x"], P["y0"])
+    assert rel_err(rev.grad, fwd.grad) < 1e-10
+
+    def h(xv):  # f(x, y_15(x)) with a textbook GD loop, no bilevel code
+        y = {k: v.clone() for k, v in P["y0"].items()}
+        with torch.enable_grad():
+            for _ in range(15):
+                yr = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+                gr = torch.autograd.grad(P["g"](xv.reshape(()), yr), list(yr.values()))
+                y = {k: v - dyn.lr * gk for (k, v), gk in zip(y.items(), gr)}
+        return P["f"](xv.reshape(()), y)
+
+    assert rel_err(rev.grad, fd_grad(h, P["x"].reshape(1)).reshape(())) < 1e-6
+    # the T-step unroll converges to the implicit hypergradient (sanity, loose)
+    _buffers_untouched(P)
+
+
+def test_first_order_finite_difference_zeroth_order_closed_form_on_the_cnn(cnn_problem):
+    P = cnn_problem
+    x, ys = P["x"], P["y_star"]
+    assert float(H.FirstOrder(None)(P["problem"], x, ys).grad) == 0.0  # f does not depend on x
+    xi = 0.1 / P["L"]
+    fd = H.FiniteDifference(None, eps=1e-4, xi=xi)(P["problem"], x, ys)
+
+    def one_step(xv):  # DARTS: f(y − ξ ∇_y g(x, y)) differentiated through that one step, y fixed
+        yr = {k: v.detach().requires_grad_(True) for k, v in ys.items()}
+        gr = torch.autograd.grad(P["g"](xv.reshape(()), yr), list(yr.values()), create_graph=True)
+        return P["f"](xv, {k: v - xi * gk for (k, v), gk in zip(ys.items(), gr)})
+
+    xr = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(one_step(xr), xr)
+    assert rel_err(fd.grad, ref) < 1e-6
+    dyn = bl.inner.GD(lr=1 / P["L"], steps=10)
+    zo = H.ZerothOrder(dyn, samples=4, mu=1e-6, seed=0)(P["problem"], x, P["y0"])
+    rev = H.Reverse(dyn)(P["problem"], x, P["y0"])
+    u = zo.info["directions"].reshape(-1)  # scalar x: estimate = h'(x) · mean(u²) + O(μ)
+    assert rel_err(zo.grad, rev.grad * (u**2).mean()) < 1e-4
+    cf = H.ClosedForm(lambda x_: ys)(P["problem"], x, P["y0"])  # y* independent of x: ∇_x f only
+    assert float(cf.grad) == 0.0
+    _buffers_untouched(P)
+
+
+def _buffers_untouched(P):
+    for k, b in P["module"].named_buffers():
+        assert torch.equal(b, P["buffers"][k]), k
+
+
+def test_buffers_are_state_updated_like_pytorch_and_used_in_eval_mode(cnn_problem):
+    P = cnn_problem
+    net, module, y = P["net"], P["module"], P["y_star"]
+    train, val = P["data"]
+    b0 = net.buffers()
+    b1 = net.update_buffers(y, b0, train[0])
+    b2 = net.update_buffers(y, b1, val[0])
+    ref = copy.deepcopy(module)  # the same two steps, by side effect on a copy of the module
+    bl.load_into(ref, y)
+    ref.train()
+    with torch.no_grad():
+        ref(train[0])
+        ref(val[0])
+    for k, b in ref.named_buffers():
+        assert torch.allclose(b2[k], b, rtol=1e-12, atol=0), k
+    assert int(b2["1.num_batches_tracked"]) == 2 and torch.equal(b0["1.running_mean"], torch.zeros(2))
+    ref.eval()
+    torch.testing.assert_close(net(y, val[0], buffers=b2, train=False), ref(val[0]))
+    _buffers_untouched(P)
+    # load_into writes y and the buffers back; the result reproduces the functional call
+    out = bl.load_into(copy.deepcopy(module), y, buffers=b2).eval()
+    torch.testing.assert_close(out(val[0]), net(y, val[0], buffers=b2, train=False))
+
+
+def test_hypergradient_descent_on_the_cnn_with_a_dataloader_keeps_the_module_intact(cnn_problem):
+    P = cnn_problem
+    net = P["net"]
+    train, val = P["data"]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=8)
+
+    def g(x, y, b):
+        return F.cross_entropy(net(y, b[0]), b[1]) + 0.5 * x.exp() * sum((p**2).sum() for p in y.values())
+
+    def f(x, y, b):
+        return F.cross_entropy(net(y, b[0]), b[1])
+
+    solver = bl.solvers.HypergradientDescent(H.CG(bl.inner.GD(lr=0.5, steps=5), iters=5), upper=0.1)
+    res = bl.solve(bl.Problem(f, g), P["x"], P["y0"], solver=solver, steps=3, lower_data=loader,
+                   upper_data=[val], track=False)
+    assert set(res.y) == set(P["y0"]) and torch.isfinite(res.x)
+    _buffers_untouched(P)
+
+
+def test_dropout_masks_are_seeded_and_leave_the_global_rng_alone():
+    net = bl.Functional(_cnn(dropout=0.5), seed=3)
+    y, X = net.params(), _data(4, 0)[0]
+    state = torch.get_rng_state()
+    a, b = net(y, X), net(y, X)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(net(y, X, seed=4), a)
+    assert torch.equal(net(y, X, train=False), net(y, X, train=False, seed=4))  # eval: no dropout
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        assert torch.equal(net(y, X, seed=False), a)  # seed=False: the global RNG
+
+
+def test_bad_input_names_the_argument():
+    module = _cnn()
+    module[0].weight.requires_grad_(False)
+    with pytest.raises(bl.ConfigError,
+                       match=r"lower module: parameters \['0.weight'\] have requires_grad=False"):
+        bl.Functional(module, name="lower module")
+    with pytest.raises(bl.ConfigError, match="requires_grad=False"):
+        bl.params(module)
+    net = bl.Functional(module, frozen="constant")
+    y = net.params()
+    assert "0.weight" not in y and net(y, _data(2, 0)[0]).shape == (2, 2)
+    assert "0.weight" not in bl.params(module, frozen="constant")
+    b = net.buffers()
+    b["1.running_mean"] = torch.zeros(3, dtype=F64)
+    with pytest.raises(bl.StructureMismatchError, match=r"buffers\['1.running_mean'\] has shape \(3,\)"):
+        net(y, _data(2, 0)[0], buffers=b, train=False)
+    with pytest.raises(bl.StructureMismatchError, match="missing"):
+        net({k: v for k, v in y.items() if k != "4.bias"}, _data(2, 0)[0])
+    with pytest.raises(bl.StructureMismatchError, match=r"load_into: params \['nope'\]"):
+        bl.load_into(module, {"nope": torch.zeros(1)})
+    with pytest.raises(bl.StructureMismatchError, match=r"params\['4.bias'\] has shape"):
+        bl.load_into(module, {"4.bias": torch.zeros(5)})
+
+    class Growing(nn.Module):  # a buffer that changes shape during the forward pass
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("seen", torch.zeros(1))
+
+        def forward(self, x):
+            self.seen = torch.cat([self.seen, x.new_ones(1)])
+            return self.lin(x)
+
+    g = bl.Functional(Growing())
+    with pytest.raises(bl.StructureMismatchError, match=r"update_buffers\(\)\['seen'\] has shape \(2,\)"):
+        g.update_buffers(g.params(), g.buffers(), torch.ones(3, 2))
