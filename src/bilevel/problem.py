@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import _tree as T
 from .errors import StructureMismatchError
-from .validation import check_compatible, check_like, check_scalar, check_variables
+from .validation import check_batch, check_compatible, check_like, check_scalar, check_variables
 
 __all__ = ["Problem", "Objective", "Bound", "params", "batch_size"]
 
@@ -107,6 +107,7 @@ class Objective:
         self.problem, self.level, self.batch = problem, level, batch
         self.xspec, self.yspec = xspec, yspec
         self.n = batch_size(batch)
+        check_batch(batch, self.n, level)
         # fast path: a bare tensor variable needs no pytree rebuild (saves ~10 us per call)
         self._xleaf = xspec is not None and T.is_leaf_spec(xspec)
         self._yleaf = yspec is not None and T.is_leaf_spec(yspec)
