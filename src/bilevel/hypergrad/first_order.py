@@ -25,7 +25,7 @@ class FirstOrder(Estimator):
     def __init__(self, inner: Dynamics | None):
         self.inner = inner
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict):
         ys, info = solve_lower(bound, self.inner, bound.xs, bound.init(bound.xs))
         fval, gx, gy = O.grads(bound.F, bound.xs, ys)
         check_finite([fval, *gx, *gy], "upper", "f, ∇_x f or ∇_y f at the lower point")
@@ -33,4 +33,4 @@ class FirstOrder(Estimator):
             with torch.enable_grad():
                 xs = T.requires_grad(bound.xs)
                 gx = T.add(gx, _grad(bound.init(xs), xs, gy))
-        return gx, ys, info
+        return gx, ys, info, state

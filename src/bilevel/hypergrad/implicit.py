@@ -24,7 +24,8 @@ system of iMAML (Rajeswaran et al. 2019, Eq. 6), whose (I + H/λ)⁻¹ equals λ
 positive definite once λ > −λ_min(H), so CG applies to an indefinite H, at a bias of order λ in v.
 
 ``inner=None`` uses the given y as y*. With ``warm_start=True`` the solution v of the previous
-call seeds the next solve, as in AmIGO (Arbel & Mairal 2022).
+call seeds the next solve, as in AmIGO (Arbel & Mairal 2022): v is carried in the estimator state
+(``res.state["v"]``, pass ``state=res.state`` to the next call), never on the object.
 
 Reliability policy (every implicit estimator):
 
@@ -74,6 +75,8 @@ def _damping(value: float) -> float:
 class Implicit(Estimator):
     """Template: solve lower level, solve (H + λI) v = ∇_y f, return ∇_x f − ∇²_xy g v."""
 
+    state_keys = ("v", "breakdowns", "start_warned")
+
     def __init__(
         self,
         inner: Dynamics | None,
@@ -86,11 +89,12 @@ class Implicit(Estimator):
         self.warm_start = warm_start
         self.strict = strict
         self.damping = _damping(damping)
-        self._v: T.Leaves | None = None
 
-    def reset(self) -> None:
-        """Forget the warm-start vector."""
-        self._v = None
+    def init_state(self, bound: Bound) -> dict[str, Any]:
+        """``{"v": None, "breakdowns": 0, "start_warned": False}``: no warm-start vector yet (with
+        ``warm_start=True`` the next state holds the last good solution v as flat leaves shaped
+        like y), no linear-solve breakdown in this run yet, no warning about a start y0(x) yet."""
+        return {"v": None, "breakdowns": 0, "start_warned": False}
 
     def operator(self, lin: O.Linearization) -> linalg.MatVec:
         """v -> (H + λI) v at the linearization point."""
@@ -101,10 +105,11 @@ class Implicit(Estimator):
     ) -> tuple[T.Leaves, dict[str, Any]]:
         raise NotImplementedError
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict[str, Any]):
         xs = bound.xs
-        if bound.y_fn is not None:
+        if bound.y_fn is not None and not state.get("start_warned", False):
             _warn_start(self)
+            state["start_warned"] = True
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
         fval, gx, b = O.grads(bound.F, xs, ys)
         lin = O.Linearization(bound.G, xs, ys)
@@ -112,20 +117,22 @@ class Implicit(Estimator):
             ("upper", "f, ∇_x f or ∇_y f at the lower point", (fval, *gx, *b)),
             ("lower", "g or ∇_y g at the lower point", (lin.value, *lin.grad_y)),
         ])
-        x0 = self._v if self.warm_start and self._v is not None else None
+        v_prev = state.get("v")
+        x0 = tuple(v_prev) if self.warm_start and v_prev is not None else None
         if x0 is not None and any(u.shape != w.shape for u, w in zip(x0, b)):
             x0 = None
         v, sinfo = self._solve_safely(lin, b, x0, bound)
-        breakdowns = int(sinfo["breakdown"] is not None)
-        if breakdowns:
-            _warn_breakdown(self, sinfo)
-        sinfo["breakdowns"] = breakdowns
+        if sinfo["breakdown"] is not None:
+            if not state.get("breakdowns", 0):  # once per run: the first breakdown of this state
+                _warn_breakdown(self, sinfo)
+            state["breakdowns"] = int(state.get("breakdowns", 0)) + 1
+        sinfo["breakdowns"] = int(state.get("breakdowns", 0))
         if self.warm_start:
-            self._v = T.detach(v) if sinfo["breakdown"] is None else None
+            state["v"] = T.detach(v) if sinfo["breakdown"] is None else None
         hg = T.sub(gx, lin.cross(v))
         info["inner_grad_norm"] = float(T.norm(lin.grad_y))
         info["linear_solve"] = sinfo
-        return hg, ys, info
+        return hg, ys, info, state
 
     def _solve_safely(
         self, lin: O.Linearization, b: T.Leaves, x0: T.Leaves | None, bound: Bound
@@ -180,7 +187,7 @@ def _warn_start(est: Implicit) -> None:
         "formulation: a lower objective g(x, y) + λ/2‖y − x‖² with the start as part of x "
         "(Rajeswaran et al. 2019).",
         StartIndependenceWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -192,7 +199,7 @@ def _warn_breakdown(est: Implicit, sinfo: dict[str, Any]) -> None:
         "this run are counted in info['linear_solve']['breakdowns'] without a warning; pass "
         "strict=True to raise instead.",
         LinearSolveWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
