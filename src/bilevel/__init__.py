@@ -13,10 +13,14 @@ Quick start::
 from . import closed_form, data, hypergrad, inner, linalg, oracles, solvers
 from .errors import (
     BilevelError,
+    BilevelWarning,
     ConfigError,
+    EmptyDataError,
     LinearSolveError,
+    LinearSolveWarning,
     NonFiniteError,
     NonScalarObjectiveError,
+    StartIndependenceWarning,
     StructureMismatchError,
 )
 from .problem import Problem, params
@@ -37,9 +41,13 @@ __all__ = [
     "oracles",
     "closed_form",
     "BilevelError",
+    "BilevelWarning",
     "ConfigError",
+    "EmptyDataError",
     "LinearSolveError",
+    "LinearSolveWarning",
     "NonFiniteError",
     "NonScalarObjectiveError",
+    "StartIndependenceWarning",
     "StructureMismatchError",
 ]

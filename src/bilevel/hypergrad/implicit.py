@@ -76,6 +76,8 @@ class Implicit(Estimator):
     """Template: solve lower level, solve (H + λI) v = ∇_y f, return ∇_x f − ∇²_xy g v."""
 
     state_keys = ("v", "breakdowns", "start_warned")
+    #: what the hypergradient uses after a breakdown (said in the warning)
+    fallback = "the solver's last good iterate (and no warm start from it)"
 
     def __init__(
         self,
@@ -194,10 +196,9 @@ def _warn_start(est: Implicit) -> None:
 def _warn_breakdown(est: Implicit, sinfo: dict[str, Any]) -> None:
     warnings.warn(
         f"{type(est).__name__} linear solve broke down ({sinfo['breakdown']}, relative residual "
-        f"{sinfo['relative_residual']:.3g}); using the safeguarded iterate instead (last good "
-        f"iterate, no warm start from it). {_advice(sinfo['breakdown'])}. Further breakdowns in "
-        "this run are counted in info['linear_solve']['breakdowns'] without a warning; pass "
-        "strict=True to raise instead.",
+        f"{sinfo['relative_residual']:.3g}); the hypergradient uses {est.fallback}. "
+        f"{_advice(sinfo['breakdown'])}. Further breakdowns in this run are counted in "
+        "info['linear_solve']['breakdowns'] without a warning; pass strict=True to raise instead.",
         LinearSolveWarning,
         stacklevel=5,
     )
@@ -253,7 +254,7 @@ class Neumann(Implicit):
         self.alpha = _step_size(alpha, inner, "Neumann")
 
     def solve(self, lin, b, x0, bound):
-        return linalg.neumann(self.operator(lin), b, iters=self.iters, alpha=self.alpha)
+        return linalg.neumann(self.operator(lin), b, iters=self.iters, alpha=self.alpha, growth=2.0)
 
 
 class FixedPoint(Implicit):
@@ -269,11 +270,12 @@ class FixedPoint(Implicit):
 
     def solve(self, lin, b, x0, bound):
         return linalg.fixed_point(self.operator(lin), b, x0, iters=self.iters, alpha=self.lr,
-                                  tol=self.tol)
+                                  tol=self.tol, growth=2.0)
 
 
 class Exact(Implicit):
     reference = "Ghadimi & Wang 2018 (BA, explicit Hessian inverse)"
+    fallback = "the LU (indefinite H) or least-squares (singular H) solution of the dense system"
 
     def solve(self, lin, b, x0, bound):
         ys = lin.ys
