@@ -111,19 +111,20 @@ def _changing_start():
 
 
 #: case -> (call kwargs builder, expected exception, expected level or None)
+NFE, SME = bl.NonFiniteError, bl.StructureMismatchError
 CASES = {
-    "nan-upper-data": (lambda: {"upper": _poison(_data(seed=1), float("nan"))}, bl.NonFiniteError, "upper"),
-    "inf-upper-data": (lambda: {"upper": _poison(_data(seed=1), float("inf"), 0)}, bl.NonFiniteError, "upper"),
-    "nan-lower-data": (lambda: {"lower": _poison(_data(seed=2), float("nan"))}, bl.NonFiniteError, "lower"),
-    "inf-lower-data": (lambda: {"lower": _poison(_data(seed=2), float("inf"), 0)}, bl.NonFiniteError, "lower"),
-    "nan-x": (lambda: {"x": torch.tensor([0.0, float("nan"), 0.0], dtype=F64)}, bl.NonFiniteError, "upper"),
-    "inf-y0": (lambda: {"y": torch.tensor([0.0, float("inf"), 0.0], dtype=F64)}, bl.NonFiniteError, "lower"),
+    "nan-upper-data": (lambda: {"upper": _poison(_data(seed=1), float("nan"))}, NFE, "upper"),
+    "inf-upper-data": (lambda: {"upper": _poison(_data(seed=1), float("inf"), 0)}, NFE, "upper"),
+    "nan-lower-data": (lambda: {"lower": _poison(_data(seed=2), float("nan"))}, NFE, "lower"),
+    "inf-lower-data": (lambda: {"lower": _poison(_data(seed=2), float("inf"), 0)}, NFE, "lower"),
+    "nan-x": (lambda: {"x": torch.tensor([0.0, float("nan"), 0.0], dtype=F64)}, NFE, "upper"),
+    "inf-y0": (lambda: {"y": torch.tensor([0.0, float("inf"), 0.0], dtype=F64)}, NFE, "lower"),
     "nonscalar-upper": (lambda: {"problem": _nonscalar("upper")}, bl.NonScalarObjectiveError, None),
     "nonscalar-lower": (lambda: {"problem": _nonscalar("lower")}, bl.NonScalarObjectiveError, None),
-    "dtype-mismatch": (lambda: {"x": torch.zeros(D)}, bl.StructureMismatchError, None),
-    "device-mismatch": (lambda: {"y": torch.zeros(D, dtype=F64, device="meta")}, bl.StructureMismatchError, None),
-    "start-changes-shape": (lambda: {"y": _changing_start()}, bl.StructureMismatchError, None),
-    "divergent-inner-step": (lambda: {"inner": bl.inner.GD(lr=1e8, steps=60)}, bl.NonFiniteError, "lower"),
+    "dtype-mismatch": (lambda: {"x": torch.zeros(D)}, SME, None),
+    "device-mismatch": (lambda: {"y": torch.zeros(D, dtype=F64, device="meta")}, SME, None),
+    "start-changes-shape": (lambda: {"y": _changing_start()}, SME, None),
+    "divergent-inner-step": (lambda: {"inner": bl.inner.GD(lr=1e8, steps=60)}, NFE, "lower"),
     "empty-lower-data": (lambda: {"lower": (torch.zeros(0, D, dtype=F64), torch.zeros(0, dtype=F64))},
                          bl.EmptyDataError, None),
     "empty-upper-data": (lambda: {"upper": (torch.zeros(0, D, dtype=F64), torch.zeros(0, dtype=F64))},
