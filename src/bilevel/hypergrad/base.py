@@ -20,8 +20,8 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from ..formulation import Bound, Problem
 from ..inner import Dynamics, unroll
-from ..problem import Bound, Problem
 from ..validation import check_finite
 
 __all__ = ["HypergradResult", "Estimator", "solve_lower", "lower_grad_fn"]
@@ -59,7 +59,7 @@ def solve_lower(
 
 
 class Estimator:
-    """Base class. Subclasses implement :meth:`compute` on a :class:`~bilevel.problem.Bound`."""
+    """Base class. Subclasses implement :meth:`compute` on a :class:`~bilevel.formulation.Bound`."""
 
     #: short citation shown by ``bilevel list``
     reference: str = ""
