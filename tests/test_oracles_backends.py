@@ -104,6 +104,5 @@ def test_value_and_grad_both_backends(pt):
 
 
 def test_unknown_backend_is_rejected():
-    with pytest.raises(ValueError, match="unknown oracle backend"):
-        with O.backend("jax"):
-            pass
+    with pytest.raises(ValueError, match="unknown oracle backend"), O.backend("jax"):
+        pass

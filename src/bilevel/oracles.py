@@ -28,9 +28,9 @@ size of its objective to ``c[level][kind]`` (kinds: value, grad, hvp, cross).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor
