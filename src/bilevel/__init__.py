@@ -12,6 +12,7 @@ Quick start::
 
 from . import (
     closed_form,
+    compiled,
     datasets,
     estimates,
     hypergrad,
@@ -22,6 +23,7 @@ from . import (
     sampling,
     solvers,
 )
+from .compiled import compile
 from .errors import (
     BilevelError,
     ConfigError,
@@ -50,6 +52,8 @@ __all__ = [
     "linalg",
     "oracles",
     "closed_form",
+    "compile",
+    "compiled",
     "BilevelError",
     "ConfigError",
     "LinearSolveError",
