@@ -221,7 +221,7 @@ def test_nan_in_the_validation_data_raises_instead_of_a_zero_hypergradient(cls):
     with pytest.raises(bl.NonFiniteError, match="upper"):
         bl.solve(problem, torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64),
                  solver=bl.solvers.AID(bl.inner.GD(lr=0.5, steps=5)), steps=3,
-                 upper_data=bl.data.FullBatch(X, t))
+                 upper_data=bl.sampling.FullBatch(X, t))
 
 
 def test_nan_lower_value_is_checked():

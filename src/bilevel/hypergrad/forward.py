@@ -18,8 +18,8 @@ from torch.func import jvp, vmap
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import NonFiniteError
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from ..validation import first_nonfinite
 from .base import Estimator
 

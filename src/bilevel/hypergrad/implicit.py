@@ -59,8 +59,8 @@ from ..errors import (
     LinearSolveWarning,
     StartIndependenceWarning,
 )
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from ..validation import check_finite, check_finite_groups
 from .base import Estimator, solve_lower
 
