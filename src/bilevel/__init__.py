@@ -10,18 +10,38 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, data, hypergrad, inner, layers, linalg, modules, oracles, solvers
+from . import (
+    closed_form,
+    compiled,
+    data,
+    datasets,
+    estimates,
+    hypergrad,
+    inner,
+    layers,
+    linalg,
+    modules,
+    oracles,
+    problems,
+    sampling,
+    solvers,
+)
+from .compiled import compile
 from .errors import (
     BilevelError,
+    BilevelWarning,
     ConfigError,
+    EmptyDataError,
     LinearSolveError,
+    LinearSolveWarning,
     NonFiniteError,
     NonScalarObjectiveError,
+    StartIndependenceWarning,
     StructureMismatchError,
 )
+from .formulation import Problem, params
 from .layers import argmin, fixed_point
 from .modules import Functional, load_into
-from .problem import Problem, params
 from .solvers import SolveResult, solve
 
 __version__ = "0.1.0"
@@ -38,16 +58,25 @@ __all__ = [
     "solve",
     "SolveResult",
     "solvers",
-    "data",
+    "sampling",
+    "estimates",
+    "problems",
+    "datasets",
     "hypergrad",
     "inner",
     "linalg",
     "oracles",
     "closed_form",
+    "compile",
+    "compiled",
     "BilevelError",
+    "BilevelWarning",
     "ConfigError",
+    "EmptyDataError",
     "LinearSolveError",
+    "LinearSolveWarning",
     "NonFiniteError",
     "NonScalarObjectiveError",
+    "StartIndependenceWarning",
     "StructureMismatchError",
 ]

@@ -45,7 +45,7 @@ from .errors import ConfigError, NonFiniteError
 from .hypergrad.base import Estimator
 from .hypergrad.implicit import CG, Exact, Implicit
 from .inner import Dynamics, unroll
-from .problem import Objective, Problem
+from .formulation import Objective, Problem
 from .validation import check_finite, check_like, check_variables
 
 __all__ = ["argmin", "fixed_point"]

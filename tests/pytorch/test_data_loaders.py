@@ -1,4 +1,4 @@
-"""DataLoaders and other iterables as lower_data / upper_data (bilevel.data.as_sampler)."""
+"""DataLoaders and other iterables as lower_data / upper_data (bilevel.sampling.as_sampler)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import bilevel as bl
-from bilevel.data import IterableSampler, as_sampler, paired
+from bilevel.sampling import IterableSampler, as_sampler, paired
 
 F64 = torch.float64
 
@@ -72,8 +72,8 @@ def test_dataloader_drives_solve_like_the_equivalent_full_batch():
     solver = bl.solvers.HypergradientDescent(
         bl.hypergrad.CG(bl.inner.GD(lr=0.2, steps=30), iters=10), upper=0.5)
     x0, y0 = torch.tensor(0.0, dtype=F64), torch.zeros(3, dtype=F64)
-    ref = bl.solve(prob, x0, y0, solver=solver, steps=4, lower_data=bl.data.FullBatch(X, t),
-                   upper_data=bl.data.FullBatch(X, t))
+    ref = bl.solve(prob, x0, y0, solver=solver, steps=4, lower_data=bl.sampling.FullBatch(X, t),
+                   upper_data=bl.sampling.FullBatch(X, t))
     loader = DataLoader(TensorDataset(X, t), batch_size=12)
     res = bl.solve(prob, x0, y0, solver=solver, steps=4, lower_data=loader, upper_data=loader)
     torch.testing.assert_close(res.x, ref.x, rtol=1e-12, atol=1e-12)
@@ -105,7 +105,7 @@ def test_empty_loader_is_an_error_naming_the_argument():
 def test_single_pass_iterators_and_non_iterables_are_rejected_by_name():
     with pytest.raises(TypeError, match="lower_data: got a single-pass iterator"):
         as_sampler(iter([(torch.ones(1),)]), "lower_data")
-    with pytest.raises(TypeError, match="upper_data must be a bilevel.data sampler"):
+    with pytest.raises(TypeError, match="upper_data must be a bilevel.sampling sampler"):
         as_sampler(torch.ones(3), "upper_data")
     with pytest.raises(TypeError, match="upper_data must be"):
         as_sampler(3, "upper_data")

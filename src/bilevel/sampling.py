@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import EmptyDataError
+
 __all__ = [
     "Sampler", "FullBatch", "Minibatches", "FixedBatches", "IterableSampler", "paired", "as_sampler"
 ]
@@ -223,8 +225,8 @@ class IterableSampler(Sampler):
         self._gen_states = [g.get_state() for g in gens]
         self._it = iter(self.iterable)
 
-    def _empty(self) -> ValueError:
-        return ValueError(f"{self.name}: the data loader / iterable yielded no batch")
+    def _empty(self) -> EmptyDataError:
+        return EmptyDataError(f"{self.name}: the data loader / iterable yielded no batch")
 
     def next(self) -> Any:
         if self._it is None:
@@ -295,7 +297,7 @@ def as_sampler(data: Any, name: str = "data", *, device: torch.device | str | No
         return data
     if isinstance(data, (Tensor, str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(
-            f"{name} must be a bilevel.data sampler or an iterable of batches (e.g. a "
+            f"{name} must be a bilevel.sampling sampler or an iterable of batches (e.g. a "
             f"torch.utils.data.DataLoader), got {type(data).__name__}"
         )
     return IterableSampler(data, name=name, device=device)
