@@ -58,7 +58,7 @@ def g(x, y):  # middle: its value depends on the innermost solution
 x = torch.zeros(dx, requires_grad=True)
 opt = torch.optim.SGD([x], lr=lr_x, momentum=0.5)
 y = torch.zeros(dy)
-for step in range(15):
+for _ in range(15):
     y = bl.argmin(g, x, y.detach(), solver=bl.inner.GD(lr=lr_y, steps=steps_y))  # warm start
     loss = 0.5 * ((y - c) ** 2).sum() + 0.05 * (x**2).sum()
     opt.zero_grad()

@@ -89,9 +89,9 @@ for step in range(OUTER):
     loss.backward()
     if step == 0:  # the autograd function gives exactly the implicit estimator's hypergradient
         ref = bl.hypergrad.CG(None, iters=10)(
-            bl.Problem(upper=lambda x, y_: upper(y_, vb), lower=lower),
+            bl.Problem(upper=lambda x, y_, b: upper(y_, b), lower=lower),
             {"log_wd": hyper["log_wd"].detach()}, {k: v.detach() for k, v in y.items()},
-            lower_batch=tb)
+            lower_batch=tb, upper_batch=vb)
         rel = abs(float(hyper["log_wd"].grad - ref.grad["log_wd"])) / abs(float(ref.grad["log_wd"]))
         print(f"argmin backward vs bl.hypergrad.CG: relative difference {rel:.1e}")
     opt.step()

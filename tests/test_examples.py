@@ -40,3 +40,14 @@ def test_stochastic_example_reduces_the_exact_hypergradient(capsys):
     out = _run("stochastic_soba.py", capsys)
     before, after = map(float, out.splitlines()[0].split(" -> "))
     assert after < 0.01 * before
+
+
+def test_pytorch_cnn_example_tiny(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["pytorch_cnn.py", "--tiny"])
+    out = _run("pytorch_cnn.py", capsys)
+    rel = float(re.search(r"bl.hypergrad.CG: relative difference ([\d.e+-]+)", out).group(1))
+    assert rel < 1e-6  # the autograd function's backward is the CG estimator's hypergradient
+    assert "reproduces the functional eval-mode output: True" in out
+    assert float(re.search(r"test accuracy ([\d.]+)", out).group(1)) > 0.3  # chance: 0.1

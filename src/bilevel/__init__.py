@@ -13,7 +13,6 @@ Quick start::
 from . import (
     closed_form,
     compiled,
-    data,
     datasets,
     estimates,
     hypergrad,

@@ -15,8 +15,9 @@ function theorem, so the solution composes with any outer loss, ``torch.optim`` 
 linear upper objective f(x, y) = <ȳ, y>; the backward calls the given ``diff`` estimator on that
 problem (so CG / Neumann / FixedPoint / Exact and their options apply unchanged). When a graph of
 the backward is requested (``create_graph=True``: a Hessian of an outer loss, or an argmin nested
-inside another level's objective), the same linear solver runs on ``torch.func`` products that
-stay differentiable, which gives the derivatives of the implicit derivative (multilevel problems:
+inside another level's objective), the backward is itself differentiable (the linear solve's
+derivative is one more solve with the same solver; H and ∇²_xy g are ``torch.func`` products that
+stay differentiable), which gives the derivatives of the implicit derivative (multilevel problems:
 the middle level's objective contains an ``argmin``; see docs/pytorch.md).
 
 **fixed_point.** z* = T(x, z*) with T a contraction in z. With ȳ = ∂L/∂z*, the backward solves
@@ -31,7 +32,6 @@ gradient into ``x``.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,10 +42,10 @@ from . import _tree as T
 from . import linalg
 from . import oracles as O
 from .errors import ConfigError, NonFiniteError
-from .hypergrad.base import Estimator
-from .hypergrad.implicit import CG, Exact, Implicit
-from .inner import Dynamics, unroll
 from .formulation import Objective, Problem
+from .hypergrad.base import Estimator
+from .hypergrad.implicit import CG, Implicit
+from .inner import Dynamics, unroll
 from .validation import check_finite, check_like, check_variables
 
 __all__ = ["argmin", "fixed_point"]
@@ -94,26 +94,54 @@ class _Spec:
                         T.unflatten(T.detach(ys), self.yspec), lower_batch=self.batch)
         return T.flatten(res.grad)[0]
 
+    def linear_solve(self, xs: T.Leaves, ys: T.Leaves, rhs: T.Leaves) -> T.Leaves:
+        """H⁻¹ rhs at (x, y) with the ``diff`` estimator's linear solver (no graph)."""
+        lin = O.Linearization(self.G(), T.detach(xs), T.detach(ys))
+        with torch.no_grad():
+            v, _ = self.diff.solve(lin, T.detach(rhs), None, _BoundLike(self.G()))
+        return T.detach(v)
+
     def vjp_differentiable(self, xs: T.Leaves, ys: T.Leaves, ybar: T.Leaves) -> T.Leaves:
-        """The same product, with a graph through xs, ys and ȳ (for double backward)."""
-        if isinstance(self.diff, Exact) or not isinstance(self.diff, Implicit):
-            raise ConfigError(
-                "argmin: a second derivative (create_graph=True, or an argmin nested inside "
-                f"another level) needs diff=CG/Neumann/FixedPoint, got {type(self.diff).__name__}"
-            )
-        with torch.enable_grad(), warnings.catch_warnings():
-            # the linear solvers read float(residual) of tensors that carry a graph: harmless
-            warnings.filterwarnings("ignore", "Converting a tensor with requires_grad")
+        """The same product, with a graph through xs, ys and ȳ (for double backward).
+
+        With w₀ = H⁻¹ȳ solved once without a graph, w = w₀ + S(ȳ − H w₀), where S applies H⁻¹ as
+        a constant linear map (:class:`_Solve`, whose backward is another solve), has the value
+        w₀ and the derivative of H⁻¹ȳ: dw = H⁻¹(dȳ − dH w₀). Then x̄ = −J^T w, with H and J^T
+        as ``torch.func`` products that stay differentiable in (x, y).
+        """
+        with torch.enable_grad():
             _, hvp, cross = O.implicit_products(self.G(), tuple(xs), tuple(ys))
-            v, _ = self.diff.solve(_Products(hvp), tuple(ybar), None, None)
-            return tuple(-u for u in cross(v))
+            w0 = self.linear_solve(xs, ys, ybar)
+            resid = T.sub(tuple(ybar), hvp(w0))
+            corr = _Solve.apply(self, len(xs), *T.detach(xs), *T.detach(ys), *resid)
+            return tuple(-u for u in cross(T.add(w0, corr)))
 
 
-class _Products:
-    """The part of :class:`bilevel.oracles.Linearization` an Implicit solver's ``solve`` uses."""
+class _BoundLike:
+    """What :class:`bilevel.hypergrad.Exact`'s ``solve`` reads from a bound: the lower objective."""
 
-    def __init__(self, hvp: Callable[[T.Leaves], T.Leaves]):
-        self.hvp = hvp
+    def __init__(self, G: Objective):
+        self.G = G
+
+
+class _Solve(torch.autograd.Function):
+    """rhs -> H⁻¹ rhs for a fixed (x, y): linear in rhs, H symmetric, so the backward is a solve."""
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, nx: int, *tensors: Tensor):  # type: ignore[override]
+        n = len(spec.ys0)
+        xs, ys, rhs = tensors[:nx], tensors[nx : nx + n], tensors[nx + n :]
+        ctx.spec, ctx.nx, ctx.n = spec, nx, n
+        ctx.save_for_backward(*xs, *ys)
+        return spec.linear_solve(xs, ys, rhs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad: Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        xs, ys = saved[: ctx.nx], saved[ctx.nx :]
+        none = (None,) * (2 + ctx.nx + ctx.n)
+        return (*none, *ctx.spec.linear_solve(xs, ys, grad))
 
 
 def _zero_upper(x: Any, y: Any) -> Tensor:  # placeholder: the lower-only problem of the forward
