@@ -24,6 +24,12 @@ __all__ = [
 
 
 class Sampler:
+    """Interface of ``lower_data`` / ``upper_data``: :meth:`next` returns the next batch,
+    :meth:`full` all the data (evaluation), :meth:`state_dict` / :meth:`load_state_dict`
+    checkpoint the position and random state. ``n``: samples; ``batch_size``: rows per batch.
+    Any iterable of batches is adapted to it by :func:`as_sampler`.
+    """
+
     n: int
     batch_size: int
 

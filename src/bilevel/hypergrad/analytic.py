@@ -17,6 +17,16 @@ from .base import Estimator
 
 
 class ClosedForm(Estimator):
+    """Hypergradient through a user-supplied differentiable solution map ``solve: x -> y*(x)``
+    (closed form, or any differentiable solver): ∇h(x) = ∇_x [f(x, y*(x))] by backpropagation.
+    Exact when ``solve`` is.
+
+    Args:
+        solve: callable from the upper variable (pytree) to the lower solution (pytree like y).
+
+    Returns: ``res.grad``, ``res.y`` = solve(x) (detached).
+    """
+
     reference = "closed-form lower level (e.g. ridge regression)"
 
     def __init__(self, solve: Callable[[Any], Any]):

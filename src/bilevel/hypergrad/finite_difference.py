@@ -22,6 +22,20 @@ from .base import Estimator, solve_lower
 
 
 class FiniteDifference(Estimator):
+    """DARTS' second-order approximation: one virtual step y' = y − ξ∇_y g, then
+    ∇h ≈ ∇_x f(x, y') − ξ ∇²_xy g · ∇_y f(x, y'), the mixed term by a central difference of
+    ∇_x g at y ± ε v (ε = eps / ‖v‖).
+
+    Args:
+        inner: lower-level dynamics, or ``None`` (then ``xi`` is required).
+        eps: finite-difference size (relative to ‖∇_y f‖).
+        xi: the virtual step ξ; default the inner learning rate.
+
+    Returns: ``res.grad``, ``res.y`` = y' (the virtual point), ``res.info["fd_eps"]``.
+
+    Reference: Liu, Simonyan & Yang 2019 (DARTS), Eqs. 6–8.
+    """
+
     reference = "Liu, Simonyan & Yang 2019 (DARTS, Eq. 8)"
 
     def __init__(self, inner: Dynamics | None, eps: float = 0.01, xi: float | None = None):

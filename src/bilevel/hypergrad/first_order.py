@@ -20,6 +20,17 @@ from .base import Estimator, solve_lower
 
 
 class FirstOrder(Estimator):
+    """First-order approximation: ∇h(x) ≈ ∇_x f(x, y_T), dropping the implicit term
+    (dy*/dx)^T ∇_y f (first-order DARTS / "no hypergradient" baseline).
+
+    Args:
+        inner: lower-level dynamics from the given y, or ``None`` (use y as is).
+
+    Returns: ``res.grad`` = ∇_x f(x, y_T), ``res.y`` = y_T.
+
+    Reference: Liu, Simonyan & Yang 2019 (DARTS, first-order variant).
+    """
+
     reference = "Finn et al. 2017 (first-order MAML); alternating GD"
 
     def __init__(self, inner: Dynamics | None):

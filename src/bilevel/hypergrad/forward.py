@@ -25,6 +25,22 @@ from .base import Estimator
 
 
 class Forward(Estimator):
+    """Forward-mode differentiation of the unrolled dynamics (RTRL / FHG): one tangent
+    Z_k = ds_k/dx · u per direction u, propagated with ``torch.func.jvp`` and batched with
+    ``vmap``; dh/dx·u = <∇_x f, u> + <∇_y f, Z_T>. Memory independent of the number of steps;
+    cost grows with dim(x).
+
+    Args:
+        inner: the dynamics to unroll.
+        chunk: directions propagated together (default: all dim(x) at once).
+
+    Returns: ``res.grad`` (exact derivative of f(x, y_T(x))), ``res.y`` = y_T, ``res.info`` with
+    ``directions`` and ``chunk``. Objectives must be ``vmap``-able (no random ops: see
+    docs/pytorch.md on dropout).
+
+    Reference: Franceschi, Donini, Frasconi & Pontil 2017, Sec. 2.2.
+    """
+
     reference = "Franceschi et al. 2017 (forward mode / RTRL)"
 
     def __init__(self, inner: Dynamics, chunk: int | None = None):

@@ -205,6 +205,31 @@ def _warn_breakdown(est: Implicit, sinfo: dict[str, Any]) -> None:
 
 
 class CG(Implicit):
+    """Implicit differentiation with conjugate gradient (AID-CG).
+
+    ∇h(x) ≈ ∇_x f − ∇²_xy g · v,   v ≈ H⁻¹ ∇_y f by CG,  all at the lower point y_T.
+
+    Args:
+        inner: dynamics of :mod:`bilevel.inner` that solve the lower level from the given y
+            (no graph), or ``None`` to use the given y as y*.
+        iters: at most this many Hessian-vector products.
+        tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
+
+    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
+        warm_start (bool, default False): start the linear solve from the previous call's v
+            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
+        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
+            breakdown instead of warning and using the last good iterate.
+        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
+
+    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
+    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
+    and ``inner_grad_norm``, ``res.state`` for the next call.
+
+    Reference: Pedregosa 2016 (HOAG, Alg. 1); Rajeswaran et al. 2019 (iMAML, Sec. 3.2).
+    H must be positive definite (else ``breakdown="negative_curvature"``: use MINRES or damping).
+    """
+
     reference = "Pedregosa 2016 (HOAG); Rajeswaran et al. 2019 (iMAML) — AID with CG"
 
     def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
@@ -216,6 +241,27 @@ class CG(Implicit):
 
 
 class MINRES(Implicit):
+    """Implicit differentiation with MINRES: H v = ∇_y f for a symmetric, possibly indefinite H.
+
+    Args:
+        inner: lower-level dynamics, or ``None`` (the given y is y*).
+        iters: at most this many Hessian-vector products.
+        tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
+
+    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
+        warm_start (bool, default False): start the linear solve from the previous call's v
+            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
+        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
+            breakdown instead of warning and using the last good iterate.
+        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
+
+    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
+    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
+    and ``inner_grad_norm``, ``res.state`` for the next call.
+
+    Reference: Paige & Saunders 1975.
+    """
+
     reference = "Paige & Saunders 1975 (MINRES) — AID for indefinite lower Hessians"
 
     def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
@@ -227,6 +273,28 @@ class MINRES(Implicit):
 
 
 class NormalCG(Implicit):
+    """Implicit differentiation with CG on the normal equations H² v = H ∇_y f (CGLS): the
+    least-squares solution when H is singular.
+
+    Args:
+        inner: lower-level dynamics, or ``None`` (the given y is y*).
+        iters: at most this many iterations (two Hessian-vector products each).
+        tol: stop when the normal-equation residual is ≤ tol times its initial value.
+
+    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
+        warm_start (bool, default False): start the linear solve from the previous call's v
+            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
+        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
+            breakdown instead of warning and using the last good iterate.
+        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
+
+    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
+    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
+    and ``inner_grad_norm``, ``res.state`` for the next call.
+
+    Reference: Hestenes & Stiefel 1952.
+    """
+
     reference = "Hestenes & Stiefel 1952 (CG on the normal equations, CGLS) — AID, singular H"
 
     def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
@@ -246,6 +314,29 @@ def _step_size(alpha: float | None, inner: Dynamics | None, name: str) -> float:
 
 
 class Neumann(Implicit):
+    """Implicit differentiation with a truncated Neumann series:
+
+    v = α Σ_{q=0}^{Q} (I − αH)^q ∇_y f  ≈ H⁻¹ ∇_y f   (converges for 0 < α < 2/λ_max(H)).
+
+    Args:
+        inner: lower-level dynamics, or ``None`` (the given y is y*).
+        iters: Q, the number of Hessian-vector products.
+        alpha: the step α; default the inner learning rate (an error if there is none).
+
+    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
+        warm_start (bool, default False): start the linear solve from the previous call's v
+            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
+        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
+            breakdown instead of warning and using the last good iterate.
+        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
+
+    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
+    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
+    and ``inner_grad_norm``, ``res.state`` for the next call.
+
+    Reference: Lorraine, Vicol & Duvenaud 2020, Eq. 6; Ji, Yang & Liang 2021 (Alg. 3).
+    """
+
     reference = "Lorraine, Vicol & Duvenaud 2020, Eq. 6; Ji, Yang & Liang 2021 (stocBiO, Alg. 3)"
 
     def __init__(self, inner: Dynamics | None, iters: int = 20, alpha: float | None = None, **kw):
@@ -258,6 +349,30 @@ class Neumann(Implicit):
 
 
 class FixedPoint(Implicit):
+    """Implicit differentiation with the adjoint fixed-point iteration of the GD map (AID-FP):
+
+    v ← v − α (H v − ∇_y f),   v₀ = 0 (or the warm start).
+
+    Args:
+        inner: lower-level dynamics, or ``None`` (the given y is y*).
+        iters: at most this many Hessian-vector products.
+        lr: the step α; default the inner learning rate (an error if there is none).
+        tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖ (0: never early).
+
+    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
+        warm_start (bool, default False): start the linear solve from the previous call's v
+            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
+        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
+            breakdown instead of warning and using the last good iterate.
+        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
+
+    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
+    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
+    and ``inner_grad_norm``, ``res.state`` for the next call.
+
+    Reference: Grazzi, Franceschi, Pontil & Salzo 2020 (AID-FP); Ji, Yang & Liang 2021.
+    """
+
     reference = "Grazzi et al. 2020 (AID-FP); Ji, Yang & Liang 2021"
 
     def __init__(
@@ -274,6 +389,27 @@ class FixedPoint(Implicit):
 
 
 class Exact(Implicit):
+    """Implicit differentiation with the dense Hessian: H = ∇²_yy g by ``torch.func.hessian``
+    and a Cholesky solve (LU / least squares fallbacks reported in ``info``). For small y and
+    as a reference; memory O(dim(y)²).
+
+    Args:
+        inner: lower-level dynamics, or ``None`` (the given y is y*).
+
+    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
+        warm_start (bool, default False): start the linear solve from the previous call's v
+            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
+        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
+            breakdown instead of warning and using the last good iterate.
+        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
+
+    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
+    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
+    and ``inner_grad_norm``, ``res.state`` for the next call.
+
+    Reference: Ghadimi & Wang 2018 (BA, explicit Hessian inverse).
+    """
+
     reference = "Ghadimi & Wang 2018 (BA, explicit Hessian inverse)"
     fallback = "the LU (indefinite H) or least-squares (singular H) solution of the dense system"
 

@@ -32,6 +32,28 @@ from .base import Estimator, lower_grad_fn
 
 
 class Reverse(Estimator):
+    """Reverse-mode differentiation through the unrolled inner dynamics (RHG / ITD).
+
+    With y_{k+1} = Φ_k(x, y_k) the steps of ``inner`` from the given y (or y0(x)):
+
+        dh/dx = ∇_x f(x, y_T) + Σ_k (∂_x Φ_k)^T a_{k+1},  a_T = ∇_y f(x, y_T),  a_k = (∂_y Φ_k)^T a_{k+1}.
+
+    Args:
+        inner: the dynamics to unroll (``steps`` of them); their hyperparameters may be tensors.
+        truncate: K ≤ steps: differentiate only the last K steps (T-RHG, Shaban et al. 2019).
+        checkpoint: ``True`` stores the state every ⌈√K⌉ steps and recomputes segments in the
+            backward sweep (memory ∝ √K); an int sets the segment length.
+        grad_fn: ``(bound, xs, create_graph=...) -> direction``, replacing ∇_y g as the step
+            direction (e.g. BDA's aggregated direction).
+        wrt_init: also return ∂f/∂y0 as ``res.info["grad_init"]`` (needs the whole trajectory).
+
+    Returns: ``res.grad`` (exact derivative of f(x, y_T(x))), ``res.y`` = y_T, ``res.info`` with
+    ``steps``, ``truncate``, ``checkpoint`` (and ``segments`` when checkpointing).
+
+    Reference: Franceschi, Donini, Frasconi & Pontil 2017, Sec. 2.1; Maclaurin et al. 2015;
+    Shaban et al. 2019, Alg. 1.
+    """
+
     reference = "Franceschi et al. 2017 (RHG); Shaban et al. 2019 (truncated, T-RHG)"
 
     def __init__(

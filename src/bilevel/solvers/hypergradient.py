@@ -19,6 +19,22 @@ from .base import Context, Solver, descend
 
 
 class HypergradientDescent(Solver):
+    """Any hypergradient estimator plus an upper-level update rule:
+
+        y_t = lower point from the estimator, started at y_{t-1} (warm start) or y0,
+        x_{t+1} = P_X(U(x_t, ∇̂h(x_t))).
+
+    Args:
+        estimator: an estimator of :mod:`bilevel.hypergrad` (its state is carried between steps).
+        upper: the update rule U — a dynamics of :mod:`bilevel.inner` (GD, Adam, ...) or a float
+            (GD with that learning rate).
+        warm_start: start each lower solve at the previous lower point.
+
+    Per-step metrics: ``hypergrad_norm`` (and ``linear_residual`` for implicit estimators).
+
+    Reference: Franceschi et al. 2017 (RHG with Reverse); Ji, Yang & Liang 2021 (AID, Alg. 1).
+    """
+
     reference = "generic hypergradient descent (Franceschi et al. 2017; Ji et al. 2021)"
 
     def __init__(self, estimator: Estimator, upper: Dynamics | float = 0.1, warm_start: bool = True):

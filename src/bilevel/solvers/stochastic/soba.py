@@ -30,6 +30,24 @@ _LR_Y = Schedule(0.1, 0.4)  # default schedules (immutable)
 
 
 class SOBA(Solver):
+    """SOBA: single-loop stochastic bilevel optimization on (y, v, x), one lower and one upper
+    batch per step (see the module docstring for the update):
+
+        y ← P_Y(y − ρ_t ∇_y G_i),   v ← v − ρ_t (∇²_yy G_i v − ∇_y F_j),
+        x ← P_X(x − γ_t (∇_x F_j − ∇²_xy G_i v)).
+
+    Args:
+        lr_x: γ_t — a float, a :class:`bilevel.estimates.Schedule` or its dict (default
+            0.01 · t^(−0.6)).
+        lr_y: ρ_t for y (default 0.1 · t^(−0.4)).
+        lr_v: step for v (default: ``lr_y``).
+
+    State: ``x``, ``y``, ``v`` (flat leaves). Needs ``lower_data`` / ``upper_data`` for the
+    stochastic setting (full batches otherwise).
+
+    Reference: Dagréou, Ablin, Vaiter & Moreau 2022 (NeurIPS), Eq. 4 / Algorithm 1.
+    """
+
     reference = "Dagréou, Ablin, Vaiter & Moreau 2022 (NeurIPS), SOBA (Eq. 4)"
 
     def __init__(

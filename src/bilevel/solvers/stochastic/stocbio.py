@@ -25,6 +25,19 @@ __all__ = ["StocBiO"]
 
 
 class StocBiO(Solver):
+    """stocBiO: double loop with warm start; T SGD steps on the lower level, then a Neumann-series
+    hypergradient with a fresh batch per Hessian-vector product (see the module docstring).
+
+    Args:
+        lr_x: α, the upper step (float, :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: β, the lower SGD step.
+        inner_steps: T, lower SGD steps per outer iteration (≥ 0).
+        Q: Neumann terms (Hessian-vector products) per hypergradient (≥ 0).
+        eta: η, the Neumann step (> 0; η < 2/λ_max(H) for convergence).
+
+    State: ``x``, ``y``. Reference: Ji, Yang & Liang 2021 (ICML), Algorithm 3, Eq. 4.
+    """
+
     reference = "Ji, Yang & Liang 2021 (ICML), Algorithm 3 (stocBiO)"
 
     def __init__(
