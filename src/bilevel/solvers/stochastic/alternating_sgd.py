@@ -22,6 +22,16 @@ __all__ = ["AlternatingSGD"]
 
 
 class AlternatingSGD(Solver):
+    """Alternating SGD baseline: lower SGD step(s), then an upper step along ∇_x F only (no
+    implicit term, biased by design; see the module docstring).
+
+    Args:
+        lr_x: α_t, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: β_t, the lower step.
+        double_loop: run ``inner_steps`` lower steps per upper step instead of one.
+        inner_steps: lower steps per iteration when ``double_loop`` (≥ 1).
+    """
+
     reference = "alternating (stochastic) gradient descent, no implicit term (naive baseline)"
 
     def __init__(

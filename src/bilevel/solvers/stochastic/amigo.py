@@ -26,6 +26,19 @@ __all__ = ["AmIGO"]
 
 
 class AmIGO(Solver):
+    """AmIGO: warm-started double loop on y and on the linear system H v = ∇_y f (SGD on
+    ½vᵀHv − bᵀv), then the upper step (see the module docstring).
+
+    Args:
+        lr_x: α, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: β, the lower SGD step.
+        lr_v: ρ, the step of the linear-system SGD (default ``lr_y``).
+        inner_steps: T lower steps per outer iteration (≥ 0).
+        v_steps: M linear-system steps (default ``inner_steps``).
+
+    Reference: Arbel & Mairal 2022 (ICLR), Algorithms 1–2.
+    """
+
     reference = "Arbel & Mairal 2022 (ICLR), Algorithms 1-2 (AmIGO)"
 
     def __init__(

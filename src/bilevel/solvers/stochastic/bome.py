@@ -30,6 +30,20 @@ __all__ = ["BOME"]
 
 
 class BOME(Solver):
+    """BOME: value-function reformulation solved by a dynamic-barrier first-order step on (x, y),
+    with y*(x) approximated by T gradient steps (see the module docstring).
+
+    Args:
+        lr_x: ξ for the x block (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: ξ for the y block.
+        inner_lr: step of the T inner gradient steps approximating y*(x).
+        inner_steps: T (≥ 1).
+        eta: η in φ_k = η ‖∇q̂‖² (> 0).
+        phi: ``"grad_norm"`` (φ_k = η‖∇q̂‖², the paper's default) or ``"value"`` (φ_k = η q̂).
+
+    Reference: Ye, Liu, Wright, Stone & Liu 2022 (NeurIPS), Algorithm 1.
+    """
+
     reference = "Ye, Liu, Wright, Stone & Liu 2022 (NeurIPS), Algorithm 1"
 
     def __init__(

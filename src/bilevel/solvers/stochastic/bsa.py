@@ -29,6 +29,20 @@ _LR_Y = Schedule(0.1, 0.5)  # default schedules (immutable)
 
 
 class BSA(Solver):
+    """BSA: warm-started lower SGD, then a randomly truncated Neumann hypergradient
+    (p ~ U{0..Q−1}, fresh batch per HVP) and a projected upper step (see the module docstring).
+
+    Args:
+        lr_x: α_k (a float, a :class:`bilevel.estimates.Schedule` or its dict; default α/√(k+1)).
+        lr_y: β_k (default β/√(k+1)).
+        inner_steps: T lower steps per outer iteration (≥ 0).
+        Q: truncation range of the Neumann series (≥ 1).
+        eta: η, the Neumann step (> 0, η ≤ 1/L_g).
+        seed: seeds the generator of the random truncation / directions (kept in the state).
+
+    Reference: Ghadimi & Wang 2018, Algorithms 2–3.
+    """
+
     reference = "Ghadimi & Wang 2018, Algorithm 2 (BSA) with Algorithm 3 (stochastic Neumann)"
 
     def __init__(

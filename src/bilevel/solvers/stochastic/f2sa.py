@@ -34,6 +34,20 @@ __all__ = ["F2SA"]
 
 
 class F2SA(Solver):
+    """F2SA: fully first-order penalty method with two lower sequences (z → argmin g,
+    y → argmin f + λg) and a growing penalty λ (see the module docstring).
+
+    Args:
+        lr_x: ξ_k, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: γ_k, the z step (the y step is γ_k/λ_k).
+        inner_steps: T inner steps per outer iteration (≥ 1).
+        lmbda0: initial penalty λ_0 (> 0).
+        delta_lmbda: δ_k, the penalty increment (float or schedule).
+        lmbda_max: cap on λ_k.
+
+    Reference: Kwon, Kwon, Wright & Nowak 2023 (ICML), Algorithm 1.
+    """
+
     reference = "Kwon, Kwon, Wright & Nowak 2023 (ICML), Algorithm 1"
 
     def __init__(

@@ -34,6 +34,18 @@ _MOMENTUM = Schedule(0.5, 0.5)  # default schedules (immutable)
 
 
 class FSLA(Solver):
+    """FSLA: fully single loop — one lower SGD step, one SGD step on H v = ∇_y f and a
+    STORM-corrected hypergradient direction (see the module docstring).
+
+    Args:
+        lr_x: α_k, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: β_k, the lower step.
+        lr_v: η_k, the linear-system step (default ``lr_y``).
+        momentum: a_k of the STORM correction (float or schedule).
+
+    Reference: Li, Gu & Huang 2022 (AAAI), Algorithm 1.
+    """
+
     reference = "Li, Gu & Huang 2022 (AAAI), Algorithm 1 (FSLA)"
 
     def __init__(

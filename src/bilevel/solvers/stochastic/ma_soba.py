@@ -30,6 +30,19 @@ __all__ = ["MASOBA"]
 
 
 class MASOBA(Solver):
+    """MA-SOBA: SOBA's directions with a moving average of the x-direction and v projected
+    onto a ball (see the module docstring).
+
+    Args:
+        lr_x: α_k, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: β_k, the lower step.
+        lr_v: γ_k, the linear-system step (default ``lr_y``).
+        average: θ_k, the moving-average weight (float or schedule).
+        radius: R of the ball ‖v‖ ≤ R (``None``: no projection).
+
+    Reference: Chen, Xiao & Balasubramanian 2024 (JMLR), Algorithm 1.
+    """
+
     reference = "Chen, Xiao & Balasubramanian 2024 (JMLR), Algorithm 1 (MA-SOBA)"
 
     def __init__(

@@ -35,6 +35,20 @@ MOMENTUM = Schedule(0.5, 2 / 3)
 
 
 class MRBO(Solver):
+    """MRBO: single loop with STORM recursions on both levels and the Neumann hypergradient
+    (see the module docstring).
+
+    Args:
+        lr_x: γ η_k, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: λ η_k, the lower step.
+        momentum_x: α_k of the upper STORM recursion (float or schedule).
+        momentum_y: β_k of the lower recursion (default ``momentum_x``).
+        Q: Neumann terms per hypergradient (≥ 0).
+        eta: η, the Neumann step (> 0).
+
+    Reference: Yang, Ji & Liang 2021 (NeurIPS), Algorithm 1.
+    """
+
     reference = "Yang, Ji & Liang 2021 (NeurIPS), Algorithm 1"
 
     def __init__(

@@ -34,6 +34,20 @@ __all__ = ["MRBOZO"]
 
 
 class MRBOZO(MRBO):
+    """MRBO with the partial zeroth-order (PZOBO) hypergradient in place of the Neumann one:
+    Hessian-free (see the module docstring).
+
+    Args:
+        lr_x, lr_y, momentum_x, momentum_y: as in :class:`MRBO`.
+        inner_steps: N SGD steps of each perturbed trajectory (≥ 1).
+        inner_lr: their step (> 0).
+        samples: Q Gaussian directions per hypergradient (≥ 1).
+        mu: perturbation size μ (> 0).
+        seed: seeds the generator of the random truncation / directions (kept in the state).
+
+    Reference: Yang, Ji & Liang 2021, Alg. 1; Sow, Ji & Liang 2022, Alg. 1.
+    """
+
     reference = "MRBO (Yang, Ji & Liang 2021, Alg. 1) + PZOBO estimator (Sow, Ji & Liang 2022, Alg. 1)"
 
     def __init__(

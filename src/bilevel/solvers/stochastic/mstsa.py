@@ -33,6 +33,20 @@ MOMENTUM = Schedule(0.5, 0.5)
 
 
 class MSTSA(Solver):
+    """MSTSA: single loop, one lower SGD step and a STORM-momentum step along the randomly
+    truncated Neumann hypergradient (see the module docstring).
+
+    Args:
+        lr_x: α_k (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: β_k.
+        momentum: η_k of the STORM recursion (float or schedule).
+        Q: truncation range of the Neumann series (≥ 1).
+        eta: the Neumann step (> 0).
+        seed: seeds the generator of the random truncation / directions (kept in the state).
+
+    Reference: Khanduri et al. 2021a (arXiv:2102.07367v1), Algorithm 1.
+    """
+
     reference = "Khanduri et al. 2021a (arXiv:2102.07367v1), Algorithm 1"
 
     def __init__(

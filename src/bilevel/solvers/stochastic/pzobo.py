@@ -30,6 +30,20 @@ __all__ = ["PZOBO"]
 
 
 class PZOBO(Solver):
+    """PZOBO-S: the response Jacobian estimated from differences of inner SGD trajectories at
+    Gaussian-perturbed x; no Hessian-vector products (see the module docstring).
+
+    Args:
+        lr_x: β, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: the step of the N inner SGD steps.
+        inner_steps: N (≥ 1).
+        samples: Q directions per hypergradient (≥ 1).
+        mu: perturbation size μ (> 0).
+        seed: seeds the generator of the random truncation / directions (kept in the state).
+
+    Reference: Sow, Ji & Liang 2022 (NeurIPS), Algorithm 1.
+    """
+
     reference = "Sow, Ji & Liang 2022 (NeurIPS), Algorithm 1 (PZOBO-S)"
 
     def __init__(

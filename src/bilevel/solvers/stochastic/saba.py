@@ -30,6 +30,19 @@ __all__ = ["SABA"]
 
 
 class SABA(Solver):
+    """SABA: SOBA with every oracle replaced by its SAGA estimate over a fixed partition into
+    batches; needs :class:`bilevel.sampling.FixedBatches` for both levels (see the module docstring).
+
+    Args:
+        lr_x: γ, the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict;
+            constant in the paper).
+        lr_y: ρ, the lower step.
+        lr_v: step of v (default ``lr_y``).
+        init_memory: ``"zero"`` (memories start at 0) or ``"full"`` (one pass to fill them).
+
+    Reference: Dagréou, Ablin, Vaiter & Moreau 2022 (NeurIPS), Algorithm 2.
+    """
+
     reference = "Dagréou, Ablin, Vaiter & Moreau 2022 (NeurIPS), Algorithm 2 (SABA)"
 
     def __init__(

@@ -33,6 +33,19 @@ def _directions(G, F, xs, ys, v) -> tuple[T.Leaves, T.Leaves, T.Leaves]:
 
 
 class SRBA(Solver):
+    """SRBA: SOBA's directions with SARAH/SPIDER estimates, restarted on the full data every
+    ``period`` iterations (see the module docstring).
+
+    Args:
+        lr_x: γ (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: ρ.
+        lr_v: step of v (default ``lr_y``).
+        period: q, iterations between full-batch restarts (``None``: ⌈(n + m)/b⌉).
+        radius: R of the ball ‖v‖ ≤ R (``None``: no projection).
+
+    Reference: Dagréou, Moreau, Vaiter & Ablin 2023 (AISTATS 2024), Algorithm 1.
+    """
+
     reference = "Dagréou, Moreau, Vaiter & Ablin 2023 (AISTATS 2024), Algorithm 1 (SRBA)"
 
     def __init__(

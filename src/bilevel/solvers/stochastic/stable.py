@@ -61,6 +61,22 @@ def _project_psd(H: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 class STABLE(Solver):
+    """STABLE: single loop and single timescale; the lower step carries a first-order
+    correction for the motion of y*(x) (see the module docstring).
+
+    Args:
+        lr_x: α_k (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: β_k.
+        hessian: ``"dense"`` (the paper's recursive matrix estimates) or ``"neumann"``
+            (Hessian-vector products only).
+        Q, eta: Neumann terms and step for ``hessian="neumann"``.
+        tau: τ_k of the recursive estimates H^k = (1 − τ_k)(H^{k−1} − ∇²G_prev) + ∇²G_cur
+            (float or schedule; ``hessian="dense"``).
+        mu: lower bound μ of the projected Hessian estimate (> 0).
+
+    Reference: Chen, Sun, Xiao & Yin 2022 (AISTATS), Algorithm 1.
+    """
+
     reference = "Chen, Sun, Xiao & Yin 2022 (AISTATS), Algorithm 1"
 
     def __init__(

@@ -31,6 +31,17 @@ __all__ = ["SUSTAIN"]
 
 
 class SUSTAIN(MRBO):
+    """SUSTAIN: single loop, STORM momentum on both levels (MRBO's structure) with the randomly
+    truncated Neumann hypergradient (see the module docstring).
+
+    Args:
+        lr_x, lr_y, momentum_x, momentum_y: as in :class:`MRBO` (α_k, β_k, η^f, η^g).
+        Q: truncation range (≥ 1); eta: the Neumann step.
+        seed: seeds the generator of the random truncation / directions (kept in the state).
+
+    Reference: Khanduri et al. 2021b (NeurIPS), Algorithm 1.
+    """
+
     reference = "Khanduri et al. 2021b (NeurIPS), Algorithm 1"
 
     def __init__(

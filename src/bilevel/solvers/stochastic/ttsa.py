@@ -30,6 +30,19 @@ _LR_Y = Schedule(0.1, 0.4)  # default schedules (immutable)
 
 
 class TTSA(Solver):
+    """TTSA: one lower SGD step, then a projected upper step along the randomly truncated Neumann
+    hypergradient, on two timescales (see the module docstring).
+
+    Args:
+        lr_x: α_k (a float, a :class:`bilevel.estimates.Schedule` or its dict; default ∝ k^(−3/5)).
+        lr_y: β_k (default ∝ k^(−2/5)).
+        Q: truncation range (≥ 1).
+        eta: the Neumann step (> 0).
+        seed: seeds the generator of the random truncation / directions (kept in the state).
+
+    Reference: Hong, Wai, Wang & Yang 2023 (SIAM J. Optim.), Algorithm 1.
+    """
+
     reference = "Hong, Wai, Wang & Yang 2023 (SIAM J. Optim.), Algorithm 1"
 
     def __init__(

@@ -42,6 +42,20 @@ def _concat(batches: list) -> Any:
 
 
 class VRBO(Solver):
+    """VRBO: double loop with SARAH/SPIDER recursions on both levels, restarted on large batches
+    every ``period`` iterations (see the module docstring).
+
+    Args:
+        lr_x: the upper step (a float, a :class:`bilevel.estimates.Schedule` or its dict).
+        lr_y: the lower step.
+        Q, eta: Neumann terms and step of the hypergradient.
+        inner_steps: lower recursion steps per outer iteration (≥ 1).
+        period: iterations between large-batch restarts (≥ 1).
+        large_batches: S₁ as that many concatenated minibatches (``None``: the full data).
+
+    Reference: Yang, Ji & Liang 2021 (NeurIPS), Algorithm 2.
+    """
+
     reference = "Yang, Ji & Liang 2021 (NeurIPS), Algorithm 2"
 
     def __init__(
