@@ -229,3 +229,31 @@ def test_bad_input_names_the_argument():
     g = bl.Functional(Growing())
     with pytest.raises(bl.StructureMismatchError, match=r"update_buffers\(\)\['seen'\] has shape \(2,\)"):
         g.update_buffers(g.params(), g.buffers(), torch.ones(3, 2))
+
+
+def test_upper_variable_from_another_module_and_load_into():
+    """x = the parameters of a hyper-module (one log weight decay per weight tensor)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    hyper = nn.Module()
+    hyper.log_wd = nn.Parameter(torch.tensor([-1.0, 0.5], dtype=F64))
+    net = bl.Functional(model)
+    gen = torch.Generator().manual_seed(0)
+    X, t = torch.randn(20, 3, generator=gen, dtype=F64), torch.randn(20, 2, generator=gen, dtype=F64)
+
+    def g(x, y):
+        wd = x["log_wd"].exp()
+        return ((net(y, X) - t) ** 2).mean() + 0.5 * (wd[0] * (y["weight"] ** 2).sum()
+                                                     + wd[1] * (y["bias"] ** 2).sum())
+
+    def f(x, y):
+        return ((net(y, X[:5]) - 1.0) ** 2).mean()
+
+    x0, y0 = bl.params(hyper), net.params()
+    prob = bl.Problem(f, g)
+    inner = bl.inner.GD(lr=0.3, steps=400)
+    cg = H.CG(inner, iters=20, tol=1e-14)(prob, x0, y0)
+    ex = H.Exact(inner)(prob, x0, y0)
+    assert set(cg.grad) == {"log_wd"} and rel_err(cg.grad, ex.grad) < 1e-10
+    bl.load_into(hyper, {"log_wd": x0["log_wd"] - 0.1 * cg.grad["log_wd"]})
+    torch.testing.assert_close(hyper.log_wd.detach(), x0["log_wd"] - 0.1 * cg.grad["log_wd"])
