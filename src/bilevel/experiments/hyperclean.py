@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import datasets
-from ..data import FullBatch, Minibatches
 from ..errors import ConfigError
-from ..problem import Problem, params
-from ..stochastic import Schedule
+from ..estimates import Schedule
+from ..formulation import Problem, params
+from ..sampling import FullBatch, Minibatches
 from .base import Experiment, Setup, fmt, markdown_table, register
 from .factory import Arg, Built, Lazy, build, build_estimator
 

@@ -267,7 +267,7 @@ def lower_optimality(setup: Setup, x: Any, y: Any, lower_star: bool = True) -> d
     """``lower_grad_norm`` ‖∇_y g(x, y)‖ on the full lower data (with a y-projection P the norm of
     the projected-gradient step y − P(y − ∇_y g), zero exactly at a constrained stationary point)
     and, where the setup knows the best lower value g*(x), ``lower_gap`` = g(x, y) − g*(x)."""
-    from ..problem import Bound
+    from ..formulation import Bound
 
     lo = None if setup.lower_data is None else setup.lower_data.full()
     b = Bound(setup.problem, x, y, lower_batch=lo)
@@ -430,7 +430,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
         torch.save(blob, tmp)
         os.replace(tmp, ckpt_file)
 
-    from ..problem import Bound  # local: only to unflatten the start point for the step-0 record
+    from ..formulation import Bound  # local: only to unflatten the start point for the step-0 record
 
     if fresh:
         b = Bound(setup.problem, setup.x0, setup.y0)
