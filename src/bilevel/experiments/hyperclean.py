@@ -139,7 +139,8 @@ def build_solver(cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> Bu
             "truncate": Arg(hc["truncate"] or None, ("hypergrad.truncate",)),
             "alpha": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
             "lr": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
-            "warm_start": Arg(hc["warm_start"], ("hypergrad.warm_start",))}, keys=("hypergrad.estimator",))
+            "warm_start": Arg(hc["warm_start"], ("hypergrad.warm_start",)),
+            "damping": Arg(hc["damping"], ("hypergrad.damping",))}, keys=("hypergrad.estimator",))
 
     offer: dict[str, Any] = {
         "estimator": Arg(Lazy(estimator)),
@@ -165,8 +166,8 @@ def build_solver(cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> Bu
 #: the config keys that configure the solver (the chosen one may use only some of them)
 SOLVER_KEYS = frozenset({"lower.dynamics", "lower.lr", "lower.steps", "lower.momentum", "lower.warm_start",
                          "lower.decay", "hypergrad.estimator", "hypergrad.iters", "hypergrad.truncate",
-                         "hypergrad.alpha", "hypergrad.warm_start", "upper.optimizer", "upper.lr",
-                         "upper.decay"})
+                         "hypergrad.alpha", "hypergrad.warm_start", "hypergrad.damping", "upper.optimizer",
+                         "upper.lr", "upper.decay"})
 
 
 @register
