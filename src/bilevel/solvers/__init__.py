@@ -19,3 +19,9 @@ from .ia import IAGM, IAGMA, IAPTTGM  # noqa: E402
 from .rhg import RHG, TRHG  # noqa: E402
 
 __all__ += ["RHG", "TRHG", "AID", "BA", "BDA", "IAGM", "IAPTTGM", "IAGMA"]
+
+# value-function / penalty solvers (issue 13.11; one file each)
+from .primal_dual_vf import PrimalDualVF  # noqa: E402
+from .vpbgd import VPBGD  # noqa: E402
+
+__all__ += ["PrimalDualVF", "VPBGD"]
