@@ -78,9 +78,9 @@ def test_bda_reaches_its_k_step_approximation_and_its_bias_shrinks_with_k():
 
 
 def test_stackelberg_experiment_table(tmp_path):
-    r = bl.experiments.run("stackelberg", overrides={"solvers": ["RHG", "LS"], "steps": 15,
-                                                           "upper_lr": UL_LR}, out=tmp_path,
-                           progress=False, echo=None)
+    over = {"solvers": ["LS"], "steps": 12, "upper_lr": UL_LR}
+    r = bl.experiments.run("stackelberg", overrides=over, out=tmp_path, progress=False, plots=False,
+                           echo=None)
     assert r.completed
-    assert r.summary.count("| yes ") == 2
+    assert r.summary.count("| yes ") == 1
     assert (tmp_path / "plots" / "stackelberg_equilibrium.png").is_file()

@@ -65,17 +65,17 @@ def test_vpbgd_reaches_the_penalized_closed_form_on_the_quadratic():
 def test_primal_dual_reaches_the_smoothed_closed_form_and_its_multiplier():
     a = 1e-2
     xs, ys, lam = smoothed_vf_solution(QUAD, a, a)  # λ* ≈ 2.86: Lagrangian curvature in [1, 20]
-    solver = S.PrimalDualVF(GD(lr=2 / 3, steps=5), lr=0.04, dual_lr=1.0, a1=a, a2=a)
-    res = bl.solve(QUAD.problem, *QUAD.start(), solver=solver, steps=500, track=False)
-    # gradient descent–ascent converges linearly here (measured contraction ≈ 0.98 per step)
-    assert _norm(res.x - xs) < 1e-5 and _norm(res.y - ys) < 1e-4
-    assert res.state["lmbda"] == pytest.approx(lam, rel=1e-3)
+    solver = S.PrimalDualVF(GD(lr=2 / 3, steps=5), lr=0.08, dual_lr=1.0, a1=a, a2=a)
+    res = bl.solve(QUAD.problem, *QUAD.start(), solver=solver, steps=250, track=False)
+    # gradient descent–ascent converges linearly here (measured: error 3e-5 after 250 steps)
+    assert _norm(res.x - xs) < 1e-4 and _norm(res.y - ys) < 5e-4
+    assert res.state["lmbda"] == pytest.approx(lam, rel=5e-3)
 
 
 @pytest.mark.parametrize("name", ["VPBGD", "PrimalDualVF"])
 def test_value_function_solvers_reach_x_star_on_the_non_singleton_llc_toy(name):
     toy = llc_toy(n=5)
-    rule = Adam(lr=0.01, betas=(0.9, 0.9))  # the quartic f needs scale-free steps (docs/deterministic.md)
+    rule = Adam(lr=0.02, betas=(0.9, 0.9))  # the quartic f needs scale-free steps (docs/deterministic.md)
     if name == "VPBGD":  # e is the unique minimiser of f + γ(g − v) for every γ > 0
         solver = S.VPBGD(GD(lr=0.5, steps=5), gamma=10.0, upper=rule)
         slack = 0.0
@@ -84,9 +84,9 @@ def test_value_function_solvers_reach_x_star_on_the_non_singleton_llc_toy(name):
         solver = S.PrimalDualVF(GD(lr=0.5, steps=5), dual_lr=10.0, a1=a, a2=a, upper=rule)
         slack = (2 * a + a * 5) ** 0.5 / 5**0.5
     x, y = toy.start()
-    res = bl.solve(toy.problem, x, y, solver=solver, steps=300, track=False, x_projection=toy.x_projection)
-    err = toy.errors(res.x, res.y)
-    assert err["x_err"] < 1e-2 + slack and err["F"] < 1e-6
+    res = bl.solve(toy.problem, x, y, solver=solver, steps=150, track=False, x_projection=toy.x_projection)
+    err = toy.errors(res.x, res.y)  # from x_err = 1 at x0 = 0; measured 7.6e-3 (V-PBGD)
+    assert err["x_err"] < 2e-2 + slack and err["F"] < 1e-5
 
 
 def test_bad_settings_are_rejected():
@@ -107,3 +107,22 @@ def test_vf_toy_experiment_records_the_reformulation_error(tmp_path):
     assert r.completed and r.final["ref_err"] < 1e-6
     bias = _norm(penalty_solution(QUAD, 10.0)[0] - QUAD.x_star) / _norm(QUAD.x_star)
     assert r.extras["reformulation_bias"] == pytest.approx(bias, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["VPBGD", "PrimalDualVF"])
+def test_resumed_run_is_bit_identical_and_the_solver_is_not_mutated(name):
+    import copy
+    import io
+
+    solver = (S.VPBGD(GD(lr=0.5, steps=3), gamma=10.0, upper=Adam(lr=0.01)) if name == "VPBGD"
+              else S.PrimalDualVF(GD(lr=0.5, steps=3), a1=1e-2, a2=1e-2, lr=0.04))
+    before = copy.deepcopy(vars(solver))
+    full = bl.solve(QUAD.problem, *QUAD.start(), solver=solver, steps=8, track=False)
+    half = bl.solve(QUAD.problem, *QUAD.start(), solver=solver, steps=4, track=False)
+    buf = io.BytesIO()
+    torch.save(half.state, buf)
+    buf.seek(0)
+    rest = bl.solve(QUAD.problem, *QUAD.start(), solver=solver, steps=8, track=False,
+                    state=torch.load(buf, weights_only=False))
+    assert torch.equal(full.x, rest.x) and torch.equal(full.y, rest.y)
+    assert vars(solver).keys() == before.keys()

@@ -138,7 +138,8 @@ class ValueFunction(Table):
                 "‖x_ref − x*‖/‖x*‖ (bias)", "f", "time [s]"]
         table_dir = results[0].path.parent.parent if results else Path(".")
         figs = toy_figures(results, table_dir / "plots", "value_function",
-                           lambda r: f"{r.run.overrides['toy']} toy", metrics=("x_err", "ref_err"), kstar=False)
+                           lambda r: f"{r.run.overrides['toy']} toy", metrics=("x_err", "ref_err"),
+                           kstar=False)
         note = (f"## Value-function solvers: LLC toy (n = 50, x* = e) and quadratic toy (closed form)\n\n"
                 f"V-PBGD penalty γ = {cfg['gamma']}; primal–dual with a1 = a2 = 1e-6 (LLC), 1e-2 "
                 f"(quadratic); lower approximation: 5 warm-started GD steps. {cfg['llc_steps']} / "

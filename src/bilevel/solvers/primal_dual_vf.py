@@ -30,7 +30,6 @@ descent–ascent). ``state["y"]`` is y_k, the multiplier ``state["lmbda"]``, ŷ_
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -68,13 +67,9 @@ class PrimalDualVF(Solver):
         return {"x": xs, "y": ys, "y_hat": ys, "lmbda": self.lmbda0,
                 "rule_x": self.upper.init(xs), "rule_y": self.upper.init(ys)}
 
-    def setup(self, ctx: Context, state: dict[str, Any]) -> None:
-        self._inner = ctx.inner(self.inner)
-        self._rule_y = copy.copy(self.upper)
-
-    def smoothed_lower(self, G, xs: T.Leaves, y0: T.Leaves) -> T.Leaves:
-        """ŷ_a(x): the inner dynamics on g(x, ·) + (a1/2)‖·‖² (no graph)."""
-        dyn, a1 = self._inner, self.a1
+    def smoothed_lower(self, dyn: Dynamics, G, xs: T.Leaves, y0: T.Leaves) -> T.Leaves:
+        """ŷ_a(x): the dynamics ``dyn`` on g(x, ·) + (a1/2)‖·‖² (no graph)."""
+        a1 = self.a1
 
         def grad_fn(ys: T.Leaves, k: int) -> T.Leaves:
             return T.axpy(a1, ys, O.grad_y(G, xs, ys))
@@ -86,7 +81,7 @@ class PrimalDualVF(Solver):
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys, lam = state["x"], state["y"], float(state["lmbda"])
         bound = ctx.bound(xs, ys, ctx.upper_batch(), ctx.lower_batch())
-        y_hat = self.smoothed_lower(bound.G, xs, state["y_hat"])
+        y_hat = self.smoothed_lower(ctx.inner(self.inner), bound.G, xs, state["y_hat"])
         _, fx, fy = O.grads(bound.F, xs, ys)
         gval, gx, gy = O.grads(bound.G, xs, ys)
         gx_hat = O.grad_x(bound.G, xs, y_hat)
@@ -95,7 +90,7 @@ class PrimalDualVF(Solver):
         d_x = T.axpy(lam, T.sub(gx, gx_hat), fx)
         d_y = T.axpy(lam, gy, fy)
         state["x"], state["rule_x"] = descend(self.upper, state["rule_x"], d_x, t, ctx.project_x)
-        state["y"], state["rule_y"] = descend(self._rule_y, state["rule_y"], d_y, t, ctx.project_y)
+        state["y"], state["rule_y"] = descend(self.upper, state["rule_y"], d_y, t, ctx.project_y)
         state["y_hat"] = y_hat
         state["lmbda"] = min(max(lam + self.dual_lr * c, 0.0), self.lmbda_max)
         return {"constraint": c, "lmbda": lam}

@@ -22,7 +22,6 @@ bias in x is O(1/γ). Departure: the update of (x, y) may be any rule of :mod:`b
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from .. import _tree as T
@@ -52,22 +51,18 @@ class VPBGD(Solver):
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         return {"x": xs, "y": ys, "y_hat": ys, "rule_x": self.upper.init(xs), "rule_y": self.upper.init(ys)}
 
-    def setup(self, ctx: Context, state: dict[str, Any]) -> None:
-        self._inner = ctx.inner(self.inner)
-        self._rule_y = copy.copy(self.upper)
-
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys = state["x"], state["y"]
         bound = ctx.bound(xs, ys, ctx.upper_batch(), ctx.lower_batch())
         start = state["y_hat"] if self.warm_start else ys
-        y_hat, _ = solve_lower(bound, self._inner, xs, start)
+        y_hat, _ = solve_lower(bound, ctx.inner(self.inner), xs, start)
         _, fx, fy = O.grads(bound.F, xs, ys)
         gval, gx, gy = O.grads(bound.G, xs, ys)
         gx_hat = O.grad_x(bound.G, xs, y_hat)
         d_x = T.axpy(self.gamma, T.sub(gx, gx_hat), fx)
         d_y = T.axpy(self.gamma, gy, fy)
         state["x"], state["rule_x"] = descend(self.upper, state["rule_x"], d_x, t, ctx.project_x)
-        state["y"], state["rule_y"] = descend(self._rule_y, state["rule_y"], d_y, t, ctx.project_y)
+        state["y"], state["rule_y"] = descend(self.upper, state["rule_y"], d_y, t, ctx.project_y)
         state["y_hat"] = y_hat
         with O.counting():  # diagnostic, not part of the algorithm's oracle budget
             penalty = float(gval) - float(O.value(bound.G, xs, y_hat))
