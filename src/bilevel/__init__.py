@@ -10,7 +10,8 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, data, hypergrad, inner, linalg, oracles, solvers
+from . import closed_form, compiled, data, hypergrad, inner, linalg, oracles, solvers
+from .compiled import compile
 from .errors import (
     BilevelError,
     ConfigError,
@@ -36,6 +37,8 @@ __all__ = [
     "linalg",
     "oracles",
     "closed_form",
+    "compile",
+    "compiled",
     "BilevelError",
     "ConfigError",
     "LinearSolveError",
