@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..problem import Problem
+from ..formulation import Problem
 from .toys import Box, Toy
 
 __all__ = ["stackelberg_duopoly", "stackelberg_equilibrium"]
