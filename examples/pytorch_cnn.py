@@ -65,7 +65,7 @@ hyper = {"log_wd": torch.tensor(-4.0, requires_grad=True)}
 opt = torch.optim.Adam(hyper.values(), lr=0.3)
 # the lower level is non-convex and solved approximately: damped CG solves (H + λI) v = ∇_y f
 # (the proximal system of iMAML, Rajeswaran et al. 2019), well posed even where H is indefinite
-diff = bl.hypergrad.CG(None, iters=10, damping=0.05)
+diff = bl.hypergrad.CG(None, iters=10, damping=0.5)
 inner = bl.inner.Momentum(lr=0.1, momentum=0.9, steps=INNER)
 y, buffers = net.params(), net.buffers()
 
@@ -90,7 +90,7 @@ for step in range(OUTER):
     opt.zero_grad()
     loss.backward()
     if step == 0:  # the autograd function gives exactly the implicit estimator's hypergradient
-        ref = bl.hypergrad.CG(None, iters=10, damping=0.05)(
+        ref = bl.hypergrad.CG(None, iters=10, damping=0.5)(
             bl.Problem(upper=lambda x, y_, b: upper(y_, b), lower=lower),
             {"log_wd": hyper["log_wd"].detach()}, {k: v.detach() for k, v in y.items()},
             lower_batch=tb, upper_batch=vb)

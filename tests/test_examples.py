@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import bilevel as bl
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -44,9 +46,13 @@ def test_stochastic_example_reduces_the_exact_hypergradient(capsys):
 
 def test_pytorch_cnn_example_tiny(capsys, monkeypatch):
     import sys
+    import warnings
 
     monkeypatch.setattr(sys, "argv", ["pytorch_cnn.py", "--tiny"])
-    out = _run("pytorch_cnn.py", capsys)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _run("pytorch_cnn.py", capsys)
+    assert not [w for w in caught if issubclass(w.category, bl.LinearSolveWarning)]
     rel = float(re.search(r"bl.hypergrad.CG: relative difference ([\d.e+-]+)", out).group(1))
     assert rel < 1e-6  # the autograd function's backward is the CG estimator's hypergradient
     assert "reproduces the functional eval-mode output: True" in out
