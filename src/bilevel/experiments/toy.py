@@ -26,7 +26,7 @@ from .._memory import saved_bytes
 from ..hypergrad import Exact
 from ..problems.toys import TOYS, Toy
 from ..solvers.base import Context, Solver
-from .base import Experiment, Setup, register
+from .base import Experiment, Setup, register, run_device, run_dtype
 from .factory import Arg, Built, Lazy, build
 
 __all__ = ["ToyRun", "MemoryProbe", "TOY_SOLVERS", "TOY_SOLVER_KEYS", "build_toy_solver"]
@@ -139,7 +139,7 @@ class ToyRun(Experiment):
     }
 
     def build(self, cfg: dict[str, Any]) -> Setup:
-        toy: Toy = TOYS[cfg["toy"]]()
+        toy: Toy = TOYS[cfg["toy"]](dtype=run_dtype(cfg, torch.float64), device=run_device(cfg))
         x0, y0 = toy.start()
         x0, y0 = _fill(x0, cfg["x0"]), _fill(y0, cfg["y0"])
         project_inner = bool(cfg["method"]["inner_projection"])
