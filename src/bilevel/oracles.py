@@ -54,6 +54,7 @@ __all__ = [
     "hvp_and_cross",
     "grad_y_fn",
     "value_and_grad",
+    "grad_y_tangents",
 ]
 
 Fn = Callable[[T.Leaves, T.Leaves], Tensor]
@@ -324,6 +325,39 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
     """One-shot (H v, J^T v): one gradient with graph plus one backward for both products."""
     return Linearization(fn, xs, ys).both(v)
+
+
+def grad_y_tangents(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, U: T.Leaves, Z: T.Leaves
+) -> tuple[T.Leaves, T.Leaves]:
+    """∇_y fn(x, y) and its directional derivatives along B tangents (u_i, z_i) at once:
+    d_i = J u_i + H z_i = ∇²_yx fn · u_i + ∇²_yy fn · z_i (``U``, ``Z``: leaves with a leading
+    dimension B; forward-mode unrolling). By symmetry of the Hessian of fn in (x, y),
+    d_i = ∂_y [<∇_x fn, u_i> + <∇_y fn, z_i>]: one gradient with graph and ONE reverse pass batched
+    over the tangents (``is_grads_batched``) — no jvp, no copies of the data per tangent. With
+    the functional backends it is a vmapped ``torch.func.jvp`` of ∇_y fn. Counted as one gradient
+    plus B Hessian- and B cross-products."""
+    nb = U[0].shape[0] if U else Z[0].shape[0]
+    _record(fn, "grad")
+    _record(fn, "hvp", "cross", times=nb)
+    if _functional():
+        xs, ys = T.detach(xs), T.detach(ys)
+        gy = f_grad_y(fn, xs, ys)
+
+        def tangent(u: T.Leaves, z: T.Leaves) -> T.Leaves:
+            return torch.func.jvp(lambda a, b: f_grad_y(fn, a, b), (xs, ys), (u, z))[1]
+
+        return gy, tuple(torch.func.vmap(tangent)(tuple(U), tuple(Z)))
+    with torch.enable_grad():
+        xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
+        g = _grad(fn(xs_, ys_), xs_ + ys_, create_graph=True)
+        outs = [(gi, ti) for gi, ti in zip(g, tuple(U) + tuple(Z)) if gi.requires_grad]
+        if not outs:
+            return T.detach(g[len(xs) :]), tuple(torch.zeros_like(t) for t in Z)
+        d = torch.autograd.grad([o for o, _ in outs], ys_, [t for _, t in outs],
+                                is_grads_batched=True, allow_unused=True)
+    d = tuple(torch.zeros_like(z) if di is None else di for di, z in zip(d, Z))
+    return T.detach(g[len(xs) :]), d
 
 
 def value_and_grad(
