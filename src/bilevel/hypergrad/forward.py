@@ -12,7 +12,8 @@ map per direction, which copies the data per tangent).
 
 Where forward mode is arithmetic-bound: each step costs one gradient plus one batched backward
 whose work grows with the number of directions n = dim(x): about (1 + n)/2 reverse steps of
-products per step, against one for reverse mode — so it only competes when x is small. Memory does not depend on the number of steps T, but each upper-level
+products per step, against one for reverse mode — so it only competes when x is small.
+Memory does not depend on the number of steps T, but each upper-level
 direction costs one tangent: dh/dx·u = <∇_x f, u> + <∇_y f, Z_T>. The full gradient takes
 dim(x) directions (``chunk`` of them at a time), so this mode pays off when x is small.
 """
