@@ -60,6 +60,7 @@ _IMPL: dict[str, Callable[..., Any]] = {
     "hvp": lambda fn, xs, ys, v: O.f_hvp(fn, _d(xs), _d(ys), tuple(v)),
     "cross": lambda fn, xs, ys, v: O.f_cross(fn, _d(xs), _d(ys), tuple(v)),
     "both": lambda fn, xs, ys, v: O.f_both(fn, _d(xs), _d(ys), tuple(v)),
+    "value_grad_y_both": lambda fn, xs, ys, v: O.f_value_grad_y_both(fn, _d(xs), _d(ys), tuple(v)),
 }
 
 

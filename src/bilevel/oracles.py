@@ -241,9 +241,9 @@ class Linearization:
         self.fn = fn
         _record(fn, "grad")
         self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
-        if self._mode == "compiled":
+        if self._mode == "compiled":  # value and ∇_y g come with the first product (one kernel)
             self.xs, self.ys = T.detach(xs), T.detach(ys)
-            self.value, self.grad_y = _kernel("value_grad_y", fn)(self.xs, self.ys)
+            self._first: tuple | None = None
             return
         if self._mode == "func":
             self.xs, self.ys = T.detach(xs), T.detach(ys)
@@ -262,6 +262,16 @@ class Linearization:
             self._gy = _grad(self.value, self.ys, create_graph=True)
         self.value = self.value.detach()
         self.grad_y = T.detach(self._gy)
+
+    def __getattr__(self, name: str) -> Any:
+        # compiled mode: ``value`` / ``grad_y`` computed on first access, or by the first
+        # :meth:`both` (fused with the products)
+        if name in ("value", "grad_y") and self.__dict__.get("_mode") == "compiled":
+            if self._first is None:
+                self._first = _kernel("value_grad_y", self.fn)(self.xs, self.ys)
+            self.value, self.grad_y = self._first
+            return self.__dict__[name]
+        raise AttributeError(name)
 
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
@@ -285,6 +295,10 @@ class Linearization:
         """(H v, J^T v) from a single backward pass."""
         _record(self.fn, "hvp", "cross")
         if self._mode == "compiled":
+            if self._first is None and "grad_y" not in self.__dict__:
+                val, gy, hv, jt = _kernel("value_grad_y_both", self.fn)(self.xs, self.ys, v)
+                self._first = (val, gy)
+                return hv, jt
             return _kernel("both", self.fn)(self.xs, self.ys, v)
         if self._mode == "func":
             jt, hv = self._vjp(tuple(v))
@@ -431,6 +445,20 @@ def f_both(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T
     _, pull = torch.func.vjp(lambda a, b: f_grad_y(fn, a, b), tuple(xs), tuple(ys))
     jt, hv = pull(tuple(v))
     return tuple(hv), tuple(jt)
+
+
+def f_value_grad_y_both(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves
+) -> tuple[Tensor, T.Leaves, T.Leaves, T.Leaves]:
+    """(value, ∇_y fn, H v, J^T v) from one vjp of (x, y) -> ∇_y fn(x, y)."""
+
+    def gy_val(a: T.Leaves, b: T.Leaves) -> tuple[T.Leaves, Tensor]:
+        g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
+        return tuple(g), val
+
+    gy, pull, val = torch.func.vjp(gy_val, tuple(xs), tuple(ys), has_aux=True)
+    jt, hv = pull(tuple(v))
+    return val, tuple(gy), tuple(hv), tuple(jt)
 
 
 def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
