@@ -40,3 +40,15 @@ def test_stochastic_example_reduces_the_exact_hypergradient(capsys):
     out = _run("stochastic_soba.py", capsys)
     before, after = map(float, out.splitlines()[0].split(" -> "))
     assert after < 0.01 * before
+
+
+@pytest.mark.compiled
+def test_oracle_backends_example(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["oracle_backends.py", "--compile-backend", "aot_eager"])
+    old = dict(__import__("bilevel").compiled.settings)
+    try:
+        out = _run("oracle_backends.py", capsys)
+    finally:
+        __import__("bilevel").compiled.settings.update(old)
+    diffs = [float(m) for m in re.findall(r"max abs difference ([\d.e+-]+)", out)]
+    assert len(diffs) == 2 and all(d < 1e-12 for d in diffs)
