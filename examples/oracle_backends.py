@@ -32,7 +32,7 @@ def lower(x, w):
 
 problem = bl.Problem(upper, lower)
 x = torch.zeros(5, dtype=torch.float64)
-G = bl.problem.Bound(problem, x, torch.zeros(5, dtype=torch.float64)).G
+G = bl.formulation.Bound(problem, x, torch.zeros(5, dtype=torch.float64)).G
 W = torch.randn(8, 5, dtype=torch.float64)  # 8 lower points ("tasks")
 v = torch.ones(5, dtype=torch.float64)
 

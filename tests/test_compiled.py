@@ -100,7 +100,7 @@ def test_inductor_kernel_smoke():
     """One real (inductor, C++ code generation) kernel: ∇_y g of the ridge problem."""
     C.settings["backend"] = "inductor"
     ref = REFERENCE_PROBLEMS["ridge"]()
-    G = bl.problem.Bound(ref.problem, ref.x, ref.y0).G
+    G = bl.formulation.Bound(ref.problem, ref.x, ref.y0).G
     want = bl.oracles.grad_y(G, (ref.x,), (ref.y0,))
     with bl.oracles.backend("compiled"):
         got = bl.oracles.grad_y(G, (ref.x,), (ref.y0,))

@@ -10,7 +10,7 @@ from torch.func import vmap
 import bilevel as bl
 from bilevel import _tree as T
 from bilevel import oracles as O
-from bilevel.problem import Bound
+from bilevel.formulation import Bound
 from tests.test_oracles import f_obj, g_obj
 
 F64 = torch.float64

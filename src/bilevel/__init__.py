@@ -10,17 +10,33 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, compiled, data, hypergrad, inner, linalg, oracles, solvers
+from . import (
+    closed_form,
+    compiled,
+    datasets,
+    estimates,
+    hypergrad,
+    inner,
+    linalg,
+    oracles,
+    problems,
+    sampling,
+    solvers,
+)
 from .compiled import compile
 from .errors import (
     BilevelError,
+    BilevelWarning,
     ConfigError,
+    EmptyDataError,
     LinearSolveError,
+    LinearSolveWarning,
     NonFiniteError,
     NonScalarObjectiveError,
+    StartIndependenceWarning,
     StructureMismatchError,
 )
-from .problem import Problem, params
+from .formulation import Problem, params
 from .solvers import SolveResult, solve
 
 __version__ = "0.1.0"
@@ -31,7 +47,10 @@ __all__ = [
     "solve",
     "SolveResult",
     "solvers",
-    "data",
+    "sampling",
+    "estimates",
+    "problems",
+    "datasets",
     "hypergrad",
     "inner",
     "linalg",
@@ -40,9 +59,13 @@ __all__ = [
     "compile",
     "compiled",
     "BilevelError",
+    "BilevelWarning",
     "ConfigError",
+    "EmptyDataError",
     "LinearSolveError",
+    "LinearSolveWarning",
     "NonFiniteError",
     "NonScalarObjectiveError",
+    "StartIndependenceWarning",
     "StructureMismatchError",
 ]

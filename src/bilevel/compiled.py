@@ -16,7 +16,7 @@ estimator gets them without a line of its own changed:
   Errors the objective raises in eager mode too (e.g. a non-scalar output) propagate unchanged.
 
 The per-iteration arithmetic of the algorithms (axpy's, schedules) stays eager; only the
-differentiation work is compiled. Objectives that are not a :class:`bilevel.problem.Objective`
+differentiation work is compiled. Objectives that are not a :class:`bilevel.formulation.Objective`
 (have no stable identity to cache a kernel on) run in their eager ``torch.func`` form.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import oracles as O
-from .problem import Objective
+from .formulation import Objective
 
 __all__ = ["compile", "Compiled", "CompileFallbackWarning", "settings", "stats", "reset"]
 

@@ -1,6 +1,6 @@
 """First- and second-order oracles on flat leaves. Nothing else in the package differentiates twice.
 
-Notation: g(x, y) an objective (an :class:`~bilevel.problem.Objective` or any scalar function of
+Notation: g(x, y) an objective (an :class:`~bilevel.formulation.Objective` or any scalar function of
 flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy g · v = ∂_x <∇_y g, v>.
 
 * :func:`grads` — value, ∇_x and ∇_y from one backward pass.

@@ -25,9 +25,10 @@ from torch.func import jvp, vmap
 
 from .. import _tree as T
 from .. import oracles as O
+from ..errors import NonFiniteError
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
-from ..validation import check_finite
+from ..validation import first_nonfinite
 from .base import Estimator
 
 
@@ -50,12 +51,12 @@ class Forward(Estimator):
         chunk = n if self.chunk is None else int(self.chunk)
         eye = torch.eye(n, dtype=xs[0].dtype, device=xs[0].device)
         jac_rows = []  # rows: d y_T / dx along basis directions, as (n_dir, *y) leaves
-        s = None
+        dstate = None  # the lower dynamics' final state (not the estimator state)
         for lo in range(0, n, chunk):
             U = T.from_vector(eye[lo : lo + chunk], xs)  # batched directions shaped like x
-            s, Z = self._tangents(bound, xs, U)
+            dstate, Z = self._tangents(bound, xs, U)
             jac_rows.append(Z)
-        ys = T.detach(dyn.output(s))
+        ys = T.detach(dyn.output(dstate))
         _, gx, gy = O.grads(bound.F, xs, ys)
         b = T.to_vector(gy)
         dirs = torch.cat([T.to_vector_batched(Z) for Z in jac_rows])
@@ -83,6 +84,7 @@ class Forward(Estimator):
                       for t in s)
         if self.products == "jvp":
             gfun = O.grad_y_fn(bound.G)
+        sums = []  # per-step summaries: the first non-finite step is found with one sync
         for k in range(dyn.steps):
             if self.products == "jvp":
                 def step(xs_, s_, k=k):
@@ -90,6 +92,7 @@ class Forward(Estimator):
 
                 s, Z = vmap(lambda u, z, s0=s, st=step: jvp(st, (xs, s0), (u, z)),
                             out_dims=(None, 0))(U, Z)
+                sums.append(sum(t.detach().sum() for t in dyn.output(s)))
                 continue
             gy, dg = O.grad_y_tangents(bound.G, xs, dyn.point(s), U, dyn.point(Z))
 
@@ -98,5 +101,11 @@ class Forward(Estimator):
 
             s, Z = vmap(lambda z, d, s0=s, g0=gy, f=upd: jvp(f, (s0, g0), (z, d)),
                         out_dims=(None, 0))(Z, dg)
-        check_finite(dyn.output(s), "lower", "the final iterate (forward mode)")
+            sums.append(sum(t.detach().sum() for t in dyn.output(s)))
+        bad = first_nonfinite(sums)
+        if bad is not None:
+            raise NonFiniteError(
+                f"non-finite values (NaN/inf) in the lower-level iterate at step {bad + 1} of "
+                f"{type(dyn).__name__} (forward mode, lr={dyn.lr}); reduce the step size or check "
+                "the objective", level="lower", step=bad + 1)
         return T.detach(s), dyn.output(Z)

@@ -26,21 +26,22 @@ import torch
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import NonFiniteError
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from .base import Estimator, solve_lower
 
 
 class ZerothOrder(Estimator):
-    reference = "Sow, Ji & Liang 2022 (PZOBO); MRBO/VRBO reproduction report, sec. 7"
-    state_keys = ("rng",)
-
     """PZOBO's estimator (see module docstring). ``samples``: Q directions per call; ``mu``: the
     perturbation size; ``seed``: seeds the generator of :meth:`init_state` (None: a fresh random
     seed). The generator state travels in the estimator state (``state["rng"]``, a uint8 tensor),
     so a run resumed from a saved state draws the same directions; the directions of a call are
-    returned in ``info["directions"]`` (a (Q, dim x) matrix).
+    returned in ``info["directions"]`` (a (Q, dim x) matrix). ``batched`` / ``chunk``: see the
+    module docstring.
     """
+
+    reference = "Sow, Ji & Liang 2022 (PZOBO), Alg. 1"
+    state_keys = ("rng",)
 
     def __init__(
         self, inner: Dynamics, samples: int = 10, mu: float = 1e-3, seed: int | None = 0, *,

@@ -28,9 +28,9 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
-from ..data import Sampler
+from ..formulation import Bound, Problem
 from ..inner import Dynamics, with_projection
-from ..problem import Bound, Problem
+from ..sampling import Sampler
 from ..validation import check_compatible, check_finite, check_variables
 
 __all__ = ["Solver", "Context", "SolveResult", "solve", "descend"]
