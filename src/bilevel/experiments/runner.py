@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import sys
 import time
@@ -41,12 +40,15 @@ from torch import Tensor
 from .. import oracles as O
 from ..errors import BilevelError, ConfigError
 from ..solvers.base import solve
+from . import checkpoint as CK
 from . import config as C
-from .base import Experiment, Setup, SubResult, Table, get
+from .base import Experiment, Setup, SubResult, Table, fmt, get
+from .trace import load_trace
 
 __all__ = ["run", "RunResult", "new_run_dir", "seed_everything", "load_trace"]
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINTS = Path("checkpoints")
+CHECKPOINT = CHECKPOINTS / CK.LAST
 #: config keys that may change when resuming (extending a finished run)
 RESUMABLE_KEYS = {"steps", "checkpoint_every"}
 
@@ -146,14 +148,6 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def load_trace(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    p = p / "trace.jsonl" if p.is_dir() else p
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "runs") -> Path:
     """``out`` (must not hold a run) or ``runs/<name>-<timestamp>`` (suffixed if taken)."""
     if out is not None:
@@ -173,9 +167,7 @@ def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "ru
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    CK.write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -230,19 +222,22 @@ def run(
         if seed is not None and seed != saved.get("seed"):
             raise ConfigError(f"--seed {seed} differs from the run's seed {saved.get('seed')}")
         cfg = exp.resolve(file=saved, overrides=sets)
+        explicit: set[str] = set()  # checked when the run started
     else:
         if seed is not None:
             sets["seed"] = seed
-        cfg = exp.resolve(file=C.read(config_file) if config_file else None, overrides=sets)
+        file = C.read(config_file) if config_file else None
+        cfg = exp.resolve(file=file, overrides=sets)
+        explicit = set(C.flatten(file or {})) | set(sets)
         path = new_run_dir(name, out)
         _write_json(path / "run.json", {"experiment": name, "kind": exp.kind})
-    (path / "config.toml").write_text(C.dumps(cfg), encoding="utf-8")
+    CK.write_text(path / "config.toml", C.dumps(cfg))
     try:
         if isinstance(exp, Table):
             return _run_table(exp, cfg, path, stop_after=stop_after, progress=progress, plots=plots,
                               echo=echo)
         return _run_single(exp, cfg, path, resume=resume is not None, stop_after=stop_after,
-                           progress=progress, plots=plots, echo=echo)
+                           progress=progress, plots=plots, echo=echo, explicit=explicit)
     except BilevelError:
         if resume is None:  # rejected while building (bad config, missing data): no half-made folder
             _remove_fresh_run(path)
@@ -250,7 +245,7 @@ def run(
 
 
 def _remove_fresh_run(path: Path) -> None:
-    if (path / CHECKPOINT).exists() or (path / "runs").exists() or load_trace(path):
+    if (path / CHECKPOINTS).exists() or (path / "runs").exists() or load_trace(path):
         return  # the run got going: keep its partial trace for inspection
     for name in ("config.toml", "run.json", "trace.jsonl", "extras.json"):
         (path / name).unlink(missing_ok=True)
@@ -267,6 +262,64 @@ def _losses(setup: Setup, x: Any, y: Any) -> dict[str, float]:
                 "lower_loss": float(setup.problem.g(x, y, lo))}
 
 
+def lower_optimality(setup: Setup, x: Any, y: Any, lower_star: bool = True) -> dict[str, float]:
+    """``lower_grad_norm`` ‖∇_y g(x, y)‖ on the full lower data (with a y-projection P the norm of
+    the projected-gradient step y − P(y − ∇_y g), zero exactly at a constrained stationary point)
+    and, where the setup knows the best lower value g*(x), ``lower_gap`` = g(x, y) − g*(x)."""
+    from ..formulation import Bound
+
+    lo = None if setup.lower_data is None else setup.lower_data.full()
+    b = Bound(setup.problem, x, y, lower_batch=lo)
+    with O.counting():  # diagnostics: not part of the run's oracle counts
+        gy = O.grad_y(b.G, b.xs, b.ys0)
+        out: dict[str, float] = {}
+        if setup.y_projection is not None:
+            step = tuple(t - setup.y_projection(t - g) for t, g in zip(b.ys0, gy))
+        else:
+            step = gy
+        out["lower_grad_norm"] = float(torch.sqrt(sum((t.double() ** 2).sum() for t in step)))
+        if lower_star and setup.lower_star is not None:
+            with torch.no_grad():
+                g_val = float(setup.problem.g(x, y, lo))
+            out["lower_gap"] = g_val - float(setup.lower_star(x, y))
+    return out
+
+
+def lower_verdict(trace: Sequence[dict[str, Any]], final: dict[str, Any], tol: float,
+                  g_star: float | None = None) -> dict[str, Any]:
+    """Is the lower level solved at the end? By the gap to g* where known (gap ≤ tol·max(1, |g*|)),
+    else by the stationarity measure relative to the start (‖∇_y g‖ ≤ tol·max(1, ‖∇_y g‖ at step 0))."""
+    out: dict[str, Any] = {"tol": tol}
+    gn = final.get("lower_grad_norm")
+    g0 = trace[0].get("lower_grad_norm") if trace else None
+    if isinstance(gn, (int, float)):
+        out["grad_norm"] = gn
+        if isinstance(g0, (int, float)):
+            out["grad_norm_start"] = g0
+    gap = final.get("lower_gap")
+    if isinstance(gap, (int, float)):
+        out["gap"] = gap
+        scale = max(1.0, abs(g_star)) if g_star is not None else 1.0
+        out["criterion"] = f"gap to the best known lower value <= {tol:g} x {scale:.3g}"
+        out["solved"] = bool(gap <= tol * scale)
+    elif isinstance(gn, (int, float)):
+        scale = max(1.0, g0) if isinstance(g0, (int, float)) else 1.0
+        out["criterion"] = f"||grad_y g|| <= {tol:g} x max(1, ||grad_y g|| at step 0) = {tol * scale:.3g}"
+        out["solved"] = bool(gn <= tol * scale)
+    return out
+
+
+def lower_line(v: Mapping[str, Any]) -> str:
+    """One markdown line for the summary: the lower-level optimality and the verdict."""
+    if "solved" not in v:
+        return ""
+    parts = [f"‖∇_y g‖ = {fmt(v.get('grad_norm'))}"]
+    if "gap" in v:
+        parts.append(f"g − g* = {fmt(v['gap'])}")
+    flag = "solved" if v["solved"] else "**NOT SOLVED**"
+    return f"\nlower level at the end: {', '.join(parts)} — {flag} ({v['criterion']})\n"
+
+
 def _run_single(
     exp: Experiment,
     cfg: dict[str, Any],
@@ -278,6 +331,7 @@ def _run_single(
     plots: bool,
     echo: Callable[[str], None] | None,
     label: str | None = None,
+    explicit: set[str] | frozenset[str] = frozenset(),
 ) -> RunResult:
     threads = int(cfg.get("threads", 0))
     before = torch.get_num_threads()
@@ -285,25 +339,40 @@ def _run_single(
         torch.set_num_threads(threads)
     try:
         return _single(exp, cfg, path, resume=resume, stop_after=stop_after, progress=progress, plots=plots,
-                       echo=echo, label=label)
+                       echo=echo, label=label, explicit=explicit)
     finally:
         torch.set_num_threads(before)
 
 
-def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label) -> RunResult:
+def check_unused(exp: Experiment, setup: Setup, explicit: set[str] | frozenset[str]) -> None:
+    """Reject config keys set explicitly that the built configuration does not read."""
+    bad = sorted(set(explicit) & set(setup.unused))
+    if bad:
+        what = setup.info.get("solver", "this configuration")
+        raise ConfigError(
+            f"{exp.name}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not used by {what}; "
+            f"remove {'it' if len(bad) == 1 else 'them'} or choose a solver that takes "
+            f"{'it' if len(bad) == 1 else 'them'} (unused keys here: {', '.join(sorted(setup.unused))})")
+
+
+def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit) -> RunResult:
     wall0 = time.perf_counter()
     steps, every, ck_every = int(cfg["steps"]), int(cfg["eval_every"]), int(cfg["checkpoint_every"])
     seed_everything(int(cfg["seed"]))
     setup = exp.build(cfg)
+    check_unused(exp, setup, explicit)
     # steps=0 runs solver.init (and its side effects) and hands back the state dict we keep
     state = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=0,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
                   lower_data=setup.lower_data, upper_data=setup.upper_data, track=False).state
     samplers = {"lower": setup.lower_data, "upper": setup.upper_data}
-    ckpt_file, trace_file = path / CHECKPOINT, path / "trace.jsonl"
+    ckpt_dir, trace_file = path / CHECKPOINTS, path / "trace.jsonl"
     session = {"eval_time": 0.0, "wall_time": 0.0, "baseline_time": 0.0}
-    if resume and ckpt_file.is_file():
-        ck = torch.load(ckpt_file, weights_only=False, map_location="cpu")
+    ck, ck_file, problems = CK.load_latest(ckpt_dir) if resume else (None, None, [])
+    if echo:
+        for msg in problems:
+            echo(f"skipping a bad checkpoint: {msg}" + (f"; using {ck_file.name}" if ck_file else ""))
+    if ck is not None:
         state.clear()
         state.update(ck["state"])
         _restore(setup.solver, ck["solver"])
@@ -316,12 +385,12 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         extras, session = ck["extras"], ck["session"]
         t_ck = int(state["t"])
         kept = [r for r in load_trace(path) if r["step"] <= t_ck]
-        trace_file.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        CK.write_text(trace_file, "".join(json.dumps(r) + "\n" for r in kept))
         fresh = False
     else:
         if resume and echo:
             echo(f"{path}: no checkpoint yet, starting from step 0")
-        trace_file.write_text("", encoding="utf-8")
+        CK.write_text(trace_file, "")
         t_b = time.perf_counter()
         extras = setup.baselines() if setup.baselines is not None else {}
         session["baseline_time"] = time.perf_counter() - t_b
@@ -334,6 +403,8 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         t0 = time.perf_counter()
         with torch.no_grad():
             metrics = {**_losses(setup, x, y), **(setup.evaluate(x, y) if setup.evaluate else {})}
+        star = record["step"] == steps or not setup.lower_star_final_only
+        metrics.update(lower_optimality(setup, x, y, lower_star=star))
         session["eval_time"] += time.perf_counter() - t0
         counts = dict(state["counts"].flat())
         diag = {k: v for k, v in record.items()
@@ -348,7 +419,6 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         return rec
 
     def save_checkpoint() -> None:
-        ckpt_file.parent.mkdir(exist_ok=True)
         session_now = {**session, "wall_time": session["wall_time"] + time.perf_counter() - wall0}
         blob = {
             "experiment": exp.name, "step": int(state["t"]), "state": state,
@@ -357,9 +427,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
             "stateful": {k: obj.state_dict() for k, obj in setup.stateful.items()},
             "rng": _rng_state(), "extras": extras, "session": session_now,
         }
-        tmp = ckpt_file.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, ckpt_file)
+        CK.save(ckpt_dir, blob)
 
     from ..formulation import Bound  # local: only to unflatten the start point for the step-0 record
 
@@ -411,10 +479,25 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         return RunResult(path, False, last, extras, info)
     trace = load_trace(path)
     final = trace[-1] if trace else {}
+    g_star = None
+    if setup.lower_star is not None and isinstance(final.get("lower_gap"), (int, float)):
+        g_star = float(final["lower_loss"]) - float(final["lower_gap"])
+    verdict = lower_verdict(trace, final, float(cfg.get("lower_tol", 1e-2)), g_star)
+    info["lower"] = verdict
+    if "solver" in setup.info:
+        info["solver"] = setup.info["solver"]
+    info["unused_keys"] = sorted(setup.unused)
     summary = exp.summarize(cfg, final, extras, info)
-    (path / "summary.md").write_text(summary, encoding="utf-8")
+    if "solver" in setup.info and setup.info["solver"] not in summary:
+        summary += f"\nsolver: {setup.info['solver']}\n"
+    if setup.unused:
+        summary += f"\nconfig keys not used by this solver: {', '.join(sorted(setup.unused))}\n"
+    summary += lower_line(verdict)
+    CK.write_text(path / "summary.md", summary)
     _write_json(path / "result.json", {"completed": True, "final": final, "extras": extras, "info": info,
                                        "setup": setup.info, "plot_metrics": plot_metrics})
+    if echo and verdict.get("solved") is False:
+        echo(f"warning: the lower level is not solved at the end ({verdict['criterion']})")
     if echo:
         echo(summary)
         echo(f"run folder: {path}")
@@ -456,7 +539,7 @@ def _run_table(
             sub_dir.mkdir(parents=True, exist_ok=True)
             _write_json(sub_dir / "run.json", {"experiment": sr.experiment, "kind": "single",
                                                "label": sr.label, "table": exp.name})
-            (sub_dir / "config.toml").write_text(C.dumps(sub_cfg), encoding="utf-8")
+            CK.write_text(sub_dir / "config.toml", C.dumps(sub_cfg))
         r = _run_single(sub_exp, sub_cfg, sub_dir, resume=resuming, stop_after=stop_after,
                         progress=progress, plots=False, echo=None,
                         label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}")
@@ -470,7 +553,7 @@ def _run_table(
                               if isinstance(r.final.get(c), float))
             echo(f"  {sr.label} (seed {sr.seed}): {shown}  [{r.info['wall_time_s']:.1f} s]")
     summary = exp.summarize_table(cfg, results)
-    (path / "summary.md").write_text(summary, encoding="utf-8")
+    CK.write_text(path / "summary.md", summary)
     info = {"runs": len(results), "wall_time_s": time.perf_counter() - wall0}
     _write_json(path / "result.json", {"completed": True, "info": info,
                                        "runs": [{"label": r.run.label, "seed": r.run.seed,
