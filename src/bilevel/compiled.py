@@ -181,6 +181,18 @@ class Compiled:
             raise AttributeError(name)
         return getattr(self.estimator, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # e.g. a solver attaching the problem's projection to ``inner`` of its copy
+        if name == "estimator":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.estimator, name, value)
+
+    def __copy__(self) -> Compiled:
+        import copy
+
+        return Compiled(copy.copy(self.estimator))
+
     def __repr__(self) -> str:
         return f"compile({self.estimator!r})"
 
