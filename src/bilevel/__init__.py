@@ -10,7 +10,7 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, data, hypergrad, inner, linalg, oracles, solvers
+from . import closed_form, data, distributed, hypergrad, inner, linalg, oracles, solvers
 from .errors import (
     BilevelError,
     ConfigError,
@@ -35,6 +35,7 @@ __all__ = [
     "inner",
     "linalg",
     "oracles",
+    "distributed",
     "closed_form",
     "BilevelError",
     "ConfigError",

@@ -13,6 +13,12 @@ flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy
 
 Sample-gradient accounting: inside ``with counting() as c:`` every oracle call adds the batch
 size of its objective to ``c[level][kind]`` (kinds: value, grad, hvp, cross).
+
+Data parallelism (:mod:`bilevel.distributed`): inside ``with reducing(r):`` every result of an
+objective whose data are sharded is replaced by ``r.reduce(fn, leaves)`` — the union's result, one
+flat all-reduce per oracle call (:func:`_reduce`, the only hook). Derivatives taken outside this
+module through reduced results (the reverse sweep of unrolled differentiation) start from
+:func:`objective` and end with :func:`rank_mean`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ __all__ = [
     "cross",
     "hvp_and_cross",
     "grad_y_fn",
+    "reducing",
+    "objective",
+    "rank_mean",
 ]
 
 Fn = Callable[[T.Leaves, T.Leaves], Tensor]
@@ -71,6 +80,48 @@ def counting(counts: OracleCounts | None = None) -> Iterator[OracleCounts]:
         yield c
     finally:
         _ACTIVE.reset(token)
+
+
+_REDUCER: ContextVar = ContextVar("bilevel_reducer", default=None)
+
+
+@contextmanager
+def reducing(reducer) -> Iterator:
+    """Reduce oracle results over ranks with ``reducer`` inside the block (see
+    :func:`bilevel.distributed.distributed`, which is how users enter it)."""
+    token = _REDUCER.set(reducer)
+    try:
+        yield reducer
+    finally:
+        _REDUCER.reset(token)
+
+
+def _reduce(fn: Fn, *parts):
+    """The union's values of per-rank results ``parts`` of fn (tensors or tuples of leaves), in
+    one flat all-reduce; unchanged without a process group or when fn's data are not sharded."""
+    r = _REDUCER.get()
+    if r is None or not r.applies(fn):
+        return parts if len(parts) > 1 else parts[0]
+    flat = [(p,) if isinstance(p, Tensor) else tuple(p) for p in parts]
+    out = iter(r.reduce(fn, [t for p in flat for t in p]))
+    res = tuple(next(out) if isinstance(p, Tensor) else tuple(next(out) for _ in p) for p in parts)
+    return res if len(parts) > 1 else res[0]
+
+
+def objective(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
+    """fn(xs, ys) with its graph, as the union's value when fn's data are sharded. Start of a
+    derivative taken outside this module (e.g. f at the end of an unrolled graph); finish it
+    with :func:`rank_mean`."""
+    return _reduce(fn, fn(xs, ys))
+
+
+def rank_mean(leaves: T.Leaves) -> T.Leaves:
+    """Derivatives of an :func:`objective` w.r.t. variables held by every rank, taken through
+    graphs of reduced results, are per-rank shares: their mean over ranks is the derivative.
+    (Each rank seeds the replicated loss with 1 and the backward of each reduction all-reduces
+    the adjoint, so the shares sum to world-size times the derivative.) Identity without a group."""
+    r = _REDUCER.get()
+    return tuple(leaves) if r is None else r.mean(tuple(leaves))
 
 
 def _record(fn: Fn, *kinds: str, times: int = 1) -> None:
@@ -124,7 +175,7 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
     """f(x, y) without building a graph."""
     _record(fn, "value")
     with torch.no_grad():
-        return fn(xs, ys)
+        return _reduce(fn, fn(xs, ys))
 
 
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
@@ -133,9 +184,9 @@ def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) ->
     with torch.enable_grad():
         if create_graph:
             ys_ = _diffable(ys)
-            return _grad(fn(xs, ys_), ys_, create_graph=True)
+            return _reduce(fn, _grad(fn(xs, ys_), ys_, create_graph=True))
         ys_ = T.requires_grad(ys)
-        return _grad(fn(T.detach(xs), ys_), ys_)
+        return _reduce(fn, _grad(fn(T.detach(xs), ys_), ys_))
 
 
 def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
@@ -143,7 +194,7 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
     _record(fn, "grad")
     with torch.enable_grad():
         xs_ = T.requires_grad(xs)
-        return _grad(fn(xs_, T.detach(ys)), xs_)
+        return _reduce(fn, _grad(fn(xs_, T.detach(ys)), xs_))
 
 
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
@@ -153,7 +204,7 @@ def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leave
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         val = fn(xs_, ys_)
         g = _grad(val, xs_ + ys_)
-    return val.detach(), g[: len(xs)], g[len(xs) :]
+    return _reduce(fn, val.detach(), g[: len(xs)], g[len(xs) :])
 
 
 class Linearization:
@@ -170,26 +221,51 @@ class Linearization:
         with torch.enable_grad():
             self.xs = T.requires_grad(xs)
             self.ys = T.requires_grad(ys)
-            self.value = fn(self.xs, self.ys)
-            self._gy = _grad(self.value, self.ys, create_graph=True)
-        self.value = self.value.detach()
-        self.grad_y = T.detach(self._gy)
+            value = fn(self.xs, self.ys)
+            self._gy = _grad(value, self.ys, create_graph=True)
+        # (value, ∇_y g) as computed here; reduced over ranks lazily, riding along with the
+        # first product's all-reduce when data are sharded (see _reduce)
+        self._pending: tuple | None = (value.detach(), T.detach(self._gy))
+        self._value, self._grad_y = self._pending
+
+    def _out(self, *parts):
+        """Reduce products (and the pending value / ∇_y g, fused into the same all-reduce)."""
+        if self._pending is None or _REDUCER.get() is None:
+            return _reduce(self.fn, *parts) if len(parts) > 1 else _reduce(self.fn, parts[0])
+        res = _reduce(self.fn, *self._pending, *parts)
+        self._value, self._grad_y = res[0], res[1]
+        self._pending = None
+        return res[2:] if len(parts) > 1 else res[2]
+
+    @property
+    def value(self) -> Tensor:
+        """g(x, y)."""
+        if self._pending is not None and _REDUCER.get() is not None:
+            self._value, self._grad_y = _reduce(self.fn, *self._pending)
+            self._pending = None
+        return self._value
+
+    @property
+    def grad_y(self) -> T.Leaves:
+        """∇_y g(x, y) (detached)."""
+        self.value  # noqa: B018  (reduces the pending pair once)
+        return self._grad_y
 
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
         _record(self.fn, "hvp")
-        return _grad(self._gy, self.ys, v, retain_graph=True)
+        return self._out(_grad(self._gy, self.ys, v, retain_graph=True))
 
     def cross(self, v: T.Leaves) -> T.Leaves:
         """J^T v = ∇²_xy g · v (shape of x)."""
         _record(self.fn, "cross")
-        return _grad(self._gy, self.xs, v, retain_graph=True)
+        return self._out(_grad(self._gy, self.xs, v, retain_graph=True))
 
     def both(self, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
-        """(H v, J^T v) from a single backward pass."""
+        """(H v, J^T v) from a single backward pass (and, data-parallel, one all-reduce)."""
         _record(self.fn, "hvp", "cross")
         g = _grad(self._gy, self.xs + self.ys, v, retain_graph=True)
-        return g[len(self.xs) :], g[: len(self.xs)]
+        return self._out(g[len(self.xs) :], g[: len(self.xs)])
 
     def cross_t(self, u: T.Leaves) -> T.Leaves:
         """J u = ∇²_yx g · u (shape of y), the transpose of :meth:`cross`: the derivative of ∇_y g
@@ -198,7 +274,7 @@ class Linearization:
         with torch.enable_grad():
             w = tuple(torch.zeros_like(t).requires_grad_(True) for t in self.ys)
             jtw = _grad(self._gy, self.xs, w, create_graph=True, retain_graph=True)
-            return T.detach(_grad(jtw, w, u, retain_graph=True))
+            return self._out(T.detach(_grad(jtw, w, u, retain_graph=True)))
 
 
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
@@ -218,4 +294,7 @@ def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Le
 
 def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:
     """∇_y fn as a pure ``torch.func`` function, composable with ``jvp`` and ``vmap``."""
-    return torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)
+    gfun = torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)
+    if _REDUCER.get() is None:
+        return gfun
+    return lambda xs, ys: _reduce(fn, gfun(xs, ys))
