@@ -63,6 +63,8 @@ __all__ = [
     "all_mean",
     "barrier",
     "DistributedError",
+    "spawn",
+    "free_port",
 ]
 
 #: default seconds before a collective that waits on a dead or hung rank fails
@@ -282,6 +284,89 @@ def barrier(timeout: float = DEFAULT_TIMEOUT) -> None:
             dist.barrier()
     except RuntimeError as e:
         raise DistributedError(f"barrier failed on rank {rank()}: {str(e)[:300]}") from e
+
+
+# --- local launcher (tests, benchmarks, `bilevel run --nproc N`) ------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the rendezvous of a local launch)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn_entry(rank: int, world: int, port: int, fn: Any, args: tuple, outdir: str,
+                 backend: str, timeout: float) -> None:
+    import traceback
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        init(backend, timeout=timeout)
+        res = fn(*args)
+        torch.save(res, os.path.join(outdir, f"{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(outdir, f"{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise SystemExit(1) from None
+    finally:
+        shutdown()
+
+
+def spawn(fn: Any, nprocs: int = 2, args: tuple = (), *, backend: str | None = None,
+          timeout: float = DEFAULT_TIMEOUT, wall: float | None = None,
+          start_method: str | None = None) -> list[Any]:
+    """Run ``fn(*args)`` on ``nprocs`` local processes joined in a process group (rendezvous on
+    127.0.0.1, a free port); return the per-rank results. ``timeout`` is the process group's
+    collective timeout; ``wall`` (default ``4 * timeout``) bounds the whole launch. If any rank
+    fails, the others are given
+    ``timeout`` (+1) seconds to fail too, then killed, and :class:`DistributedError` reports every
+    rank's error. ``start_method``: "fork" where available and CUDA is not initialized (no
+    re-import: fast), else "spawn" (then ``fn`` must be importable)."""
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    wall = 4 * timeout if wall is None else wall
+    if start_method is None:
+        fork_ok = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+        start_method = "fork" if fork_ok else "spawn"
+    ctx = mp.get_context(start_method)
+    with tempfile.TemporaryDirectory(prefix="bilevel-spawn-") as outdir:
+        port = free_port()
+        procs = [ctx.Process(target=_spawn_entry,
+                             args=(r, nprocs, port, fn, args, outdir, backend, timeout))
+                 for r in range(nprocs)]
+        for p in procs:
+            p.start()
+        t0, first_fail = time.monotonic(), None
+        while any(p.is_alive() for p in procs):
+            now = time.monotonic()
+            if first_fail is None and any(p.exitcode not in (None, 0) for p in procs):
+                first_fail = now
+            if now - t0 > wall or (first_fail is not None and now - first_fail > timeout + 1):
+                break
+            time.sleep(0.05)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        errors = {}
+        for r, p in enumerate(procs):
+            err = os.path.join(outdir, f"{r}.err")
+            if os.path.exists(err):
+                with open(err) as f:
+                    errors[r] = f.read()
+            elif p.exitcode != 0:
+                errors[r] = f"exit code {p.exitcode} (killed or died without a Python error)"
+        if errors:
+            lines = "\n".join(f"--- rank {r}:\n{e.strip()}" for r, e in sorted(errors.items()))
+            raise DistributedError(f"{len(errors)} of {nprocs} ranks failed:\n{lines}")
+        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)
+                for r in range(nprocs)]
 
 
 class _CallableModule(type(os)):
