@@ -10,7 +10,7 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, data, distributed, hypergrad, inner, linalg, oracles, solvers
+from . import closed_form, data, distributed, hypergrad, inner, linalg, oracles, precision, solvers
 from .errors import (
     BilevelError,
     ConfigError,
@@ -36,6 +36,7 @@ __all__ = [
     "linalg",
     "oracles",
     "distributed",
+    "precision",
     "closed_form",
     "BilevelError",
     "ConfigError",
