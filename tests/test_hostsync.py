@@ -7,7 +7,7 @@ import torch
 
 import bilevel as bl
 from bilevel import hostsync
-from bilevel.data import Minibatches
+from bilevel.sampling import Minibatches
 from bilevel.solvers.base import Solver
 from tests.distributed import workers as W
 

@@ -10,7 +10,22 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, data, distributed, hypergrad, inner, linalg, oracles, precision, solvers
+from . import (
+    closed_form,
+    compiled,
+    datasets,
+    distributed,
+    estimates,
+    hypergrad,
+    inner,
+    linalg,
+    oracles,
+    precision,
+    problems,
+    sampling,
+    solvers,
+)
+from .compiled import compile
 from .errors import (
     BilevelError,
     ConfigError,
@@ -19,7 +34,7 @@ from .errors import (
     NonScalarObjectiveError,
     StructureMismatchError,
 )
-from .problem import Problem, params
+from .formulation import Problem, params
 from .solvers import SolveResult, solve
 
 __version__ = "0.1.0"
@@ -30,7 +45,10 @@ __all__ = [
     "solve",
     "SolveResult",
     "solvers",
-    "data",
+    "sampling",
+    "estimates",
+    "problems",
+    "datasets",
     "hypergrad",
     "inner",
     "linalg",
@@ -38,6 +56,8 @@ __all__ = [
     "distributed",
     "precision",
     "closed_form",
+    "compile",
+    "compiled",
     "BilevelError",
     "ConfigError",
     "LinearSolveError",

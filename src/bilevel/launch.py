@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .data import FixedBatches, FullBatch, Minibatches, Sampler
 from .errors import ConfigError
+from .sampling import FixedBatches, FullBatch, Minibatches, Sampler
 
 __all__ = ["shard_sampler", "shard_setup", "in_launch", "launch_cli", "run_rank", "strip_nproc"]
 

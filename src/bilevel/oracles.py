@@ -1,6 +1,6 @@
 """First- and second-order oracles on flat leaves. Nothing else in the package differentiates twice.
 
-Notation: g(x, y) an objective (an :class:`~bilevel.problem.Objective` or any scalar function of
+Notation: g(x, y) an objective (an :class:`~bilevel.formulation.Objective` or any scalar function of
 flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy g · v = ∂_x <∇_y g, v>.
 
 * :func:`grads` — value, ∇_x and ∇_y from one backward pass.
@@ -10,15 +10,26 @@ flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy
   point use it.
 * :func:`hvp_and_cross` — one-shot H v and J^T v (stochastic algorithms, fresh batch per call).
 * :func:`grad_y_fn` — a ``torch.func`` version of ∇_y g for forward-mode (jvp) and vmap.
+* :func:`value_and_grad` — the gradient of any function of leaves (the outer derivative of an
+  unrolled map), in either backend.
+
+Backends (one switch for every algorithm): ``"autograd"`` (default; tape-based
+``torch.autograd.grad``, the fastest eager path) and ``"func"`` (pure ``torch.func``: ``grad`` for
+gradients, ``vjp`` of the gradient for H v and J^T v). Inside ``with backend("func"):`` every
+oracle is a pure function of its inputs, so the same algorithm code runs under ``torch.func.vmap``
+(e.g. over tasks) and is captured whole by ``torch.compile(fullgraph=True)`` (double backward
+through ``torch.autograd.grad`` cannot be compiled). ``with backend("compiled"):`` runs each oracle
+as a cached compiled kernel (``torch.compile``) of its ``"func"`` form (:mod:`bilevel.compiled`).
 
 Sample-gradient accounting: inside ``with counting() as c:`` every oracle call adds the batch
 size of its objective to ``c[level][kind]`` (kinds: value, grad, hvp, cross).
 
 Data parallelism (:mod:`bilevel.distributed`): inside ``with reducing(r):`` every result of an
-objective whose data are sharded is replaced by ``r.reduce(fn, leaves)`` — the union's result, one
-flat all-reduce per oracle call (:func:`_reduce`, the only hook). Derivatives taken outside this
-module through reduced results (the reverse sweep of unrolled differentiation) start from
-:func:`objective` and end with :func:`rank_mean`.
+objective whose data are sharded is replaced by the union's result, one flat all-reduce per oracle
+call, whatever the backend (:func:`_reduce`, the only hook; a Linearization's ∇_y g rides along
+with its first product). Derivatives taken outside this module through reduced results (the
+reverse sweep of unrolled differentiation) start from :func:`objective` and end with
+:func:`rank_mean`.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +45,9 @@ from torch import Tensor
 from . import _tree as T
 
 __all__ = [
+    "backend",
+    "get_backend",
+    "BACKENDS",
     "counting",
     "record",
     "OracleCounts",
@@ -45,6 +60,7 @@ __all__ = [
     "cross",
     "hvp_and_cross",
     "grad_y_fn",
+    "value_and_grad",
     "reducing",
     "objective",
     "rank_mean",
@@ -82,13 +98,47 @@ def counting(counts: OracleCounts | None = None) -> Iterator[OracleCounts]:
         _ACTIVE.reset(token)
 
 
-_REDUCER: ContextVar = ContextVar("bilevel_reducer", default=None)
+BACKENDS = ("autograd", "func", "compiled")
+_BACKEND: ContextVar[str] = ContextVar("bilevel_oracle_backend", default="autograd")
 
 
 @contextmanager
-def reducing(reducer) -> Iterator:
-    """Reduce oracle results over ranks with ``reducer`` inside the block (see
-    :func:`bilevel.distributed.distributed`, which is how users enter it)."""
+def backend(name: str) -> Iterator[str]:
+    """Run the oracles inside the block with backend ``name`` (one of :data:`BACKENDS`)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown oracle backend {name!r}; choose one of {BACKENDS}")
+    token = _BACKEND.set(name)
+    try:
+        yield name
+    finally:
+        _BACKEND.reset(token)
+
+
+def get_backend() -> str:
+    """The oracle backend in effect (``"autograd"`` unless inside :func:`backend`)."""
+    return _BACKEND.get()
+
+
+def _functional() -> bool:
+    return _BACKEND.get() != "autograd"
+
+
+def _kernel(kind: str, fn: Fn):
+    """The compiled kernel for ``kind`` when the compiled backend is on (else None)."""
+    if _BACKEND.get() != "compiled" or torch.compiler.is_compiling():
+        return None
+    from .compiled import oracle_kernel
+
+    return oracle_kernel(kind, fn)
+
+
+_REDUCER: ContextVar[Any] = ContextVar("bilevel_reducer", default=None)
+
+
+@contextmanager
+def reducing(reducer: Any) -> Iterator[Any]:
+    """Reduce oracle results over ranks with ``reducer`` inside the block (users enter it with
+    :func:`bilevel.distributed.distributed`)."""
     token = _REDUCER.set(reducer)
     try:
         yield reducer
@@ -96,12 +146,15 @@ def reducing(reducer) -> Iterator:
         _REDUCER.reset(token)
 
 
-def _reduce(fn: Fn, *parts):
+def _reduce(fn: Fn, *parts: Any) -> Any:
     """The union's values of per-rank results ``parts`` of fn (tensors or tuples of leaves), in
     one flat all-reduce; unchanged without a process group or when fn's data are not sharded."""
     r = _REDUCER.get()
     if r is None or not r.applies(fn):
         return parts if len(parts) > 1 else parts[0]
+    if torch.compiler.is_compiling():
+        raise RuntimeError("data-parallel oracles cannot run inside a compiled region (use the "
+                           "'compiled' oracle backend: kernels are compiled, reductions are not)")
     flat = [(p,) if isinstance(p, Tensor) else tuple(p) for p in parts]
     out = iter(r.reduce(fn, [t for p in flat for t in p]))
     res = tuple(next(out) if isinstance(p, Tensor) else tuple(next(out) for _ in p) for p in parts)
@@ -125,6 +178,8 @@ def rank_mean(leaves: T.Leaves) -> T.Leaves:
 
 
 def _record(fn: Fn, *kinds: str, times: int = 1) -> None:
+    if torch.compiler.is_compiling():  # counted by the caller of a compiled region
+        return
     c = _ACTIVE.get()
     if c is not None:
         level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
@@ -174,6 +229,9 @@ def _diffable(ts: T.Leaves) -> T.Leaves:
 def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
     """f(x, y) without building a graph."""
     _record(fn, "value")
+    k = _kernel("value", fn)
+    if k is not None:
+        return _reduce(fn, k(xs, ys))
     with torch.no_grad():
         return _reduce(fn, fn(xs, ys))
 
@@ -181,6 +239,13 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
     """∇_y fn(x, y). With ``create_graph`` the result stays differentiable in (x, y) (unrolling)."""
     _record(fn, "grad")
+    k = _kernel("grad_y_graph" if create_graph else "grad_y", fn)
+    if k is not None:
+        return _reduce(fn, k(xs, ys))
+    if _functional():
+        if not create_graph:
+            xs, ys = T.detach(xs), T.detach(ys)
+        return _reduce(fn, f_grad_y(fn, xs, ys))
     with torch.enable_grad():
         if create_graph:
             ys_ = _diffable(ys)
@@ -192,6 +257,11 @@ def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) ->
 def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
     """∇_x fn(x, y) at fixed y."""
     _record(fn, "grad")
+    k = _kernel("grad_x", fn)
+    if k is not None:
+        return _reduce(fn, k(xs, ys))
+    if _functional():
+        return _reduce(fn, f_grad_x(fn, T.detach(xs), T.detach(ys)))
     with torch.enable_grad():
         xs_ = T.requires_grad(xs)
         return _reduce(fn, _grad(fn(xs_, T.detach(ys)), xs_))
@@ -200,6 +270,11 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
     """(value, ∇_x fn, ∇_y fn) from one backward pass."""
     _record(fn, "grad")
+    k = _kernel("grads", fn)
+    if k is not None:
+        return _reduce(fn, *k(xs, ys))
+    if _functional():
+        return _reduce(fn, *f_grads(fn, T.detach(xs), T.detach(ys)))
     with torch.enable_grad():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         val = fn(xs_, ys_)
@@ -212,58 +287,90 @@ class Linearization:
 
     Building it costs one gradient; each :meth:`hvp`, :meth:`cross` or :meth:`both` then costs one
     backward through the stored graph (about one gradient), instead of the two passes of a fresh
-    reverse-over-reverse HVP.
+    reverse-over-reverse HVP. With the ``"func"`` backend the graph is a ``torch.func.vjp`` of
+    ∇_y g (pure, vmap-able); with ``"compiled"`` every product is one compiled kernel.
     """
 
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
         _record(fn, "grad")
+        self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
+        if self._mode == "compiled":
+            self.xs, self.ys = T.detach(xs), T.detach(ys)
+            self._set(*_kernel("value_grad_y", fn)(self.xs, self.ys))
+            return
+        if self._mode == "func":
+            self.xs, self.ys = T.detach(xs), T.detach(ys)
+
+            def gy_val(a: T.Leaves, b: T.Leaves) -> tuple[T.Leaves, Tensor]:
+                g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
+                return g, val
+
+            grad_y, self._vjp, value = torch.func.vjp(gy_val, self.xs, self.ys, has_aux=True)
+            self._set(value, grad_y)
+            return
         with torch.enable_grad():
             self.xs = T.requires_grad(xs)
             self.ys = T.requires_grad(ys)
             value = fn(self.xs, self.ys)
             self._gy = _grad(value, self.ys, create_graph=True)
-        # (value, ∇_y g) as computed here; reduced over ranks lazily, riding along with the
-        # first product's all-reduce when data are sharded (see _reduce)
-        self._pending: tuple | None = (value.detach(), T.detach(self._gy))
-        self._value, self._grad_y = self._pending
+        self._set(value.detach(), T.detach(self._gy))
 
-    def _out(self, *parts):
-        """Reduce products (and the pending value / ∇_y g, fused into the same all-reduce)."""
-        if self._pending is None or _REDUCER.get() is None:
-            return _reduce(self.fn, *parts) if len(parts) > 1 else _reduce(self.fn, parts[0])
-        res = _reduce(self.fn, *self._pending, *parts)
+    def _set(self, value: Tensor, grad_y: T.Leaves) -> None:
+        # (value, ∇_y g) as computed on this rank; data-parallel, they are reduced lazily,
+        # riding along with the first product's all-reduce (see _out)
+        self._value, self._grad_y = value, tuple(grad_y)
+        self._pending = _REDUCER.get() is not None
+
+    def _out(self, *parts: Any) -> Any:
+        """Reduce products (fusing the pending value and ∇_y g into the same all-reduce)."""
+        if not self._pending:
+            return _reduce(self.fn, *parts)
+        self._pending = False
+        res = _reduce(self.fn, self._value, self._grad_y, *parts)
         self._value, self._grad_y = res[0], res[1]
-        self._pending = None
         return res[2:] if len(parts) > 1 else res[2]
 
     @property
     def value(self) -> Tensor:
         """g(x, y)."""
-        if self._pending is not None and _REDUCER.get() is not None:
-            self._value, self._grad_y = _reduce(self.fn, *self._pending)
-            self._pending = None
+        if self._pending:
+            self._pending = False
+            self._value, self._grad_y = _reduce(self.fn, self._value, self._grad_y)
         return self._value
 
     @property
     def grad_y(self) -> T.Leaves:
         """∇_y g(x, y) (detached)."""
-        self.value  # noqa: B018  (reduces the pending pair once)
+        self.value  # noqa: B018 - reduces the pending pair once
         return self._grad_y
 
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
         _record(self.fn, "hvp")
+        if self._mode == "compiled":
+            return self._out(_kernel("hvp", self.fn)(self.xs, self.ys, v))
+        if self._mode == "func":
+            return self._out(self._vjp(tuple(v))[1])
         return self._out(_grad(self._gy, self.ys, v, retain_graph=True))
 
     def cross(self, v: T.Leaves) -> T.Leaves:
         """J^T v = ∇²_xy g · v (shape of x)."""
         _record(self.fn, "cross")
+        if self._mode == "compiled":
+            return self._out(_kernel("cross", self.fn)(self.xs, self.ys, v))
+        if self._mode == "func":
+            return self._out(self._vjp(tuple(v))[0])
         return self._out(_grad(self._gy, self.xs, v, retain_graph=True))
 
     def both(self, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
         """(H v, J^T v) from a single backward pass (and, data-parallel, one all-reduce)."""
         _record(self.fn, "hvp", "cross")
+        if self._mode == "compiled":
+            return self._out(*_kernel("both", self.fn)(self.xs, self.ys, v))
+        if self._mode == "func":
+            jt, hv = self._vjp(tuple(v))
+            return self._out(hv, jt)
         g = _grad(self._gy, self.xs + self.ys, v, retain_graph=True)
         return self._out(g[len(self.xs) :], g[: len(self.xs)])
 
@@ -271,6 +378,8 @@ class Linearization:
         """J u = ∇²_yx g · u (shape of y), the transpose of :meth:`cross`: the derivative of ∇_y g
         along an x-direction u (double backward: J u = ∂_w <∂_x <∇_y g, w>, u>). Counted as a cross."""
         _record(self.fn, "cross")
+        if self._mode != "autograd":
+            return self._out(f_cross_t(self.fn, self.xs, self.ys, tuple(u)))
         with torch.enable_grad():
             w = tuple(torch.zeros_like(t).requires_grad_(True) for t in self.ys)
             jtw = _grad(self._gy, self.xs, w, create_graph=True, retain_graph=True)
@@ -279,17 +388,106 @@ class Linearization:
 
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot H v (reverse-over-reverse)."""
+    if _functional():
+        _record(fn, "grad", "hvp")
+        k = _kernel("hvp", fn)
+        return _reduce(fn, k(xs, ys, v) if k is not None
+                       else f_hvp(fn, T.detach(xs), T.detach(ys), tuple(v)))
     return Linearization(fn, xs, ys).hvp(v)
 
 
 def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot J^T v = ∇²_xy g · v."""
+    if _functional():
+        _record(fn, "grad", "cross")
+        k = _kernel("cross", fn)
+        return _reduce(fn, k(xs, ys, v) if k is not None
+                       else f_cross(fn, T.detach(xs), T.detach(ys), tuple(v)))
     return Linearization(fn, xs, ys).cross(v)
 
 
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
     """One-shot (H v, J^T v): one gradient with graph plus one backward for both products."""
     return Linearization(fn, xs, ys).both(v)
+
+
+def value_and_grad(
+    fun: Callable[..., Any], args: T.Leaves, *, has_aux: bool = False
+) -> tuple[T.Leaves, Any]:
+    """Gradient of a scalar function of flat leaves: returns ``(∇fun(args), out)`` where ``out``
+    is fun's value (``(value, aux)`` with ``has_aux``; value and aux detached). With the
+    ``"autograd"`` backend it records a tape and calls ``torch.autograd.grad`` (so ``fun`` may
+    itself build graphs with ``create_graph`` oracles — reverse-mode unrolling); otherwise it is
+    ``torch.func.grad_and_value`` (composable with vmap / torch.compile)."""
+    if _functional():
+        g, out = torch.func.grad_and_value(lambda *a: fun(tuple(a)), argnums=tuple(
+            range(len(args))), has_aux=has_aux)(*args)
+        return tuple(g), out
+    with torch.enable_grad():
+        a = T.requires_grad(args)
+        out = fun(a)
+        val = out[0] if has_aux else out
+        g = _grad(val, a)
+    if has_aux:
+        return g, (val.detach(), _detach_tree(out[1]))
+    return g, val.detach()
+
+
+def _detach_tree(obj: Any) -> Any:
+    return torch.utils._pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
+
+
+# --- the pure torch.func forms (what the "func" and "compiled" backends run) ------------------
+
+
+def f_grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
+    """∇_y fn as ``torch.func.grad`` (pure; differentiable by enclosing transforms)."""
+    return tuple(torch.func.grad(fn, argnums=1)(tuple(xs), tuple(ys)))
+
+
+def f_grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
+    """∇_x fn as ``torch.func.grad``."""
+    return tuple(torch.func.grad(fn, argnums=0)(tuple(xs), tuple(ys)))
+
+
+def f_grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
+    """(value, ∇_x fn, ∇_y fn) from one ``torch.func.grad_and_value``."""
+    (gx, gy), val = torch.func.grad_and_value(fn, argnums=(0, 1))(tuple(xs), tuple(ys))
+    return val, tuple(gx), tuple(gy)
+
+
+def f_value_grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves]:
+    """(value, ∇_y fn)."""
+    g, val = torch.func.grad_and_value(fn, argnums=1)(tuple(xs), tuple(ys))
+    return val, tuple(g)
+
+
+def f_hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
+    """H v as the vjp of y -> ∇_y fn(x, y) (H is symmetric)."""
+    xs = tuple(xs)
+    _, pull = torch.func.vjp(lambda b: f_grad_y(fn, xs, b), tuple(ys))
+    return tuple(pull(tuple(v))[0])
+
+
+def f_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
+    """J^T v = ∇²_xy fn · v as the vjp of x -> ∇_y fn(x, y)."""
+    ys = tuple(ys)
+    _, pull = torch.func.vjp(lambda a: f_grad_y(fn, a, ys), tuple(xs))
+    return tuple(pull(tuple(v))[0])
+
+
+def f_both(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
+    """(H v, J^T v) from one vjp of (x, y) -> ∇_y fn(x, y)."""
+    _, pull = torch.func.vjp(lambda a, b: f_grad_y(fn, a, b), tuple(xs), tuple(ys))
+    jt, hv = pull(tuple(v))
+    return tuple(hv), tuple(jt)
+
+
+def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
+    """J u = ∇²_yx fn · u as the jvp of x -> ∇_y fn(x, y) along u."""
+    ys = tuple(ys)
+    return tuple(torch.func.jvp(lambda a: f_grad_y(fn, a, ys), (tuple(xs),), (tuple(u),))[1])
 
 
 def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:

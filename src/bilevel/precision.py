@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _tree as T
-from .problem import Problem
+from .formulation import Problem
 
 __all__ = ["autocast"]
 

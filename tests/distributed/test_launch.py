@@ -65,7 +65,7 @@ def test_strip_nproc_and_sampler_shards():
     import torch
 
     X = torch.arange(10.0).reshape(5, 2)
-    s = bl.data.Minibatches(X, batch_size=4, seed=0)
+    s = bl.sampling.Minibatches(X, batch_size=4, seed=0)
     s0, s1 = launch.shard_sampler(s, 0, 2), launch.shard_sampler(s, 1, 2)
     assert s0.batch_size == s1.batch_size == 2
     assert torch.equal(torch.cat([s0.tensors[0], s1.tensors[0]]), X)

@@ -10,7 +10,7 @@ import torch
 
 import bilevel as bl
 from bilevel import hypergrad as H
-from bilevel.data import Minibatches, Sampler
+from bilevel.sampling import Minibatches, Sampler
 
 D = 4  # features
 N_LOWER, N_UPPER = 41, 33  # odd sizes: the two shards differ in size (tests the weights)

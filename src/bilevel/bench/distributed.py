@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from .. import distributed as D
-from ..data import Minibatches
+from ..formulation import Problem
 from ..hypergrad import CG
 from ..inner import GD
-from ..problem import Problem
+from ..sampling import Minibatches
 from ..solvers import SOBA, solve
 from ._timing import median, one_thread
 
