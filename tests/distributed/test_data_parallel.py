@@ -41,6 +41,12 @@ def test_hypergradient_equals_single_process_on_union(ranks, union, name):
     assert ref.abs().max() > 1e-3  # the comparison is not vacuous
 
 
+def test_func_backend_is_reduced_too(ranks, union):
+    lo, up = union
+    ref = W.estimators()["CG"](W.PROBLEM, *W.start(), lower_batch=lo, upper_batch=up).grad
+    assert torch.allclose(ranks[0]["func_cg"], ref, atol=1e-10, rtol=0)
+
+
 def test_single_rank_shards_alone_differ(union):
     """Control: one rank's shard alone gives a different hypergradient (so the test above
     checks the reduction, not a problem insensitive to the data)."""

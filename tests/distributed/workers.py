@@ -119,6 +119,9 @@ def rank_all() -> dict:
     out: dict = {}
     with bl.distributed() as red:
         out["hypergradients"] = hypergradients(lo, up)
+        with bl.oracles.backend("func"):  # the torch.func backend is reduced the same way
+            x, y = start()
+            out["func_cg"] = estimators()["CG"](PROBLEM, x, y, lower_batch=lo, upper_batch=up).grad
         red.reset_stats()
         x, y = start()
         est = H.CG(bl.inner.GD(lr=0.5, steps=40), iters=8, tol=0.0)
