@@ -40,3 +40,10 @@ def test_stochastic_example_reduces_the_exact_hypergradient(capsys):
     out = _run("stochastic_soba.py", capsys)
     before, after = map(float, out.splitlines()[0].split(" -> "))
     assert after < 0.01 * before
+
+
+def test_distributed_example_matches_one_process(capsys):
+    out = _run("distributed_cg.py", capsys)
+    diff = float(re.search(r"= ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-12 and "ranks agree: True" in out
+    assert "all-reduces: 72," in out  # 50 gradients + (f, ∇f) + 20 H-products + 1 cross
