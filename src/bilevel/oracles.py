@@ -62,6 +62,7 @@ __all__ = [
     "grad_y_fn",
     "value_and_grad",
     "reducing",
+    "reduced",
     "objective",
     "rank_mean",
 ]
@@ -159,6 +160,12 @@ def _reduce(fn: Fn, *parts: Any) -> Any:
     out = iter(r.reduce(fn, [t for p in flat for t in p]))
     res = tuple(next(out) if isinstance(p, Tensor) else tuple(next(out) for _ in p) for p in parts)
     return res if len(parts) > 1 else res[0]
+
+
+def reduced(fn: Fn, *parts: Any) -> Any:
+    """The union's value of results of fn computed outside this module that are linear in fn
+    (e.g. a dense Hessian): one all-reduce when fn's data are sharded, else ``parts`` as given."""
+    return _reduce(fn, *parts)
 
 
 def objective(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:

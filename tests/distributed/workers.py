@@ -61,6 +61,8 @@ def estimators() -> dict[str, H.Estimator]:
         "Reverse-truncated-checkpointed": H.Reverse(short, truncate=8, checkpoint=True),
         "Reverse-momentum": H.Reverse(bl.inner.Momentum(lr=0.3, steps=12, momentum=0.5)),
         "Forward": H.Forward(short, chunk=2),
+        "Exact": H.Exact(gd),
+        "ClosedForm-upper-only": H.ClosedForm(lambda x: {"w": torch.tanh(x), "b": x.sum()}),
     }
 
 

@@ -130,7 +130,7 @@ class Exact(Implicit):
         def g_vec(v: torch.Tensor) -> torch.Tensor:
             return bound.G(T.detach(lin.xs), T.from_vector(v, ys))
 
-        H = torch.func.hessian(g_vec)(T.to_vector(T.detach(ys)))
+        H = O.reduced(bound.G, torch.func.hessian(g_vec)(T.to_vector(T.detach(ys))))
         v, info = linalg.dense_solve(H, T.to_vector(b))
         info["hessian_dim"] = H.shape[0]
         return T.from_vector(v, ys), info
