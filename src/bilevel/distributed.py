@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import oracles as O
+from .errors import BilevelError
 
 __all__ = [
     "distributed",
@@ -71,7 +72,7 @@ __all__ = [
 DEFAULT_TIMEOUT = 60.0
 
 
-class DistributedError(RuntimeError):
+class DistributedError(BilevelError, RuntimeError):
     """A peer rank died, hung past the timeout, or the ranks disagree."""
 
 

@@ -70,3 +70,47 @@ def test_strip_nproc_and_sampler_shards():
     assert s0.batch_size == s1.batch_size == 2
     assert torch.equal(torch.cat([s0.tensors[0], s1.tensors[0]]), X)
     assert s0.full()[0] is X  # evaluation on the union
+
+
+def _dying_rank(out, die_at):
+    """Rank 1 dies in the middle of step ``die_at`` (after checkpoints at steps 2, 4)."""
+    if die_at is not None and bl.distributed.rank() == 1:
+        import os
+
+        real = launch.shard_setup
+
+        def patched(setup):
+            setup = real(setup)
+            step = setup.solver.step
+
+            def dying(ctx, state, t):
+                if t + 1 == die_at:
+                    os._exit(9)
+                return step(ctx, state, t)
+
+            setup.solver.step = dying
+            return setup
+
+        launch.shard_setup = patched
+    return _fullbatch_rank(out)
+
+
+def test_dead_rank_keeps_the_last_checkpoint_and_resume_finishes(tmp_path):
+    one = run("hyperclean", overrides=TINY_HC, out=tmp_path / "one", plots=False, progress=False,
+              echo=None)
+    with pytest.raises(bl.distributed.DistributedError) as e:
+        bl.distributed.spawn(_dying_rank, 2, (tmp_path / "dp", 5), timeout=5)
+    assert "a peer rank died or hung" in str(e.value)
+    import torch
+
+    assert torch.load(tmp_path / "dp" / "checkpoints" / "last.pt", weights_only=False)["step"] == 4
+    bl.distributed.spawn(_resume_rank, 2, (tmp_path / "dp",), timeout=60)
+    a, b = load_trace(one.path), load_trace(tmp_path / "dp")
+    assert [r["step"] for r in b] == list(range(7))
+    for ra, rb in zip(a, b):
+        assert abs(ra["upper_loss"] - rb["upper_loss"]) <= 1e-5 * max(1.0, abs(ra["upper_loss"]))
+
+
+def _resume_rank(path):
+    return str(launch.run_rank("hyperclean", resume=path, progress=False, plots=False,
+                               echo=None).path)
