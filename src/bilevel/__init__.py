@@ -28,10 +28,14 @@ from . import (
 from .compiled import compile
 from .errors import (
     BilevelError,
+    BilevelWarning,
     ConfigError,
+    EmptyDataError,
     LinearSolveError,
+    LinearSolveWarning,
     NonFiniteError,
     NonScalarObjectiveError,
+    StartIndependenceWarning,
     StructureMismatchError,
 )
 from .formulation import Problem, params
@@ -59,9 +63,13 @@ __all__ = [
     "compile",
     "compiled",
     "BilevelError",
+    "BilevelWarning",
     "ConfigError",
+    "EmptyDataError",
     "LinearSolveError",
+    "LinearSolveWarning",
     "NonFiniteError",
     "NonScalarObjectiveError",
+    "StartIndependenceWarning",
     "StructureMismatchError",
 ]
