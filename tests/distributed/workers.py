@@ -112,6 +112,33 @@ def stochastic_runs(lower_data, upper_data, steps: int = 200) -> dict[str, tuple
     return out
 
 
+def _sum_lower(x, y, batch):
+    A, b = batch
+    return (x.exp().sum() * (A @ y - b) ** 2).sum() + (y ** 2).sum()
+
+
+SUM_PROBLEM = bl.Problem(_sum_lower, _sum_lower)
+
+
+def sum_oracles(lo, sharded: bool):
+    """(value, ∇_x, ∇_y) and H v of a *sum* objective: with reduction="sum" the ranks' results
+    add up; its data-independent term ‖y‖² is then counted once per rank (documented)."""
+    from bilevel.formulation import Bound
+
+    x, y = torch.full((D,), -1.0, dtype=torch.float64), torch.ones(D, dtype=torch.float64)
+    G = Bound(SUM_PROBLEM, x, y, lower_batch=lo).G
+    with bl.distributed(reduction="sum") if sharded else _nothing():
+        return bl.oracles.grads(G, (x,), (y,)), bl.oracles.hvp(G, (x,), (y,), (y,))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
 # --- per-rank entry points --------------------------------------------------------------------
 def rank_all() -> dict:
     """Everything the equality tests need, from one launch (keeps the suite fast)."""
@@ -124,6 +151,7 @@ def rank_all() -> dict:
         with bl.oracles.backend("func"):  # the torch.func backend is reduced the same way
             x, y = start()
             out["func_cg"] = estimators()["CG"](PROBLEM, x, y, lower_batch=lo, upper_batch=up).grad
+        out["sum"] = sum_oracles(lo, True)
         red.reset_stats()
         x, y = start()
         est = H.CG(bl.inner.GD(lr=0.5, steps=40), iters=8, tol=0.0)
