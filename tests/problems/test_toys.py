@@ -104,5 +104,5 @@ def test_toy_helpers():
     assert pickle.loads(pickle.dumps(toy.x_bounds)) == toy.x_bounds  # checkpoint-friendly
     x, y = llc_toy().start(y0=(torch.ones(50, dtype=F64), torch.zeros(50, dtype=F64)))
     assert float(y[0].sum()) == 50.0
-    assert set(TOYS) == {"nonconvex", "llc", "quadratic"}
+    assert set(TOYS) == {"nonconvex", "llc", "quadratic", "stackelberg"}
     assert all(t().problem.f(*t().start()).dtype == F64 for t in TOYS.values())

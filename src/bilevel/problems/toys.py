@@ -234,3 +234,8 @@ TOYS: dict[str, Callable[..., Toy]] = {
     "llc": llc_toy,
     "quadratic": quadratic_toy,
 }
+
+# survey formulations with closed-form solutions (issue 13); imported here so `toy` runs them too
+from .stackelberg import stackelberg_duopoly  # noqa: E402
+
+TOYS["stackelberg"] = stackelberg_duopoly
