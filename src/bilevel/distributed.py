@@ -321,10 +321,10 @@ def spawn(fn: Any, nprocs: int = 2, args: tuple = (), *, backend: str | None = N
     """Run ``fn(*args)`` on ``nprocs`` local processes joined in a process group (rendezvous on
     127.0.0.1, a free port); return the per-rank results. ``timeout`` is the process group's
     collective timeout; ``wall`` (default ``4 * timeout``) bounds the whole launch. If any rank
-    fails, the others are given
-    ``timeout`` (+1) seconds to fail too, then killed, and :class:`DistributedError` reports every
-    rank's error. ``start_method``: "fork" where available and CUDA is not initialized (no
-    re-import: fast), else "spawn" (then ``fn`` must be importable)."""
+    fails, the others are given ``timeout`` (+1) seconds to fail too, then killed, and
+    :class:`DistributedError` reports every rank's error. ``start_method``: "fork" where
+    available and CUDA is not initialized (no re-import: fast), else "spawn" (then ``fn`` must
+    be importable)."""
     import tempfile
     import time
 
