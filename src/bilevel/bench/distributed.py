@@ -11,8 +11,10 @@ processes (gloo, ``bl.distributed``, data split in contiguous shards):
 * ``soba`` — one SOBA step on a global minibatch (split over the ranks).
 
 Launches alternate 1, P, 1, P, ... (interleaved); the table reports medians of the per-step times
-over all launches, speedup = t₁ / t_P and efficiency = speedup / P, plus the collectives and
-bytes all-reduced per step (payload per rank) next to the number of variables.
+over all launches, speedup = t₁ / t_P and efficiency = speedup / P; the same for the CPU time of
+the busiest rank (insensitive to other load on the machine: what P free cores would give, less
+the time spent waiting for the all-reduce); plus the collectives and bytes all-reduced per step
+(payload per rank) next to the number of variables.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def _rank(work: str, reps: int, batch: int, parallel: bool) -> dict[str, Any]:
     up = D.shard(*_DATA["upper"], rank=r, world=w)
     x, y = _start()
     times: list[float] = []
+    cpu: list[float] = []
     stats = {"collectives": 0, "bytes": 0}
     with D.distributed() if parallel else _nothing() as red:
         if work == "cg":
@@ -89,9 +92,10 @@ def _rank(work: str, reps: int, batch: int, parallel: bool) -> dict[str, Any]:
             for _ in range(reps):
                 if parallel:
                     D.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 est(PROBLEM, x, y, lower_batch=lo, upper_batch=up)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
         else:
             b = min(batch // w, lo[0].shape[0], up[0].shape[0])
             stamps: list[float] = []
@@ -99,17 +103,18 @@ def _rank(work: str, reps: int, batch: int, parallel: bool) -> dict[str, Any]:
             def tick(t, *_):
                 if t == 1 and red is not None:
                     red.reset_stats()
-                stamps.append(time.perf_counter())
+                stamps.append((time.perf_counter(), time.process_time()))
 
             solve(PROBLEM, x, y, solver=SOBA(lr_x=1.0, lr_y=0.1), steps=reps * 10 + 1, track=False,
                   lower_data=Minibatches(*lo, batch_size=b, seed=D.rank_seed(0, r)),
                   upper_data=Minibatches(*up, batch_size=b, seed=D.rank_seed(1, r)), callback=tick)
             # first step is the warm-up; then reps groups of 10 steps (per-step means)
-            times = [(stamps[10 * (i + 1)] - stamps[10 * i]) / 10 for i in range(reps)]
+            times = [(stamps[10 * (i + 1)][0] - stamps[10 * i][0]) / 10 for i in range(reps)]
+            cpu = [(stamps[10 * (i + 1)][1] - stamps[10 * i][1]) / 10 for i in range(reps)]
             reps = reps * 10
         if red is not None:
             stats = {k: v // reps for k, v in red.reset_stats().items()}
-    return {"times": times, **stats}
+    return {"times": times, "cpu": cpu, **stats}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,19 +143,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     for work in a.work.split(","):
         t1: list[float] = []
         tp: list[float] = []
+        c1: list[float] = []
+        cp: list[float] = []
         stats: dict[str, int] = {}
         for _ in range(a.rounds):
-            t1 += D.spawn(_rank, 1, (work, a.reps, a.batch, False), timeout=600)[0]["times"]
+            one = D.spawn(_rank, 1, (work, a.reps, a.batch, False), timeout=600)[0]
+            t1 += one["times"]
+            c1 += one["cpu"]
             res = D.spawn(_rank, P, (work, a.reps, a.batch, True), timeout=600)
             tp += [max(ts) for ts in zip(*(r["times"] for r in res))]  # a step ends on the last rank
+            cp += [max(ts) for ts in zip(*(r["cpu"] for r in res))]
             stats = {"collectives": res[0]["collectives"], "bytes": res[0]["bytes"]}
-        m1, mp = median(t1), median(tp)
-        rows.append((work, m1, mp, m1 / mp, m1 / mp / P, stats["collectives"], stats["bytes"]))
+        m1, mp, n1, n_p = median(t1), median(tp), median(c1), median(cp)
+        rows.append((work, m1, mp, m1 / mp, m1 / mp / P, n1, n_p, n1 / n_p, stats["collectives"],
+                     stats["bytes"], min(t1), max(t1), min(tp), max(tp)))
     print(f"\n| workload | 1 process (s/step) | {P} processes (s/step) | speedup | efficiency "
+          f"| CPU s/step: 1 process | CPU s/step: busiest of {P} | CPU-time ratio "
           "| all-reduces / step | bytes all-reduced / step |")
-    print("|---|---|---|---|---|---|---|")
-    for w, m1, mp, s, e, c, b in rows:
-        print(f"| {w} | {m1:.4f} | {mp:.4f} | {s:.2f}x | {100 * e:.0f}% | {c} | {b:,} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for w, m1, mp, s, e, n1, n_p, r, c, b, *_ in rows:
+        print(f"| {w} | {m1:.4f} | {mp:.4f} | {s:.2f}x | {100 * e:.0f}% | {n1:.4f} | {n_p:.4f} "
+              f"| {r:.2f}x | {c} | {b:,} |")
+    for w, *_, lo1, hi1, lop, hip in rows:
+        print(f"{w}: wall-time range 1 process {lo1:.4f}-{hi1:.4f} s, {P} processes {lop:.4f}-{hip:.4f} s")
     nv = _DATA["d"] * _DATA["k"] + _DATA["k"]
     print(f"\nvariables: dim y = {nv:,} ({4 * nv:,} bytes), dim x = {a.n:,} ({4 * a.n:,} bytes)")
     return 0
