@@ -102,7 +102,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
         run = launch.run_rank  # noqa: F811
     res = run(a.experiment, config_file=a.config, overrides=list(a.sets), out=a.out, seed=a.seed,
               resume=a.resume, stop_after=a.stop_after, progress=not a.no_progress)
-    return 0 if res.completed else 3
+    # (a rank of a launch exits 0 when stopped early: torchrun treats any other code as a crash)
+    return 0 if res.completed or launch.in_launch() else 3
 
 
 def _cmd_plot(a: argparse.Namespace) -> int:
