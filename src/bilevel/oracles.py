@@ -26,10 +26,10 @@ size of its objective to ``c[level][kind]`` (kinds: value, grad, hvp, cross).
 
 Data parallelism (:mod:`bilevel.distributed`): inside ``with reducing(r):`` every result of an
 objective whose data are sharded is replaced by the union's result, one flat all-reduce per oracle
-call, whatever the backend (:func:`_reduce`, the only hook; a Linearization's ∇_y g rides along
-with its first product). Derivatives taken outside this module through reduced results (the
-reverse sweep of unrolled differentiation) start from :func:`objective` and end with
-:func:`rank_mean`.
+call, whatever the backend (:func:`_reduce`, the only hook; a Linearization's value and ∇_y g
+ride along with its first product unless read before). Derivatives taken outside this module
+through reduced results (the reverse sweep of unrolled differentiation) start from
+:func:`objective` and end with :func:`rank_mean`.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ __all__ = [
     "hvp_and_cross",
     "grad_y_fn",
     "value_and_grad",
+    "grad_y_tangents",
     "reducing",
     "reduced",
     "objective",
@@ -147,17 +148,21 @@ def reducing(reducer: Any) -> Iterator[Any]:
         _REDUCER.reset(token)
 
 
+def _reducing(fn: Fn) -> bool:
+    r = _REDUCER.get()
+    return r is not None and r.applies(fn)
+
+
 def _reduce(fn: Fn, *parts: Any) -> Any:
     """The union's values of per-rank results ``parts`` of fn (tensors or tuples of leaves), in
     one flat all-reduce; unchanged without a process group or when fn's data are not sharded."""
-    r = _REDUCER.get()
-    if r is None or not r.applies(fn):
+    if not _reducing(fn):
         return parts if len(parts) > 1 else parts[0]
     if torch.compiler.is_compiling():
         raise RuntimeError("data-parallel oracles cannot run inside a compiled region (use the "
                            "'compiled' oracle backend: kernels are compiled, reductions are not)")
     flat = [(p,) if isinstance(p, Tensor) else tuple(p) for p in parts]
-    out = iter(r.reduce(fn, [t for p in flat for t in p]))
+    out = iter(_REDUCER.get().reduce(fn, [t for p in flat for t in p]))
     res = tuple(next(out) if isinstance(p, Tensor) else tuple(next(out) for _ in p) for p in parts)
     return res if len(parts) > 1 else res[0]
 
@@ -300,11 +305,12 @@ class Linearization:
 
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
+        self._pending: tuple | None = None  # data-parallel: local (value, ∇_y g) to reduce
         _record(fn, "grad")
         self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
-        if self._mode == "compiled":
+        if self._mode == "compiled":  # value and ∇_y g come with the first product (one kernel)
             self.xs, self.ys = T.detach(xs), T.detach(ys)
-            self._set(*_kernel("value_grad_y", fn)(self.xs, self.ys))
+            self._first: tuple | None = None
             return
         if self._mode == "func":
             self.xs, self.ys = T.detach(xs), T.detach(ys)
@@ -313,44 +319,58 @@ class Linearization:
                 g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
                 return g, val
 
-            grad_y, self._vjp, value = torch.func.vjp(gy_val, self.xs, self.ys, has_aux=True)
-            self._set(value, grad_y)
+            self.grad_y, self._vjp, self.value = torch.func.vjp(gy_val, self.xs, self.ys,
+                                                                has_aux=True)
+            self._hold()
             return
         with torch.enable_grad():
             self.xs = T.requires_grad(xs)
             self.ys = T.requires_grad(ys)
-            value = fn(self.xs, self.ys)
-            self._gy = _grad(value, self.ys, create_graph=True)
-        self._set(value.detach(), T.detach(self._gy))
+            self.value = fn(self.xs, self.ys)
+            self._gy = _grad(self.value, self.ys, create_graph=True)
+        self.value = self.value.detach()
+        self.grad_y = T.detach(self._gy)
+        self._hold()
 
-    def _set(self, value: Tensor, grad_y: T.Leaves) -> None:
-        # (value, ∇_y g) as computed on this rank; data-parallel, they are reduced lazily,
-        # riding along with the first product's all-reduce (see _out)
-        self._value, self._grad_y = value, tuple(grad_y)
-        self._pending = _REDUCER.get() is not None
+    def _hold(self) -> None:
+        """Data-parallel: keep this rank's (value, ∇_y g) aside; they are reduced on first read
+        or ride along with the first product's all-reduce (:meth:`_out`)."""
+        if _reducing(self.fn):
+            self._pending = (self.__dict__.pop("value"), tuple(self.__dict__.pop("grad_y")))
+
+    def __getattr__(self, name: str) -> Any:
+        # compiled mode: ``value`` / ``grad_y`` computed on first access, or by the first
+        # :meth:`both` (fused with the products); data-parallel: reduced on first access
+        d = self.__dict__
+        if name in ("value", "grad_y") and (d.get("_pending") is not None or d.get("_mode") == "compiled"):
+            if d.get("_pending") is None:
+                if self._first is None:
+                    self._first = _kernel("value_grad_y", self.fn)(self.xs, self.ys)
+                if not _reducing(self.fn):
+                    self.value, self.grad_y = self._first
+                    return d[name]
+                d["_pending"] = self._first
+            pending, d["_pending"] = d["_pending"], None
+            self.value, self.grad_y = _reduce(self.fn, *pending)
+            return d[name]
+        raise AttributeError(name)
 
     def _out(self, *parts: Any) -> Any:
-        """Reduce products (fusing the pending value and ∇_y g into the same all-reduce)."""
-        if not self._pending:
+        """Products as the union's (data-parallel), with a pending (value, ∇_y g) fused into the
+        same all-reduce; ``parts`` unchanged otherwise."""
+        if not _reducing(self.fn):
+            return parts if len(parts) > 1 else parts[0]
+        d = self.__dict__
+        pending = d.get("_pending")
+        if pending is None and self._mode == "compiled" and self._first is not None \
+                and "grad_y" not in d:
+            pending = self._first  # the fused first product's value and ∇_y g
+        if pending is None:
             return _reduce(self.fn, *parts)
-        self._pending = False
-        res = _reduce(self.fn, self._value, self._grad_y, *parts)
-        self._value, self._grad_y = res[0], res[1]
+        d["_pending"] = None
+        res = _reduce(self.fn, *pending, *parts)
+        self.value, self.grad_y = res[0], res[1]
         return res[2:] if len(parts) > 1 else res[2]
-
-    @property
-    def value(self) -> Tensor:
-        """g(x, y)."""
-        if self._pending:
-            self._pending = False
-            self._value, self._grad_y = _reduce(self.fn, self._value, self._grad_y)
-        return self._value
-
-    @property
-    def grad_y(self) -> T.Leaves:
-        """∇_y g(x, y) (detached)."""
-        self.value  # noqa: B018 - reduces the pending pair once
-        return self._grad_y
 
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
@@ -374,6 +394,10 @@ class Linearization:
         """(H v, J^T v) from a single backward pass (and, data-parallel, one all-reduce)."""
         _record(self.fn, "hvp", "cross")
         if self._mode == "compiled":
+            if self._first is None and "grad_y" not in self.__dict__ and self._pending is None:
+                val, gy, hv, jt = _kernel("value_grad_y_both", self.fn)(self.xs, self.ys, v)
+                self._first = (val, gy)
+                return self._out(hv, jt)
             return self._out(*_kernel("both", self.fn)(self.xs, self.ys, v))
         if self._mode == "func":
             jt, hv = self._vjp(tuple(v))
@@ -416,6 +440,39 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
     """One-shot (H v, J^T v): one gradient with graph plus one backward for both products."""
     return Linearization(fn, xs, ys).both(v)
+
+
+def grad_y_tangents(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, U: T.Leaves, Z: T.Leaves
+) -> tuple[T.Leaves, T.Leaves]:
+    """∇_y fn(x, y) and its directional derivatives along B tangents (u_i, z_i) at once:
+    d_i = J u_i + H z_i = ∇²_yx fn · u_i + ∇²_yy fn · z_i (``U``, ``Z``: leaves with a leading
+    dimension B; forward-mode unrolling). By symmetry of the Hessian of fn in (x, y),
+    d_i = ∂_y [<∇_x fn, u_i> + <∇_y fn, z_i>]: one gradient with graph and ONE reverse pass batched
+    over the tangents (``is_grads_batched``) — no jvp, no copies of the data per tangent. With
+    the functional backends it is a vmapped ``torch.func.jvp`` of ∇_y fn. Counted as one gradient
+    plus B Hessian- and B cross-products."""
+    nb = U[0].shape[0] if U else Z[0].shape[0]
+    _record(fn, "grad")
+    _record(fn, "hvp", "cross", times=nb)
+    if _functional():
+        xs, ys = T.detach(xs), T.detach(ys)
+        gy = f_grad_y(fn, xs, ys)
+
+        def tangent(u: T.Leaves, z: T.Leaves) -> T.Leaves:
+            return torch.func.jvp(lambda a, b: f_grad_y(fn, a, b), (xs, ys), (u, z))[1]
+
+        return _reduce(fn, gy, tuple(torch.func.vmap(tangent)(tuple(U), tuple(Z))))
+    with torch.enable_grad():
+        xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
+        g = _grad(fn(xs_, ys_), xs_ + ys_, create_graph=True)
+        outs = [(gi, ti) for gi, ti in zip(g, tuple(U) + tuple(Z)) if gi.requires_grad]
+        if not outs:
+            return _reduce(fn, T.detach(g[len(xs) :]), tuple(torch.zeros_like(t) for t in Z))
+        d = torch.autograd.grad([o for o, _ in outs], ys_, [t for _, t in outs],
+                                is_grads_batched=True, allow_unused=True)
+    d = tuple(torch.zeros_like(z) if di is None else di for di, z in zip(d, Z))
+    return _reduce(fn, T.detach(g[len(xs) :]), d)
 
 
 def value_and_grad(
@@ -489,6 +546,20 @@ def f_both(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T
     _, pull = torch.func.vjp(lambda a, b: f_grad_y(fn, a, b), tuple(xs), tuple(ys))
     jt, hv = pull(tuple(v))
     return tuple(hv), tuple(jt)
+
+
+def f_value_grad_y_both(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves
+) -> tuple[Tensor, T.Leaves, T.Leaves, T.Leaves]:
+    """(value, ∇_y fn, H v, J^T v) from one vjp of (x, y) -> ∇_y fn(x, y)."""
+
+    def gy_val(a: T.Leaves, b: T.Leaves) -> tuple[T.Leaves, Tensor]:
+        g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
+        return tuple(g), val
+
+    gy, pull, val = torch.func.vjp(gy_val, tuple(xs), tuple(ys), has_aux=True)
+    jt, hv = pull(tuple(v))
+    return val, tuple(gy), tuple(hv), tuple(jt)
 
 
 def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
