@@ -59,6 +59,13 @@ def test_pytorch_cnn_example_tiny(capsys, monkeypatch):
     assert float(re.search(r"test accuracy ([\d.]+)", out).group(1)) > 0.3  # chance: 0.1
 
 
+def test_distributed_example_matches_one_process(capsys):
+    out = _run("distributed_cg.py", capsys)
+    diff = float(re.search(r"= ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-12 and "ranks agree: True" in out
+    assert "all-reduces: 73," in out  # 50 gradients, (f, ∇f), (g, ∇_y g), 20 H-products, 1 cross
+
+
 @pytest.mark.compiled
 def test_oracle_backends_example(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["oracle_backends.py", "--compile-backend", "aot_eager"])
