@@ -32,7 +32,7 @@ def end_point(r: SubResult) -> tuple[float | None, float | None]:
     blob, _, _ = CK.load_latest(Path(r.path) / CHECKPOINTS)
     if blob is None:
         return None, None
-    state = blob["state"]
+    state = blob["state"]  # load_latest verifies the checksum (checkpoint.py format)
     return float(state["x"][0]), float(state["y"][0])
 
 
