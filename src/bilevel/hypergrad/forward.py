@@ -65,7 +65,8 @@ class Forward(Estimator):
                       for t in state)
         for k in range(dyn.steps):
             def step(xs_, s_, k=k):
-                return dyn.update(s_, gfun(xs_, dyn.point(s_)), k)
+                d = dyn.bind(bound.x_tree(xs_), bound.y_tree(bound.ys0))  # tangents through hp(x)
+                return d.update(s_, gfun(xs_, d.point(s_)), k)
 
             state_new, Z = vmap(lambda u, z, s=state, st=step: jvp(st, (xs, s), (u, z)),
                                 out_dims=(None, 0))(U, Z)
