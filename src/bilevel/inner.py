@@ -213,8 +213,8 @@ class Dynamics:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low, inclusive = self._ranges.get(name, (-math.inf, True))
             if not (value >= low if inclusive else value > low) or not math.isfinite(value):
-                op = ">=" if inclusive else ">"
-                raise ValueError(f"{name} must be finite and {op} {low}, got {value}")
+                what = f">= {low:g}" if inclusive else ("positive" if low == 0 else f"> {low:g}")
+                raise ValueError(f"{name} must be {what} (and finite), got {value}")
         _check_no_grad(value, where)
         self._raw[name] = value
         self._hp[name] = ("const", _normalize(value, where))
@@ -456,7 +456,8 @@ def unroll(
 
     ``grad_fn(point, k)`` returns the direction at ``point``. Whether a graph is built is decided
     by ``grad_fn``. Non-finite iterates raise :class:`NonFiniteError` naming the first bad step
-    (checked with a single synchronisation after the loop).
+    (checked with a single synchronisation after the loop). ``track=False`` skips that check and
+    every host synchronisation, so the loop runs under ``torch.func.vmap`` / ``grad``.
     """
     sums: list[Tensor] = []
     last_grad: T.Leaves | None = None
@@ -475,7 +476,7 @@ def unroll(
             step=step,
         )
     info: dict[str, Any] = {"steps": steps}
-    if last_grad is not None:
+    if last_grad is not None and track:  # track=False: no host synchronisation (vmap-safe)
         info["last_grad_norm"] = float(T.norm(T.detach(last_grad)))
     return state, info
 
