@@ -164,6 +164,7 @@ def test_capture_restore_round_trip():
     from bilevel.inner import GD
 
     est = ZerothOrder(GD(lr=0.1, steps=2), samples=2, seed=3)
+    est.generator = torch.Generator().manual_seed(3)  # an object-held generator (e.g. a user subclass)
     est._buf = (torch.ones(2), 3)
     snap = R._capture(est)
     expected = torch.randn(5, generator=est.generator)

@@ -86,12 +86,15 @@ def test_warm_start_reuses_the_previous_solution():
     y = ref.y_star.reshape(ref.y0.shape)
     est = CG(inner=None, iters=100, tol=1e-12, warm_start=True)
     first = est(ref.problem, ref.x, y)
-    second = est(ref.problem, ref.x, y)
+    second = est(ref.problem, ref.x, y, state=first.state)
     assert first.info["linear_solve"]["iterations"] >= 5
     assert second.info["linear_solve"]["iterations"] <= 1
     torch.testing.assert_close(second.grad, first.grad, rtol=1e-10, atol=0)
-    est.reset()
+    # the state is data: no hidden warm start on the object, the passed state is not mutated
     assert est(ref.problem, ref.x, y).info["linear_solve"]["iterations"] >= 5
+    assert first.state["v"] is not None and est.init(ref.problem, ref.x, y) == {"v": None}
+    assert est(ref.problem, ref.x, y, state=est.init(ref.problem, ref.x, y)).info[
+        "linear_solve"]["iterations"] >= 5
 
 
 def _indefinite_problem():

@@ -131,7 +131,7 @@ def test_zeroth_order_is_the_gaussian_sketch_of_the_unrolled_jacobian(with_init)
     for mu in (2e-4, 1e-4, 5e-5):
         est = ZerothOrder(inner=bl.inner.GD(lr=ref.lr, steps=steps), samples=Q, mu=mu, seed=0)
         res = est(ref.problem, ref.x, y)
-        U = est.last_directions
+        U = res.info["directions"]
         assert U.shape == (Q, 5)
         xr, yr = ref.x.clone().requires_grad_(True), res.y.clone().requires_grad_(True)
         fx, fy = torch.autograd.grad(ref.f_vec(xr, yr), (xr, yr))

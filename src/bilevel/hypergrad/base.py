@@ -6,8 +6,17 @@ The hypergradient of  h(x) = f(x, y*(x))  is
 
 Each estimator approximates the second term differently; all are called the same way::
 
-    res = est(problem, x, y)        # y: starting point (pytree) or callable x -> y0
-    res.grad, res.y, res.info
+    res = est(problem, x, y)                    # y: starting point (pytree) or callable x -> y0
+    res.grad, res.y, res.info, res.state
+    res = est(problem, x, y, state=res.state)   # next call, e.g. warm-started from the last one
+
+State is data, never attributes (the ``init/update`` style of optax and :mod:`bilevel.inner`):
+whatever changes from one call to the next — the warm-start vector of an implicit estimator, the
+random-generator state of :class:`~bilevel.hypergrad.ZerothOrder` — lives in the plain dict
+``state = est.init(problem, x, y)`` (tensors / None / numbers; ``torch.save``-able), goes in as
+``state=`` and comes out, new, in ``res.state``. The state passed in is never mutated, and
+``state=None`` means ``est.init(...)``. Nothing on the estimator object changes after construction,
+so one estimator can serve many runs (or many tasks under ``vmap``) and a resumed run is exact.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from ..errors import ConfigError
 from ..inner import Dynamics, unroll
 from ..problem import Bound, Problem
 from ..validation import check_finite
@@ -29,11 +39,13 @@ __all__ = ["HypergradResult", "Estimator", "solve_lower", "lower_grad_fn"]
 
 @dataclass
 class HypergradResult:
-    """``grad``: d f(x, y(x)) / dx shaped like x; ``y``: lower point used (detached); ``info``."""
+    """``grad``: d f(x, y(x)) / dx shaped like x; ``y``: lower point used (detached); ``info``:
+    diagnostics; ``state``: the estimator's new state (pass it as ``state=`` to the next call)."""
 
     grad: Any
     y: Any
     info: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 def lower_grad_fn(bound: Bound, xs: T.Leaves, *, create_graph: bool):
@@ -60,12 +72,29 @@ def solve_lower(
 
 
 class Estimator:
-    """Base class. Subclasses implement :meth:`compute` on a :class:`~bilevel.problem.Bound`."""
+    """Base class. Subclasses implement :meth:`compute` (and :meth:`init_state` if they carry state).
+
+    ``compute(bound, state) -> (grad_leaves, y_leaves, info, new_state)`` works on a
+    :class:`~bilevel.problem.Bound` (flat leaves); it must not mutate ``state`` (it receives a
+    shallow copy) nor any attribute of the estimator.
+    """
 
     #: short citation shown by ``bilevel list``
     reference: str = ""
+    #: keys every state of this estimator holds (checked when a state is passed in)
+    state_keys: tuple[str, ...] = ()
 
-    def __call__(
+    @staticmethod
+    def _bound(problem: Problem, x: Any, y: Any, batch: Any, upper_batch: Any, lower_batch: Any):
+        return Bound(
+            problem,
+            x,
+            y,
+            upper_batch=batch if upper_batch is None else upper_batch,
+            lower_batch=batch if lower_batch is None else lower_batch,
+        )
+
+    def init(
         self,
         problem: Problem,
         x: Any,
@@ -74,23 +103,62 @@ class Estimator:
         batch: Any = None,
         upper_batch: Any = None,
         lower_batch: Any = None,
+    ) -> dict[str, Any]:
+        """The state before the first call: a dict of plain data (tensors, None, numbers)."""
+        return self.init_state(self._bound(problem, x, y, batch, upper_batch, lower_batch))
+
+    def init_state(self, bound: Bound) -> dict[str, Any]:
+        """:meth:`init` on a bound problem (override in estimators that carry state)."""
+        return {}
+
+    def __call__(
+        self,
+        problem: Problem,
+        x: Any,
+        y: Any,
+        *,
+        state: dict[str, Any] | None = None,
+        batch: Any = None,
+        upper_batch: Any = None,
+        lower_batch: Any = None,
     ) -> HypergradResult:
-        bound = Bound(
-            problem,
-            x,
-            y,
-            upper_batch=batch if upper_batch is None else upper_batch,
-            lower_batch=batch if lower_batch is None else lower_batch,
-        )
+        """Hypergradient at ``x`` from the lower start ``y``; ``state`` from a previous result."""
+        bound = self._bound(problem, x, y, batch, upper_batch, lower_batch)
+        gx, ys, info, new_state = self.apply(bound, state)
+        return HypergradResult(grad=bound.x_tree(gx), y=bound.y_tree(ys), info=info, state=new_state)
+
+    def apply(
+        self, bound: Bound, state: dict[str, Any] | None = None
+    ) -> tuple[T.Leaves, T.Leaves, dict[str, Any], dict[str, Any]]:
+        """:meth:`compute` with the checks around it (state, shape and finiteness of the result);
+        what solvers call on the :class:`~bilevel.problem.Bound` they hold."""
+        state = self.init_state(bound) if state is None else self.check_state(state)
         t0 = time.perf_counter()
-        gx, ys, info = self.compute(bound)
+        gx, ys, info, new_state = self.compute(bound, dict(state))
         info["time"] = time.perf_counter() - t0
         bound.check_grad_x(gx)
         check_finite(gx, "upper", "the hypergradient")
-        return HypergradResult(grad=bound.x_tree(gx), y=bound.y_tree(ys), info=info)
+        return gx, ys, info, new_state
 
-    def compute(self, bound: Bound) -> tuple[T.Leaves, T.Leaves, dict[str, Any]]:
-        """Return (hypergradient leaves, lower point leaves, info)."""
+    def check_state(self, state: Any) -> dict[str, Any]:
+        """A state passed in must be a dict with the keys :meth:`init_state` creates."""
+        if not isinstance(state, dict):
+            raise ConfigError(
+                f"{type(self).__name__}: state must be the dict from est.init(...) or a previous "
+                f"result's .state, got {type(state).__name__}"
+            )
+        missing = [k for k in self.state_keys if k not in state]
+        if missing:
+            raise ConfigError(
+                f"{type(self).__name__}: the state passed in lacks {missing} (keys: {sorted(state)}); "
+                "pass the state from this estimator's init(...) or a previous result's .state"
+            )
+        return state
+
+    def compute(
+        self, bound: Bound, state: dict[str, Any]
+    ) -> tuple[T.Leaves, T.Leaves, dict[str, Any], dict[str, Any]]:
+        """Return (hypergradient leaves, lower point leaves, info, new state)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

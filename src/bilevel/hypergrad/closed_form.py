@@ -22,10 +22,10 @@ class ClosedForm(Estimator):
     def __init__(self, solve: Callable[[Any], Any]):
         self.solve = solve
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict):
         with torch.enable_grad():
             xs = T.requires_grad(bound.xs)
             ys, spec = T.flatten(self.solve(bound.x_tree(xs)))
             F = bound.F(xs, ys)
             gx = _grad(F, xs)
-        return T.detach(gx), T.detach(ys), {}
+        return T.detach(gx), T.detach(ys), {}, state

@@ -31,17 +31,17 @@ class FiniteDifference(Estimator):
         self.eps = eps
         self.xi = float(inner.lr) if xi is None else float(xi)
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict):
         xs = bound.xs
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
         y_virtual = T.axpy(-self.xi, O.grad_y(bound.G, xs, ys), ys)
         _, gx, v = O.grads(bound.F, xs, y_virtual)
         vnorm = float(T.norm(v))
         if vnorm == 0.0:
-            return gx, y_virtual, info
+            return gx, y_virtual, info, state
         eps = self.eps / vnorm
         g_plus = O.grad_x(bound.G, xs, T.axpy(eps, v, ys))
         g_minus = O.grad_x(bound.G, xs, T.axpy(-eps, v, ys))
         mixed = T.scale(T.sub(g_plus, g_minus), 1.0 / (2 * eps))
         info["fd_eps"] = eps
-        return T.axpy(-self.xi, mixed, gx), y_virtual, info
+        return T.axpy(-self.xi, mixed, gx), y_virtual, info, state

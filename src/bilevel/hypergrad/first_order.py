@@ -24,11 +24,11 @@ class FirstOrder(Estimator):
     def __init__(self, inner: Dynamics | None):
         self.inner = inner
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict):
         ys, info = solve_lower(bound, self.inner, bound.xs, bound.init(bound.xs))
         _, gx, gy = O.grads(bound.F, bound.xs, ys)
         if bound.y_fn is not None:
             with torch.enable_grad():
                 xs = T.requires_grad(bound.xs)
                 gx = T.add(gx, _grad(bound.init(xs), xs, gy))
-        return gx, ys, info
+        return gx, ys, info, state

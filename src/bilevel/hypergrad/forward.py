@@ -30,7 +30,7 @@ class Forward(Estimator):
         self.inner = inner
         self.chunk = chunk
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict):
         dyn = self.inner
         xs = bound.xs
         n = T.numel(xs)
@@ -49,7 +49,7 @@ class Forward(Estimator):
         dirs = torch.cat([T.to_vector_batched(Z) for Z in jac_rows]) if jac_rows else None
         indirect = dirs @ b  # (n,)
         hg = T.add(gx, T.from_vector(indirect, xs))
-        return hg, ys, {"directions": n, "chunk": chunk}
+        return hg, ys, {"directions": n, "chunk": chunk}, state
 
     def _tangents(self, bound: Bound, gfun, xs, U):
         """Propagate a batch of tangents through the unrolled map; return (final state, Z_T)."""

@@ -16,7 +16,8 @@ the cross term once. Subclasses only choose the linear solver:
 * :class:`Exact` — dense Hessian and Cholesky solve (BA of Ghadimi & Wang 2018; references).
 
 ``inner=None`` uses the given y as y*. With ``warm_start=True`` the solution v of the previous
-call seeds the next solve (CG/FixedPoint), as in AmIGO (Arbel & Mairal 2022).
+call seeds the next solve (CG/FixedPoint), as in AmIGO (Arbel & Mairal 2022): v is carried in the
+estimator state (``res.state["v"]``, pass ``state=res.state`` to the next call), never on the object.
 """
 
 from __future__ import annotations
@@ -37,38 +38,41 @@ from .base import Estimator, solve_lower
 class Implicit(Estimator):
     """Template: solve lower level, solve H v = ∇_y f, return ∇_x f − ∇²_xy g v."""
 
+    state_keys = ("v",)
+
     def __init__(self, inner: Dynamics | None, *, warm_start: bool = False, strict: bool = False):
         self.inner = inner
         self.warm_start = warm_start
         self.strict = strict
-        self._v: T.Leaves | None = None
 
-    def reset(self) -> None:
-        """Forget the warm-start vector."""
-        self._v = None
+    def init_state(self, bound: Bound) -> dict[str, Any]:
+        """``{"v": None}``: no warm-start vector yet (with ``warm_start=True`` the next state holds
+        the last solution v as flat leaves shaped like y)."""
+        return {"v": None}
 
     def solve(
         self, lin: O.Linearization, b: T.Leaves, x0: T.Leaves | None, bound: Bound
     ) -> tuple[T.Leaves, dict[str, Any]]:
         raise NotImplementedError
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict[str, Any]):
         xs = bound.xs
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
         _, gx, b = O.grads(bound.F, xs, ys)
         lin = O.Linearization(bound.G, xs, ys)
-        x0 = self._v if self.warm_start and self._v is not None else None
+        v_prev = state.get("v")
+        x0 = tuple(v_prev) if self.warm_start and v_prev is not None else None
         if x0 is not None and any(u.shape != w.shape for u, w in zip(x0, b)):
             x0 = None
         v, sinfo = self.solve(lin, b, x0, bound)
         if sinfo["breakdown"] is not None and self.strict:
             raise LinearSolveError(f"{type(self).__name__} linear solve broke down: {sinfo}")
         if self.warm_start:
-            self._v = T.detach(v)
+            state["v"] = T.detach(v)
         hg = T.sub(gx, lin.cross(v))
         info["inner_grad_norm"] = float(T.norm(lin.grad_y))
         info["linear_solve"] = sinfo
-        return hg, ys, info
+        return hg, ys, info, state
 
 
 class CG(Implicit):

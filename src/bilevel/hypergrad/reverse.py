@@ -56,7 +56,7 @@ class Reverse(Estimator):
     def _direction(self, bound: Bound, xs, *, create_graph: bool) -> GradFn:
         return (self.grad_fn or lower_grad_fn)(bound, xs, create_graph=create_graph)
 
-    def compute(self, bound: Bound):
+    def compute(self, bound: Bound, state: dict):
         steps = self.inner.steps
         K = steps if self.truncate is None else int(self.truncate)
         xs = T.requires_grad(bound.xs)
@@ -96,7 +96,7 @@ class Reverse(Estimator):
         # the reverse sweep applies (∂_y Φ_k)^T and (∂_x Φ_k)^T once per differentiated step
         record(bound.G, "hvp", "cross", times=K)
         info.update(steps=steps, truncate=K, checkpoint=bool(self.checkpoint))
-        return T.detach(gx), T.detach(dyn.output(s_T)), info
+        return T.detach(gx), T.detach(dyn.output(s_T)), info, state
 
     def _checkpointed(self, bound, xs, s0, K, start, seg, init_graph):
         """Segmented reverse sweep: store ⌈K/c⌉ states, recompute each segment with a graph."""

@@ -26,28 +26,43 @@ from .base import Estimator, solve_lower
 
 class ZerothOrder(Estimator):
     reference = "Sow, Ji & Liang 2022 (PZOBO); MRBO/VRBO reproduction report, sec. 7"
+    state_keys = ("rng",)
+
+    """PZOBO's estimator (see module docstring). ``samples``: Q directions per call; ``mu``: the
+    perturbation size; ``seed``: seeds the generator of :meth:`init_state` (None: a fresh random
+    seed). The generator state travels in the estimator state (``state["rng"]``, a uint8 tensor),
+    so a run resumed from a saved state draws the same directions; the directions of a call are
+    returned in ``info["directions"]`` (a (Q, dim x) matrix).
+    """
 
     def __init__(self, inner: Dynamics, samples: int = 10, mu: float = 1e-3, seed: int | None = 0):
         self.inner = inner
         self.samples = int(samples)
         self.mu = float(mu)
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        self.last_directions: torch.Tensor | None = None
+        self.seed = seed
 
-    def compute(self, bound: Bound):
+    def init_state(self, bound: Bound) -> dict:
+        gen = torch.Generator()
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(self.seed))
+        return {"rng": gen.get_state()}
+
+    def compute(self, bound: Bound, state: dict):
         xs = bound.xs
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
-        U = gaussian_directions(self.samples, xs, self.generator)
-        self.last_directions = U
+        gen = torch.Generator().set_state(state["rng"])
+        U = gaussian_directions(self.samples, xs, gen)
+        state["rng"] = gen.get_state()
 
         def run(x_pert: T.Leaves) -> T.Leaves:
             return solve_lower(bound, self.inner, x_pert, bound.init(x_pert))[0]
 
         hg = zeroth_order_hypergradient(bound.F, run, xs, ys, U, self.mu)
         info["samples"] = self.samples
-        return hg, ys, info
+        info["directions"] = U
+        return hg, ys, info, state
 
 
 def gaussian_directions(samples: int, like: T.Leaves, generator: torch.Generator) -> torch.Tensor:

@@ -4,9 +4,13 @@ A solver is a small object with two methods, mirroring an algorithm box:
 
 * ``init(ctx, xs, ys) -> state``: a dict of tensors / numbers (checkpointable with torch.save),
   holding at least ``"x"`` and ``"y"`` (flat leaves);
-* ``setup(ctx, state)`` (optional): per-run preparation, also called when resuming;
 * ``step(ctx, state, t) -> metrics``: one outer iteration, updating ``state`` in place and
-  returning a dict of per-step diagnostics.
+  returning a dict of per-step diagnostics;
+* ``setup(ctx, state)`` (optional, kept for compatibility): per-run preparation, also called when
+  resuming. It must not set attributes: everything that changes lives in ``state`` (an estimator's
+  own state under ``state["est"]``), and per-run derived objects (dynamics or estimators with the
+  problem's projection attached) come from :meth:`Context.inner` / :meth:`Context.estimator`.
+  So the same solver object can run many times and a resumed run is exact.
 
 :func:`solve` owns everything around it: flattening, projections, data samplers, timing (the
 clock excludes tracking and callbacks), non-finite checks, history, resuming from a state.
@@ -14,6 +18,7 @@ clock excludes tracking and callbacks), non-finite checks, history, resuming fro
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +55,7 @@ class Context:
         self.x_projection, self.y_projection = x_projection, y_projection
         self.lower_data, self.upper_data = lower_data, upper_data
         self.y_fn = y_fn
+        self._memo: dict[int, tuple[Any, Any]] = {}  # per-run derived objects (see _derived)
 
     # data ---------------------------------------------------------------------------------
     def lower_batch(self) -> Any:
@@ -90,9 +96,32 @@ class Context:
     def project_y(self, ys: T.Leaves) -> T.Leaves:
         return ys if self.y_projection is None else tuple(self.y_projection(t) for t in ys)
 
+    def _derived(self, obj: Any, make: Callable[[Any], Any]) -> Any:
+        """``make(obj)``, built once per run (the solver and its estimator stay untouched)."""
+        hit = self._memo.get(id(obj))
+        if hit is None or hit[0] is not obj:
+            hit = (obj, make(obj))
+            self._memo[id(obj)] = hit
+        return hit[1]
+
     def inner(self, dyn: Dynamics) -> Dynamics:
         """The lower-level dynamics with the problem's y-projection attached."""
-        return with_projection(dyn, self.y_projection)
+        if self.y_projection is None:
+            return dyn
+        return self._derived(dyn, lambda d: with_projection(d, self.y_projection))
+
+    def estimator(self, est: Any) -> Any:
+        """A hypergradient estimator whose inner dynamics carry the problem's y-projection (a copy
+        made once per run; ``est`` itself is never modified)."""
+        if self.y_projection is None or getattr(est, "inner", None) is None:
+            return est
+
+        def attach(e: Any) -> Any:
+            out = copy.copy(e)
+            out.inner = self.inner(e.inner)
+            return out
+
+        return self._derived(est, attach)
 
 
 def descend(
@@ -118,8 +147,8 @@ class Solver:
     def setup(self, ctx: Context, state: dict[str, Any]) -> None:
         """Per-run preparation, called before the first step of a fresh *or resumed* run.
 
-        Anything a step needs that is not in ``state`` (e.g. dynamics with the problem's
-        projection attached) is built here, so that resuming from a saved state is exact.
+        Must not change attributes of the solver (state is data: keep it in ``state``); the
+        solvers of this package need no setup.
         """
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:

@@ -10,7 +10,6 @@ Alg. 1 with warm start).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from .. import _tree as T
@@ -28,25 +27,18 @@ class HypergradientDescent(Solver):
         self.warm_start = warm_start
 
     def init(self, ctx: Context, xs, ys) -> dict[str, Any]:
-        return {"x": xs, "y": ys, "y0": ys, "upper": self.upper.init(xs), "v": None}
-
-    def setup(self, ctx: Context, state: dict[str, Any]) -> None:
-        # a private copy of the estimator with the problem's y-projection attached; the
-        # warm-start vector of implicit estimators lives in the state so resuming is exact
-        est = copy.copy(self.estimator)
-        if getattr(est, "inner", None) is not None:
-            est.inner = ctx.inner(est.inner)
-        if hasattr(est, "_v"):
-            est._v = state.get("v")
-        self._est = est
+        # the estimator's own state (warm-start vector, generator state, ...) lives in "est"
+        est = ctx.estimator(self.estimator)
+        return {"x": xs, "y": ys, "y0": ys, "upper": self.upper.init(xs),
+                "est": est.init_state(ctx.bound(xs, ys))}
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         ystart = state["y"] if self.warm_start else state["y0"]
         bound = ctx.bound(state["x"], ystart, ctx.upper_batch(), ctx.lower_batch())
-        grad, ys, info = self._est.compute(bound)
+        est = ctx.estimator(self.estimator)  # with the problem's y-projection attached
+        grad, ys, info, state["est"] = est.apply(bound, state["est"])
         state["x"], state["upper"] = descend(self.upper, state["upper"], grad, t, ctx.project_x)
         state["y"] = ctx.project_y(ys)
-        state["v"] = getattr(self._est, "_v", None)
         out = {"hypergrad_norm": float(T.norm(grad))}
         if "linear_solve" in info:
             out["linear_residual"] = info["linear_solve"]["residual"]

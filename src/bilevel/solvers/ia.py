@@ -93,9 +93,6 @@ class IAGM(Solver):
             )
         return {"x": xs, "y": ys, "z": ys, "upper": self.upper.init(xs), "init": self.init_rule.init(ys)}
 
-    def setup(self, ctx: Context, state: dict[str, Any]) -> None:
-        self._inner = ctx.inner(self.inner)  # the lower dynamics with the problem's y-projection
-
     def truncation(self, bound: Bound, dyn: Dynamics) -> tuple[int, T.Leaves]:
         """(k*, y_K): run the K lower steps from z without a graph, recording F(x, y_k)."""
         xs = bound.xs
@@ -114,7 +111,7 @@ class IAGM(Solver):
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         bound = ctx.bound(state["x"], state["z"], ctx.upper_batch(), ctx.lower_batch())
-        dyn = self._inner
+        dyn = ctx.inner(self.inner)  # the lower dynamics with the problem's y-projection
         if self.pessimistic:
             k_star, y_last = self.truncation(bound, dyn)
         else:
@@ -122,7 +119,7 @@ class IAGM(Solver):
         if k_star != dyn.steps:
             dyn = copy.copy(dyn)
             dyn.steps = k_star
-        gx, y_k, info = Reverse(dyn, checkpoint=self.checkpoint, wrt_init=True).compute(bound)
+        gx, y_k, info, _ = Reverse(dyn, checkpoint=self.checkpoint, wrt_init=True).apply(bound)
         gz = info["grad_init"]
         state["x"], state["upper"] = descend(self.upper, state["upper"], gx, t, ctx.project_x)
         state["z"], state["init"] = descend(self.init_rule, state["init"], gz, t, ctx.project_y)

@@ -59,21 +59,18 @@ class MRBOZO(MRBO):
         state["rng"] = torch.Generator().manual_seed(self.seed).get_state()
         return state
 
-    def setup(self, ctx: Context, state: dict[str, Any]) -> None:
-        self._y_projection = ctx.y_projection
-
     def draw(self, ctx: Context, state: dict[str, Any]) -> tuple:
-        """B_x = (F on D_F, [G on D_1..D_N], directions U)."""
+        """B_x = (F on D_F, [G on D_1..D_N], directions U, the lower projection)."""
         gen = torch.Generator().set_state(state["rng"])
         U = gaussian_directions(self.samples, state["x"], gen)
         state["rng"] = gen.get_state()
-        return ctx.fresh_F(), [ctx.fresh_G() for _ in range(self.inner_steps)], U
+        return ctx.fresh_F(), [ctx.fresh_G() for _ in range(self.inner_steps)], U, ctx.y_projection
 
     def hypergradient(self, xs: T.Leaves, ys: T.Leaves, samples: tuple) -> T.Leaves:
-        F, Gs, U = samples
+        F, Gs, U, projection = samples
 
         def run(x: T.Leaves) -> T.Leaves:
             return sgd_lower(replay(Gs), x, ys, steps=len(Gs), lr=self.inner_lr,
-                             projection=self._y_projection)
+                             projection=projection)
 
         return zeroth_order_hypergradient(F, run, xs, run(xs), U, self.mu)
