@@ -123,7 +123,8 @@ class FewShotTable(Table):
     description = "every meta-learner on 5-way 1-shot and 5-shot, mnist5k and digits class splits"
     reference = FewShot.reference
     defaults = {"seed": 0, "methods": list(FEWSHOT_METHODS), "datasets": ["mnist5k", "digits"],
-                "shots": [1, 5], "ways": 5, "steps": 300, "test_episodes": 600}
+                "shots": [1, 5], "ways": 5, "steps": 300, "meta_batch": 8, "test_inner_steps": 10,
+                "test_episodes": 600}
 
     def runs(self, cfg: dict[str, Any]) -> list[SubRun]:
         out = []
@@ -134,7 +135,9 @@ class FewShotTable(Table):
                         raise ConfigError(f"unknown method {m!r}; valid: {', '.join(FEWSHOT_METHODS)}")
                     over = {"method": m, "dataset": ds, "shots": int(k), "ways": int(cfg["ways"]),
                             "steps": int(cfg["steps"]), "eval_every": int(cfg["steps"]) or 1,
-                            "test_episodes": int(cfg["test_episodes"])}
+                            "test_episodes": int(cfg["test_episodes"]),
+                            "meta_batch": int(cfg["meta_batch"]),
+                            "test_inner_steps": int(cfg["test_inner_steps"])}
                     out.append(SubRun(label=f"{ds}-{cfg['ways']}w{k}s-{m}", experiment="fewshot",
                                       overrides=over, seed=int(cfg["seed"])))
         return out
