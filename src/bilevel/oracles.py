@@ -1,6 +1,6 @@
 """First- and second-order oracles on flat leaves. Nothing else in the package differentiates twice.
 
-Notation: g(x, y) an objective (an :class:`~bilevel.problem.Objective` or any scalar function of
+Notation: g(x, y) an objective (an :class:`~bilevel.formulation.Objective` or any scalar function of
 flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy g · v = ∂_x <∇_y g, v>.
 
 * :func:`grads` — value, ∇_x and ∇_y from one backward pass.
@@ -10,6 +10,16 @@ flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy
   point use it.
 * :func:`hvp_and_cross` — one-shot H v and J^T v (stochastic algorithms, fresh batch per call).
 * :func:`grad_y_fn` — a ``torch.func`` version of ∇_y g for forward-mode (jvp) and vmap.
+* :func:`value_and_grad` — the gradient of any function of leaves (the outer derivative of an
+  unrolled map), in either backend.
+
+Backends (one switch for every algorithm): ``"autograd"`` (default; tape-based
+``torch.autograd.grad``, the fastest eager path) and ``"func"`` (pure ``torch.func``: ``grad`` for
+gradients, ``vjp`` of the gradient for H v and J^T v). Inside ``with backend("func"):`` every
+oracle is a pure function of its inputs, so the same algorithm code runs under ``torch.func.vmap``
+(e.g. over tasks) and is captured whole by ``torch.compile(fullgraph=True)`` (double backward
+through ``torch.autograd.grad`` cannot be compiled). ``with backend("compiled"):`` runs each oracle
+as a cached compiled kernel (``torch.compile``) of its ``"func"`` form (:mod:`bilevel.compiled`).
 
 Sample-gradient accounting: inside ``with counting() as c:`` every oracle call adds the batch
 size of its objective to ``c[level][kind]`` (kinds: value, grad, hvp, cross).
@@ -20,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +38,9 @@ from torch import Tensor
 from . import _tree as T
 
 __all__ = [
+    "backend",
+    "get_backend",
+    "BACKENDS",
     "counting",
     "record",
     "OracleCounts",
@@ -39,6 +53,7 @@ __all__ = [
     "cross",
     "hvp_and_cross",
     "grad_y_fn",
+    "value_and_grad",
 ]
 
 Fn = Callable[[T.Leaves, T.Leaves], Tensor]
@@ -73,7 +88,43 @@ def counting(counts: OracleCounts | None = None) -> Iterator[OracleCounts]:
         _ACTIVE.reset(token)
 
 
+BACKENDS = ("autograd", "func", "compiled")
+_BACKEND: ContextVar[str] = ContextVar("bilevel_oracle_backend", default="autograd")
+
+
+@contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Run the oracles inside the block with backend ``name`` (one of :data:`BACKENDS`)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown oracle backend {name!r}; choose one of {BACKENDS}")
+    token = _BACKEND.set(name)
+    try:
+        yield name
+    finally:
+        _BACKEND.reset(token)
+
+
+def get_backend() -> str:
+    """The oracle backend in effect (``"autograd"`` unless inside :func:`backend`)."""
+    return _BACKEND.get()
+
+
+def _functional() -> bool:
+    return _BACKEND.get() != "autograd"
+
+
+def _kernel(kind: str, fn: Fn):
+    """The compiled kernel for ``kind`` when the compiled backend is on (else None)."""
+    if _BACKEND.get() != "compiled" or torch.compiler.is_compiling():
+        return None
+    from .compiled import oracle_kernel
+
+    return oracle_kernel(kind, fn)
+
+
 def _record(fn: Fn, *kinds: str, times: int = 1) -> None:
+    if torch.compiler.is_compiling():  # counted by the caller of a compiled region
+        return
     c = _ACTIVE.get()
     if c is not None:
         level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
@@ -123,6 +174,9 @@ def _diffable(ts: T.Leaves) -> T.Leaves:
 def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
     """f(x, y) without building a graph."""
     _record(fn, "value")
+    k = _kernel("value", fn)
+    if k is not None:
+        return k(xs, ys)
     with torch.no_grad():
         return fn(xs, ys)
 
@@ -130,6 +184,13 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
     """∇_y fn(x, y). With ``create_graph`` the result stays differentiable in (x, y) (unrolling)."""
     _record(fn, "grad")
+    k = _kernel("grad_y_graph" if create_graph else "grad_y", fn)
+    if k is not None:
+        return k(xs, ys)
+    if _functional():
+        if not create_graph:
+            xs, ys = T.detach(xs), T.detach(ys)
+        return f_grad_y(fn, xs, ys)
     with torch.enable_grad():
         if create_graph:
             ys_ = _diffable(ys)
@@ -141,6 +202,11 @@ def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) ->
 def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
     """∇_x fn(x, y) at fixed y."""
     _record(fn, "grad")
+    k = _kernel("grad_x", fn)
+    if k is not None:
+        return k(xs, ys)
+    if _functional():
+        return f_grad_x(fn, T.detach(xs), T.detach(ys))
     with torch.enable_grad():
         xs_ = T.requires_grad(xs)
         return _grad(fn(xs_, T.detach(ys)), xs_)
@@ -149,6 +215,11 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
     """(value, ∇_x fn, ∇_y fn) from one backward pass."""
     _record(fn, "grad")
+    k = _kernel("grads", fn)
+    if k is not None:
+        return k(xs, ys)
+    if _functional():
+        return f_grads(fn, T.detach(xs), T.detach(ys))
     with torch.enable_grad():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         val = fn(xs_, ys_)
@@ -161,12 +232,28 @@ class Linearization:
 
     Building it costs one gradient; each :meth:`hvp`, :meth:`cross` or :meth:`both` then costs one
     backward through the stored graph (about one gradient), instead of the two passes of a fresh
-    reverse-over-reverse HVP.
+    reverse-over-reverse HVP. With the ``"func"`` backend the graph is a ``torch.func.vjp`` of
+    ∇_y g (pure, vmap-able); with ``"compiled"`` every product is one compiled kernel.
     """
 
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
         _record(fn, "grad")
+        self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
+        if self._mode == "compiled":
+            self.xs, self.ys = T.detach(xs), T.detach(ys)
+            self.value, self.grad_y = _kernel("value_grad_y", fn)(self.xs, self.ys)
+            return
+        if self._mode == "func":
+            self.xs, self.ys = T.detach(xs), T.detach(ys)
+
+            def gy_val(a: T.Leaves, b: T.Leaves) -> tuple[T.Leaves, Tensor]:
+                g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
+                return g, val
+
+            self.grad_y, self._vjp, self.value = torch.func.vjp(gy_val, self.xs, self.ys,
+                                                                has_aux=True)
+            return
         with torch.enable_grad():
             self.xs = T.requires_grad(xs)
             self.ys = T.requires_grad(ys)
@@ -178,16 +265,29 @@ class Linearization:
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
         _record(self.fn, "hvp")
+        if self._mode == "compiled":
+            return _kernel("hvp", self.fn)(self.xs, self.ys, v)
+        if self._mode == "func":
+            return self._vjp(tuple(v))[1]
         return _grad(self._gy, self.ys, v, retain_graph=True)
 
     def cross(self, v: T.Leaves) -> T.Leaves:
         """J^T v = ∇²_xy g · v (shape of x)."""
         _record(self.fn, "cross")
+        if self._mode == "compiled":
+            return _kernel("cross", self.fn)(self.xs, self.ys, v)
+        if self._mode == "func":
+            return self._vjp(tuple(v))[0]
         return _grad(self._gy, self.xs, v, retain_graph=True)
 
     def both(self, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
         """(H v, J^T v) from a single backward pass."""
         _record(self.fn, "hvp", "cross")
+        if self._mode == "compiled":
+            return _kernel("both", self.fn)(self.xs, self.ys, v)
+        if self._mode == "func":
+            jt, hv = self._vjp(tuple(v))
+            return hv, jt
         g = _grad(self._gy, self.xs + self.ys, v, retain_graph=True)
         return g[len(self.xs) :], g[: len(self.xs)]
 
@@ -195,6 +295,8 @@ class Linearization:
         """J u = ∇²_yx g · u (shape of y), the transpose of :meth:`cross`: the derivative of ∇_y g
         along an x-direction u (double backward: J u = ∂_w <∂_x <∇_y g, w>, u>). Counted as a cross."""
         _record(self.fn, "cross")
+        if self._mode != "autograd":
+            return f_cross_t(self.fn, self.xs, self.ys, tuple(u))
         with torch.enable_grad():
             w = tuple(torch.zeros_like(t).requires_grad_(True) for t in self.ys)
             jtw = _grad(self._gy, self.xs, w, create_graph=True, retain_graph=True)
@@ -203,17 +305,104 @@ class Linearization:
 
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot H v (reverse-over-reverse)."""
+    if _functional():
+        _record(fn, "grad", "hvp")
+        k = _kernel("hvp", fn)
+        return k(xs, ys, v) if k is not None else f_hvp(fn, T.detach(xs), T.detach(ys), tuple(v))
     return Linearization(fn, xs, ys).hvp(v)
 
 
 def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot J^T v = ∇²_xy g · v."""
+    if _functional():
+        _record(fn, "grad", "cross")
+        k = _kernel("cross", fn)
+        return k(xs, ys, v) if k is not None else f_cross(fn, T.detach(xs), T.detach(ys), tuple(v))
     return Linearization(fn, xs, ys).cross(v)
 
 
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
     """One-shot (H v, J^T v): one gradient with graph plus one backward for both products."""
     return Linearization(fn, xs, ys).both(v)
+
+
+def value_and_grad(
+    fun: Callable[..., Any], args: T.Leaves, *, has_aux: bool = False
+) -> tuple[T.Leaves, Any]:
+    """Gradient of a scalar function of flat leaves: returns ``(∇fun(args), out)`` where ``out``
+    is fun's value (``(value, aux)`` with ``has_aux``; value and aux detached). With the
+    ``"autograd"`` backend it records a tape and calls ``torch.autograd.grad`` (so ``fun`` may
+    itself build graphs with ``create_graph`` oracles — reverse-mode unrolling); otherwise it is
+    ``torch.func.grad_and_value`` (composable with vmap / torch.compile)."""
+    if _functional():
+        g, out = torch.func.grad_and_value(lambda *a: fun(tuple(a)), argnums=tuple(
+            range(len(args))), has_aux=has_aux)(*args)
+        return tuple(g), out
+    with torch.enable_grad():
+        a = T.requires_grad(args)
+        out = fun(a)
+        val = out[0] if has_aux else out
+        g = _grad(val, a)
+    if has_aux:
+        return g, (val.detach(), _detach_tree(out[1]))
+    return g, val.detach()
+
+
+def _detach_tree(obj: Any) -> Any:
+    return torch.utils._pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
+
+
+# --- the pure torch.func forms (what the "func" and "compiled" backends run) ------------------
+
+
+def f_grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
+    """∇_y fn as ``torch.func.grad`` (pure; differentiable by enclosing transforms)."""
+    return tuple(torch.func.grad(fn, argnums=1)(tuple(xs), tuple(ys)))
+
+
+def f_grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
+    """∇_x fn as ``torch.func.grad``."""
+    return tuple(torch.func.grad(fn, argnums=0)(tuple(xs), tuple(ys)))
+
+
+def f_grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
+    """(value, ∇_x fn, ∇_y fn) from one ``torch.func.grad_and_value``."""
+    (gx, gy), val = torch.func.grad_and_value(fn, argnums=(0, 1))(tuple(xs), tuple(ys))
+    return val, tuple(gx), tuple(gy)
+
+
+def f_value_grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves]:
+    """(value, ∇_y fn)."""
+    g, val = torch.func.grad_and_value(fn, argnums=1)(tuple(xs), tuple(ys))
+    return val, tuple(g)
+
+
+def f_hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
+    """H v as the vjp of y -> ∇_y fn(x, y) (H is symmetric)."""
+    xs = tuple(xs)
+    _, pull = torch.func.vjp(lambda b: f_grad_y(fn, xs, b), tuple(ys))
+    return tuple(pull(tuple(v))[0])
+
+
+def f_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
+    """J^T v = ∇²_xy fn · v as the vjp of x -> ∇_y fn(x, y)."""
+    ys = tuple(ys)
+    _, pull = torch.func.vjp(lambda a: f_grad_y(fn, a, ys), tuple(xs))
+    return tuple(pull(tuple(v))[0])
+
+
+def f_both(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
+    """(H v, J^T v) from one vjp of (x, y) -> ∇_y fn(x, y)."""
+    _, pull = torch.func.vjp(lambda a, b: f_grad_y(fn, a, b), tuple(xs), tuple(ys))
+    jt, hv = pull(tuple(v))
+    return tuple(hv), tuple(jt)
+
+
+def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
+    """J u = ∇²_yx fn · u as the jvp of x -> ∇_y fn(x, y) along u."""
+    ys = tuple(ys)
+    return tuple(torch.func.jvp(lambda a: f_grad_y(fn, a, ys), (tuple(xs),), (tuple(u),))[1])
 
 
 def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:

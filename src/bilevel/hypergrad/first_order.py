@@ -12,9 +12,9 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from ..formulation import Bound
 from ..inner import Dynamics
 from ..oracles import _grad
-from ..problem import Bound
 from .base import Estimator, solve_lower
 
 

@@ -30,8 +30,8 @@ from .. import _tree as T
 from .. import linalg
 from .. import oracles as O
 from ..errors import LinearSolveError
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from .base import Estimator, solve_lower
 
 

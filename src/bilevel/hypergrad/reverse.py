@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 
 from .. import _tree as T
+from ..formulation import Bound
 from ..inner import Dynamics, GradFn, unroll
 from ..oracles import _grad, record
-from ..problem import Bound
 from .base import Estimator, lower_grad_fn
 
 

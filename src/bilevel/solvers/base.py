@@ -28,9 +28,9 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
-from ..data import Sampler
+from ..formulation import Bound, Problem
 from ..inner import Dynamics, with_projection
-from ..problem import Bound, Problem
+from ..sampling import Sampler
 from ..validation import check_compatible, check_finite, check_variables
 
 __all__ = ["Solver", "Context", "SolveResult", "solve", "descend"]
@@ -196,6 +196,7 @@ def solve(
     upper_data: Sampler | None = None,
     track: bool | int = True,
     state: dict[str, Any] | None = None,
+    compile: bool = False,
 ) -> SolveResult:
     """Run ``solver`` for ``steps`` outer iterations from (x0, y0).
 
@@ -203,6 +204,7 @@ def solve(
     (N-th) step, outside the clock. ``callback(t, x, y, record)`` runs after each step and may
     return True to stop. ``state`` (from a previous :class:`SolveResult`) resumes a run.
     ``y0`` may be a callable x -> y0 (solvers that learn the initialization use it).
+    ``compile=True`` runs every oracle as a compiled kernel (:mod:`bilevel.compiled`).
     """
     xs, xspec = T.flatten(x0)
     check_variables(xs, "x0")
@@ -220,7 +222,7 @@ def solve(
     solver.setup(ctx, state)
     history: list[dict[str, Any]] = []
     every = int(track) if not isinstance(track, bool) else (1 if track else 0)
-    with torch.no_grad():
+    with torch.no_grad(), O.backend("compiled" if compile else O.get_backend()):
         for t in range(int(state["t"]), steps):
             t0 = time.perf_counter()
             with torch.enable_grad(), O.counting(state["counts"]):

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from .. import _tree as T
+from ..formulation import Bound
 from ..oracles import _grad
-from ..problem import Bound
 from .base import Estimator
 
 
