@@ -13,8 +13,8 @@ import torch
 import bilevel as bl
 from bilevel import inner
 from bilevel.errors import ConfigError, StructureMismatchError
+from bilevel.formulation import Bound
 from bilevel.hypergrad.base import lower_grad_fn
-from bilevel.problem import Bound
 
 F64 = torch.float64
 C = torch.tensor([1.0, 2.0, 0.5], dtype=F64)

@@ -35,9 +35,9 @@ from torch.func import vmap
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import ConfigError, StructureMismatchError
+from ..formulation import Problem
 from ..hypergrad.base import Estimator
 from ..inner import Dynamics, unroll
-from ..problem import Problem
 from ..validation import check_finite
 from .tasks import check_tasks, index_tasks, num_tasks
 

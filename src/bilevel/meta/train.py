@@ -16,8 +16,8 @@ import torch
 
 from .. import _tree as T
 from ..errors import ConfigError
+from ..formulation import Problem
 from ..inner import Adam, Dynamics
-from ..problem import Problem
 from ..solvers.base import Context, Solver, descend, solve
 from .base import MetaLearner
 from .tasks import check_tasks
