@@ -22,10 +22,12 @@ from .omniglot import omniglot
 from .protonet import ProtoNet
 from .r2d2 import R2D2, ridge_head
 from .tasks import Episodes, SinusoidTasks, check_tasks, class_split, stack_tasks
+from .train import MetaTraining, evaluate_episodes, mean_ci95, meta_train
 
 __all__ = ["MetaLearner", "MAML", "FOMAML", "ANIL", "IMAML", "R2D2", "MetaSGD", "ProtoNet",
            "MLPModel", "SinusoidTasks", "Episodes", "class_split", "stack_tasks", "check_tasks",
-           "adapt", "batched_mean_grad", "ridge_head", "omniglot", "mini_imagenet", "METHODS"]
+           "adapt", "batched_mean_grad", "ridge_head", "omniglot", "mini_imagenet", "MetaTraining",
+           "meta_train", "evaluate_episodes", "mean_ci95", "METHODS"]
 
 METHODS = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "imaml": IMAML, "r2d2": R2D2,
            "metasgd": MetaSGD, "protonet": ProtoNet}
