@@ -40,3 +40,10 @@ def test_stochastic_example_reduces_the_exact_hypergradient(capsys):
     out = _run("stochastic_soba.py", capsys)
     before, after = map(float, out.splitlines()[0].split(" -> "))
     assert after < 0.01 * before
+
+
+def test_maml_sinusoid_example_meta_trains(capsys):
+    out = _run("maml_sinusoid.py", capsys)
+    m0, c0, m1, c1 = map(float, re.search(
+        r"10 steps: ([\d.]+) ± ([\d.]+) -> ([\d.]+) ± ([\d.]+)", out).groups())
+    assert m1 < m0 - (c0 + c1)  # meta-training helps beyond the episode noise (seeded: deterministic)
