@@ -15,6 +15,7 @@ from .. import oracles as O
 from ..formulation import Bound
 from ..inner import Dynamics
 from ..oracles import _grad
+from ..validation import check_finite
 from .base import Estimator, solve_lower
 
 
@@ -26,7 +27,8 @@ class FirstOrder(Estimator):
 
     def compute(self, bound: Bound, state: dict):
         ys, info = solve_lower(bound, self.inner, bound.xs, bound.init(bound.xs))
-        _, gx, gy = O.grads(bound.F, bound.xs, ys)
+        fval, gx, gy = O.grads(bound.F, bound.xs, ys)
+        check_finite([fval, *gx, *gy], "upper", "f, ∇_x f or ∇_y f at the lower point")
         if bound.y_fn is not None:
             with torch.enable_grad():
                 xs = T.requires_grad(bound.xs)

@@ -7,6 +7,7 @@ from .base import Context, Solver, SolveResult, solve
 from .bda import BDA
 from .hypergradient import HypergradientDescent
 from .ia import IAGM, IAGMA, IAPTTGM
+from .primal_dual_vf import PrimalDualVF
 from .rhg import RHG, TRHG
 from .stochastic import (
     BOME,
@@ -29,6 +30,7 @@ from .stochastic import (
     AmIGO,
     StocBiO,
 )
+from .vpbgd import VPBGD
 
 __all__ = [
     "Context",
@@ -46,6 +48,9 @@ __all__ = [
     "IAGM",
     "IAPTTGM",
     "IAGMA",
+    # value-function / penalty (issue 13.11)
+    "PrimalDualVF",
+    "VPBGD",
     # stochastic
     "AlternatingSGD",
     "AmIGO",
