@@ -156,7 +156,7 @@ def test_imaml_equals_dense_implicit_function_theorem():
     refs = []
     for i in range(2):
         task = {k: v[i] for k, v in tasks.items()}
-        res = L.task_estimator(task)(L.problem(task), x, L.start)
+        res = L.task_estimator(task)(L.problem(task), x, L.start(x))
         ys = T.flatten(res.y)[0]
         v = T.to_vector(ys)
 

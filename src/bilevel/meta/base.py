@@ -101,6 +101,9 @@ class MetaLearner:
 
     #: whether the model's linear head is part of the method (False: R2D2, ProtoNet)
     uses_head = True
+    #: the loop path passes the start as a function of x (its derivative counts: MAML) or as a
+    #: fixed point (iMAML: the implicit meta-gradient does not depend on the start)
+    differentiate_start = True
 
     # -- per task ------------------------------------------------------------------------
     def init(self, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
@@ -184,7 +187,8 @@ class MetaLearner:
                 g, loss = batched_mean_grad(self.query_loss, x, {k: v[None] for k, v in task.items()})
                 loss = loss[0]
             else:
-                res = est(self.problem(task), x, self.start)
+                y0 = self.start if self.differentiate_start else self.start(x)
+                res = est(self.problem(task), x, y0)
                 g = res.grad
                 with torch.no_grad():
                     loss = self.upper(task)(x, res.y)

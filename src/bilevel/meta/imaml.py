@@ -37,6 +37,7 @@ class IMAML(MetaLearner):
     reference = "Rajeswaran, Finn, Kakade & Levine 2019, Eq. 3-7, Alg. 2"
     #: bl.linalg.cg synchronises with the host (tolerance tests): the meta-gradient loops over tasks
     vmappable = False
+    differentiate_start = False
 
     def __init__(self, model, *, lam: float = 1.0, inner: Dynamics | None = None, cg_iters: int = 10,
                  cg_tol: float = 1e-10, loss: str = "ce", ways: int | None = None):
