@@ -73,9 +73,14 @@ class Sinusoid(Experiment):
                      info={"learner": repr(learner)})
 
     def summarize(self, cfg, final, extras, info) -> str:
+        def num(v):  # the trace stores inf / nan as strings
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                return math.nan
+
         def cell(d, k, pre=""):
-            return f"{d.get(pre + f'mse_{k}step', float('nan')):.3f} ± " \
-                   f"{d.get(pre + f'mse_{k}step_ci95', float('nan')):.3f}"
+            return f"{num(d.get(pre + f'mse_{k}step')):.3f} ± {num(d.get(pre + f'mse_{k}step_ci95')):.3f}"
 
         rows = [["method", cfg["method"]],
                 ["meta-test MSE, 1 step", cell(final, 1)], ["meta-test MSE, 10 steps", cell(final, 10)],
