@@ -47,3 +47,13 @@ def test_maml_sinusoid_example_meta_trains(capsys):
     m0, c0, m1, c1 = map(float, re.search(
         r"10 steps: ([\d.]+) ± ([\d.]+) -> ([\d.]+) ± ([\d.]+)", out).groups())
     assert m1 < m0 - (c0 + c1)  # meta-training helps beyond the episode noise (seeded: deterministic)
+
+
+def test_indefinite_example_minres_and_normal_cg_are_exact_cg_flags_its_breakdown(capsys):
+    out = _run("indefinite_lower_level.py", capsys)
+    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines() if "relative error" in line}
+    assert set(rows) == {"CG", "MINRES", "NormalCG", "CG damping=0.01", "CG damping=4"}
+    err = {k: float(v[2]) for k, v in rows.items()}
+    assert err["MINRES"] < 1e-10 and err["NormalCG"] < 1e-10
+    assert rows["CG"][4] == "negative_curvature" and rows["CG"][6] == "True"
+    assert rows["CG damping=4"][4] == "None" and err["CG damping=4"] > 0.1  # stable but biased

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import sys
 import time
@@ -38,16 +37,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _tree as T
 from .. import oracles as O
 from ..errors import BilevelError, ConfigError
 from ..solvers.base import solve
+from . import checkpoint as CK
 from . import config as C
 from .base import Experiment, Setup, SubResult, Table, fmt, get
-from .trace import load_trace
+from .trace import Callback, load_trace, make_loggers
 
 __all__ = ["run", "RunResult", "new_run_dir", "seed_everything", "load_trace"]
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINTS = Path("checkpoints")
+CHECKPOINT = CHECKPOINTS / CK.LAST
 #: config keys that may change when resuming (extending a finished run)
 RESUMABLE_KEYS = {"steps", "checkpoint_every"}
 
@@ -131,6 +133,17 @@ def _restore(obj: Any, snap: Mapping[str, Any]) -> None:
             _restore(getattr(obj, k), val)
 
 
+def _to_device(v: Any, device: str) -> Any:
+    """The solver state loaded on the CPU, moved to the run's device (RNG states stay on the CPU)."""
+    if isinstance(v, Tensor):
+        return v.to(device)
+    if isinstance(v, dict) and type(v) is dict:
+        return {k: _to_device(u, device) for k, u in v.items()}
+    if isinstance(v, (list, tuple)) and type(v) in (list, tuple):
+        return type(v)(_to_device(u, device) for u in v)
+    return v
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, Tensor):
         return v.item() if v.numel() == 1 else None
@@ -166,9 +179,7 @@ def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "ru
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    CK.write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -194,9 +205,12 @@ def run(
     progress: bool = True,
     plots: bool = True,
     echo: Callable[[str], None] | None = print,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Run (or resume) experiment ``name``; see the module docstring for the folder layout.
 
+    ``callbacks``: :class:`~bilevel.experiments.trace.Callback` objects that receive every trace
+    record (besides the ``loggers`` of the config: ``csv``, ``tensorboard``).
     ``overrides``: ``["key=value", ...]`` (strings parsed like ``--set``) or ``{key: value}``.
     ``stop_after``: end this session after that many steps (a checkpoint is written first).
     ``plots=False`` skips the figures (tests).
@@ -232,13 +246,13 @@ def run(
         explicit = set(C.flatten(file or {})) | set(sets)
         path = new_run_dir(name, out)
         _write_json(path / "run.json", {"experiment": name, "kind": exp.kind})
-    (path / "config.toml").write_text(C.dumps(cfg), encoding="utf-8")
+    CK.write_text(path / "config.toml", C.dumps(cfg))
     try:
         if isinstance(exp, Table):
             return _run_table(exp, cfg, path, stop_after=stop_after, progress=progress, plots=plots,
-                              echo=echo)
+                              echo=echo, callbacks=callbacks)
         return _run_single(exp, cfg, path, resume=resume is not None, stop_after=stop_after,
-                           progress=progress, plots=plots, echo=echo, explicit=explicit)
+                           progress=progress, plots=plots, echo=echo, explicit=explicit, callbacks=callbacks)
     except BilevelError:
         if resume is None:  # rejected while building (bad config, missing data): no half-made folder
             _remove_fresh_run(path)
@@ -246,7 +260,7 @@ def run(
 
 
 def _remove_fresh_run(path: Path) -> None:
-    if (path / CHECKPOINT).exists() or (path / "runs").exists() or load_trace(path):
+    if (path / CHECKPOINTS).exists() or (path / "runs").exists() or load_trace(path):
         return  # the run got going: keep its partial trace for inspection
     for name in ("config.toml", "run.json", "trace.jsonl", "extras.json"):
         (path / name).unlink(missing_ok=True)
@@ -333,6 +347,7 @@ def _run_single(
     echo: Callable[[str], None] | None,
     label: str | None = None,
     explicit: set[str] | frozenset[str] = frozenset(),
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     threads = int(cfg.get("threads", 0))
     before = torch.get_num_threads()
@@ -340,7 +355,7 @@ def _run_single(
         torch.set_num_threads(threads)
     try:
         return _single(exp, cfg, path, resume=resume, stop_after=stop_after, progress=progress, plots=plots,
-                       echo=echo, label=label, explicit=explicit)
+                       echo=echo, label=label, explicit=explicit, callbacks=callbacks)
     finally:
         torch.set_num_threads(before)
 
@@ -356,23 +371,60 @@ def check_unused(exp: Experiment, setup: Setup, explicit: set[str] | frozenset[s
             f"{'it' if len(bad) == 1 else 'them'} (unused keys here: {', '.join(sorted(setup.unused))})")
 
 
-def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit) -> RunResult:
+def check_placement(exp: Experiment, setup: Setup, cfg: dict[str, Any]) -> None:
+    """The variables must live on the configured ``device`` (and ``dtype``, when one is given)."""
+    from .base import run_device, run_dtype
+
+    if "device" not in cfg:
+        return
+    dev = run_device(cfg)
+    want = run_dtype(cfg, torch.float32) if cfg.get("dtype") else None
+    leaves = [t for tree in (setup.x0, setup.y0) if not callable(tree) or isinstance(tree, Tensor)
+              for t in T.flatten(tree)[0]]
+    for t in leaves:
+        if t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index):
+            raise ConfigError(f"{exp.name}: device={cfg['device']} is not applied by this experiment (its "
+                              f"variables are on {t.device}); it must build them with run_device(cfg)")
+        if want is not None and t.is_floating_point() and t.dtype != want:
+            raise ConfigError(f"{exp.name}: dtype={cfg['dtype']} is not applied by this experiment (its "
+                              f"variables are {t.dtype}); it must build them with run_dtype(cfg, ...)")
+
+
+def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit,
+            callbacks) -> RunResult:
+    cbs = make_loggers(cfg.get("loggers", "")) + list(callbacks)
+    result = None
+    try:
+        result = _single_session(exp, cfg, path, resume=resume, stop_after=stop_after, progress=progress,
+                                 plots=plots, echo=echo, label=label, explicit=explicit, cbs=cbs)
+        return result
+    finally:
+        for cb in cbs:
+            cb.on_end(result)
+
+
+def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit,
+                    cbs) -> RunResult:
     wall0 = time.perf_counter()
     steps, every, ck_every = int(cfg["steps"]), int(cfg["eval_every"]), int(cfg["checkpoint_every"])
     seed_everything(int(cfg["seed"]))
     setup = exp.build(cfg)
     check_unused(exp, setup, explicit)
+    check_placement(exp, setup, cfg)
     # steps=0 runs solver.init (and its side effects) and hands back the state dict we keep
     state = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=0,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
                   lower_data=setup.lower_data, upper_data=setup.upper_data, track=False).state
     samplers = {"lower": setup.lower_data, "upper": setup.upper_data}
-    ckpt_file, trace_file = path / CHECKPOINT, path / "trace.jsonl"
+    ckpt_dir, trace_file = path / CHECKPOINTS, path / "trace.jsonl"
     session = {"eval_time": 0.0, "wall_time": 0.0, "baseline_time": 0.0}
-    if resume and ckpt_file.is_file():
-        ck = torch.load(ckpt_file, weights_only=False, map_location="cpu")
+    ck, ck_file, problems = CK.load_latest(ckpt_dir) if resume else (None, None, [])
+    if echo:
+        for msg in problems:
+            echo(f"skipping a bad checkpoint: {msg}" + (f"; using {ck_file.name}" if ck_file else ""))
+    if ck is not None:
         state.clear()
-        state.update(ck["state"])
+        state.update(_to_device(ck["state"], cfg.get("device", "cpu") or "cpu"))
         _restore(setup.solver, ck["solver"])
         for k, s in samplers.items():
             if s is not None and ck["samplers"].get(k) is not None:
@@ -383,12 +435,12 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
         extras, session = ck["extras"], ck["session"]
         t_ck = int(state["t"])
         kept = [r for r in load_trace(path) if r["step"] <= t_ck]
-        trace_file.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        CK.write_text(trace_file, "".join(json.dumps(r) + "\n" for r in kept))
         fresh = False
     else:
         if resume and echo:
             echo(f"{path}: no checkpoint yet, starting from step 0")
-        trace_file.write_text("", encoding="utf-8")
+        CK.write_text(trace_file, "")
         t_b = time.perf_counter()
         extras = setup.baselines() if setup.baselines is not None else {}
         session["baseline_time"] = time.perf_counter() - t_b
@@ -396,6 +448,8 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
         fresh = True
     plot_metrics: list[str] = list(setup.plot_metrics or [])
     start_t = int(state["t"])
+    for cb in cbs:
+        cb.on_start(path, cfg, load_trace(path))
 
     def evaluate(x: Any, y: Any, record: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -414,10 +468,11 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
             plot_metrics.extend(metrics)
         with open(trace_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
+        for cb in cbs:
+            cb.on_record(rec)
         return rec
 
     def save_checkpoint() -> None:
-        ckpt_file.parent.mkdir(exist_ok=True)
         session_now = {**session, "wall_time": session["wall_time"] + time.perf_counter() - wall0}
         blob = {
             "experiment": exp.name, "step": int(state["t"]), "state": state,
@@ -426,9 +481,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
             "stateful": {k: obj.state_dict() for k, obj in setup.stateful.items()},
             "rng": _rng_state(), "extras": extras, "session": session_now,
         }
-        tmp = ckpt_file.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, ckpt_file)
+        CK.save(ckpt_dir, blob)
 
     from ..formulation import Bound  # local: only to unflatten the start point for the step-0 record
 
@@ -494,7 +547,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
     if setup.unused:
         summary += f"\nconfig keys not used by this solver: {', '.join(sorted(setup.unused))}\n"
     summary += lower_line(verdict)
-    (path / "summary.md").write_text(summary, encoding="utf-8")
+    CK.write_text(path / "summary.md", summary)
     _write_json(path / "result.json", {"completed": True, "final": final, "extras": extras, "info": info,
                                        "setup": setup.info, "plot_metrics": plot_metrics})
     if echo and verdict.get("solved") is False:
@@ -515,6 +568,7 @@ def _run_table(
     progress: bool,
     plots: bool,
     echo: Callable[[str], None] | None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     wall0 = time.perf_counter()
     subs = exp.runs(cfg)
@@ -540,10 +594,10 @@ def _run_table(
             sub_dir.mkdir(parents=True, exist_ok=True)
             _write_json(sub_dir / "run.json", {"experiment": sr.experiment, "kind": "single",
                                                "label": sr.label, "table": exp.name})
-            (sub_dir / "config.toml").write_text(C.dumps(sub_cfg), encoding="utf-8")
+            CK.write_text(sub_dir / "config.toml", C.dumps(sub_cfg))
         r = _run_single(sub_exp, sub_cfg, sub_dir, resume=resuming, stop_after=stop_after,
                         progress=progress, plots=False, echo=None,
-                        label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}")
+                        label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}", callbacks=callbacks)
         if not r.completed:
             if echo:
                 echo(f"stopped in sub-run {sr.folder}; continue with: bilevel run {exp.name} --resume {path}")
@@ -554,7 +608,7 @@ def _run_table(
                               if isinstance(r.final.get(c), float))
             echo(f"  {sr.label} (seed {sr.seed}): {shown}  [{r.info['wall_time_s']:.1f} s]")
     summary = exp.summarize_table(cfg, results)
-    (path / "summary.md").write_text(summary, encoding="utf-8")
+    CK.write_text(path / "summary.md", summary)
     info = {"runs": len(results), "wall_time_s": time.perf_counter() - wall0}
     _write_json(path / "result.json", {"completed": True, "info": info,
                                        "runs": [{"label": r.run.label, "seed": r.run.seed,
