@@ -49,6 +49,18 @@ def test_maml_sinusoid_example_meta_trains(capsys):
     assert m1 < m0 - (c0 + c1)  # meta-training helps beyond the episode noise (seeded: deterministic)
 
 
+@pytest.mark.compiled
+def test_oracle_backends_example(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["oracle_backends.py", "--compile-backend", "aot_eager"])
+    old = dict(__import__("bilevel").compiled.settings)
+    try:
+        out = _run("oracle_backends.py", capsys)
+    finally:
+        __import__("bilevel").compiled.settings.update(old)
+    diffs = [float(m) for m in re.findall(r"max abs difference ([\d.e+-]+)", out)]
+    assert len(diffs) == 2 and all(d < 1e-12 for d in diffs)
+
+
 def test_indefinite_example_minres_and_normal_cg_are_exact_cg_flags_its_breakdown(capsys):
     out = _run("indefinite_lower_level.py", capsys)
     rows = {line[:16].strip(): line[16:].split() for line in out.splitlines() if "relative error" in line}

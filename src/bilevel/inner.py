@@ -442,6 +442,11 @@ class Adam(Dynamics):
         return self.project(_axpy(_neg(self.hp("lr", k)), step, y)) + m + v
 
 
+def _batched(t: Tensor) -> bool:
+    """True for a tensor being vmapped (host synchronisation is impossible there)."""
+    return bool(torch._C._functorch.is_batchedtensor(t))
+
+
 def unroll(
     dyn: Dynamics,
     grad_fn: GradFn,
@@ -466,6 +471,8 @@ def unroll(
         state = dyn.update(state, last_grad, k)
         if track:
             sums.append(sum(t.detach().sum() for t in state[: len(state) // dyn.slots]))
+    if track and any(_batched(t) for t in state):  # inside vmap: the caller checks the result
+        track = False
     bad = first_nonfinite(sums) if track else None
     if bad is not None:
         step = start + bad + 1
@@ -476,7 +483,8 @@ def unroll(
             step=step,
         )
     info: dict[str, Any] = {"steps": steps}
-    if last_grad is not None and track:  # track=False: no host synchronisation (vmap-safe)
+    # track=False or inside vmap: no host synchronisation
+    if last_grad is not None and track and not _batched(last_grad[0]):
         info["last_grad_norm"] = float(T.norm(T.detach(last_grad)))
     return state, info
 

@@ -54,6 +54,7 @@ __all__ = [
     "hvp_and_cross",
     "grad_y_fn",
     "value_and_grad",
+    "grad_y_tangents",
 ]
 
 Fn = Callable[[T.Leaves, T.Leaves], Tensor]
@@ -240,9 +241,9 @@ class Linearization:
         self.fn = fn
         _record(fn, "grad")
         self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
-        if self._mode == "compiled":
+        if self._mode == "compiled":  # value and ∇_y g come with the first product (one kernel)
             self.xs, self.ys = T.detach(xs), T.detach(ys)
-            self.value, self.grad_y = _kernel("value_grad_y", fn)(self.xs, self.ys)
+            self._first: tuple | None = None
             return
         if self._mode == "func":
             self.xs, self.ys = T.detach(xs), T.detach(ys)
@@ -261,6 +262,16 @@ class Linearization:
             self._gy = _grad(self.value, self.ys, create_graph=True)
         self.value = self.value.detach()
         self.grad_y = T.detach(self._gy)
+
+    def __getattr__(self, name: str) -> Any:
+        # compiled mode: ``value`` / ``grad_y`` computed on first access, or by the first
+        # :meth:`both` (fused with the products)
+        if name in ("value", "grad_y") and self.__dict__.get("_mode") == "compiled":
+            if self._first is None:
+                self._first = _kernel("value_grad_y", self.fn)(self.xs, self.ys)
+            self.value, self.grad_y = self._first
+            return self.__dict__[name]
+        raise AttributeError(name)
 
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
@@ -284,6 +295,10 @@ class Linearization:
         """(H v, J^T v) from a single backward pass."""
         _record(self.fn, "hvp", "cross")
         if self._mode == "compiled":
+            if self._first is None and "grad_y" not in self.__dict__:
+                val, gy, hv, jt = _kernel("value_grad_y_both", self.fn)(self.xs, self.ys, v)
+                self._first = (val, gy)
+                return hv, jt
             return _kernel("both", self.fn)(self.xs, self.ys, v)
         if self._mode == "func":
             jt, hv = self._vjp(tuple(v))
@@ -324,6 +339,39 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
     """One-shot (H v, J^T v): one gradient with graph plus one backward for both products."""
     return Linearization(fn, xs, ys).both(v)
+
+
+def grad_y_tangents(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, U: T.Leaves, Z: T.Leaves
+) -> tuple[T.Leaves, T.Leaves]:
+    """∇_y fn(x, y) and its directional derivatives along B tangents (u_i, z_i) at once:
+    d_i = J u_i + H z_i = ∇²_yx fn · u_i + ∇²_yy fn · z_i (``U``, ``Z``: leaves with a leading
+    dimension B; forward-mode unrolling). By symmetry of the Hessian of fn in (x, y),
+    d_i = ∂_y [<∇_x fn, u_i> + <∇_y fn, z_i>]: one gradient with graph and ONE reverse pass batched
+    over the tangents (``is_grads_batched``) — no jvp, no copies of the data per tangent. With
+    the functional backends it is a vmapped ``torch.func.jvp`` of ∇_y fn. Counted as one gradient
+    plus B Hessian- and B cross-products."""
+    nb = U[0].shape[0] if U else Z[0].shape[0]
+    _record(fn, "grad")
+    _record(fn, "hvp", "cross", times=nb)
+    if _functional():
+        xs, ys = T.detach(xs), T.detach(ys)
+        gy = f_grad_y(fn, xs, ys)
+
+        def tangent(u: T.Leaves, z: T.Leaves) -> T.Leaves:
+            return torch.func.jvp(lambda a, b: f_grad_y(fn, a, b), (xs, ys), (u, z))[1]
+
+        return gy, tuple(torch.func.vmap(tangent)(tuple(U), tuple(Z)))
+    with torch.enable_grad():
+        xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
+        g = _grad(fn(xs_, ys_), xs_ + ys_, create_graph=True)
+        outs = [(gi, ti) for gi, ti in zip(g, tuple(U) + tuple(Z)) if gi.requires_grad]
+        if not outs:
+            return T.detach(g[len(xs) :]), tuple(torch.zeros_like(t) for t in Z)
+        d = torch.autograd.grad([o for o, _ in outs], ys_, [t for _, t in outs],
+                                is_grads_batched=True, allow_unused=True)
+    d = tuple(torch.zeros_like(z) if di is None else di for di, z in zip(d, Z))
+    return T.detach(g[len(xs) :]), d
 
 
 def value_and_grad(
@@ -397,6 +445,20 @@ def f_both(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T
     _, pull = torch.func.vjp(lambda a, b: f_grad_y(fn, a, b), tuple(xs), tuple(ys))
     jt, hv = pull(tuple(v))
     return tuple(hv), tuple(jt)
+
+
+def f_value_grad_y_both(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves
+) -> tuple[Tensor, T.Leaves, T.Leaves, T.Leaves]:
+    """(value, ∇_y fn, H v, J^T v) from one vjp of (x, y) -> ∇_y fn(x, y)."""
+
+    def gy_val(a: T.Leaves, b: T.Leaves) -> tuple[T.Leaves, Tensor]:
+        g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
+        return tuple(g), val
+
+    gy, pull, val = torch.func.vjp(gy_val, tuple(xs), tuple(ys), has_aux=True)
+    jt, hv = pull(tuple(v))
+    return val, tuple(gy), tuple(hv), tuple(jt)
 
 
 def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:

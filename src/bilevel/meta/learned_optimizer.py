@@ -92,6 +92,10 @@ class LearnedUpdate(Dynamics):
         self.beta, self.scale, self.net = float(beta), float(scale), net
         self.raw_scale = float(raw_scale)
 
+    @property
+    def depends_on_x(self) -> bool:  # the network comes from x
+        return True
+
     def bind(self, x: Any, y: Any = None) -> LearnedUpdate:
         out = copy.copy(self)
         out.net = x["net"] if isinstance(x, dict) and "net" in x else x
