@@ -49,6 +49,13 @@ def test_maml_sinusoid_example_meta_trains(capsys):
     assert m1 < m0 - (c0 + c1)  # meta-training helps beyond the episode noise (seeded: deterministic)
 
 
+def test_distributed_example_matches_one_process(capsys):
+    out = _run("distributed_cg.py", capsys)
+    diff = float(re.search(r"= ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-12 and "ranks agree: True" in out
+    assert "all-reduces: 73," in out  # 50 gradients, (f, ∇f), (g, ∇_y g), 20 H-products, 1 cross
+
+
 @pytest.mark.compiled
 def test_oracle_backends_example(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["oracle_backends.py", "--compile-backend", "aot_eager"])

@@ -27,7 +27,7 @@ import torch
 from .. import _tree as T
 from ..formulation import Bound
 from ..inner import Dynamics, GradFn, unroll
-from ..oracles import _grad, record
+from ..oracles import _grad, objective, rank_mean, record
 from .base import Estimator, lower_grad_fn
 
 
@@ -88,8 +88,9 @@ class Reverse(Estimator):
             else:
                 s_T, info = unroll(dyn, self._direction(bound, xs, create_graph=True), s0, K,
                                    start=steps - K)
-                F = bound.F(xs, dyn.output(s_T))
+                F = objective(bound.F, xs, dyn.output(s_T))
                 gx = _grad(F, wrt)
+            gx = rank_mean(gx)  # data-parallel: per-rank shares -> derivative (else identity)
             if self.wrt_init:
                 info["grad_init"] = T.detach(gx[len(xs) :])
                 gx = gx[: len(xs)]
@@ -113,7 +114,7 @@ class Reverse(Estimator):
         s_T = s
         with torch.enable_grad():  # adjoint at the end: a_T = ∂F/∂state
             sT = T.requires_grad(s_T)
-            F = bound.F(xs, dyn.output(sT))
+            F = objective(bound.F, xs, dyn.output(sT))
             g = _grad(F, xs + sT)
         gx, adj = list(g[: len(xs)]), g[len(xs) :]
         withgraph = self._direction(bound, xs, create_graph=True)
