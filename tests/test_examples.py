@@ -59,6 +59,13 @@ def test_pytorch_cnn_example_tiny(capsys, monkeypatch):
     assert float(re.search(r"test accuracy ([\d.]+)", out).group(1)) > 0.3  # chance: 0.1
 
 
+def test_maml_sinusoid_example_meta_trains(capsys):
+    out = _run("maml_sinusoid.py", capsys)
+    m0, c0, m1, c1 = map(float, re.search(
+        r"10 steps: ([\d.]+) ± ([\d.]+) -> ([\d.]+) ± ([\d.]+)", out).groups())
+    assert m1 < m0 - (c0 + c1)  # meta-training helps beyond the episode noise (seeded: deterministic)
+
+
 def test_distributed_example_matches_one_process(capsys):
     out = _run("distributed_cg.py", capsys)
     diff = float(re.search(r"= ([\d.e+-]+)", out).group(1))

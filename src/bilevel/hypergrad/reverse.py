@@ -79,11 +79,11 @@ class Reverse(Estimator):
         return (self.grad_fn or lower_grad_fn)(bound, xs, create_graph=create_graph)
 
     def compute(self, bound: Bound, state: dict):
-        dyn = self.inner
-        steps = dyn.steps
+        steps = self.inner.steps
         K = steps if self.truncate is None else int(self.truncate)
         xs = T.requires_grad(bound.xs)
         with torch.enable_grad():
+            dyn = self.inner.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))  # hyperparameters(x)
             if steps > K:  # T-RHG: the first T-K steps carry no derivative
                 with torch.no_grad():
                     s0, _ = unroll(
@@ -123,7 +123,8 @@ class Reverse(Estimator):
 
     def _checkpointed(self, bound, xs, s0, K, start, seg, init_graph):
         """Segmented reverse sweep: store ⌈K/c⌉ states, recompute each segment with a graph."""
-        dyn = self.inner
+        with torch.enable_grad():
+            dyn = self.inner.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))
         c = seg if seg > 0 else max(1, math.isqrt(K - 1) + 1 if K > 1 else 1)
         bounds = list(range(0, K, c)) + [K]
         nograd = self._direction(bound, xs, create_graph=False)
