@@ -329,13 +329,14 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         fresh = True
     plot_metrics: list[str] = list(setup.plot_metrics or [])
     start_t = int(state["t"])
+    live = {"state": state}  # bl.solve never mutates the state passed in: the callback gets the live one
 
     def evaluate(x: Any, y: Any, record: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         with torch.no_grad():
             metrics = {**_losses(setup, x, y), **(setup.evaluate(x, y) if setup.evaluate else {})}
         session["eval_time"] += time.perf_counter() - t0
-        counts = dict(state["counts"].flat())
+        counts = dict(live["state"]["counts"].flat())
         diag = {k: v for k, v in record.items()
                 if k not in ("step", "time") and k not in counts and k not in metrics}
         rec = {"step": record["step"], "time": record["time"], **metrics, **diag, **counts,
@@ -351,7 +352,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         ckpt_file.parent.mkdir(exist_ok=True)
         session_now = {**session, "wall_time": session["wall_time"] + time.perf_counter() - wall0}
         blob = {
-            "experiment": exp.name, "step": int(state["t"]), "state": state,
+            "experiment": exp.name, "step": int(live["state"]["t"]), "state": live["state"],
             "solver": _capture(setup.solver),
             "samplers": {k: (s.state_dict() if s is not None else None) for k, s in samplers.items()},
             "stateful": {k: obj.state_dict() for k, obj in setup.stateful.items()},
@@ -371,8 +372,9 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
     shown = list(setup.progress)
     last: dict[str, Any] = {}
 
-    def callback(t: int, x: Any, y: Any, record: dict[str, Any]) -> bool:
+    def callback(t: int, x: Any, y: Any, record: dict[str, Any], state: dict[str, Any]) -> bool:
         nonlocal last
+        live["state"] = state
         if bar is not None:
             bar.update(1)
         if t % every == 0 or t == steps:
@@ -388,14 +390,15 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
 
     try:
         if start_t < steps:
-            solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=steps,
+            live["state"] = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=steps,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
                   lower_data=setup.lower_data, upper_data=setup.upper_data, track=False,
-                  state=state, callback=callback)
+                  state=state, callback=callback).state
     finally:
         if bar is not None:
             bar.close()
     session["wall_time"] += time.perf_counter() - wall0
+    state = live["state"]
     done = int(state["t"])
     from .plots import plot_run
 
