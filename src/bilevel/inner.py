@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _tree as T
+from ._trace import require, scalar, tracing
 from .errors import NonFiniteError
 from .validation import first_nonfinite
 
@@ -204,7 +205,13 @@ def unroll(
         state = dyn.update(state, last_grad, k)
         if track:
             sums.append(sum(t.detach().sum() for t in state[: len(state) // dyn.slots]))
-    bad = first_nonfinite(sums) if track else None
+    if track and tracing() and sums:  # traced (vmap): no host read, the check runs afterwards
+        ok = torch.isfinite(torch.stack([s.reshape(()) for s in sums])).all()
+        require(ok, lambda: NonFiniteError(
+            f"non-finite values (NaN/inf) in the {level}-level iterate of {type(dyn).__name__} "
+            f"(lr={dyn.lr}) within steps {start + 1}..{start + steps}; reduce the step size or "
+            "check the objective", level=level))
+    bad = first_nonfinite(sums) if track and not tracing() else None
     if bad is not None:
         step = start + bad + 1
         raise NonFiniteError(
@@ -215,7 +222,7 @@ def unroll(
         )
     info: dict[str, Any] = {"steps": steps}
     if last_grad is not None:
-        info["last_grad_norm"] = float(T.norm(T.detach(last_grad)))
+        info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))
     return state, info
 
 

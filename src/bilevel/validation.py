@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._trace import require, tracing
 from ._tree import Leaves, Spec
 from .errors import NonFiniteError, NonScalarObjectiveError, StructureMismatchError
 
@@ -68,10 +69,18 @@ def check_like(a: Leaves, a_spec: Spec, b: Leaves, b_spec: Spec, what: str) -> N
 
 
 def check_finite(leaves: Sequence[Tensor], level: str, what: str, step: int | None = None) -> None:
-    """Raise :class:`NonFiniteError` naming the level and step if any entry is NaN/inf."""
+    """Raise :class:`NonFiniteError` naming the level and step if any entry is NaN/inf (deferred
+    in traced mode, see :mod:`bilevel._trace`)."""
+    where = f" at step {step}" if step is not None else ""
+    if tracing():
+        if leaves:
+            ok = torch.stack([torch.isfinite(t.detach()).all() for t in leaves]).all()
+            require(ok, lambda: NonFiniteError(
+                f"non-finite values (NaN/inf) in {what} of the {level} level{where}",
+                level=level, step=step))
+        return
     for t in leaves:
         if not bool(torch.isfinite(t).all()):
-            where = f" at step {step}" if step is not None else ""
             raise NonFiniteError(
                 f"non-finite values (NaN/inf) in {what} of the {level} level{where}",
                 level=level,

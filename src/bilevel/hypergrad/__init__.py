@@ -7,6 +7,7 @@ from .first_order import FirstOrder
 from .forward import Forward
 from .implicit import CG, Exact, FixedPoint, Implicit, Neumann
 from .reverse import Reverse
+from .vmap import vmap
 from .zeroth_order import ZerothOrder
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "Implicit",
     "ClosedForm",
     "ZerothOrder",
+    "vmap",
 ]

@@ -8,12 +8,9 @@ The first form is alternating gradient descent; the second is first-order MAML (
 
 from __future__ import annotations
 
-import torch
-
 from .. import _tree as T
 from .. import oracles as O
 from ..inner import Dynamics
-from ..oracles import _grad
 from ..problem import Bound
 from .base import Estimator, solve_lower
 
@@ -28,7 +25,5 @@ class FirstOrder(Estimator):
         ys, info = solve_lower(bound, self.inner, bound.xs, bound.init(bound.xs))
         _, gx, gy = O.grads(bound.F, bound.xs, ys)
         if bound.y_fn is not None:
-            with torch.enable_grad():
-                xs = T.requires_grad(bound.xs)
-                gx = T.add(gx, _grad(bound.init(xs), xs, gy))
+            gx = T.add(gx, O.vjp(bound.init, bound.xs, gy))
         return gx, ys, info, state

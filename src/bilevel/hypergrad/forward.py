@@ -17,6 +17,7 @@ from torch.func import jvp, vmap
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import tracing
 from ..inner import Dynamics
 from ..problem import Bound
 from ..validation import check_finite
@@ -30,7 +31,7 @@ class Forward(Estimator):
         self.inner = inner
         self.chunk = chunk
 
-    def compute(self, bound: Bound, state: dict):
+    def compute(self, bound: Bound, est_state: dict):
         dyn = self.inner
         xs = bound.xs
         n = T.numel(xs)
@@ -49,7 +50,7 @@ class Forward(Estimator):
         dirs = torch.cat([T.to_vector_batched(Z) for Z in jac_rows]) if jac_rows else None
         indirect = dirs @ b  # (n,)
         hg = T.add(gx, T.from_vector(indirect, xs))
-        return hg, ys, {"directions": n, "chunk": chunk}, state
+        return hg, ys, {"directions": n, "chunk": chunk}, est_state
 
     def _tangents(self, bound: Bound, gfun, xs, U):
         """Propagate a batch of tangents through the unrolled map; return (final state, Z_T)."""
@@ -58,8 +59,12 @@ class Forward(Estimator):
         def init(xs_):
             return dyn.init(bound.init(xs_))
 
-        state, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(None, 0))(U) if bound.y_fn \
-            else (dyn.init(bound.ys0), None)
+        traced = tracing()
+        if bound.y_fn:
+            state, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(0 if traced else None, 0))(U)
+            state = tuple(t[0] for t in state) if traced else state
+        else:
+            state, Z = dyn.init(bound.ys0), None
         if Z is None:
             Z = tuple(torch.zeros((U[0].shape[0], *t.shape), dtype=t.dtype, device=t.device)
                       for t in state)
@@ -67,8 +72,9 @@ class Forward(Estimator):
             def step(xs_, s_, k=k):
                 return dyn.update(s_, gfun(xs_, dyn.point(s_)), k)
 
+            # (traced, inside an outer vmap over tasks, the primal comes out batched: take row 0)
             state_new, Z = vmap(lambda u, z, s=state, st=step: jvp(st, (xs, s), (u, z)),
-                                out_dims=(None, 0))(U, Z)
-            state = state_new
+                                out_dims=(0 if traced else None, 0))(U, Z)
+            state = tuple(t[0] for t in state_new) if traced else state_new
         check_finite(dyn.output(state), "lower", "the final iterate (forward mode)")
         return T.detach(state), dyn.output(Z)

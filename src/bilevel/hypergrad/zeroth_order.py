@@ -27,6 +27,7 @@ from .base import Estimator, solve_lower
 class ZerothOrder(Estimator):
     reference = "Sow, Ji & Liang 2022 (PZOBO); MRBO/VRBO reproduction report, sec. 7"
     state_keys = ("rng",)
+    shared_state = ("rng",)  # under hypergrad.vmap every task draws the same directions
 
     """PZOBO's estimator (see module docstring). ``samples``: Q directions per call; ``mu``: the
     perturbation size; ``seed``: seeds the generator of :meth:`init_state` (None: a fresh random
