@@ -7,7 +7,7 @@ import bilevel as bl
 from bilevel.problems import stochastic_quadratic
 
 P = stochastic_quadratic(dim_x=10, dim_y=20, kappa=3, batch_size=32, seed=0)
-lower, upper = P.samplers(batch_size=32, seed=0)            # bl.data.Minibatches over the finite sums
+lower, upper = P.samplers(batch_size=32, seed=0)            # bl.sampling.Minibatches over the finite sums
 solver = bl.solvers.SOBA(lr_x={"c": 0.05, "e": 0.6}, lr_y={"c": 0.5, "e": 0.4})   # c / (t+1)^e
 res = bl.solve(
     P.problem, P.x0, P.y0, solver=solver, steps=5000, lower_data=lower, upper_data=upper, track=500

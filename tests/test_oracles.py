@@ -11,7 +11,7 @@ from torch.func import jvp
 import bilevel as bl
 from bilevel import _tree as T
 from bilevel import oracles as O
-from bilevel.problem import Bound
+from bilevel.formulation import Bound
 from tests.reference_problems import logcosh
 
 F64 = torch.float64

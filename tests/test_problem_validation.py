@@ -1,4 +1,4 @@
-"""bilevel.problem / bilevel.validation: bad inputs raise the documented errors with clear messages, and
+"""bilevel.formulation / bilevel.validation: bad inputs raise the documented errors with clear messages, and
 the pytree / nn.Module / batch plumbing works."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 import bilevel as bl
+from bilevel.formulation import Bound
 from bilevel.hypergrad import CG, FirstOrder, Forward, Neumann, Reverse
-from bilevel.problem import Bound
 from tests.reference_problems import dense_ift, newton, rel_err
 
 F64 = torch.float64

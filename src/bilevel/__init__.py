@@ -10,7 +10,20 @@ Quick start::
     res = est(problem, x, y0)       # res.grad, res.y, res.info
 """
 
-from . import closed_form, data, hypergrad, inner, linalg, oracles, solvers
+from . import (
+    closed_form,
+    compiled,
+    datasets,
+    estimates,
+    hypergrad,
+    inner,
+    linalg,
+    oracles,
+    problems,
+    sampling,
+    solvers,
+)
+from .compiled import compile
 from .errors import (
     BilevelError,
     ConfigError,
@@ -19,7 +32,7 @@ from .errors import (
     NonScalarObjectiveError,
     StructureMismatchError,
 )
-from .problem import Problem, params
+from .formulation import Problem, params
 from .solvers import SolveResult, solve
 
 __version__ = "0.1.0"
@@ -30,12 +43,17 @@ __all__ = [
     "solve",
     "SolveResult",
     "solvers",
-    "data",
+    "sampling",
+    "estimates",
+    "problems",
+    "datasets",
     "hypergrad",
     "inner",
     "linalg",
     "oracles",
     "closed_form",
+    "compile",
+    "compiled",
     "BilevelError",
     "ConfigError",
     "LinearSolveError",

@@ -1,6 +1,6 @@
 """First- and second-order oracles on flat leaves. Nothing else in the package differentiates twice.
 
-Notation: g(x, y) an objective (an :class:`~bilevel.problem.Objective` or any scalar function of
+Notation: g(x, y) an objective (an :class:`~bilevel.formulation.Objective` or any scalar function of
 flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy g · v = ∂_x <∇_y g, v>.
 
 * :func:`grads` — value, ∇_x and ∇_y from one backward pass.
@@ -10,14 +10,17 @@ flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy
   point use it.
 * :func:`hvp_and_cross` — one-shot H v and J^T v (stochastic algorithms, fresh batch per call).
 * :func:`grad_y_fn` — a ``torch.func`` version of ∇_y g for forward-mode (jvp) and vmap.
-* :func:`grad_of` / :func:`vjp` — the gradient of a scalar function of leaves / a vector-Jacobian
-  product of a function of leaves: what estimators use to differentiate their own computations
-  (an unrolled trajectory, a closed-form solve, an initialization y0(x)).
+* :func:`value_and_grad` — the gradient of any function of leaves (the outer derivative of an
+  unrolled map), in either backend; :func:`vjp` — a vector-Jacobian product of a function of
+  leaves (a checkpointed segment, an initialization y0(x)).
 
-Two backends, chosen by the mode (:mod:`bilevel._trace`): eager ``torch.autograd.grad`` (default,
-fastest eager), and inside :func:`bilevel._trace.traced` the ``torch.func`` formulation (``grad``,
-``vjp`` — a :class:`Linearization` is one ``vjp`` of ∇_y g, each product one call of its pullback —
-and ``jvp``), which composes with ``torch.func.vmap`` (tasks batched: :func:`bilevel.hypergrad.vmap`).
+Backends (one switch for every algorithm): ``"autograd"`` (default; tape-based
+``torch.autograd.grad``, the fastest eager path) and ``"func"`` (pure ``torch.func``: ``grad`` for
+gradients, ``vjp`` of the gradient for H v and J^T v). Inside ``with backend("func"):`` every
+oracle is a pure function of its inputs, so the same algorithm code runs under ``torch.func.vmap``
+(e.g. over tasks) and is captured whole by ``torch.compile(fullgraph=True)`` (double backward
+through ``torch.autograd.grad`` cannot be compiled). ``with backend("compiled"):`` runs each oracle
+as a cached compiled kernel (``torch.compile``) of its ``"func"`` form (:mod:`bilevel.compiled`).
 
 Sample-gradient accounting: inside ``with counting() as c:`` every oracle call adds the batch
 size of its objective to ``c[level][kind]`` (kinds: value, grad, hvp, cross).
@@ -28,14 +31,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _tree as T
-from ._trace import fill_tensors, split_tensors, tracing
+from ._trace import fill_tensors, split_tensors
 
 __all__ = [
+    "backend",
+    "get_backend",
+    "BACKENDS",
     "counting",
     "record",
     "OracleCounts",
@@ -48,7 +55,7 @@ __all__ = [
     "cross",
     "hvp_and_cross",
     "grad_y_fn",
-    "grad_of",
+    "value_and_grad",
     "vjp",
 ]
 
@@ -84,7 +91,43 @@ def counting(counts: OracleCounts | None = None) -> Iterator[OracleCounts]:
         _ACTIVE.reset(token)
 
 
+BACKENDS = ("autograd", "func", "compiled")
+_BACKEND: ContextVar[str] = ContextVar("bilevel_oracle_backend", default="autograd")
+
+
+@contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Run the oracles inside the block with backend ``name`` (one of :data:`BACKENDS`)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown oracle backend {name!r}; choose one of {BACKENDS}")
+    token = _BACKEND.set(name)
+    try:
+        yield name
+    finally:
+        _BACKEND.reset(token)
+
+
+def get_backend() -> str:
+    """The oracle backend in effect (``"autograd"`` unless inside :func:`backend`)."""
+    return _BACKEND.get()
+
+
+def _functional() -> bool:
+    return _BACKEND.get() != "autograd"
+
+
+def _kernel(kind: str, fn: Fn):
+    """The compiled kernel for ``kind`` when the compiled backend is on (else None)."""
+    if _BACKEND.get() != "compiled" or torch.compiler.is_compiling():
+        return None
+    from .compiled import oracle_kernel
+
+    return oracle_kernel(kind, fn)
+
+
 def _record(fn: Fn, *kinds: str, times: int = 1) -> None:
+    if torch.compiler.is_compiling():  # counted by the caller of a compiled region
+        return
     c = _ACTIVE.get()
     if c is not None:
         level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
@@ -134,6 +177,9 @@ def _diffable(ts: T.Leaves) -> T.Leaves:
 def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
     """f(x, y) without building a graph."""
     _record(fn, "value")
+    k = _kernel("value", fn)
+    if k is not None:
+        return k(xs, ys)
     with torch.no_grad():
         return fn(xs, ys)
 
@@ -141,10 +187,13 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
     """∇_y fn(x, y). With ``create_graph`` the result stays differentiable in (x, y) (unrolling)."""
     _record(fn, "grad")
-    if tracing():
-        if create_graph:  # differentiable in (x, y) for an enclosing torch.func transform
-            return torch.func.grad(lambda y: fn(xs, y))(tuple(ys))
-        return T.detach(torch.func.grad(lambda y: fn(T.detach(xs), y))(T.detach(ys)))
+    k = _kernel("grad_y_graph" if create_graph else "grad_y", fn)
+    if k is not None:
+        return k(xs, ys)
+    if _functional():
+        if not create_graph:
+            xs, ys = T.detach(xs), T.detach(ys)
+        return f_grad_y(fn, xs, ys)
     with torch.enable_grad():
         if create_graph:
             ys_ = _diffable(ys)
@@ -156,8 +205,11 @@ def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) ->
 def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
     """∇_x fn(x, y) at fixed y."""
     _record(fn, "grad")
-    if tracing():
-        return T.detach(torch.func.grad(lambda x: fn(x, T.detach(ys)))(T.detach(xs)))
+    k = _kernel("grad_x", fn)
+    if k is not None:
+        return k(xs, ys)
+    if _functional():
+        return f_grad_x(fn, T.detach(xs), T.detach(ys))
     with torch.enable_grad():
         xs_ = T.requires_grad(xs)
         return _grad(fn(xs_, T.detach(ys)), xs_)
@@ -166,10 +218,11 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
     """(value, ∇_x fn, ∇_y fn) from one backward pass."""
     _record(fn, "grad")
-    if tracing():
-        (gx, gy), val = torch.func.grad_and_value(lambda a, b: fn(a, b), argnums=(0, 1))(
-            T.detach(xs), T.detach(ys))
-        return val.detach(), T.detach(gx), T.detach(gy)
+    k = _kernel("grads", fn)
+    if k is not None:
+        return k(xs, ys)
+    if _functional():
+        return f_grads(fn, T.detach(xs), T.detach(ys))
     with torch.enable_grad():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         val = fn(xs_, ys_)
@@ -182,23 +235,27 @@ class Linearization:
 
     Building it costs one gradient; each :meth:`hvp`, :meth:`cross` or :meth:`both` then costs one
     backward through the stored graph (about one gradient), instead of the two passes of a fresh
-    reverse-over-reverse HVP.
+    reverse-over-reverse HVP. With the ``"func"`` backend the graph is a ``torch.func.vjp`` of
+    ∇_y g (pure, vmap-able); with ``"compiled"`` every product is one compiled kernel.
     """
 
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
         _record(fn, "grad")
-        self._pullback = None
-        if tracing():  # torch.func: ∇_y g and its pullback (v -> (J^T v, H v)) from one vjp
+        self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
+        if self._mode == "compiled":
+            self.xs, self.ys = T.detach(xs), T.detach(ys)
+            self.value, self.grad_y = _kernel("value_grad_y", fn)(self.xs, self.ys)
+            return
+        if self._mode == "func":
             self.xs, self.ys = T.detach(xs), T.detach(ys)
 
-            def gy(a: T.Leaves, b: T.Leaves):
-                return torch.func.grad_and_value(lambda y: fn(a, y))(b)
+            def gy_val(a: T.Leaves, b: T.Leaves) -> tuple[T.Leaves, Tensor]:
+                g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
+                return g, val
 
-            self._gy_fn = gy
-            self._gy, self._pullback, value = torch.func.vjp(gy, self.xs, self.ys, has_aux=True)
-            self.value = value.detach()
-            self.grad_y = T.detach(self._gy)
+            self.grad_y, self._vjp, self.value = torch.func.vjp(gy_val, self.xs, self.ys,
+                                                                has_aux=True)
             return
         with torch.enable_grad():
             self.xs = T.requires_grad(xs)
@@ -211,23 +268,29 @@ class Linearization:
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
         _record(self.fn, "hvp")
-        if self._pullback is not None:
-            return T.detach(self._pullback(tuple(v))[1])
+        if self._mode == "compiled":
+            return _kernel("hvp", self.fn)(self.xs, self.ys, v)
+        if self._mode == "func":
+            return self._vjp(tuple(v))[1]
         return _grad(self._gy, self.ys, v, retain_graph=True)
 
     def cross(self, v: T.Leaves) -> T.Leaves:
         """J^T v = ∇²_xy g · v (shape of x)."""
         _record(self.fn, "cross")
-        if self._pullback is not None:
-            return T.detach(self._pullback(tuple(v))[0])
+        if self._mode == "compiled":
+            return _kernel("cross", self.fn)(self.xs, self.ys, v)
+        if self._mode == "func":
+            return self._vjp(tuple(v))[0]
         return _grad(self._gy, self.xs, v, retain_graph=True)
 
     def both(self, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
         """(H v, J^T v) from a single backward pass."""
         _record(self.fn, "hvp", "cross")
-        if self._pullback is not None:
-            gx, gy = self._pullback(tuple(v))
-            return T.detach(gy), T.detach(gx)
+        if self._mode == "compiled":
+            return _kernel("both", self.fn)(self.xs, self.ys, v)
+        if self._mode == "func":
+            jt, hv = self._vjp(tuple(v))
+            return hv, jt
         g = _grad(self._gy, self.xs + self.ys, v, retain_graph=True)
         return g[len(self.xs) :], g[: len(self.xs)]
 
@@ -235,10 +298,8 @@ class Linearization:
         """J u = ∇²_yx g · u (shape of y), the transpose of :meth:`cross`: the derivative of ∇_y g
         along an x-direction u (double backward: J u = ∂_w <∂_x <∇_y g, w>, u>). Counted as a cross."""
         _record(self.fn, "cross")
-        if self._pullback is not None:
-            ys = self.ys
-            _, ju = torch.func.jvp(lambda a: self._gy_fn(a, ys)[0], (self.xs,), (tuple(u),))
-            return T.detach(ju)
+        if self._mode != "autograd":
+            return f_cross_t(self.fn, self.xs, self.ys, tuple(u))
         with torch.enable_grad():
             w = tuple(torch.zeros_like(t).requires_grad_(True) for t in self.ys)
             jtw = _grad(self._gy, self.xs, w, create_graph=True, retain_graph=True)
@@ -247,11 +308,19 @@ class Linearization:
 
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot H v (reverse-over-reverse)."""
+    if _functional():
+        _record(fn, "grad", "hvp")
+        k = _kernel("hvp", fn)
+        return k(xs, ys, v) if k is not None else f_hvp(fn, T.detach(xs), T.detach(ys), tuple(v))
     return Linearization(fn, xs, ys).hvp(v)
 
 
 def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot J^T v = ∇²_xy g · v."""
+    if _functional():
+        _record(fn, "grad", "cross")
+        k = _kernel("cross", fn)
+        return k(xs, ys, v) if k is not None else f_cross(fn, T.detach(xs), T.detach(ys), tuple(v))
     return Linearization(fn, xs, ys).cross(v)
 
 
@@ -260,45 +329,108 @@ def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Le
     return Linearization(fn, xs, ys).both(v)
 
 
-def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:
-    """∇_y fn as a pure ``torch.func`` function, composable with ``jvp`` and ``vmap``."""
-    return torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)
-
-
-def grad_of(
-    fn: Callable[[T.Leaves], Tensor | tuple[Tensor, object]], xs: T.Leaves, *, has_aux: bool = False
-):
-    """∇ of a scalar function of flat leaves (``fn`` may return ``(value, aux)`` with ``has_aux``).
-
-    Returns the gradient (detached), or ``(gradient, aux)``. Whatever ``fn`` computes with
-    differentiable oracles (``grad_y(..., create_graph=True)``, unrolled dynamics) is
-    differentiated through; not counted (the caller records the work it represents).
-    """
-    if tracing():
+def value_and_grad(
+    fun: Callable[..., Any], args: T.Leaves, *, has_aux: bool = False
+) -> tuple[T.Leaves, Any]:
+    """Gradient of a scalar function of flat leaves: returns ``(∇fun(args), out)`` where ``out``
+    is fun's value (``(value, aux)`` with ``has_aux``; value and aux detached). With the
+    ``"autograd"`` backend it records a tape and calls ``torch.autograd.grad`` (so ``fun`` may
+    itself build graphs with ``create_graph`` oracles — reverse-mode unrolling); otherwise it is
+    ``torch.func.grad_and_value`` (composable with vmap / torch.compile)."""
+    if _functional():
         if not has_aux:
-            return T.detach(torch.func.grad(fn)(T.detach(xs)))
-        side: dict = {}
+            g, out = torch.func.grad_and_value(lambda *a: fun(tuple(a)), argnums=tuple(
+                range(len(args))))(*args)
+            return tuple(g), out
+        side: dict[str, Any] = {}
 
-        def tensor_aux(w: T.Leaves):  # torch.func returns tensors only: numbers travel beside
-            val, aux = fn(w)
+        def tensor_aux(*a: Tensor):  # torch.func returns tensors only: numbers travel beside
+            val, aux = fun(tuple(a))
             tensors, side["marks"], side["spec"] = split_tensors(aux)
             return val, tensors
 
-        g, tensors = torch.func.grad(tensor_aux, has_aux=True)(T.detach(xs))
-        return T.detach(g), fill_tensors(tensors, side["marks"], side["spec"])
+        g, (val, tensors) = torch.func.grad_and_value(tensor_aux, argnums=tuple(range(len(args))),
+                                                      has_aux=True)(*args)
+        return tuple(g), (val, fill_tensors(tensors, side["marks"], side["spec"]))
     with torch.enable_grad():
-        xs_ = T.requires_grad(xs)
-        out = fn(xs_)
-        val, aux = out if has_aux else (out, None)
-        g = T.detach(_grad(val, xs_))
-    return (g, aux) if has_aux else g
+        a = T.requires_grad(args)
+        out = fun(a)
+        val = out[0] if has_aux else out
+        g = _grad(val, a)
+    if has_aux:
+        return g, (val.detach(), _detach_tree(out[1]))
+    return g, val.detach()
 
 
-def vjp(fn: Callable[[T.Leaves], T.Leaves], xs: T.Leaves, cotangent: T.Leaves) -> T.Leaves:
-    """(∂ fn / ∂xs)^T · cotangent for a function of flat leaves returning flat leaves (detached)."""
-    if tracing():
-        _, pull = torch.func.vjp(lambda a: tuple(fn(a)), T.detach(xs))
+def vjp(fun: Callable[[T.Leaves], T.Leaves], args: T.Leaves, cotangent: T.Leaves) -> T.Leaves:
+    """(∂fun/∂args)^T · cotangent for a function of flat leaves returning flat leaves (detached):
+    the adjoint of a segment of an unrolled map, or of an initialization y0(x). ``torch.func.vjp``
+    in the functional backends, one ``torch.autograd.grad`` otherwise."""
+    if _functional():
+        _, pull = torch.func.vjp(lambda a: tuple(fun(a)), tuple(args))
         return T.detach(pull(tuple(cotangent))[0])
     with torch.enable_grad():
-        xs_ = T.requires_grad(xs)
-        return T.detach(_grad(fn(xs_), xs_, cotangent))
+        a = T.requires_grad(args)
+        return T.detach(_grad(fun(a), a, cotangent))
+
+
+def _detach_tree(obj: Any) -> Any:
+    return torch.utils._pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
+
+
+# --- the pure torch.func forms (what the "func" and "compiled" backends run) ------------------
+
+
+def f_grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
+    """∇_y fn as ``torch.func.grad`` (pure; differentiable by enclosing transforms)."""
+    return tuple(torch.func.grad(fn, argnums=1)(tuple(xs), tuple(ys)))
+
+
+def f_grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
+    """∇_x fn as ``torch.func.grad``."""
+    return tuple(torch.func.grad(fn, argnums=0)(tuple(xs), tuple(ys)))
+
+
+def f_grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
+    """(value, ∇_x fn, ∇_y fn) from one ``torch.func.grad_and_value``."""
+    (gx, gy), val = torch.func.grad_and_value(fn, argnums=(0, 1))(tuple(xs), tuple(ys))
+    return val, tuple(gx), tuple(gy)
+
+
+def f_value_grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves]:
+    """(value, ∇_y fn)."""
+    g, val = torch.func.grad_and_value(fn, argnums=1)(tuple(xs), tuple(ys))
+    return val, tuple(g)
+
+
+def f_hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
+    """H v as the vjp of y -> ∇_y fn(x, y) (H is symmetric)."""
+    xs = tuple(xs)
+    _, pull = torch.func.vjp(lambda b: f_grad_y(fn, xs, b), tuple(ys))
+    return tuple(pull(tuple(v))[0])
+
+
+def f_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
+    """J^T v = ∇²_xy fn · v as the vjp of x -> ∇_y fn(x, y)."""
+    ys = tuple(ys)
+    _, pull = torch.func.vjp(lambda a: f_grad_y(fn, a, ys), tuple(xs))
+    return tuple(pull(tuple(v))[0])
+
+
+def f_both(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
+    """(H v, J^T v) from one vjp of (x, y) -> ∇_y fn(x, y)."""
+    _, pull = torch.func.vjp(lambda a, b: f_grad_y(fn, a, b), tuple(xs), tuple(ys))
+    jt, hv = pull(tuple(v))
+    return tuple(hv), tuple(jt)
+
+
+def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
+    """J u = ∇²_yx fn · u as the jvp of x -> ∇_y fn(x, y) along u."""
+    ys = tuple(ys)
+    return tuple(torch.func.jvp(lambda a: f_grad_y(fn, a, ys), (tuple(xs),), (tuple(u),))[1])
+
+
+def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:
+    """∇_y fn as a pure ``torch.func`` function, composable with ``jvp`` and ``vmap``."""
+    return torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)

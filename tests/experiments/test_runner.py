@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilevel.data import Minibatches
 from bilevel.errors import ConfigError
 from bilevel.experiments import config as C
 from bilevel.experiments import get, load_trace, run
 from bilevel.experiments import runner as R
 from bilevel.experiments.plots import plot_runs
+from bilevel.sampling import Minibatches
 from tests.experiments.conftest import TINY_HC, strip_time
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -283,7 +283,7 @@ def test_hypergradient_descent_converges_to_closed_form_optimum():
     assert [r["lower_grad"] for r in out.history[:3]] == [6, 12, 18]
 
 
-CORE = ["_tree.py", "problem.py", "oracles.py", "linalg.py", "inner.py", "validation.py", "data.py",
+CORE = ["_tree.py", "formulation.py", "oracles.py", "linalg.py", "inner.py", "validation.py", "sampling.py",
         "hypergrad", "solvers/base.py", "solvers/hypergradient.py"]
 
 

@@ -11,16 +11,16 @@ import torch
 
 import bilevel as bl
 from bilevel import oracles as O
-from bilevel.data import FixedBatches, FullBatch, Minibatches
 from bilevel.problems import hyperclean, regularization_selection, stochastic_quadratic
 from bilevel.problems.regsel import load_ijcnn1, load_svmlight
+from bilevel.sampling import FixedBatches, FullBatch, Minibatches
 
 F64 = torch.float64
 
 
 def lower_grad_full(p, x, y):
     """‖∇_y g(x, y)‖ on the full lower data (for stationarity of y*)."""
-    G = bl.problem.Bound(p.problem, x, y, lower_batch=p.lower_tensors).G
+    G = bl.formulation.Bound(p.problem, x, y, lower_batch=p.lower_tensors).G
     return float(torch.linalg.vector_norm(O.grad_y(G, (x,), (y,))[0]))
 
 

@@ -58,7 +58,7 @@ def test_llc_toy_solution_set_and_optimum():
     x = torch.randn(7, generator=g, dtype=F64)
     y2 = torch.randn(7, generator=g, dtype=F64)
     # y1 = x is stationary for every y2 (non-singleton lower solution set) and f ignores y2
-    G = bl.problem.Bound(toy.problem, x, (x, y2)).G
+    G = bl.formulation.Bound(toy.problem, x, (x, y2)).G
     gy1, gy2 = O.grad_y(G, (x,), (x, y2))
     assert float(gy1.abs().max()) == 0.0 and float(gy2.abs().max()) == 0.0
     # F ≥ 0 everywhere and F(e, (e, e)) = 0 = F*
@@ -77,7 +77,7 @@ def test_quadratic_toy_closed_forms():
     ex = toy.extra
     x = torch.tensor([0.3, -1.2, 0.7], dtype=F64)
     ystar = ex["y_star_fn"](x)
-    G = bl.problem.Bound(toy.problem, x, ystar).G
+    G = bl.formulation.Bound(toy.problem, x, ystar).G
     assert float(O.grad_y(G, (x,), (ystar,))[0].abs().max()) < 1e-12
 
     def h(v):

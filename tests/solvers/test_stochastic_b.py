@@ -22,9 +22,9 @@ import torch
 from torch.autograd.functional import hessian, jacobian
 
 import bilevel as bl
-from bilevel.data import Sampler
+from bilevel.estimates import Schedule
 from bilevel.problems import stochastic_quadratic
-from bilevel.stochastic import Schedule
+from bilevel.sampling import Sampler
 
 S = bl.solvers
 TOL = 0.08
@@ -227,8 +227,8 @@ def test_vrbo_oracle_counts(tiny):
 
 def test_sampled_neumann_is_unbiased_for_truncated_series(tiny):
     """E_p[η Q Π_{i≤p}(I − ηH)] ∇_yF over p ∈ {0..Q−1} equals η Σ_{q<Q} (I − ηH)^q ∇_yF (full batch)."""
-    from bilevel.problem import Bound
-    from bilevel.stochastic import neumann_hypergradient, sampled_neumann_hypergradient
+    from bilevel.estimates import neumann_hypergradient, sampled_neumann_hypergradient
+    from bilevel.formulation import Bound
 
     Q, eta = 4, 0.5
     x = torch.randn(2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -254,8 +254,8 @@ def test_stable_dense_rejects_large_lower_level(tiny, monkeypatch):
 
 def test_cross_t_is_transpose_of_cross(tiny):
     """<J^T w, u> = <w, J u> for the double-backward product used by STABLE's correction."""
+    from bilevel.formulation import Bound
     from bilevel.oracles import Linearization
-    from bilevel.problem import Bound
 
     gen = torch.Generator().manual_seed(0)
     def rnd(n):

@@ -20,7 +20,7 @@ per-iteration cost and overhead ratio on hyper-cleaning against benchopt's JAX n
 check of the reproduction report's claims), and the raw results as JSON next to the markdown.
 
 Hyperparameters: ``[solvers.NAME]`` tables (constructor keyword arguments; ``class`` selects the
-solver class when NAME is an alias, ``sampler = "fixed"`` gives :class:`bilevel.data.FixedBatches`
+solver class when NAME is an alias, ``sampler = "fixed"`` gives :class:`bilevel.sampling.FixedBatches`
 for SAGA-type memories, ``batch_size`` overrides the problem's). ``[solvers.NAME.grid]`` lists
 candidate values (dotted keys reach into schedules, e.g. ``"lr_x.c" = [0.01, 0.1]``) for
 ``--grid``: a coordinate search (one key at a time) on short budgets that prints (``--write``:

@@ -25,7 +25,7 @@ Adding an experiment is one file in this package (it is found automatically)::
             return Setup(problem=problem, x0=..., y0=..., solver=solver,
                          evaluate=lambda x, y: {"x_err": ...},      # metrics, outside the clock
                          x_projection=None, y_projection=None,       # optional
-                         lower_data=None, upper_data=None,           # samplers (bilevel.data)
+                         lower_data=None, upper_data=None,           # samplers (bilevel.sampling)
                          baselines=None)                             # () -> dict, run once
 
         # optional: def summarize(self, cfg, final, extras, info) -> markdown str

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar
 
-from ..data import Sampler
 from ..errors import ConfigError
-from ..problem import Problem
+from ..formulation import Problem
+from ..sampling import Sampler
 from ..solvers.base import Solver
 from . import config as C
 

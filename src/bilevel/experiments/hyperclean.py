@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import datasets
-from ..data import FullBatch, Minibatches
 from ..errors import ConfigError
-from ..problem import Problem, params
+from ..formulation import Problem, params
+from ..sampling import FullBatch, Minibatches
 from ..solvers.hypergradient import HypergradientDescent
 from .base import Experiment, Setup, fmt, markdown_table, register
 from .factory import make_dynamics, make_estimator, make_solver, normalize_name

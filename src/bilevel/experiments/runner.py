@@ -362,7 +362,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         torch.save(blob, tmp)
         os.replace(tmp, ckpt_file)
 
-    from ..problem import Bound  # local: only to unflatten the start point for the step-0 record
+    from ..formulation import Bound  # local: only to unflatten the start point for the step-0 record
 
     if fresh:
         b = Bound(setup.problem, setup.x0, setup.y0)

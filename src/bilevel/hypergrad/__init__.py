@@ -1,7 +1,7 @@
 """Hypergradient estimators, all called as ``est(problem, x, y) -> HypergradResult``."""
 
+from .analytic import ClosedForm
 from .base import Estimator, HypergradResult, solve_lower
-from .closed_form import ClosedForm
 from .finite_difference import FiniteDifference
 from .first_order import FirstOrder
 from .forward import Forward

@@ -30,8 +30,8 @@ import torch
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import ConfigError
+from ..formulation import Bound, Problem
 from ..inner import Dynamics, unroll
-from ..problem import Bound, Problem
 from ..validation import check_finite
 
 __all__ = ["HypergradResult", "Estimator", "solve_lower", "lower_grad_fn"]
@@ -74,7 +74,7 @@ class Estimator:
     """Base class. Subclasses implement :meth:`compute` (and :meth:`init_state` if they carry state).
 
     ``compute(bound, state) -> (grad_leaves, y_leaves, info, new_state)`` works on a
-    :class:`~bilevel.problem.Bound` (flat leaves); it must not mutate ``state`` (it receives a
+    :class:`~bilevel.formulation.Bound` (flat leaves); it must not mutate ``state`` (it receives a
     shallow copy) nor any attribute of the estimator.
     """
 
@@ -132,7 +132,7 @@ class Estimator:
         self, bound: Bound, state: dict[str, Any] | None = None
     ) -> tuple[T.Leaves, T.Leaves, dict[str, Any], dict[str, Any]]:
         """:meth:`compute` with the checks around it (state, shape and finiteness of the result);
-        what solvers call on the :class:`~bilevel.problem.Bound` they hold."""
+        what solvers call on the :class:`~bilevel.formulation.Bound` they hold."""
         state = self.init_state(bound) if state is None else self.check_state(state)
         t0 = time.perf_counter()
         gx, ys, info, new_state = self.compute(bound, dict(state))

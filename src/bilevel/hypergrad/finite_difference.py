@@ -19,8 +19,8 @@ import torch
 from .. import _tree as T
 from .. import oracles as O
 from .._trace import tracing
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from .base import Estimator, solve_lower
 
 

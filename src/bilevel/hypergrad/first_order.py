@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .. import _tree as T
 from .. import oracles as O
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from .base import Estimator, solve_lower
 
 

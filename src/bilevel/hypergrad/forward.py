@@ -18,8 +18,8 @@ from torch.func import jvp, vmap
 from .. import _tree as T
 from .. import oracles as O
 from .._trace import tracing
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from ..validation import check_finite
 from .base import Estimator
 

@@ -31,8 +31,8 @@ from .. import linalg
 from .. import oracles as O
 from .._trace import require, scalar, tracing
 from ..errors import LinearSolveError
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from .base import Estimator, solve_lower
 
 

@@ -26,9 +26,9 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from ..formulation import Bound
 from ..inner import Dynamics, GradFn, unroll
 from ..oracles import record
-from ..problem import Bound
 from .base import Estimator, lower_grad_fn
 
 
@@ -88,7 +88,7 @@ class Reverse(Estimator):
                                    start_state(w), K, start=steps - K)
                 return bound.F(w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
 
-            gw, (s_T, info) = O.grad_of(objective, w0, has_aux=True)
+            gw, (_, (s_T, info)) = O.value_and_grad(objective, w0, has_aux=True)
         gx = gw[:nx]
         if self.wrt_init:
             info["grad_init"] = T.detach(gw[nx:])
@@ -116,7 +116,7 @@ class Reverse(Estimator):
         s_T = s
         ns = len(s_T)
         # adjoint at the end: a_T = ∂F/∂state
-        g = O.grad_of(lambda w: bound.F(w[:nx], dyn.output(w[nx:])), xs + s_T)
+        g, _ = O.value_and_grad(lambda w: bound.F(w[:nx], dyn.output(w[nx:])), xs + s_T)
         gx, adj = g[:nx], g[nx:]
         for i in range(len(saved) - 1, -1, -1):
             a, b = bounds[i], bounds[i + 1]

@@ -28,7 +28,7 @@ from .._trace import fill_tensors as _fill
 from .._trace import split_tensors as _split
 from .._trace import traced
 from ..errors import BilevelError, StructureMismatchError
-from ..problem import Problem
+from ..formulation import Problem
 from .base import Estimator, HypergradResult
 
 __all__ = ["vmap"]
@@ -132,7 +132,7 @@ def vmap(
 
     def one(x_: Any, y_: Any, ub_: Any, lb_: Any, st_: list[Tensor]):
         st = _fill(list(st_), st_marks, st_spec)
-        with traced() as checks:
+        with traced() as checks, O.backend("func"):
             res = est(problem, x_, y_fn if y_fn is not None else y_, state=st,
                       upper_batch=ub_, lower_batch=lb_)
         info_t, info_s, info_spec = _split(res.info)

@@ -1,6 +1,6 @@
 """Partial zeroth-order hypergradient: the response Jacobian from perturbed inner trajectories.
 
-PZOBO (Sow, Ji & Liang 2022, Alg. 1; reproduction report sec. 7.3): for Gaussian u_j ~ N(0, I),
+PZOBO (Sow, Ji & Liang 2022, Alg. 1): for Gaussian u_j ~ N(0, I),
 
     δ_j = [y_N(x + μ u_j) − y_N(x)] / μ,
     ∇̂h(x) = ∇_x f(x, y_N) + (1/Q) Σ_j <δ_j, ∇_y f(x, y_N)> u_j,
@@ -19,22 +19,22 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from ..formulation import Bound
 from ..inner import Dynamics
-from ..problem import Bound
 from .base import Estimator, solve_lower
 
 
 class ZerothOrder(Estimator):
-    reference = "Sow, Ji & Liang 2022 (PZOBO); MRBO/VRBO reproduction report, sec. 7"
-    state_keys = ("rng",)
-    shared_state = ("rng",)  # under hypergrad.vmap every task draws the same directions
-
     """PZOBO's estimator (see module docstring). ``samples``: Q directions per call; ``mu``: the
     perturbation size; ``seed``: seeds the generator of :meth:`init_state` (None: a fresh random
     seed). The generator state travels in the estimator state (``state["rng"]``, a uint8 tensor),
     so a run resumed from a saved state draws the same directions; the directions of a call are
     returned in ``info["directions"]`` (a (Q, dim x) matrix).
     """
+
+    reference = "Sow, Ji & Liang 2022 (PZOBO), Alg. 1"
+    state_keys = ("rng",)
+    shared_state = ("rng",)  # under hypergrad.vmap every task draws the same directions
 
     def __init__(self, inner: Dynamics, samples: int = 10, mu: float = 1e-3, seed: int | None = 0):
         self.inner = inner

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .. import oracles as O
-from ..data import FixedBatches, FullBatch, Minibatches, Sampler
-from ..problem import Problem
+from ..formulation import Problem
+from ..sampling import FixedBatches, FullBatch, Minibatches, Sampler
 
 __all__ = ["StochasticProblem", "make_sampler"]
 

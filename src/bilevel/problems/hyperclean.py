@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..problem import Problem
+from ..formulation import Problem
 from ._stochastic import StochasticProblem, implicit_hypergrad, lbfgs_lower, make_sampler
 
 __all__ = ["hyperclean", "load_mnist_images"]

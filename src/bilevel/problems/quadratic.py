@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..problem import Problem
+from ..formulation import Problem
 from ._stochastic import StochasticProblem, make_sampler
 
 __all__ = ["stochastic_quadratic"]

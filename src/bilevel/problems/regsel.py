@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from ..problem import Problem
+from ..formulation import Problem
 from ._stochastic import StochasticProblem, make_sampler
 
 __all__ = ["regularization_selection", "load_ijcnn1", "synthetic_ijcnn1", "load_svmlight"]

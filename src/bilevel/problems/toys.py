@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree as T
-from ..problem import Problem
+from ..formulation import Problem
 
 __all__ = ["Box", "Toy", "nonconvex_toy", "llc_toy", "quadratic_toy", "TOYS"]
 

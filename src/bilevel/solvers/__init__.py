@@ -1,21 +1,69 @@
-"""Bilevel solvers, all run through :func:`bilevel.solve`."""
+"""Bilevel solvers, all run through :func:`bilevel.solve` (one file per algorithm)."""
 
+from . import stochastic
+from .aid import AID
+from .ba import BA
 from .base import Context, Solver, SolveResult, solve
+from .bda import BDA
 from .hypergradient import HypergradientDescent
+from .ia import IAGM, IAGMA, IAPTTGM
+from .rhg import RHG, TRHG
+from .stochastic import (
+    BOME,
+    BSA,
+    F2SA,
+    FSLA,
+    MASOBA,
+    MRBO,
+    MRBOZO,
+    MSTSA,
+    PZOBO,
+    SABA,
+    SOBA,
+    SRBA,
+    STABLE,
+    SUSTAIN,
+    TTSA,
+    VRBO,
+    AlternatingSGD,
+    AmIGO,
+    StocBiO,
+)
 
-__all__ = ["Context", "SolveResult", "Solver", "solve", "HypergradientDescent"]
-
-# stochastic solvers (auto-discovered, one file each in solvers/stochastic/)
-from . import stochastic  # noqa: E402
-from .stochastic import *  # noqa: E402, F403
-
-__all__ += stochastic.__all__
-
-# deterministic solvers (one file each; issue 4)
-from .aid import AID  # noqa: E402
-from .ba import BA  # noqa: E402
-from .bda import BDA  # noqa: E402
-from .ia import IAGM, IAGMA, IAPTTGM  # noqa: E402
-from .rhg import RHG, TRHG  # noqa: E402
-
-__all__ += ["RHG", "TRHG", "AID", "BA", "BDA", "IAGM", "IAPTTGM", "IAGMA"]
+__all__ = [
+    "Context",
+    "SolveResult",
+    "Solver",
+    "solve",
+    "stochastic",
+    "HypergradientDescent",
+    # deterministic
+    "RHG",
+    "TRHG",
+    "AID",
+    "BA",
+    "BDA",
+    "IAGM",
+    "IAPTTGM",
+    "IAGMA",
+    # stochastic
+    "AlternatingSGD",
+    "AmIGO",
+    "BOME",
+    "BSA",
+    "F2SA",
+    "FSLA",
+    "MASOBA",
+    "MRBO",
+    "MRBOZO",
+    "MSTSA",
+    "PZOBO",
+    "SABA",
+    "SOBA",
+    "SRBA",
+    "STABLE",
+    "SUSTAIN",
+    "StocBiO",
+    "TTSA",
+    "VRBO",
+]

@@ -29,10 +29,10 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
-from ..data import Sampler
 from ..errors import BilevelError, ConfigError
+from ..formulation import Bound, Problem
 from ..inner import Dynamics, with_projection
-from ..problem import Bound, Problem
+from ..sampling import Sampler
 from ..validation import check_compatible, check_finite, check_variables
 
 __all__ = ["Solver", "Context", "SolveResult", "solve", "descend", "copy_state", "solver_name"]
@@ -281,6 +281,7 @@ def solve(
     upper_data: Sampler | None = None,
     track: bool | int = True,
     state: dict[str, Any] | None = None,
+    compile: bool = False,
 ) -> SolveResult:
     """Run ``solver`` for ``steps`` outer iterations from (x0, y0).
 
@@ -293,6 +294,7 @@ def solve(
     mutated, so the same state can seed several resumes) and must come from the same solver class
     with x0 / y0 of the same shapes (:class:`~bilevel.errors.ConfigError` otherwise).
     ``y0`` may be a callable x -> y0 (solvers that learn the initialization use it).
+    ``compile=True`` runs every oracle as a compiled kernel (:mod:`bilevel.compiled`).
 
     An error raised during an outer step names that step and carries the partial result:
     ``exc.outer_step`` and ``exc.partial`` (a :class:`SolveResult` with the history so far and the
@@ -319,7 +321,7 @@ def solve(
     history: list[dict[str, Any]] = []
     pass_state = callback is not None and _takes_state(callback)
     every = int(track) if not isinstance(track, bool) else (1 if track else 0)
-    with torch.no_grad():
+    with torch.no_grad(), O.backend("compiled" if compile else O.get_backend()):
         for t in range(int(state["t"]), steps):
             good = copy_state(state)  # the last good state, attached to an error of this step
             try:

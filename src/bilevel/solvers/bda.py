@@ -29,9 +29,9 @@ from collections.abc import Callable
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import ConfigError
+from ..formulation import Bound
 from ..hypergrad import Reverse
 from ..inner import Dynamics, GradFn
-from ..problem import Bound
 from .hypergradient import HypergradientDescent
 
 __all__ = ["BDA", "bda_schedule"]

@@ -38,10 +38,10 @@ import torch
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import ConfigError
+from ..formulation import Bound
 from ..hypergrad import Reverse
 from ..hypergrad.base import lower_grad_fn
 from ..inner import GD, Dynamics, Nesterov
-from ..problem import Bound
 from ..validation import check_finite
 from .base import Context, Solver, descend
 

@@ -1,24 +1,44 @@
-"""Stochastic bilevel solvers (one module per algorithm), discovered automatically.
+"""Stochastic bilevel solvers, one module per algorithm (explicit exports: a new solver file adds
+one import line here)."""
 
-Every public :class:`~bilevel.solvers.base.Solver` subclass defined in a module of this package is
-exported here (and from :mod:`bilevel.solvers`), so adding a solver is adding one file.
-"""
+from .alternating_sgd import AlternatingSGD
+from .amigo import AmIGO
+from .bome import BOME
+from .bsa import BSA
+from .f2sa import F2SA
+from .fsla import FSLA
+from .ma_soba import MASOBA
+from .mrbo import MRBO
+from .mrbo_zo import MRBOZO
+from .mstsa import MSTSA
+from .pzobo import PZOBO
+from .saba import SABA
+from .soba import SOBA
+from .srba import SRBA
+from .stable import STABLE
+from .stocbio import StocBiO
+from .sustain import SUSTAIN
+from .ttsa import TTSA
+from .vrbo import VRBO
 
-from __future__ import annotations
-
-import importlib
-import inspect
-import pkgutil
-
-from ..base import Solver
-
-__all__: list[str] = []
-
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name.startswith("_"):
-        continue
-    _m = importlib.import_module(f"{__name__}.{_mod.name}")
-    for _name, _obj in inspect.getmembers(_m, inspect.isclass):
-        if issubclass(_obj, Solver) and _obj.__module__ == _m.__name__ and not _name.startswith("_"):
-            globals()[_name] = _obj
-            __all__.append(_name)
+__all__ = [
+    "AlternatingSGD",
+    "AmIGO",
+    "BOME",
+    "BSA",
+    "F2SA",
+    "FSLA",
+    "MASOBA",
+    "MRBO",
+    "MRBOZO",
+    "MSTSA",
+    "PZOBO",
+    "SABA",
+    "SOBA",
+    "SRBA",
+    "STABLE",
+    "StocBiO",
+    "SUSTAIN",
+    "TTSA",
+    "VRBO",
+]

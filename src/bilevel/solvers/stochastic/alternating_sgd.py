@@ -15,7 +15,7 @@ from typing import Any
 
 from ... import _tree as T
 from ... import oracles as O
-from ...stochastic import Schedule, sgd_lower
+from ...estimates import Schedule, sgd_lower
 from ..base import Context, Solver
 
 __all__ = ["AlternatingSGD"]

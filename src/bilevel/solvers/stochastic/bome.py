@@ -23,7 +23,7 @@ from typing import Any
 from ... import _tree as T
 from ... import oracles as O
 from ...errors import ConfigError
-from ...stochastic import Schedule
+from ...estimates import Schedule
 from ..base import Context, Solver
 
 __all__ = ["BOME"]

@@ -19,7 +19,7 @@ import random
 from typing import Any
 
 from ... import _tree as T
-from ...stochastic import Schedule, sampled_neumann_hypergradient, sgd_lower
+from ...estimates import Schedule, sampled_neumann_hypergradient, sgd_lower
 from ..base import Context, Solver
 
 __all__ = ["BSA"]

@@ -23,7 +23,7 @@ from typing import Any
 
 from ... import _tree as T
 from ... import oracles as O
-from ...stochastic import Schedule, momentum_weight, storm
+from ...estimates import Schedule, momentum_weight, storm
 from ..base import Context, Solver
 
 __all__ = ["FSLA"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ... import _tree as T
-from ...stochastic import Schedule, soba_oracles
+from ...estimates import Schedule, soba_oracles
 from ..base import Context, Solver
 
 __all__ = ["MASOBA"]

@@ -8,7 +8,7 @@ evaluated on the *same* samples at the current and at the previous point:
     x_{k+1} = x_k − γ η_k v_k,        y_{k+1} = y_k − λ η_k u_k
 
 with u_0, v_0 the plain estimates, B_x = {B_F, B_G, B_1..B_Q} and ∇̂Φ the Neumann hypergradient of
-stocBiO (:func:`bilevel.stochastic.neumann_hypergradient`, paper scaling):
+stocBiO (:func:`bilevel.estimates.neumann_hypergradient`, paper scaling):
 
     ∇̂Φ(x, y; B_x) = ∇_x F(x, y; B_F) − ∇²_xy G(x, y; B_G) v,
     v = η Σ_{q=0}^{Q} Π_{j=Q−q+1}^{Q} (I − η ∇²_yy G(x, y; B_j)) ∇_y F(x, y; B_F).
@@ -25,7 +25,7 @@ from typing import Any
 
 from ... import _tree as T
 from ... import oracles as O
-from ...stochastic import Schedule, momentum_weight, neumann_hypergradient, replay, storm
+from ...estimates import Schedule, momentum_weight, neumann_hypergradient, replay, storm
 from ..base import Context, Solver
 
 __all__ = ["MRBO"]

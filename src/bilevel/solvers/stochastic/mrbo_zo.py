@@ -1,5 +1,5 @@
-"""MRBO-ZO — MRBO with the partial zeroth-order hypergradient (MRBO/VRBO reproduction report,
-sec. 7.3–7.4; estimator of Sow, Ji & Liang 2022).
+"""MRBO-ZO — MRBO (Yang, Ji & Liang 2021) with the partial zeroth-order hypergradient estimator of
+Sow, Ji & Liang 2022 (PZOBO, Alg. 1) in place of the Neumann hypergradient.
 
 MRBO's single loop (Yang, Ji & Liang 2021, Alg. 1) — STORM recursions on both levels, the same
 samples at the current and previous point —
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ... import _tree as T
+from ...estimates import Schedule, replay, sgd_lower
 from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_hypergradient
-from ...stochastic import Schedule, replay, sgd_lower
 from ..base import Context
 from .mrbo import LR_X, MOMENTUM, MRBO
 
@@ -34,7 +34,7 @@ __all__ = ["MRBOZO"]
 
 
 class MRBOZO(MRBO):
-    reference = "MRBO (Yang, Ji & Liang 2021, Alg. 1) + partial zeroth-order estimator (report sec. 7)"
+    reference = "MRBO (Yang, Ji & Liang 2021, Alg. 1) + PZOBO estimator (Sow, Ji & Liang 2022, Alg. 1)"
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ hypergradient terms on the same samples ξ_k, including the same truncation inde
     x_{k+1} = x_k − α_k d_k
 
 ∇̄f is the randomly truncated Neumann hypergradient of Ghadimi & Wang (2018), as in TTSA
-(:func:`bilevel.stochastic.sampled_neumann_hypergradient`, p_k ~ U{0..Q−1}, Q·η scaling).
+(:func:`bilevel.estimates.sampled_neumann_hypergradient`, p_k ~ U{0..Q−1}, Q·η scaling).
 Step sizes follow the single-timescale O(ε⁻²) analysis: α_k, β_k ∝ (k+1)^{−1/2}, η_k ∝ α_k.
 Per iteration (k ≥ 1): 1 lower gradient + 2 × (1 upper gradient + p_k HVPs + 1 cross).
 """
@@ -22,7 +22,7 @@ import torch
 
 from ... import _tree as T
 from ... import oracles as O
-from ...stochastic import Schedule, momentum_weight, replay, sampled_neumann_hypergradient, storm
+from ...estimates import Schedule, momentum_weight, replay, sampled_neumann_hypergradient, storm
 from ..base import Context, Solver
 
 __all__ = ["MSTSA"]

@@ -1,5 +1,5 @@
 """PZOBO — Partial Zeroth-Order Bilevel Optimizer (Sow, Ji & Liang, NeurIPS 2022, Algorithm 1;
-its stochastic form PZOBO-S, and sec. 7.3 of the MRBO/VRBO reproduction report).
+its stochastic form PZOBO-S).
 
 Hessian-free: only the response Jacobian ∂y*/∂x is estimated, by differences of inner trajectories
 at Gaussian-perturbed outer points. Per outer iteration, with u_j ~ N(0, I), j = 1..Q, and the same
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ... import _tree as T
+from ...estimates import Schedule, replay, sgd_lower
 from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_hypergradient
-from ...stochastic import Schedule, replay, sgd_lower
 from ..base import Context, Solver
 
 __all__ = ["PZOBO"]

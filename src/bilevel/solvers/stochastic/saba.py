@@ -11,7 +11,7 @@ and, with v ≈ H⁻¹ ∇_y f (the paper's v is −v),
     D_y = S[∇_y G]_i,   D_v = S[∇²_yy G v]_i − S[∇_y F]_j,   D_x = S[∇_x F]_j − S[∇²_xy G v]_i
     y ← P_Y(y − ρ D_y),   v ← v − ρ D_v,   x ← P_X(x − γ D_x)      (constant steps)
 
-Needs ``lower_data``/``upper_data`` = :class:`bilevel.data.FixedBatches` (the batch index is read
+Needs ``lower_data``/``upper_data`` = :class:`bilevel.sampling.FixedBatches` (the batch index is read
 from ``last_index``). Memories start at zero (``init_memory="zero"``, as in benchopt) or are
 filled by one pass over all batches at the first iteration (``"full"``, counted and timed).
 Per iteration the oracle cost equals SOBA's.
@@ -23,7 +23,7 @@ from typing import Any
 
 from ... import _tree as T
 from ... import oracles as O
-from ...stochastic import SagaTable, Schedule, require_fixed_batches, soba_oracles
+from ...estimates import SagaTable, Schedule, require_fixed_batches, soba_oracles
 from ..base import Context, Solver
 
 __all__ = ["SABA"]

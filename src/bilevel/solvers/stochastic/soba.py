@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ... import _tree as T
-from ...stochastic import Schedule, soba_oracles
+from ...estimates import Schedule, soba_oracles
 from ..base import Context, Solver
 
 __all__ = ["SOBA"]

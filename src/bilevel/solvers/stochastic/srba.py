@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ... import _tree as T
-from ...stochastic import Schedule, soba_oracles, spider
+from ...estimates import Schedule, soba_oracles, spider
 from ..base import Context, Solver
 
 __all__ = ["SRBA"]

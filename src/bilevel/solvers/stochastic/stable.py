@@ -17,7 +17,7 @@ onto {H ⪰ μI} (eigenvalue clipping):
 It builds dense dim(y)² and dim(x)·dim(y) matrices from dim(y) HVP/cross products per point, so
 it is for small problems. ``hessian="neumann"`` (default) is the matrix-free form used on large
 problems: both (H_yy)⁻¹ products are stochastic Neumann series on fresh batches
-(η Σ_{q=0}^{Q} (I − ηH_j)^q, :func:`bilevel.stochastic.neumann_hypergradient` for h_f) and
+(η Σ_{q=0}^{Q} (I − ηH_j)^q, :func:`bilevel.estimates.neumann_hypergradient` for h_f) and
 (H_xy)ᵀ Δx = ∇²_yx G Δx is one double-backward product (:meth:`bilevel.oracles.Linearization.cross_t`,
 on the batch φ of the lower gradient); this variant has no recursion on second-order terms (τ = 1).
 Step sizes: α_k, β_k = O(1/√K) (constant by default, or any Schedule).
@@ -33,7 +33,7 @@ from ... import _tree as T
 from ... import linalg
 from ... import oracles as O
 from ...errors import ConfigError
-from ...stochastic import Schedule, momentum_weight, neumann_hypergradient
+from ...estimates import Schedule, momentum_weight, neumann_hypergradient
 from ..base import Context, Solver
 
 __all__ = ["STABLE"]

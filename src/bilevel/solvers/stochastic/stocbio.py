@@ -7,7 +7,7 @@ Double loop with warm start. At outer iteration k:
     v = η Σ_{q=0}^{Q} Π_{j=1}^{q} (I − η ∇²_yy G(x_k, y_{k+1}; D_j)) ∇_y F(x_k, y_{k+1}; D_F)
     x_{k+1} = P_X(x_k − α [∇_x F(x_k, y_{k+1}; D_F) − ∇²_xy G(x_k, y_{k+1}; D_G) v])
 
-with a fresh batch D_j for every Hessian-vector product (:func:`bilevel.stochastic.
+with a fresh batch D_j for every Hessian-vector product (:func:`bilevel.estimates.
 neumann_hypergradient`; the paper's scaling η Σ_{q=0}^{Q}, not the original code's). Per iteration:
 T lower gradients, 1 upper gradient, Q HVPs and 1 cross product (each HVP also builds ∇_y G on
 its batch: counted as a lower gradient).
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ... import _tree as T
-from ...stochastic import Schedule, neumann_hypergradient, sgd_lower
+from ...estimates import Schedule, neumann_hypergradient, sgd_lower
 from ..base import Context, Solver
 
 __all__ = ["StocBiO"]

@@ -9,7 +9,7 @@ Single loop, STORM momentum on both levels (same samples at the current and prev
 
 (the paper's η ∇ + (1−η)(h + ∇ − ∇') written in STORM form). The update structure is MRBO's —
 this class reuses it — but the hypergradient ∇̄f is the randomly truncated Neumann estimator of
-Ghadimi & Wang (2018) used in the paper (:func:`bilevel.stochastic.sampled_neumann_hypergradient`:
+Ghadimi & Wang (2018) used in the paper (:func:`bilevel.estimates.sampled_neumann_hypergradient`:
 η Q Π_{i=1}^{p} (I − η∇²_yy G(B_i)) ∇_y F, p ~ U{0..Q−1}, the same p at both points). Step sizes:
 α_k = c_α/(w+k)^{1/3}, β_k = c_β α_k, η^f_{k+1} = c_f α_k², η^g_{k+1} = c_g α_k²  →  ``lr_x``,
 ``lr_y`` Schedules with e = 1/3 and ``momentum_x``/``momentum_y`` with e = 2/3.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ... import _tree as T
-from ...stochastic import Schedule, replay, sampled_neumann_hypergradient
+from ...estimates import Schedule, replay, sampled_neumann_hypergradient
 from ..base import Context
 from .mrbo import LR_X, MOMENTUM, MRBO
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from ... import _tree as T
 from ... import oracles as O
-from ...stochastic import Schedule, sampled_neumann_hypergradient
+from ...estimates import Schedule, sampled_neumann_hypergradient
 from ..base import Context, Solver
 
 __all__ = ["TTSA"]

@@ -7,7 +7,7 @@ Double loop with SARAH/SPIDER recursions (Nguyen et al. 2017; Fang et al. 2018).
     x_{k+1} = x_k − α v_k
 
 then ``inner_steps`` (= m+1) lower steps at the new x on fresh small batches S₂, both estimators
-following the iterates through :func:`bilevel.stochastic.spider` (same S₂ at both points):
+following the iterates through :func:`bilevel.estimates.spider` (same S₂ at both points):
 
     ṽ_t = ṽ_{t−1} + ∇̂Φ(x̃_t, ỹ_t; S₂) − ∇̂Φ(x̃_{t−1}, ỹ_{t−1}; S₂)
     ũ_t = ũ_{t−1} + ∇_y G(x̃_t, ỹ_t; S₂) − ∇_y G(x̃_{t−1}, ỹ_{t−1}; S₂)
@@ -30,7 +30,7 @@ import torch
 
 from ... import _tree as T
 from ... import oracles as O
-from ...stochastic import Schedule, neumann_hypergradient, replay, spider
+from ...estimates import Schedule, neumann_hypergradient, replay, spider
 from ..base import Context, Solver
 
 __all__ = ["VRBO"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import _tree as T
 from .. import oracles as O
-from ..problem import Bound
+from ..formulation import Bound
 from .base import Estimator
 
 
@@ -45,5 +45,5 @@ class ClosedForm(Estimator):
             ys, _ = T.flatten(out)
             return bound.F(xs, ys), T.detach(ys)
 
-        gx, ys = O.grad_of(objective, bound.xs, has_aux=True)
+        gx, (_, ys) = O.value_and_grad(objective, bound.xs, has_aux=True)
         return gx, ys, {}, state

@@ -11,7 +11,6 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from . import _tree as T
@@ -43,7 +42,7 @@ def batch_size(batch: Any) -> int:
     """Number of samples in a batch: leading dimension of its first tensor (1 if no tensor)."""
     if batch is None:
         return 1
-    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
+    leaves = [t for t in T.pytree.tree_leaves(batch) if isinstance(t, Tensor)]
     if not leaves or leaves[0].dim() == 0:
         return 1
     return int(leaves[0].shape[0])

@@ -1,4 +1,4 @@
-"""bilevel.stochastic building blocks against their definitions.
+"""bilevel.estimates building blocks against their definitions.
 
 References are written independently of the package's oracles: the stochastic quadratic's per-batch
 Hessians, cross matrices and gradients are formed densely from its data (A_b = Q diag(λ ⊙ s̄_b) Qᵀ,
@@ -13,8 +13,7 @@ import torch
 import bilevel as bl
 from bilevel import oracles as O
 from bilevel.errors import ConfigError
-from bilevel.problems import stochastic_quadratic
-from bilevel.stochastic import (
+from bilevel.estimates import (
     SagaTable,
     Schedule,
     neumann_hypergradient,
@@ -26,6 +25,7 @@ from bilevel.stochastic import (
     spider,
     storm,
 )
+from bilevel.problems import stochastic_quadratic
 
 F64 = torch.float64
 
@@ -39,11 +39,11 @@ def objectives(p, lower_batches, upper_batch=None):
     """Package objectives (flat leaves) for the given batches."""
     xs, xspec = bl._tree.flatten(p.x0)
     ys, yspec = bl._tree.flatten(p.y0)
-    Bound = bl.problem.Bound
+    Bound = bl.formulation.Bound
     Gs = [Bound.from_leaves(p.problem, (), xspec, (), yspec, lower_batch=b).G for b in lower_batches]
     F = None
     if upper_batch is not None:
-        F = bl.problem.Bound.from_leaves(p.problem, (), xspec, (), yspec, upper_batch=upper_batch).F
+        F = bl.formulation.Bound.from_leaves(p.problem, (), xspec, (), yspec, upper_batch=upper_batch).F
     return Gs, F
 
 

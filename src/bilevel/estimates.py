@@ -202,14 +202,14 @@ def sgd_linear_system(
 
 def require_fixed_batches(sampler: Any, solver: str, level: str) -> Any:
     """SAGA-type memories index a fixed partition: the sampler must be a
-    :class:`bilevel.data.FixedBatches` (it reports the drawn batch in ``last_index``)."""
-    from .data import FixedBatches
+    :class:`bilevel.sampling.FixedBatches` (it reports the drawn batch in ``last_index``)."""
     from .errors import ConfigError
+    from .sampling import FixedBatches
 
     if not isinstance(sampler, FixedBatches):
         got = "no sampler" if sampler is None else type(sampler).__name__
         raise ConfigError(
-            f"{solver} keeps one memory per batch and needs {level}_data=bl.data.FixedBatches(...) "
+            f"{solver} keeps one memory per batch and needs {level}_data=bl.sampling.FixedBatches(...) "
             f"(a fixed partition into batches), got {got}"
         )
     return sampler
