@@ -29,6 +29,7 @@ from .stochastic import (
     AmIGO,
     StocBiO,
 )
+from .upper import TorchOptimizer, upper_rule
 
 __all__ = [
     "Context",
@@ -37,6 +38,8 @@ __all__ = [
     "solve",
     "stochastic",
     "HypergradientDescent",
+    "TorchOptimizer",
+    "upper_rule",
     # deterministic
     "RHG",
     "TRHG",

@@ -20,6 +20,8 @@ The linear solver is chosen by ``linear_solver``:
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import ConfigError
 from ..hypergrad import CG, FixedPoint, Neumann
 from ..inner import Dynamics
@@ -45,7 +47,7 @@ class AID(HypergradientDescent):
         inner: Dynamics,
         upper_lr: float = 0.1,
         *,
-        upper: Dynamics | None = None,
+        upper: Any = None,
         linear_solver: str = "cg",
         iters: int = 20,
         alpha: float | None = None,

@@ -156,6 +156,16 @@ class Solver:
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def step_x(self, ctx: Context, state: dict[str, Any], grad: T.Leaves, t: int) -> T.Leaves:
+        """The upper step  x ← P_X(U(x, d_t))  with this solver's rule ``self.upper`` (see
+        :mod:`bilevel.solvers.upper`): updates ``state["x"]`` and the rule's state
+        ``state["upper"]`` (created at the first step) and returns the new x."""
+        rstate = state.get("upper")
+        if rstate is None:
+            rstate = self.upper.init(state["x"])
+        state["x"], state["upper"] = descend(self.upper, rstate, grad, t, ctx.project_x)
+        return state["x"]
+
     def output(self, state: dict[str, Any]) -> tuple[T.Leaves, T.Leaves]:
         """The (x, y) pair the solver reports (e.g. an average or the last iterate)."""
         return state["x"], state["y"]

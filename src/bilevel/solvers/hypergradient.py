@@ -13,17 +13,31 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _tree as T
+from ..errors import ConfigError
 from ..hypergrad.base import Estimator
-from ..inner import GD, Dynamics
 from .base import Context, Solver, descend
+from .upper import upper_rule
 
 
 class HypergradientDescent(Solver):
+    """Any estimator + an upper update rule.
+
+    Args:
+        estimator: a :mod:`bilevel.hypergrad` estimator (its state lives in ``state["est"]``).
+        upper: the upper step (:mod:`bilevel.solvers.upper`): a step size, a Schedule, a
+            :mod:`bilevel.inner` rule, or a ``torch.optim`` optimizer class / factory /
+            ``(class, kwargs)`` / :class:`~bilevel.solvers.TorchOptimizer` (with an lr scheduler).
+        warm_start: start each lower solve from the previous lower point (else from y0).
+    """
+
     reference = "generic hypergradient descent (Franceschi et al. 2017; Ji et al. 2021)"
 
-    def __init__(self, estimator: Estimator, upper: Dynamics | float = 0.1, warm_start: bool = True):
+    def __init__(self, estimator: Estimator, upper: Any = 0.1, warm_start: bool = True):
+        if not isinstance(estimator, Estimator):
+            raise ConfigError(f"{type(self).__name__}: estimator must be a bilevel.hypergrad "
+                              f"estimator, got {type(estimator).__name__}")
         self.estimator = estimator
-        self.upper = GD(lr=upper) if isinstance(upper, (int, float)) else upper
+        self.upper = upper_rule(upper)
         self.warm_start = warm_start
 
     def init(self, ctx: Context, xs, ys) -> dict[str, Any]:
