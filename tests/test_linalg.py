@@ -158,3 +158,131 @@ def test_dense_solve_singular_falls_back_to_least_squares():
     assert info["breakdown"] == "singular" and not info["converged"]
     torch.testing.assert_close(x, torch.tensor([2.0, 0.0], dtype=F64))
     assert info["residual"] == pytest.approx(1.0)  # the inconsistent part is reported, not hidden
+
+
+# ------------------------------------------------------------------------------------------------
+# exact convergence, singular operators, MINRES, CG on the normal equations, damping
+# ------------------------------------------------------------------------------------------------
+def _sym(gen, ev):
+    """Q diag(ev) Qᵀ with a random orthogonal Q (float64)."""
+    n = len(ev)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    return Q @ torch.diag(torch.tensor(ev, dtype=F64)) @ Q.T
+
+
+INDEFINITE = [-8.0, -3.0, -1.0, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0]
+SINGULAR = [0.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0]
+
+
+def test_cg_that_converged_exactly_is_not_a_breakdown():
+    """float32, tol=0: the residual underflows to 0 after a few steps (then pᵀAp = 0) — that is
+    convergence, not negative curvature (issue 8.3)."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, 1.5, 2.5, 1.2]))
+    b = (torch.ones(6),)
+    x, info = linalg.cg(lambda v: (A @ v[0],), b, iters=50, tol=0.0)
+    assert info["breakdown"] is None and info["converged"]
+    assert info["iterations"] < 50
+    torch.testing.assert_close(x[0], 1.0 / torch.diagonal(A), rtol=1e-6, atol=0)
+    # also when the rounding-level residual meets a zero curvature before reaching exactly 0
+    x, info = linalg.cg(lambda v: (A @ v[0] * (v[0].abs().max() > 1e-30),), b, iters=50, tol=0.0)
+    assert info["breakdown"] is None and info["converged"]
+
+
+def test_cg_on_a_singular_operator_stops_instead_of_overflowing(gen):
+    """PSD, b outside the range: the curvature along p drops to rounding level. CG must say
+    "singular" and return a finite iterate, not step by 1/0 (the 1e23 hypergradient of 8.2)."""
+    A = _sym(gen, SINGULAR)
+    b = (torch.randn(8, generator=gen, dtype=F64),)
+    x, info = linalg.cg(lambda v: (A @ v[0],), b, iters=100, tol=1e-12)
+    assert info["breakdown"] == "singular" and not info["converged"]
+    assert float(x[0].norm()) < 1e6 * float(b[0].norm())
+    assert info["iterations"] <= 8
+
+
+@pytest.mark.parametrize("ev", [[0.5, 1, 2, 5, 10, 20], INDEFINITE], ids=["spd", "indefinite"])
+def test_minres_solves_symmetric_systems(gen, ev):
+    A = _sym(gen, ev)
+    n = len(ev)
+    b_vec = torch.randn(n, generator=gen, dtype=F64)
+    exact = torch.linalg.solve(A, b_vec)
+    x, info = linalg.minres(_op(A, _leaves(b_vec)), _leaves(b_vec), iters=100, tol=1e-12)
+    assert info["converged"] and info["breakdown"] is None
+    assert info["iterations"] <= n + 3
+    torch.testing.assert_close(T.to_vector(x), exact, rtol=1e-10, atol=0)
+    true_res = float((A @ T.to_vector(x) - b_vec).norm())
+    assert true_res == pytest.approx(info["residual"], rel=1e-2, abs=1e-13)
+
+
+def test_minres_residual_decreases_and_equals_the_krylov_minimum(gen):
+    """Iteration k minimises ‖b − A x‖ over K_k(A, b) (Paige & Saunders 1975): compare with the
+    dense least-squares problem on the Krylov basis, and the residual is non-increasing."""
+    A = _sym(gen, INDEFINITE)
+    b = torch.randn(10, generator=gen, dtype=F64)
+    res = []
+    for k in range(1, 10):
+        x, info = linalg.minres(lambda v: (A @ v[0],), (b,), iters=k, tol=0.0)
+        assert info["iterations"] == k
+        K = torch.stack([torch.linalg.matrix_power(A, j) @ b for j in range(k)], 1)
+        Qk, _ = torch.linalg.qr(K)
+        c = torch.linalg.lstsq(A @ Qk, b.unsqueeze(1)).solution
+        best = float((A @ Qk @ c).squeeze(1).sub(b).norm())
+        true = float((A @ x[0] - b).norm())
+        assert true == pytest.approx(best, rel=1e-8, abs=1e-12)
+        assert info["residual"] == pytest.approx(true, rel=1e-8, abs=1e-12)
+        res.append(true)
+    assert all(r2 <= r1 * (1 + 1e-12) for r1, r2 in zip(res, res[1:])), res
+
+
+def test_minres_on_singular_systems(gen):
+    A = _sym(gen, SINGULAR)
+    pinv = torch.linalg.pinv(A)
+    # consistent: b in the range of A -> a solution (from 0: the minimum-norm one)
+    b = A @ torch.randn(8, generator=gen, dtype=F64)
+    x, info = linalg.minres(lambda v: (A @ v[0],), (b,), iters=50, tol=1e-12)
+    assert info["converged"] and info["breakdown"] is None
+    torch.testing.assert_close(x[0], pinv @ b, rtol=1e-9, atol=1e-12)
+    # inconsistent: stops at a least-squares solution (A x = A A⁺ b) and says "singular"
+    b = torch.randn(8, generator=gen, dtype=F64)
+    x, info = linalg.minres(lambda v: (A @ v[0],), (b,), iters=50, tol=1e-12)
+    assert info["breakdown"] == "singular" and not info["converged"]
+    torch.testing.assert_close(A @ x[0], A @ pinv @ b, rtol=0, atol=1e-9)
+    assert info["residual"] == pytest.approx(float((A @ pinv @ b - b).norm()), rel=1e-8)
+
+
+@pytest.mark.parametrize("ev", [INDEFINITE, SINGULAR], ids=["indefinite", "singular"])
+def test_normal_cg_converges_to_the_minimum_norm_least_squares_solution(gen, ev):
+    A = _sym(gen, ev)
+    n = len(ev)
+    b_vec = torch.randn(n, generator=gen, dtype=F64)
+    ref = torch.linalg.pinv(A) @ b_vec
+    x, info = linalg.normal_cg(_op(A, _leaves(b_vec)), _leaves(b_vec), iters=200, tol=1e-13)
+    assert info["converged"] and info["breakdown"] is None
+    torch.testing.assert_close(T.to_vector(x), ref, rtol=1e-9, atol=1e-12)
+    assert info["residual"] == pytest.approx(float((A @ ref - b_vec).norm()), rel=1e-6, abs=1e-12)
+    assert info["normal_residual"] <= 1e-13 * float((A @ b_vec).norm())
+    # CG on AᵀA: the Euclidean error to A⁺b decreases monotonically (Hestenes & Stiefel, Thm 6:3)
+    errs = [float((linalg.normal_cg(lambda v: (A @ v[0],), (b_vec,), iters=k, tol=0.0)[0][0]
+                   - ref).norm()) for k in range(1, n + 1)]
+    assert all(e2 <= e1 * (1 + 1e-9) for e1, e2 in zip(errs, errs[1:])), errs
+
+
+def test_normal_cg_with_an_explicit_transpose(gen):
+    M = torch.randn(6, 6, generator=gen, dtype=F64)  # not symmetric
+    b = torch.randn(6, generator=gen, dtype=F64)
+    x, info = linalg.normal_cg(lambda v: (M @ v[0],), (b,), iters=100, tol=1e-13,
+                               rmatvec=lambda v: (M.T @ v[0],))
+    assert info["converged"]
+    torch.testing.assert_close(x[0], torch.linalg.solve(M, b), rtol=1e-8, atol=1e-10)
+
+
+def test_damped_operator_makes_an_indefinite_system_solvable_by_cg(gen):
+    A = _sym(gen, INDEFINITE)
+    lam = 10.0  # > −λ_min = 8
+    b = torch.randn(10, generator=gen, dtype=F64)
+    op = linalg.damped(lambda v: (A @ v[0],), lam)
+    x, info = linalg.cg(op, (b,), iters=100, tol=1e-12)
+    assert info["converged"] and info["breakdown"] is None
+    torch.testing.assert_close(x[0], torch.linalg.solve(A + lam * torch.eye(10, dtype=F64), b),
+                               rtol=1e-10, atol=0)
+    plain = lambda v: (A @ v[0],)  # noqa: E731
+    assert linalg.damped(plain, 0.0) is plain

@@ -26,10 +26,14 @@ from . import (
 from .compiled import compile
 from .errors import (
     BilevelError,
+    BilevelWarning,
     ConfigError,
+    EmptyDataError,
     LinearSolveError,
+    LinearSolveWarning,
     NonFiniteError,
     NonScalarObjectiveError,
+    StartIndependenceWarning,
     StructureMismatchError,
 )
 from .formulation import Problem, params
@@ -55,9 +59,13 @@ __all__ = [
     "compile",
     "compiled",
     "BilevelError",
+    "BilevelWarning",
     "ConfigError",
+    "EmptyDataError",
     "LinearSolveError",
+    "LinearSolveWarning",
     "NonFiniteError",
     "NonScalarObjectiveError",
+    "StartIndependenceWarning",
     "StructureMismatchError",
 ]

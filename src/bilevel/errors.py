@@ -1,4 +1,5 @@
-"""Exception types. Every user-facing error raised by the package derives from ``BilevelError``."""
+"""Exception and warning types. Every user-facing error raised by the package derives from
+``BilevelError``, every warning from ``BilevelWarning``."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ class LinearSolveError(BilevelError, ArithmeticError):
 
 class ConfigError(BilevelError, ValueError):
     """Invalid configuration (unknown key, bad value)."""
+
+
+class EmptyDataError(BilevelError, ValueError):
+    """A data batch (or data set) has no samples: every mean over it would be NaN or zero."""
+
+
+class BilevelWarning(UserWarning):
+    """Base class of all warnings issued by ``bilevel``."""
+
+
+class LinearSolveWarning(BilevelWarning, RuntimeWarning):
+    """A linear solve broke down (negative or zero curvature, divergence, overflow) and a
+    safeguard was used instead of its result; issued once per estimator run."""
+
+
+class StartIndependenceWarning(BilevelWarning):
+    """An implicit estimator was given a start y0(x) that depends on x: the implicit
+    hypergradient ignores that dependence (y* is a function of x alone)."""

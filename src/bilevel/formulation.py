@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from . import _tree as T
 from .errors import StructureMismatchError
-from .validation import check_compatible, check_like, check_scalar, check_variables
+from .validation import (
+    check_batch,
+    check_compatible,
+    check_finite_groups,
+    check_like,
+    check_scalar,
+    check_variables,
+)
 
 __all__ = ["Problem", "Objective", "Bound", "params", "batch_size"]
 
@@ -106,6 +113,7 @@ class Objective:
         self.problem, self.level, self.batch = problem, level, batch
         self.xspec, self.yspec = xspec, yspec
         self.n = batch_size(batch)
+        check_batch(batch, self.n, level)
         # fast path: a bare tensor variable needs no pytree rebuild (saves ~10 us per call)
         self._xleaf = xspec is not None and T.is_leaf_spec(xspec)
         self._yleaf = yspec is not None and T.is_leaf_spec(yspec)
@@ -147,6 +155,8 @@ class Bound:
         ys, self.yspec = T.flatten(y0)
         check_variables(ys, "y")
         check_compatible(self.xs, ys)
+        check_finite_groups([("upper", "the upper variable x", self.xs),
+                             ("lower", "the lower start y0", ys)])
         self.ys0 = T.detach(ys)
         self.F = Objective(problem, "upper", upper_batch, self.xspec, self.yspec)
         self.G = Objective(problem, "lower", lower_batch, self.xspec, self.yspec)

@@ -1,11 +1,33 @@
-"""Matrix-free linear solvers on flat leaves: CG, fixed-point / Neumann, dense solve.
+"""Matrix-free linear solvers on flat leaves: CG, MINRES, CG on the normal equations, fixed-point /
+Neumann, dense solve.
 
-Each solver takes ``matvec: v -> A v`` and ``b`` and returns ``(x, info)``; ``info`` always has
-``iterations``, ``residual`` (‖A x − b‖ of the last evaluated iterate), ``converged``
-(‖r‖ ≤ tol·‖b‖; with ``tol=0``, i.e. no early stop requested, it only means "no breakdown") and
-``breakdown`` (``None`` or a reason such as ``"negative_curvature"``, ``"nonfinite"``,
-``"diverging"``, ``"not_positive_definite"``). Solvers never hide a breakdown: they stop, return
-the last good iterate and say why in ``info``.
+Each solver takes ``matvec: v -> A v`` (A symmetric: a Hessian) and ``b`` and returns ``(x, info)``;
+``info`` always has ``iterations``, ``residual`` (‖A x − b‖ of the returned iterate, as tracked by
+the solver's recursion), ``relative_residual``, ``converged`` (‖r‖ ≤ tol·‖b‖ — for
+:func:`normal_cg` the normal-equation residual ‖Aᵀr‖ ≤ tol·‖Aᵀb‖; with ``tol=0``, i.e. no early
+stop requested, it only means "no breakdown") and ``breakdown``: ``None`` or a reason —
+``"negative_curvature"`` (CG met pᵀAp < 0: A is indefinite), ``"singular"`` (zero curvature /
+zero pivot relative to the curvature seen so far: A is singular in that dtype),
+``"nonfinite"`` (an overflow or a NaN product), ``"diverging"`` (fixed point), or
+``"not_positive_definite"`` (dense). Solvers never hide a breakdown: they stop, return the last
+good iterate and say why in ``info``. A residual that reaches zero (or the dtype's rounding level)
+is convergence, never a breakdown.
+
+Which solver for which Hessian:
+
+* :func:`cg` — symmetric positive definite A (strongly convex lower level);
+* :func:`minres` — any symmetric A, also indefinite (Paige & Saunders 1975); for a singular A and
+  b in its range it converges to a solution, for an inconsistent system it stops at a
+  least-squares solution with ``breakdown="singular"``;
+* :func:`normal_cg` — CG on AᵀA x = Aᵀb (CGLS): any A; from x0 = 0 it converges to the
+  minimum-norm least-squares solution A⁺b, at two products per iteration and the condition
+  number squared;
+* :func:`damped` — the operator A + λI: with λ > −λ_min(A) any of the above applies (the
+  proximal / Tikhonov system of iMAML, Rajeswaran et al. 2019, Eq. 6: (I + H/λ) v = b is
+  (H + λI) v = λ b).
+
+Host synchronisations: every iterative solver reads one or two scalars per iteration (its stopping
+and breakdown tests), never more.
 """
 
 from __future__ import annotations
@@ -20,7 +42,7 @@ from torch import Tensor
 from . import _tree as T
 from ._trace import tracing
 
-__all__ = ["cg", "fixed_point", "neumann", "dense_solve"]
+__all__ = ["cg", "minres", "normal_cg", "damped", "fixed_point", "neumann", "dense_solve"]
 
 MatVec = Callable[[T.Leaves], T.Leaves]
 
@@ -35,6 +57,19 @@ def _info(iterations: int, residual: float, bnorm: float, converged: bool, break
     }
 
 
+def _eps(b: T.Leaves) -> float:
+    """Unit roundoff of the working dtype."""
+    return float(torch.finfo(b[0].dtype).eps)
+
+
+def damped(matvec: MatVec, damping: float) -> MatVec:
+    """The operator v -> A v + λ v (λ = ``damping``); ``damping=0`` returns ``matvec`` itself."""
+    lam = float(damping)
+    if lam == 0.0:
+        return matvec
+    return lambda v: T.axpy(lam, v, matvec(v))
+
+
 def cg(
     matvec: MatVec,
     b: T.Leaves,
@@ -45,12 +80,19 @@ def cg(
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Conjugate gradient for A x = b with A symmetric positive definite (Hestenes & Stiefel 1952).
 
-    Stops after ``iters`` products or when ‖r‖ ≤ tol·‖b‖ (``tol=0``: never early). If pᵀAp ≤ 0
-    the operator is not positive definite along p: stop with ``breakdown="negative_curvature"``.
+    Stops after ``iters`` products or when ‖r‖ ≤ tol·‖b‖ (``tol=0``: only at r = 0). A zero
+    residual — also one at the rounding level u·‖b‖ where pᵀAp underflows with it — is
+    convergence. Otherwise, if pᵀAp < 0 the operator is indefinite along p
+    (``breakdown="negative_curvature"``), and if |pᵀAp|/pᵀp ≤ 10u·max_k p_kᵀAp_k/p_kᵀp_k it is
+    singular in this dtype along p (``"singular"``: the step would overflow; the sign of such a
+    curvature is rounding noise). Both stop with the
+    last iterate, which minimises the quadratic over the directions explored so far (the point a
+    truncated-Newton method keeps, Steihaug 1983). Two synchronisations per iteration.
     """
     if tracing():
         return _cg_traced(matvec, b, x0, iters=iters, tol=tol)
     bnorm = float(T.norm(b))
+    eps = _eps(b)
     if x0 is None:
         x = T.zeros_like(b)
         r = b
@@ -59,30 +101,182 @@ def cg(
         r = T.sub(b, matvec(x0))
     p = r
     rs = T.sq_norm(r)
+    rs_f = float(rs)
     k, breakdown = 0, None
     stop = (tol * bnorm) ** 2
-    while k < iters:
-        if tol > 0 and float(rs) <= stop:
-            break
+    kappa_max = 0.0
+    res = math.sqrt(rs_f) if math.isfinite(rs_f) else rs_f
+    if not math.isfinite(rs_f):
+        breakdown = "nonfinite"
+    while breakdown is None and k < iters and rs_f > stop:
         Ap = matvec(p)
-        pAp = T.dot(p, Ap)
-        pAp_f = float(pAp)
-        if not math.isfinite(pAp_f):
+        pAp, pp = torch.stack([T.dot(p, Ap), T.sq_norm(p)]).tolist()  # one synchronisation
+        if not math.isfinite(pAp):
             breakdown = "nonfinite"
             break
-        if pAp_f <= 0.0:
-            breakdown = "negative_curvature"
+        kappa = pAp / pp if pp > 0.0 else 0.0
+        if pAp <= 0.0 or kappa <= 10.0 * eps * kappa_max:
+            if res > eps * bnorm:  # else: solved to rounding, pᵀAp underflowed with r
+                singular = abs(kappa) <= 10.0 * eps * kappa_max or pAp == 0.0
+                breakdown = "singular" if singular else "negative_curvature"
             break
+        kappa_max = max(kappa_max, kappa)
         alpha = rs / pAp
-        x = T.axpy(alpha, p, x)
+        x_new = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, Ap, r)
         rs_new = T.sq_norm(r)
+        rs_new_f = float(rs_new)
+        if not math.isfinite(rs_new_f):
+            breakdown = "nonfinite"  # overflow: keep the last finite iterate
+            break
+        x = x_new
         p = T.axpy(rs_new / rs, p, r)
-        rs = rs_new
+        rs, rs_f = rs_new, rs_new_f
+        res = math.sqrt(rs_f)
         k += 1
-    res = math.sqrt(max(float(rs), 0.0))
     converged = breakdown is None and (res <= tol * bnorm if tol > 0 else True)
     return x, _info(k, res, bnorm, converged, breakdown)
+
+
+def minres(
+    matvec: MatVec,
+    b: T.Leaves,
+    x0: T.Leaves | None = None,
+    *,
+    iters: int = 100,
+    tol: float = 1e-10,
+) -> tuple[T.Leaves, dict[str, Any]]:
+    """MINRES for A x = b with A symmetric, possibly indefinite (Paige & Saunders 1975, Sec. 6).
+
+    Iteration k minimises ‖b − A x‖ over x ∈ x0 + K_k(A, r0). The Lanczos recursion
+    β_{k+1} v_{k+1} = A v_k − α_k v_k − β_k v_{k−1} (v_1 = r0/β_1) builds the tridiagonal T̄_k;
+    its QR factorisation is updated with one Givens reflection per step, which gives the
+    residual norm |φ̄_k| = |s_k φ̄_{k−1}| (φ̄_0 = β_1) without forming it, and the iterate from
+    the three-term recursion d_k = (v_k − δ_k d_{k−1} − ε_k d_{k−2}) / γ_k,
+    x_k = x_{k−1} + c_k φ̄_{k−1} d_k. One product and one synchronisation per iteration.
+
+    β_{k+1} = 0 means the Krylov space is invariant and x_k solves the system in it: stop. If
+    β_{k+1} ≈ 0 (≤ √u·‖T̄_k‖: rounding grows with k) and the pivot γ̄_k ≈ 0 as well, T_k is
+    singular — b has a component outside the range of A, whose least-squares residual the iterate
+    has reached: stop before the step (which would divide by ≈ 0) with ``breakdown="singular"``
+    and that iterate (its residual is reported).
+    """
+    bnorm = float(T.norm(b))
+    eps = _eps(b)
+    x = T.zeros_like(b) if x0 is None else x0
+    r = b if x0 is None else T.sub(b, matvec(x0))
+    beta1 = T.norm(r)
+    res = float(beta1)
+    sqrt_eps = math.sqrt(eps)
+    stop = max(tol, eps) * bnorm  # the recursion's estimate can fall far below what is real
+    k, breakdown = 0, None
+    if not math.isfinite(res):
+        breakdown = "nonfinite"
+    elif res > stop and res > 0.0:
+        v_prev, v = T.zeros_like(b), T.scale(r, 1.0 / beta1)
+        d_prev = d_prev2 = T.zeros_like(b)
+        zero = torch.zeros_like(beta1)
+        beta = zero                                  # β_k in column k of T̄ (none in the first)
+        c1, s1, c2, s2 = -1.0 - zero, zero, -1.0 - zero, zero  # reflections k−1 and k−2
+        phibar = beta1
+        anorm = 0.0
+        while k < iters:
+            u = matvec(v)
+            if k > 0:
+                u = T.axpy(-beta, v_prev, u)
+            alpha = T.dot(v, u)
+            u = T.axpy(-alpha, v, u)
+            beta_next = T.norm(u)
+            # column k of T̄ = (β_k, α_k, β_{k+1}) after the two previous reflections
+            eps_k = s2 * beta
+            delta_p = -c2 * beta
+            delta = c1 * delta_p + s1 * alpha
+            gbar = s1 * delta_p - c1 * alpha
+            gamma = torch.sqrt(gbar * gbar + beta_next * beta_next)
+            col = torch.sqrt(alpha * alpha + beta * beta + beta_next * beta_next)
+            gamma_f, gbar_f, beta_next_f, col_f = torch.stack([gamma, gbar, beta_next, col]).tolist()
+            if not (math.isfinite(gamma_f) and math.isfinite(col_f)):
+                breakdown = "nonfinite"
+                break
+            anorm = max(anorm, col_f)
+            # β_{k+1} ≈ 0: the Krylov space is invariant (to rounding, which grows with k, hence
+            # √u); then a pivot γ̄_k ≈ 0 too means T_k is singular: b has a component outside the
+            # range of A, the least-squares residual is reached and this step would divide by ~0
+            invariant = beta_next_f <= sqrt_eps * anorm
+            if gamma_f <= eps * anorm or (invariant and abs(gbar_f) <= sqrt_eps * anorm):
+                if res > stop:
+                    breakdown = "singular"
+                break
+            c, s = gbar / gamma, beta_next / gamma
+            d_new = T.scale(T.axpy(-eps_k, d_prev2, T.axpy(-delta, d_prev, v)), 1.0 / gamma)
+            x = T.axpy(c * phibar, d_new, x)
+            phibar = s * phibar
+            res = res * beta_next_f / gamma_f
+            k += 1
+            d_prev2, d_prev = d_prev, d_new
+            c2, s2, c1, s1 = c1, s1, c, s
+            if res <= stop or beta_next_f <= eps * anorm:  # solved, or nothing left to explore
+                break
+            v_prev, v = v, T.scale(u, 1.0 / beta_next)
+            beta = beta_next
+    converged = breakdown is None and (res <= stop if tol > 0 else True)
+    return x, _info(k, res, bnorm, converged, breakdown)
+
+
+def normal_cg(
+    matvec: MatVec,
+    b: T.Leaves,
+    x0: T.Leaves | None = None,
+    *,
+    iters: int = 100,
+    tol: float = 1e-10,
+    rmatvec: MatVec | None = None,
+) -> tuple[T.Leaves, dict[str, Any]]:
+    """CG on the normal equations AᵀA x = Aᵀb, in the CGLS form (Hestenes & Stiefel 1952, Sec. 10;
+    Björck 1996, Alg. 7.4.1), for any A — indefinite or singular.
+
+    With s = Aᵀr, p_0 = s_0:  q = A p,  α = ‖s‖²/‖q‖²,  x += α p,  r −= α q,  s = Aᵀr,
+    p = s + (‖s_new‖²/‖s‖²) p. The iterates stay in x0 + range(Aᵀ), so from x0 = 0 they converge to
+    the minimum-norm least-squares solution A⁺b. Two products per iteration (``rmatvec`` = Aᵀ,
+    default ``matvec``: A symmetric) and the condition number of AᵀA, i.e. squared. Stops when
+    ‖Aᵀr‖ ≤ tol·‖Aᵀb‖ (then ``converged``; ``info["normal_residual"]`` is ‖Aᵀr‖) — for an
+    inconsistent system ``residual`` stays at the least-squares residual.
+    """
+    at = matvec if rmatvec is None else rmatvec
+    bnorm = float(T.norm(b))
+    x = T.zeros_like(b) if x0 is None else x0
+    r = b if x0 is None else T.sub(b, matvec(x0))
+    s = at(r)
+    p = s
+    gam = T.sq_norm(s)
+    atb = float(T.norm(at(b))) if x0 is not None else math.sqrt(float(gam))
+    gam_f = float(gam)
+    stop = (tol * atb) ** 2
+    k, breakdown = 0, None
+    if not math.isfinite(gam_f):
+        breakdown = "nonfinite"
+    while breakdown is None and k < iters and gam_f > stop and gam_f > 0.0:
+        q = matvec(p)
+        qq = T.sq_norm(q)
+        alpha = gam / qq
+        x_new = T.axpy(alpha, p, x)
+        r_new = T.axpy(-alpha, q, r)
+        s = at(r_new)
+        gam_new = T.sq_norm(s)
+        gam_new_f = float(gam_new)
+        if not math.isfinite(gam_new_f):
+            breakdown = "nonfinite"  # ‖A p‖ = 0 with Aᵀr ≠ 0 cannot happen in exact arithmetic
+            break
+        x, r = x_new, r_new
+        p = T.axpy(gam_new / gam, p, s)
+        gam, gam_f = gam_new, gam_new_f
+        k += 1
+    res = float(T.norm(r))
+    nres = math.sqrt(gam_f) if math.isfinite(gam_f) else gam_f
+    converged = breakdown is None and (nres <= tol * atb if tol > 0 else True)
+    info = _info(k, res, bnorm, converged, breakdown)
+    info["normal_residual"] = nres
+    return x, info
 
 
 def fixed_point(
@@ -93,45 +287,54 @@ def fixed_point(
     iters: int = 100,
     alpha: float = 1.0,
     tol: float = 0.0,
+    growth: float = 1e3,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Richardson / fixed-point iteration v ← v − α (A v − b) = (I − αA) v + α b.
 
     This is the adjoint recursion of gradient descent on the lower level (AID-FP, Grazzi et al.
-    2020); it converges for 0 < α < 2/λ_max(A). Growth of the residual is reported as
-    ``breakdown="diverging"``.
+    2020); it converges for 0 < α < 2/λ_max(A) and A ≻ 0. A residual above
+    ``growth``·max(best residual so far, ‖b‖) is reported as ``breakdown="diverging"`` and the
+    best iterate is returned. For a fixed symmetric A with 0 ⪯ αA ⪯ 2I the residuals
+    r_{k+1} = (I − αA) r_k never grow, so ``growth=2`` already proves that (I − αA) has an
+    eigenvalue outside [−1, 1] (α too large, or A indefinite); the lenient default suits noisy
+    (stochastic) products.
     """
     if tracing():
         return _fixed_point_traced(matvec, b, x0, iters=iters, alpha=alpha, tol=tol)
     bnorm = float(T.norm(b))
     x = T.zeros_like(b) if x0 is None else x0
-    res, prev, k, breakdown = float("nan"), float("inf"), 0, None
+    x_best = x
+    res, best, k, breakdown = float("nan"), float("inf"), 0, None
     while k < iters:
         r = T.sub(matvec(x), b)
         res = float(T.norm(r))
         if not math.isfinite(res):
             breakdown = "nonfinite"
             break
-        if res > 1e3 * max(prev, bnorm) and k > 0:
+        if res > growth * max(best, bnorm) and k > 0:
             breakdown = "diverging"
             break
+        if res <= best:  # best residual so far: slow geometric growth is caught too
+            best, x_best = res, x
         if tol > 0 and res <= tol * bnorm:
             break
-        prev = min(prev, res)  # best residual so far: slow geometric growth is caught too
         x = T.axpy(-alpha, r, x)
         k += 1
+    if breakdown is not None and k > 0:
+        x, res = x_best, best
     converged = breakdown is None and (res <= tol * bnorm if tol > 0 else True)
     return x, _info(k, res, bnorm, converged, breakdown)
 
 
 def neumann(
-    matvec: MatVec, b: T.Leaves, *, iters: int = 10, alpha: float = 1.0
+    matvec: MatVec, b: T.Leaves, *, iters: int = 10, alpha: float = 1.0, growth: float = 1e3
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Truncated Neumann series  α Σ_{q=0}^{Q} (I − αA)^q b  with Q = ``iters`` products.
 
     Identical to :func:`fixed_point` started at v₁ = α b (its iterates are the partial sums), so
     it is implemented as exactly that — one mechanism, two names.
     """
-    return fixed_point(matvec, b, T.scale(b, alpha), iters=iters, alpha=alpha)
+    return fixed_point(matvec, b, T.scale(b, alpha), iters=iters, alpha=alpha, growth=growth)
 
 
 def dense_solve(A: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Any]]:

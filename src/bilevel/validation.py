@@ -9,7 +9,12 @@ from torch import Tensor
 
 from ._trace import require, tracing
 from ._tree import Leaves, Spec
-from .errors import NonFiniteError, NonScalarObjectiveError, StructureMismatchError
+from .errors import (
+    EmptyDataError,
+    NonFiniteError,
+    NonScalarObjectiveError,
+    StructureMismatchError,
+)
 
 _LEVEL_NAME = {"upper": "upper-level objective f", "lower": "lower-level objective g"}
 
@@ -69,8 +74,8 @@ def check_like(a: Leaves, a_spec: Spec, b: Leaves, b_spec: Spec, what: str) -> N
 
 
 def check_finite(leaves: Sequence[Tensor], level: str, what: str, step: int | None = None) -> None:
-    """Raise :class:`NonFiniteError` naming the level and step if any entry is NaN/inf (deferred
-    in traced mode, see :mod:`bilevel._trace`)."""
+    """Raise :class:`NonFiniteError` naming the level and step if any entry is NaN/inf (one
+    host synchronisation for all leaves; deferred in traced mode, see :mod:`bilevel._trace`)."""
     where = f" at step {step}" if step is not None else ""
     if tracing():
         if leaves:
@@ -79,13 +84,38 @@ def check_finite(leaves: Sequence[Tensor], level: str, what: str, step: int | No
                 f"non-finite values (NaN/inf) in {what} of the {level} level{where}",
                 level=level, step=step))
         return
-    for t in leaves:
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(
-                f"non-finite values (NaN/inf) in {what} of the {level} level{where}",
-                level=level,
-                step=step,
-            )
+    if not leaves or bool(torch.stack([torch.isfinite(t).all() for t in leaves]).all()):
+        return
+    raise NonFiniteError(
+        f"non-finite values (NaN/inf) in {what} of the {level} level{where}",
+        level=level,
+        step=step,
+    )
+
+
+def check_finite_groups(
+    groups: Sequence[tuple[str, str, Sequence[Tensor]]], step: int | None = None
+) -> None:
+    """:func:`check_finite` for several ``(level, what, leaves)`` groups with one synchronisation;
+    the error names the first group that holds a NaN/inf."""
+    if tracing():
+        for level, what, ts in groups:
+            check_finite(ts, level, what, step)
+        return
+    flags = [torch.isfinite(t).all() for _, _, ts in groups for t in ts]
+    if not flags or bool(torch.stack(flags).all()):
+        return
+    for level, what, ts in groups:
+        check_finite(ts, level, what, step)
+
+
+def check_batch(batch: object, n: int, level: str) -> None:
+    """A data batch must hold at least one sample (a mean over none is NaN, a sum is 0)."""
+    if batch is not None and n == 0:
+        raise EmptyDataError(
+            f"the {level}-level batch has no samples (leading dimension 0); "
+            f"check the {level}-level data set, its split and the batch size"
+        )
 
 
 def first_nonfinite(sums: Sequence[Tensor]) -> int | None:

@@ -114,8 +114,10 @@ def _describe(hc: dict[str, Any]) -> str:
     """The estimator with the options that apply to it."""
     name = hc["estimator"]
     key = normalize_name(name)
-    if key in ("cg", "ls", "aidcg", "neumann", "ns", "aidns", "fixedpoint", "fp", "aidfp"):
-        return f"{name} ({hc['iters']} iterations)"
+    if key in ("cg", "ls", "aidcg", "neumann", "ns", "aidns", "fixedpoint", "fp", "aidfp", "minres",
+               "normalcg"):
+        damped = f", damping {hc['damping']}" if hc["damping"] else ""
+        return f"{name} ({hc['iters']} iterations{damped})"
     if key in ("rhg", "trhg", "reverse", "itd") and hc["truncate"]:
         return f"{name} (last {hc['truncate']} steps)"
     return name
@@ -178,6 +180,7 @@ class HyperClean(Experiment):
         est = make_estimator(
             hc["estimator"], inner, strict=False, iters=hc["iters"], truncate=hc["truncate"] or None,
             alpha=hc["alpha"] or None, warm_start=hc["warm_start"],
+            **({"damping": hc["damping"]} if hc["damping"] else {}),
         )
         upper_rule = make_dynamics(uc["optimizer"], uc["lr"], momentum=0.9, strict=False)
         if normalize_name(cfg["solver"]) in ("hypergradient", "hypergradientdescent"):

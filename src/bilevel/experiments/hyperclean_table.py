@@ -33,6 +33,10 @@ __all__ = ["HypercleanDet", "HypercleanTable", "METHODS"]
 #: label -> hyperclean overrides selecting the method
 METHODS: dict[str, dict[str, Any]] = {
     "LS": {"solver": "hypergradient", "hypergrad.estimator": "cg"},
+    # implicit methods for an indefinite lower Hessian (not in the paper's table)
+    "LS-MINRES": {"solver": "hypergradient", "hypergrad.estimator": "minres"},
+    "LS-normal": {"solver": "hypergradient", "hypergrad.estimator": "normalcg"},
+    "LS-damped": {"solver": "hypergradient", "hypergrad.estimator": "cg"},  # + hypergrad.damping
     "NS": {"solver": "hypergradient", "hypergrad.estimator": "neumann"},
     "RHG": {"solver": "hypergradient", "hypergrad.estimator": "rhg"},
     "TRHG": {"solver": "hypergradient", "hypergrad.estimator": "trhg"},  # + hypergrad.truncate
@@ -74,7 +78,7 @@ class HypercleanTable(Table):
     defaults = {
         "seed": 0,
         "seeds": 3,
-        "methods": list(METHODS),
+        "methods": ["LS", "NS", "RHG", "TRHG", "BDA", "IAPTTGM"],  # the paper's; + LS-MINRES, ...
         "steps": 60,
         "eval_every": 10,
         "model": "mlp",
@@ -89,6 +93,7 @@ class HypercleanTable(Table):
         "upper_lr": 0.3,
         "truncate": 5,
         "iters": 10,
+        "damping": 1.0,
         "init_lr": 0.01,
         "mu": 0.5,
         "baseline_iters": 100,
@@ -114,8 +119,10 @@ class HypercleanTable(Table):
             "det.init_lr": cfg["init_lr"], "det.mu": cfg["mu"], "baseline.max_iter": cfg["baseline_iters"],
         }
         trunc = {"hypergrad.truncate": cfg["truncate"]}  # T-RHG only (RHG backpropagates all K steps)
+        damp = {"hypergrad.damping": cfg["damping"]}  # LS-damped only: (H + damping I) v = ∇_y f
         return [SubRun(label=m, experiment="hyperclean-det", seed=cfg["seed"] + k,
-                       overrides={**common, **METHODS[m], **(trunc if m == "TRHG" else {})})
+                       overrides={**common, **METHODS[m], **(trunc if m == "TRHG" else {}),
+                                  **(damp if m == "LS-damped" else {})})
                 for m in cfg["methods"] for k in range(cfg["seeds"])]
 
     def summarize_table(self, cfg: dict[str, Any], results: list[SubResult]) -> str:

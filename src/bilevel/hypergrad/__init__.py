@@ -5,7 +5,7 @@ from .base import Estimator, HypergradResult, solve_lower
 from .finite_difference import FiniteDifference
 from .first_order import FirstOrder
 from .forward import Forward
-from .implicit import CG, Exact, FixedPoint, Implicit, Neumann
+from .implicit import CG, MINRES, Exact, FixedPoint, Implicit, Neumann, NormalCG
 from .reverse import Reverse
 from .vmap import vmap
 from .zeroth_order import ZerothOrder
@@ -19,6 +19,8 @@ __all__ = [
     "FirstOrder",
     "FiniteDifference",
     "CG",
+    "MINRES",
+    "NormalCG",
     "Neumann",
     "FixedPoint",
     "Exact",

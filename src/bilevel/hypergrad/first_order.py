@@ -12,6 +12,7 @@ from .. import _tree as T
 from .. import oracles as O
 from ..formulation import Bound
 from ..inner import Dynamics
+from ..validation import check_finite
 from .base import Estimator, solve_lower
 
 
@@ -23,7 +24,8 @@ class FirstOrder(Estimator):
 
     def compute(self, bound: Bound, state: dict):
         ys, info = solve_lower(bound, self.inner, bound.xs, bound.init(bound.xs))
-        _, gx, gy = O.grads(bound.F, bound.xs, ys)
+        fval, gx, gy = O.grads(bound.F, bound.xs, ys)
+        check_finite([fval, *gx, *gy], "upper", "f, ∇_x f or ∇_y f at the lower point")
         if bound.y_fn is not None:
             gx = T.add(gx, O.vjp(bound.init, bound.xs, gy))
         return gx, ys, info, state

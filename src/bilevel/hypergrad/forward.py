@@ -17,10 +17,11 @@ from torch.func import jvp, vmap
 
 from .. import _tree as T
 from .. import oracles as O
-from .._trace import tracing
+from .._trace import require, tracing
+from ..errors import NonFiniteError
 from ..formulation import Bound
 from ..inner import Dynamics
-from ..validation import check_finite
+from ..validation import first_nonfinite
 from .base import Estimator
 
 
@@ -39,12 +40,12 @@ class Forward(Estimator):
         chunk = n if self.chunk is None else max(1, int(self.chunk))
         eye = torch.eye(n, dtype=xs[0].dtype, device=xs[0].device)
         jac_rows = []  # rows: d y_T / dx along basis directions, as (n_dir, *y) leaves
-        state = None
+        dstate = None  # the lower dynamics' final state (not the estimator state)
         for lo in range(0, n, chunk):
             U = T.from_vector(eye[lo : lo + chunk], xs)  # batched directions shaped like x
-            state, Z = self._tangents(bound, gfun, xs, U)
+            dstate, Z = self._tangents(bound, gfun, xs, U)
             jac_rows.append(Z)
-        ys = T.detach(dyn.output(state))
+        ys = T.detach(dyn.output(dstate))
         _, gx, gy = O.grads(bound.F, xs, ys)
         b = T.to_vector(gy)
         dirs = torch.cat([T.to_vector_batched(Z) for Z in jac_rows]) if jac_rows else None
@@ -68,6 +69,7 @@ class Forward(Estimator):
         if Z is None:
             Z = tuple(torch.zeros((U[0].shape[0], *t.shape), dtype=t.dtype, device=t.device)
                       for t in state)
+        sums = []  # per-step summaries: the first non-finite step is found with one sync
         for k in range(dyn.steps):
             def step(xs_, s_, k=k):
                 return dyn.update(s_, gfun(xs_, dyn.point(s_)), k)
@@ -76,5 +78,17 @@ class Forward(Estimator):
             state_new, Z = vmap(lambda u, z, s=state, st=step: jvp(st, (xs, s), (u, z)),
                                 out_dims=(0 if traced else None, 0))(U, Z)
             state = tuple(t[0] for t in state_new) if traced else state_new
-        check_finite(dyn.output(state), "lower", "the final iterate (forward mode)")
+            sums.append(sum(t.detach().sum() for t in dyn.output(state)))
+        if traced:  # under vmap: checked per task after the transform
+            if sums:
+                require(torch.isfinite(torch.stack(sums)).all(), lambda: NonFiniteError(
+                    f"non-finite values (NaN/inf) in the lower-level iterate of "
+                    f"{type(dyn).__name__} (forward mode, lr={dyn.lr})", level="lower"))
+            return T.detach(state), dyn.output(Z)
+        bad = first_nonfinite(sums)
+        if bad is not None:
+            raise NonFiniteError(
+                f"non-finite values (NaN/inf) in the lower-level iterate at step {bad + 1} of "
+                f"{type(dyn).__name__} (forward mode, lr={dyn.lr}); reduce the step size or check "
+                "the objective", level="lower", step=bad + 1)
         return T.detach(state), dyn.output(Z)

@@ -3,25 +3,50 @@
 If ∇_y g(x, y*) = 0 and H = ∇²_yy g is invertible, the implicit function theorem gives
 (Pedregosa 2016, Eq. 4; Ghadimi & Wang 2018, Eq. 2.4)
 
-    ∇h(x) = ∇_x f − ∇²_xy g · v,    where   H v = ∇_y f,      all at (x, y*).
+    ∇h(x) = ∇_x f − ∇²_xy g · v,    where   (H + λI) v = ∇_y f,      all at (x, y*)
 
-The template below solves the lower level (``inner``, no graph), linearizes ∇_y g once at
-(x, y_T) (:class:`bilevel.oracles.Linearization`: every H-product is one backward through a
-stored graph), solves the linear system with a solver from :mod:`bilevel.linalg`, and applies
-the cross term once. Subclasses only choose the linear solver:
+(λ = ``damping``, 0 by default). The template below solves the lower level (``inner``, no graph),
+linearizes ∇_y g once at (x, y_T) (:class:`bilevel.oracles.Linearization`: every H-product is one
+backward through a stored graph), solves the linear system with a solver from
+:mod:`bilevel.linalg`, and applies the cross term once. Subclasses only choose the linear solver:
 
-* :class:`CG` — conjugate gradient (AID-CG, Pedregosa 2016; "LS" in Liu et al. 2021);
+* :class:`CG` — conjugate gradient (AID-CG, Pedregosa 2016; "LS" in Liu et al. 2021): H ≻ 0;
+* :class:`MINRES` — minimum residual (Paige & Saunders 1975): any symmetric H, also indefinite
+  (the lower Hessian of a neural network);
+* :class:`NormalCG` — CG on H² v = H ∇_y f (CGLS): any H, the minimum-norm least-squares v for a
+  singular one (a lower level with several solutions);
 * :class:`Neumann` — α Σ_{q=0}^{Q} (I − αH)^q ∇_y f (Lorraine et al. 2020, Eq. 6; Ji et al. 2021);
 * :class:`FixedPoint` — the adjoint fixed-point iteration of the GD map (AID-FP, Grazzi et al. 2020);
 * :class:`Exact` — dense Hessian and Cholesky solve (BA of Ghadimi & Wang 2018; references).
 
+``damping=λ > 0`` solves the Tikhonov / proximal system (H + λI) v = ∇_y f with any of them: the
+system of iMAML (Rajeswaran et al. 2019, Eq. 6), whose (I + H/λ)⁻¹ equals λ (H + λI)⁻¹. It is
+positive definite once λ > −λ_min(H), so CG applies to an indefinite H, at a bias of order λ in v.
+
 ``inner=None`` uses the given y as y*. With ``warm_start=True`` the solution v of the previous
-call seeds the next solve (CG/FixedPoint), as in AmIGO (Arbel & Mairal 2022): v is carried in the
-estimator state (``res.state["v"]``, pass ``state=res.state`` to the next call), never on the object.
+call seeds the next solve, as in AmIGO (Arbel & Mairal 2022): v is carried in the estimator state
+(``res.state["v"]``, pass ``state=res.state`` to the next call), never on the object.
+
+Reliability policy (every implicit estimator):
+
+* NaN/inf in f, ∇f, g or ∇_y g at the lower point, or in the Hessian products, raises
+  :class:`~bilevel.errors.NonFiniteError` naming the level — never a zero hypergradient.
+* A linear-solve breakdown (``info["linear_solve"]["breakdown"]``: negative or zero curvature,
+  divergence, overflow) with ``strict=True`` raises :class:`~bilevel.errors.LinearSolveError`.
+  Otherwise a :class:`~bilevel.errors.LinearSolveWarning` is issued once per run (the count is in
+  the state and in ``info["linear_solve"]["breakdowns"]``) and a safeguard is used: a warm-started
+  solve that broke down is repeated from v = 0, the solver's last good iterate is used (for CG the
+  minimiser of the quadratic on the directions explored before the bad one, Steihaug 1983), and a
+  broken-down v is never carried to the next call as a warm start.
+* A start y0(x) that depends on x (a learned initialization) is ignored by the implicit
+  hypergradient — y*(x) does not depend on the start — which is said once per run with a
+  :class:`~bilevel.errors.StartIndependenceWarning`.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -30,26 +55,53 @@ from .. import _tree as T
 from .. import linalg
 from .. import oracles as O
 from .._trace import require, scalar, tracing
-from ..errors import LinearSolveError
+from ..errors import (
+    LinearSolveError,
+    LinearSolveWarning,
+    StartIndependenceWarning,
+)
 from ..formulation import Bound
 from ..inner import Dynamics
+from ..validation import check_finite, check_finite_groups
 from .base import Estimator, solve_lower
 
 
+def _damping(value: float) -> float:
+    lam = float(value)
+    if not (math.isfinite(lam) and lam >= 0.0):
+        raise ValueError(f"damping must be a finite number >= 0, got {value!r}")
+    return lam
+
+
 class Implicit(Estimator):
-    """Template: solve lower level, solve H v = ∇_y f, return ∇_x f − ∇²_xy g v."""
+    """Template: solve lower level, solve (H + λI) v = ∇_y f, return ∇_x f − ∇²_xy g v."""
 
-    state_keys = ("v",)
+    state_keys = ("v", "breakdowns", "start_warned")
+    #: what the hypergradient uses after a breakdown (said in the warning)
+    fallback = "the solver's last good iterate (and no warm start from it)"
 
-    def __init__(self, inner: Dynamics | None, *, warm_start: bool = False, strict: bool = False):
+    def __init__(
+        self,
+        inner: Dynamics | None,
+        *,
+        warm_start: bool = False,
+        strict: bool = False,
+        damping: float = 0.0,
+    ):
         self.inner = inner
         self.warm_start = warm_start
         self.strict = strict
+        self.damping = _damping(damping)
 
     def init_state(self, bound: Bound) -> dict[str, Any]:
-        """``{"v": None}``: no warm-start vector yet (with ``warm_start=True`` the next state holds
-        the last solution v as flat leaves shaped like y)."""
-        return {"v": None}
+        """``{"v": None, "breakdowns": 0, "start_warned": False}``: no warm-start vector yet (with
+        ``warm_start=True`` the next state holds the last good solution v as flat leaves shaped
+        like y), no linear-solve breakdown in this run yet, no warning about a start y0(x) yet."""
+        return {"v": None, "breakdowns": 0, "start_warned": False}
+
+    def operator(self, lin: O.Linearization) -> linalg.MatVec:
+        """v -> (H + λI) v at the linearization point."""
+        return linalg.damped(lin.hvp, self.damping)
 
     def solve(
         self, lin: O.Linearization, b: T.Leaves, x0: T.Leaves | None, bound: Bound
@@ -58,25 +110,102 @@ class Implicit(Estimator):
 
     def compute(self, bound: Bound, state: dict[str, Any]):
         xs = bound.xs
+        if bound.y_fn is not None and not state.get("start_warned", False):
+            _warn_start(self)
+            state["start_warned"] = True
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
-        _, gx, b = O.grads(bound.F, xs, ys)
+        fval, gx, b = O.grads(bound.F, xs, ys)
         lin = O.Linearization(bound.G, xs, ys)
+        check_finite_groups([
+            ("upper", "f, ∇_x f or ∇_y f at the lower point", (fval, *gx, *b)),
+            ("lower", "g or ∇_y g at the lower point", (lin.value, *lin.grad_y)),
+        ])
         v_prev = state.get("v")
         x0 = tuple(v_prev) if self.warm_start and v_prev is not None else None
         if x0 is not None and any(u.shape != w.shape for u, w in zip(x0, b)):
             x0 = None
-        v, sinfo = self.solve(lin, b, x0, bound)
+        v, sinfo = self._solve_safely(lin, b, x0, bound)
         if tracing() and self.strict:  # under vmap: checked per task after the transform
             require(~sinfo["broke_down"], lambda: LinearSolveError(
                 f"{type(self).__name__} linear solve broke down (strict=True)"))
-        if sinfo["breakdown"] is not None and self.strict:
-            raise LinearSolveError(f"{type(self).__name__} linear solve broke down: {sinfo}")
+        if sinfo["breakdown"] is not None:
+            if not state.get("breakdowns", 0):  # once per run: the first breakdown of this state
+                _warn_breakdown(self, sinfo)
+            state["breakdowns"] = int(state.get("breakdowns", 0)) + 1
+        sinfo["breakdowns"] = int(state.get("breakdowns", 0))
         if self.warm_start:
-            state["v"] = T.detach(v)
+            state["v"] = T.detach(v) if sinfo["breakdown"] is None else None
         hg = T.sub(gx, lin.cross(v))
         info["inner_grad_norm"] = scalar(T.norm(lin.grad_y))
         info["linear_solve"] = sinfo
         return hg, ys, info, state
+
+    def _solve_safely(
+        self, lin: O.Linearization, b: T.Leaves, x0: T.Leaves | None, bound: Bound
+    ) -> tuple[T.Leaves, dict[str, Any]]:
+        """:meth:`solve` with the breakdown policy of the module docstring."""
+        v, sinfo = self.solve(lin, b, x0, bound)
+        if sinfo["breakdown"] is None:
+            return v, sinfo
+        if sinfo["breakdown"] == "nonfinite":
+            _check_hessian(self, lin, b)
+        if self.strict:
+            raise LinearSolveError(
+                f"{type(self).__name__} linear solve broke down ({sinfo['breakdown']}) after "
+                f"{sinfo['iterations']} iterations, relative residual "
+                f"{sinfo['relative_residual']:.3g}: {_advice(sinfo['breakdown'])}"
+            )
+        if x0 is not None:  # the warm start may be what went wrong: one retry from v = 0
+            first = sinfo
+            v, sinfo = self.solve(lin, b, None, bound)
+            sinfo["warm_start_breakdown"] = first["breakdown"]
+        if sinfo["breakdown"] is None:
+            return v, sinfo
+        check_finite(v, "lower", f"the {type(self).__name__} linear-solve iterate")
+        return v, sinfo
+
+
+def _advice(reason: str) -> str:
+    if reason in ("negative_curvature", "not_positive_definite"):
+        return ("the lower Hessian is indefinite (a non-convex lower level); use MINRES, NormalCG "
+                "or damping=λ > 0 (iMAML's proximal system), or a solver that does not need H ≻ 0")
+    if reason == "singular":
+        return ("the lower Hessian is singular (several lower solutions); use NormalCG (minimum-norm "
+                "least squares), damping=λ > 0, or a method for non-singleton followers (BDA, IA-GM)")
+    if reason == "diverging":
+        return "the step size is above 2/λ_max(H); reduce alpha/lr or use CG / MINRES"
+    return "the linear solve overflowed; use damping=λ > 0, MINRES or NormalCG"
+
+
+def _check_hessian(est: Implicit, lin: O.Linearization, b: T.Leaves) -> None:
+    """A non-finite solve from finite data: NaN in the Hessian itself is the lower level's fault."""
+    bn = float(T.norm(b))
+    hv = lin.hvp(T.scale(b, 1.0 / bn) if bn > 0 else b)
+    check_finite(hv, "lower", f"the Hessian-vector products of g ({type(est).__name__} solve)")
+
+
+def _warn_start(est: Implicit) -> None:
+    warnings.warn(
+        f"{type(est).__name__}: the lower start y0(x) depends on x, but the implicit hypergradient "
+        "does not: y*(x) is a function of x alone, so the derivative through the start is zero "
+        "by construction. For a meta-gradient through a learned initialization (MAML) use "
+        "hypergrad.Reverse (backpropagation through the lower steps), or iMAML's proximal "
+        "formulation: a lower objective g(x, y) + λ/2‖y − x‖² with the start as part of x "
+        "(Rajeswaran et al. 2019).",
+        StartIndependenceWarning,
+        stacklevel=5,
+    )
+
+
+def _warn_breakdown(est: Implicit, sinfo: dict[str, Any]) -> None:
+    warnings.warn(
+        f"{type(est).__name__} linear solve broke down ({sinfo['breakdown']}, relative residual "
+        f"{sinfo['relative_residual']:.3g}); the hypergradient uses {est.fallback}. "
+        f"{_advice(sinfo['breakdown'])}. Further breakdowns in this run are counted in "
+        "info['linear_solve']['breakdowns'] without a warning; pass strict=True to raise instead.",
+        LinearSolveWarning,
+        stacklevel=5,
+    )
 
 
 class CG(Implicit):
@@ -87,7 +216,29 @@ class CG(Implicit):
         self.iters, self.tol = int(iters), float(tol)
 
     def solve(self, lin, b, x0, bound):
-        return linalg.cg(lin.hvp, b, x0, iters=self.iters, tol=self.tol)
+        return linalg.cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
+
+
+class MINRES(Implicit):
+    reference = "Paige & Saunders 1975 (MINRES) — AID for indefinite lower Hessians"
+
+    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
+        super().__init__(inner, **kw)
+        self.iters, self.tol = int(iters), float(tol)
+
+    def solve(self, lin, b, x0, bound):
+        return linalg.minres(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
+
+
+class NormalCG(Implicit):
+    reference = "Hestenes & Stiefel 1952 (CG on the normal equations, CGLS) — AID, singular H"
+
+    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
+        super().__init__(inner, **kw)
+        self.iters, self.tol = int(iters), float(tol)
+
+    def solve(self, lin, b, x0, bound):
+        return linalg.normal_cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
 
 
 def _step_size(alpha: float | None, inner: Dynamics | None, name: str) -> float:
@@ -107,7 +258,7 @@ class Neumann(Implicit):
         self.alpha = _step_size(alpha, inner, "Neumann")
 
     def solve(self, lin, b, x0, bound):
-        return linalg.neumann(lin.hvp, b, iters=self.iters, alpha=self.alpha)
+        return linalg.neumann(self.operator(lin), b, iters=self.iters, alpha=self.alpha, growth=2.0)
 
 
 class FixedPoint(Implicit):
@@ -122,11 +273,13 @@ class FixedPoint(Implicit):
         self.lr = _step_size(lr, inner, "FixedPoint")
 
     def solve(self, lin, b, x0, bound):
-        return linalg.fixed_point(lin.hvp, b, x0, iters=self.iters, alpha=self.lr, tol=self.tol)
+        return linalg.fixed_point(self.operator(lin), b, x0, iters=self.iters, alpha=self.lr,
+                                  tol=self.tol, growth=2.0)
 
 
 class Exact(Implicit):
     reference = "Ghadimi & Wang 2018 (BA, explicit Hessian inverse)"
+    fallback = "the LU (indefinite H) or least-squares (singular H) solution of the dense system"
 
     def solve(self, lin, b, x0, bound):
         ys = lin.ys
@@ -135,6 +288,9 @@ class Exact(Implicit):
             return bound.G(T.detach(lin.xs), T.from_vector(v, ys))
 
         H = torch.func.hessian(g_vec)(T.to_vector(T.detach(ys)))
+        check_finite([H], "lower", "the dense Hessian of g")
+        if self.damping:
+            H = H + self.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         v, info = linalg.dense_solve(H, T.to_vector(b))
         info["hessian_dim"] = H.shape[0]
         return T.from_vector(v, ys), info

@@ -13,8 +13,12 @@ The linear solver is chosen by ``linear_solver``:
 * ``"cg"`` (alias ``"ls"``) — conjugate gradient, AID-CG (Pedregosa 2016; "LS" in Liu et al. 2021);
 * ``"neumann"`` (alias ``"ns"``) — truncated Neumann series α Σ_{q≤N} (I − αH)^q ∇_y f
   (Lorraine et al. 2020, Eq. 6; "NS" in Liu et al. 2021);
-* ``"fp"`` (alias ``"fixed_point"``) — the adjoint fixed-point iteration, AID-FP (Grazzi et al. 2020).
+* ``"fp"`` (alias ``"fixed_point"``) — the adjoint fixed-point iteration, AID-FP (Grazzi et al. 2020);
+* ``"minres"`` — MINRES (Paige & Saunders 1975), for an indefinite lower Hessian;
+* ``"normal_cg"`` (aliases ``"normalcg"``, ``"cgls"``) — CG on the normal equations, for a singular one.
 
+``damping=λ`` solves (H + λI) v = ∇_y f instead (iMAML's proximal system); ``strict=True`` raises
+on a linear-solve breakdown (see :mod:`bilevel.hypergrad.implicit` for the default safeguard).
 ``warm_start_v`` also starts CG / FP from the previous v (Ji et al. 2021, Sec. 3, "warm start").
 """
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from ..hypergrad import CG, FixedPoint, Neumann
+from ..hypergrad import CG, MINRES, FixedPoint, Neumann, NormalCG
 from ..inner import Dynamics
 from .hypergradient import HypergradientDescent
 
@@ -32,6 +36,8 @@ __all__ = ["AID", "LINEAR_SOLVERS"]
 #: accepted names -> estimator class
 LINEAR_SOLVERS = {
     "cg": CG, "ls": CG,
+    "minres": MINRES,  # indefinite lower Hessians (Paige & Saunders 1975)
+    "normal_cg": NormalCG, "normalcg": NormalCG, "cgls": NormalCG,  # singular ones
     "neumann": Neumann, "ns": Neumann,
     "fp": FixedPoint, "fixed_point": FixedPoint,
 }
@@ -53,6 +59,8 @@ class AID(HypergradientDescent):
         alpha: float | None = None,
         warm_start: bool = True,
         warm_start_v: bool = True,
+        damping: float = 0.0,
+        strict: bool = False,
     ):
         key = str(linear_solver).lower()
         if key not in LINEAR_SOLVERS:
@@ -60,11 +68,12 @@ class AID(HypergradientDescent):
                 f"unknown linear_solver {linear_solver!r}; valid: {', '.join(sorted(LINEAR_SOLVERS))}"
             )
         cls = LINEAR_SOLVERS[key]
-        if cls is CG:
-            est = CG(inner, iters=iters, warm_start=warm_start_v)
+        kw = {"damping": damping, "strict": strict}  # (H + damping I) v = ∇_y f; strict: raise
+        if cls in (CG, MINRES, NormalCG):
+            est = cls(inner, iters=iters, warm_start=warm_start_v, **kw)
         elif cls is Neumann:  # a truncated series has no starting point to warm-start
-            est = Neumann(inner, iters=iters, alpha=alpha)
+            est = Neumann(inner, iters=iters, alpha=alpha, **kw)
         else:
-            est = FixedPoint(inner, iters=iters, lr=alpha, warm_start=warm_start_v)
+            est = FixedPoint(inner, iters=iters, lr=alpha, warm_start=warm_start_v, **kw)
         self.linear_solver = key
         super().__init__(est, upper=upper if upper is not None else upper_lr, warm_start=warm_start)

@@ -55,5 +55,8 @@ class HypergradientDescent(Solver):
         state["y"] = ctx.project_y(ys)
         out = {"hypergrad_norm": float(T.norm(grad))}
         if "linear_solve" in info:
-            out["linear_residual"] = info["linear_solve"]["residual"]
+            sinfo = info["linear_solve"]
+            out["linear_residual"] = sinfo["residual"]
+            out["breakdown"] = sinfo["breakdown"]  # None, or why the solve broke down this step
+            out["breakdowns"] = sinfo.get("breakdowns", 0)  # in this run so far
         return out
