@@ -161,6 +161,7 @@ def minres(
     has reached: stop before the step (which would divide by ≈ 0) with ``breakdown="singular"``
     and that iterate (its residual is reported).
     """
+    _not_traced("minres")
     bnorm = float(T.norm(b))
     eps = _eps(b)
     x = T.zeros_like(b) if x0 is None else x0
@@ -242,6 +243,7 @@ def normal_cg(
     ‖Aᵀr‖ ≤ tol·‖Aᵀb‖ (then ``converged``; ``info["normal_residual"]`` is ‖Aᵀr‖) — for an
     inconsistent system ``residual`` stays at the least-squares residual.
     """
+    _not_traced("normal_cg")
     at = matvec if rmatvec is None else rmatvec
     bnorm = float(T.norm(b))
     x = T.zeros_like(b) if x0 is None else x0
@@ -300,7 +302,7 @@ def fixed_point(
     (stochastic) products.
     """
     if tracing():
-        return _fixed_point_traced(matvec, b, x0, iters=iters, alpha=alpha, tol=tol)
+        return _fixed_point_traced(matvec, b, x0, iters=iters, alpha=alpha, tol=tol, growth=growth)
     bnorm = float(T.norm(b))
     x = T.zeros_like(b) if x0 is None else x0
     x_best = x
@@ -367,6 +369,15 @@ def dense_solve(A: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Any]]:
 # ``broke_down`` says per task whether the eager solver would have reported one.
 
 
+def _not_traced(name: str) -> None:
+    if tracing():
+        raise NotImplementedError(
+            f"linalg.{name} has no traced (vmap) form yet: its stopping and breakdown tests read "
+            "values on the host; under bilevel.hypergrad.vmap use CG (with damping=λ for an "
+            "indefinite Hessian), FixedPoint / Neumann or Exact"
+        )
+
+
 def _where(mask: Tensor, new: T.Leaves, old: T.Leaves) -> T.Leaves:
     return tuple(torch.where(mask, u, v) for u, v in zip(new, old))
 
@@ -411,13 +422,14 @@ def _cg_traced(matvec, b, x0, *, iters, tol):
     return x, _traced_info(k, res, bnorm, converged, broke)
 
 
-def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol):
-    """:func:`fixed_point` with masks (stops at ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a non-finite
-    or diverging residual, as the eager solver does)."""
+def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol, growth):
+    """:func:`fixed_point` with masks: stops (freezes) at ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a
+    non-finite or growing residual (then returns the best iterate), as the eager solver does."""
     bnorm = T.norm(b)
     x = T.zeros_like(b) if x0 is None else tuple(x0)
+    x_best = x
     res = torch.full_like(bnorm, float("nan"))
-    prev = torch.full_like(bnorm, float("inf"))
+    best = torch.full_like(bnorm, float("inf"))
     broke = torch.zeros_like(bnorm, dtype=torch.bool)
     active = torch.ones_like(broke)
     k = torch.zeros((), dtype=torch.int64, device=bnorm.device)
@@ -427,15 +439,19 @@ def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol):
         res = torch.where(active, rn, res)
         bad = active & ~torch.isfinite(rn)
         if i > 0:
-            bad = bad | (active & (rn > 1e3 * torch.maximum(prev, bnorm)))
+            bad = bad | (active & (rn > growth * torch.maximum(best, bnorm)))
         run = active & ~bad
+        improve = run & (rn <= best)
+        best = torch.where(improve, rn, best)
+        x_best = _where(improve, x, x_best)
         if tol > 0:
             run = run & ~(rn <= tol * bnorm)
-        prev = torch.where(run, torch.minimum(prev, rn), prev)
         x = _where(run, T.axpy(-alpha, r, x), x)
         k = k + run.to(k.dtype)
         broke = broke | bad
         active = run
+    use_best = broke & (k > 0)
+    x, res = _where(use_best, x_best, x), torch.where(use_best, best, res)
     converged = ~broke & ((res <= tol * bnorm) if tol > 0 else torch.ones_like(broke))
     return x, _traced_info(k, res, bnorm, converged, broke)
 
