@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_list() -> int:
     from . import datasets
     from .experiments import available
-    from .experiments.factory import estimator_classes, solver_classes
+    from .experiments.factory import (
+        DYNAMICS_ALIASES,
+        ESTIMATOR_ALIASES,
+        SOLVER_ALIASES,
+        estimator_classes,
+        solver_classes,
+    )
 
     def section(title: str, items: dict[str, str]) -> None:
         print(title)
@@ -70,6 +76,17 @@ def _cmd_list() -> int:
     section("Experiments (bilevel run NAME):",
             {k: f"{c.description} [{c.reference}]" if c.reference else c.description
              for k, c in available().items()})
+    def aliases(table: dict) -> dict[str, str]:
+        out: dict[str, list[str]] = {}
+        for alias, target in table.items():
+            name, fixed = (target, {}) if isinstance(target, str) else target
+            label = name + "".join(f" {k}={v!r}" for k, v in fixed.items())
+            out.setdefault(label, []).append(alias)
+        return {k: ", ".join(v) for k, v in sorted(out.items())}
+
+    section("Estimator aliases:", aliases(ESTIMATOR_ALIASES))
+    section("Solver aliases:", aliases(SOLVER_ALIASES))
+    section("Dynamics aliases:", aliases(DYNAMICS_ALIASES))
     section("Datasets (bilevel.datasets):", {k: d.reference + ("" if d.offline else " [download]")
                                              for k, d in datasets.DATASETS.items()})
     return 0

@@ -14,7 +14,7 @@ from bilevel.experiments import base as B
 #: tiny hyperclean config: runs in well under a second
 TINY_HC = {
     "data.n_train": 60, "data.n_val": 30, "data.n_test": 60, "steps": 6, "eval_every": 1,
-    "checkpoint_every": 2, "lower.steps": 3, "hypergrad.iters": 3, "baseline.max_iter": 20,
+    "checkpoint_every": 2, "lower.steps": 3, "baseline.max_iter": 20,
 }
 
 

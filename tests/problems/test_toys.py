@@ -33,7 +33,7 @@ def test_nonconvex_toy_solution_is_the_optimistic_global_minimum():
     value = F.min(1).values  # optimistic value function φ(x) = min_{y ∈ S(x)} F(x, y)
     i = int(value.argmin())
     assert abs(float(xs[i]) - float(toy.x_star)) < 2e-4
-    assert abs(float(value[i]) - toy.F_star) < 2e-4
+    assert abs(float(value[i]) - toy.f_star) < 2e-4
     # φ is a saw-tooth: it drops by 2π at x = 3π/4, 7π/4, 11π/4 (local minima, value −x) and rises
     # with slope 1 in between, so the two other local minima are worse than the global one
     for xl in (3 * math.pi / 4, 7 * math.pi / 4, 11 * math.pi / 4):
@@ -46,8 +46,8 @@ def test_nonconvex_toy_solution_is_the_optimistic_global_minimum():
     fx = -torch.sin(toy.x_star * ygrid)
     assert float(toy.problem.g(toy.x_star, toy.y_star)) == pytest.approx(-1.0, abs=1e-12)
     assert float(fx.min()) >= -1.0 - 1e-15
-    assert float(toy.problem.f(toy.x_star, toy.y_star)) == pytest.approx(toy.F_star, abs=1e-12)
-    assert toy.errors(toy.x_star, toy.y_star) == {"F": pytest.approx(toy.F_star), "F_err": 0.0,
+    assert float(toy.problem.f(toy.x_star, toy.y_star)) == pytest.approx(toy.f_star, abs=1e-12)
+    assert toy.errors(toy.x_star, toy.y_star) == {"f": pytest.approx(toy.f_star), "f_err": 0.0,
                                                  "x_err": 0.0, "y_err": 0.0}
 
 
@@ -65,7 +65,7 @@ def test_llc_toy_solution_set_and_optimum():
     for _ in range(20):
         a, b, c = (torch.randn(7, generator=g, dtype=F64) for _ in range(3))
         assert float(toy.problem.f(a, (b, c))) >= 0
-    assert float(toy.problem.f(e, (e, e))) == 0.0 == toy.F_star
+    assert float(toy.problem.f(e, (e, e))) == 0.0 == toy.f_star
     assert toy.errors(e, (e, e))["x_err"] == 0.0
     # the optimistic choice y2 = x leaves ‖x − e‖⁴ on the solution set, minimised only at e
     assert float(toy.problem.f(x, (x, x))) == pytest.approx(float((x - e).norm() ** 4))
@@ -87,7 +87,7 @@ def test_quadratic_toy_closed_forms():
     torch.testing.assert_close(ex["hypergrad"](x), fd, rtol=1e-7, atol=1e-9)
     assert float(ex["hypergrad"](toy.x_star).abs().max()) < 1e-12
     torch.testing.assert_close(toy.y_star, ex["y_star_fn"](toy.x_star))
-    assert toy.F_star == pytest.approx(float(h(toy.x_star)), abs=1e-14)
+    assert toy.f_star == pytest.approx(float(h(toy.x_star)), abs=1e-14)
     # eigenvalues of the lower Hessian lie in the requested range
     lam = torch.linalg.eigvalsh(ex["H"])
     assert float(lam[0]) == pytest.approx(ex["mu"]) and float(lam[-1]) == pytest.approx(ex["L"])
@@ -104,5 +104,5 @@ def test_toy_helpers():
     assert pickle.loads(pickle.dumps(toy.x_bounds)) == toy.x_bounds  # checkpoint-friendly
     x, y = llc_toy().start(y0=(torch.ones(50, dtype=F64), torch.zeros(50, dtype=F64)))
     assert float(y[0].sum()) == 50.0
-    assert set(TOYS) == {"nonconvex", "llc", "quadratic"}
+    assert set(TOYS) == {"nonconvex", "llc", "quadratic", "stackelberg"}
     assert all(t().problem.f(*t().start()).dtype == F64 for t in TOYS.values())

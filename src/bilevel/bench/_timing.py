@@ -7,9 +7,7 @@
   fresh process (:func:`run_isolated`), before warm-up: memory freed by earlier calls stays resident
   in the allocator and would hide the peak.
 * :func:`saved_bytes` — peak bytes of the tensors autograd holds for backward during a call
-  (``torch.autograd.graph.saved_tensors_hooks``, each storage counted once while a graph node
-  holds it): the size of the largest live graph, independent of the allocator. Forward mode and
-  no-graph code save nothing; code under ``torch.func.grad``/``vjp`` cannot be hooked (``None``).
+  (re-exported from :mod:`bilevel._memory`, the one saved-tensor probe of the package).
 * :func:`run_isolated` — run ``module:function(payload)`` in a fresh Python process with one
   thread and return its JSON-able result.
 """
@@ -28,6 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from .._memory import saved_bytes
 
 __all__ = ["one_thread", "median", "median_time", "peak_rss", "saved_bytes", "run_isolated", "MB"]
 
@@ -100,67 +100,6 @@ def peak_rss(fn: Callable[[], Any], collect: bool = True) -> tuple[Any, float, s
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1.0 if sys.platform == "darwin" else 1024.0
     return out, max(0, peak - base) * scale, "ru_maxrss"
-
-
-class _Live:
-    """Reference-counted bytes of the storages currently saved for backward, and their peak."""
-
-    def __init__(self) -> None:
-        self.refs: dict[int, list[int]] = {}
-        self.live = 0
-        self.peak = 0
-
-    def acquire(self, key: int, nbytes: int) -> None:
-        entry = self.refs.get(key)
-        if entry is None:
-            self.refs[key] = [1, nbytes]
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-        else:
-            entry[0] += 1
-
-    def release(self, key: int) -> None:
-        entry = self.refs[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self.refs[key]
-            self.live -= entry[1]
-
-
-class _Packed:
-    """What autograd stores instead of a saved tensor while the hooks are active."""
-
-    __slots__ = ("t", "key", "live")
-
-    def __init__(self, t: torch.Tensor, live: _Live):
-        try:
-            st = t.untyped_storage()
-            key, nbytes = st.data_ptr(), st.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-            key, nbytes = id(t), t.numel() * t.element_size()
-        self.t, self.key, self.live = t, key, live
-        live.acquire(key, nbytes)
-
-    def __del__(self) -> None:
-        self.live.release(self.key)
-
-
-def saved_bytes(fn: Callable[[], Any]) -> tuple[Any, float | None]:
-    """Run ``fn`` once; return (result, peak bytes of the storages autograd holds for backward).
-
-    Each saved storage is counted once while any graph node holds it; the peak over the call is
-    the largest graph alive at one time (so recomputation/checkpointing shows up). ``None`` when
-    ``fn`` uses ``torch.func`` transforms (grad/vjp refuse saved-tensor hooks).
-    """
-    live = _Live()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: _Packed(t, live), lambda p: p.t):
-            out = fn()
-    except RuntimeError as err:
-        if "saved tensor hooks" not in str(err):
-            raise
-        return None, None
-    return out, float(live.peak)
 
 
 def run_isolated(target: str, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

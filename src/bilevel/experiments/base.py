@@ -20,7 +20,7 @@ import math
 import pkgutil
 import statistics
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar
@@ -48,8 +48,10 @@ __all__ = [
 #: keys every single-run experiment has (its defaults may change the values). ``threads``: torch
 #: intra-op threads during the run (0 = torch's default); 1 is fastest for the small matrix
 #: products of these experiments and does not collapse on a busy machine the way 2+ do.
+#: ``lower_tol`` (1e-2): the final lower level counts as solved when g − g* ≤ lower_tol·max(1, |g*|)
+#: (g* known) or ‖∇_y g‖ ≤ lower_tol·max(1, ‖∇_y g‖ at step 0); the summary flags it otherwise.
 RUNNER_DEFAULTS: dict[str, Any] = {"seed": 0, "steps": 100, "eval_every": 10, "checkpoint_every": 50,
-                                   "threads": 1}
+                                   "threads": 1, "lower_tol": 1e-2}
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Setup:
     ``baselines() -> {name: float}`` runs once at the start of a fresh run; its result is stored
     in ``extras.json`` and passed to :meth:`Experiment.summarize`.
     ``stateful`` lists extra objects with ``state_dict``/``load_state_dict`` to checkpoint.
+    ``info["solver"]``: a description of the solver that runs (:meth:`factory.Built.describe`),
+    shown in the summary and ``result.json``.
     """
 
     problem: Problem
@@ -79,6 +83,14 @@ class Setup:
     plot_refs: dict[str, dict[str, str]] = field(default_factory=dict)
     stateful: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    #: config keys this configuration does not read (e.g. ``hypergrad.iters`` with a stochastic
+    #: solver): the runner rejects them when set explicitly and lists them in the summary
+    unused: Collection[str] = ()
+    #: ``lower_star(x, y) -> g*(x)``, the best known lower value (closed form, or a solve started
+    #: from y); the runner records ``lower_gap`` = g(x, y) − g*(x) and flags an unsolved lower level
+    lower_star: Callable[[Any, Any], float] | None = None
+    #: compute ``lower_star`` only at the final evaluation (expensive solves)
+    lower_star_final_only: bool = False
 
 
 class Experiment:
@@ -120,7 +132,7 @@ class Experiment:
         """Markdown summary of a finished run (default: the final record as a table)."""
         rows = [[k, fmt(v)] for k, v in final.items()]
         rows += [[f"baseline: {k}", fmt(v)] for k, v in extras.items()]
-        rows += [[k, fmt(v)] for k, v in info.items()]
+        rows += [[k, fmt(v)] for k, v in info.items() if k not in ("lower", "unused_keys")]
         return markdown_table(["quantity", "value"], rows)
 
 
@@ -208,7 +220,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # --- registry -----------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Experiment]] = {}
 _BROKEN: dict[str, str] = {}
-_INFRA = {"base", "config", "factory", "runner", "plots"}
+_INFRA = {"base", "config", "factory", "runner", "plots", "trace"}
 _discovered = False
 
 

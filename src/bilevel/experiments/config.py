@@ -110,7 +110,7 @@ def parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        return str(text)  # a plain str (never the internal _Raw marker)
 
 
 def parse_sets(items: Iterable[str]) -> dict[str, Any]:

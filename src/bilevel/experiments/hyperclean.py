@@ -27,11 +27,11 @@ from torch.func import functional_call
 
 from .. import datasets
 from ..errors import ConfigError
+from ..estimates import Schedule
 from ..formulation import Problem, params
 from ..sampling import FullBatch, Minibatches
-from ..solvers.hypergradient import HypergradientDescent
 from .base import Experiment, Setup, fmt, markdown_table, register
-from .factory import make_dynamics, make_estimator, make_solver, normalize_name
+from .factory import Arg, Built, Lazy, build, build_estimator
 
 __all__ = ["HyperClean", "HypercleanData", "load_data", "make_model", "kept_scores"]
 
@@ -110,17 +110,64 @@ def kept_scores(x: Tensor, corrupted: Tensor) -> dict[str, float]:
     return {"f1": f1, "precision": p, "recall": r, "kept": n_kept / max(len(x), 1)}
 
 
-def _describe(hc: dict[str, Any]) -> str:
-    """The estimator with the options that apply to it."""
-    name = hc["estimator"]
-    key = normalize_name(name)
-    if key in ("cg", "ls", "aidcg", "neumann", "ns", "aidns", "fixedpoint", "fp", "aidfp", "minres",
-               "normalcg"):
-        damped = f", damping {hc['damping']}" if hc["damping"] else ""
-        return f"{name} ({hc['iters']} iterations{damped})"
-    if key in ("rhg", "trhg", "reverse", "itd") and hc["truncate"]:
-        return f"{name} (last {hc['truncate']} steps)"
-    return name
+def build_solver(cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> Built:
+    """The solver named by ``cfg["solver"]``, offered every option of the config that it may take.
+
+    Deterministic solvers get the lower dynamics (``[lower]``), the upper update rule
+    (``upper.optimizer``, ``upper.lr``) and the estimator options (``[hypergrad]``);
+    ``HypergradientDescent`` gets the estimator ``hypergrad.estimator``; stochastic solvers get
+    the step sizes ``lr_x`` = ``upper.lr`` / (t + 1)^``upper.decay`` and ``lr_y`` = ``lower.lr`` /
+    (t + 1)^``lower.decay`` and ``inner_steps`` = ``lower.steps``. The keys the chosen solver does
+    not take are :attr:`Built.unused` (the runner rejects those set explicitly). ``extra``: more
+    offers (e.g. ``hyperclean-det``'s ``mu``).
+    """
+    lc, hc, uc = cfg["lower"], cfg["hypergrad"], cfg["upper"]
+
+    def lower_dynamics() -> Built:
+        return build("dynamics", lc["dynamics"], {
+            "lr": Arg(lc["lr"], ("lower.lr",)), "steps": Arg(lc["steps"], ("lower.steps",)),
+            "momentum": Arg(lc["momentum"], ("lower.momentum",))}, keys=("lower.dynamics",))
+
+    def upper_rule() -> Built:
+        return build("dynamics", uc["optimizer"], {
+            "lr": Arg(uc["lr"], ("upper.lr",)), "momentum": Arg(0.9)}, keys=("upper.optimizer",))
+
+    def estimator() -> Built:
+        return build_estimator(hc["estimator"], {
+            "inner": Lazy(lower_dynamics),
+            "iters": Arg(hc["iters"], ("hypergrad.iters",)),
+            "truncate": Arg(hc["truncate"] or None, ("hypergrad.truncate",)),
+            "alpha": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
+            "lr": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
+            "warm_start": Arg(hc["warm_start"], ("hypergrad.warm_start",)),
+            "damping": Arg(hc["damping"], ("hypergrad.damping",))}, keys=("hypergrad.estimator",))
+
+    offer: dict[str, Any] = {
+        "estimator": Arg(Lazy(estimator)),
+        "inner": Arg(Lazy(lower_dynamics)),
+        "upper": Arg(Lazy(upper_rule)),
+        "warm_start": Arg(lc["warm_start"], ("lower.warm_start",)),
+        # AID / RHG / TRHG / BDA: the estimator options as their own constructor arguments
+        "linear_solver": Arg(hc["estimator"], ("hypergrad.estimator",)),
+        "iters": Arg(hc["iters"], ("hypergrad.iters",)),
+        "alpha": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
+        "warm_start_v": Arg(hc["warm_start"], ("hypergrad.warm_start",)),
+        # stochastic solvers
+        "lr_x": Arg(Schedule(uc["lr"], uc["decay"]), ("upper.lr", "upper.decay")),
+        "lr_y": Arg(Schedule(lc["lr"], lc["decay"]), ("lower.lr", "lower.decay")),
+        "inner_steps": Arg(lc["steps"], ("lower.steps",)),
+    }
+    if hc["truncate"]:
+        offer["truncate"] = Arg(hc["truncate"], ("hypergrad.truncate",))
+    offer.update(extra or {})
+    return build("solver", cfg["solver"], offer, keys=("solver",))
+
+
+#: the config keys that configure the solver (the chosen one may use only some of them)
+SOLVER_KEYS = frozenset({"lower.dynamics", "lower.lr", "lower.steps", "lower.momentum", "lower.warm_start",
+                         "lower.decay", "hypergrad.estimator", "hypergrad.iters", "hypergrad.truncate",
+                         "hypergrad.alpha", "hypergrad.warm_start", "hypergrad.damping", "upper.optimizer",
+                         "upper.lr", "upper.decay"})
 
 
 @register
@@ -135,9 +182,15 @@ class HyperClean(Experiment):
         "lower.dynamics": ("gd", "momentum", "nesterov", "adam"),
         "upper.optimizer": ("sgd", "adam", "momentum"),
     }
+    #: the config keys that configure the solver (the chosen one may use only some of them)
+    solver_keys = SOLVER_KEYS
+
+    def solver_offers(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """More constructor offers for :func:`build_solver` (subclasses add their options)."""
+        return {}
 
     def build(self, cfg: dict[str, Any]) -> Setup:
-        dc, mc, lc, hc, uc = cfg["data"], cfg["model"], cfg["lower"], cfg["hypergrad"], cfg["upper"]
+        dc, mc, uc = cfg["data"], cfg["model"], cfg["upper"]
         if not 0.0 <= dc["corruption"] <= 1.0:
             raise ConfigError(f"data.corruption must be in [0, 1], got {dc['corruption']}")
         if mc["l2"] < 0:
@@ -176,21 +229,7 @@ class HyperClean(Experiment):
             upper_data = Minibatches(data.X_val, data.y_val, batch_size=min(bs, len(data.y_val)),
                                      seed=seed + 1)
 
-        inner = make_dynamics(lc["dynamics"], lc["lr"], lc["steps"], momentum=lc["momentum"], strict=False)
-        est = make_estimator(
-            hc["estimator"], inner, strict=False, iters=hc["iters"], truncate=hc["truncate"] or None,
-            alpha=hc["alpha"] or None, warm_start=hc["warm_start"],
-            **({"damping": hc["damping"]} if hc["damping"] else {}),
-        )
-        upper_rule = make_dynamics(uc["optimizer"], uc["lr"], momentum=0.9, strict=False)
-        if normalize_name(cfg["solver"]) in ("hypergradient", "hypergradientdescent"):
-            solver = HypergradientDescent(est, upper=upper_rule, warm_start=lc["warm_start"])
-        else:
-            # any solver class: it takes what it needs from this superset (see factory.make_solver)
-            extra = {k: v for k, v in (("truncate", hc["truncate"]), ("alpha", hc["alpha"])) if v}
-            solver = make_solver(cfg["solver"], strict=False, estimator=est, inner=inner, upper=upper_rule,
-                                 upper_lr=uc["lr"], warm_start=lc["warm_start"], iters=hc["iters"],
-                                 linear_solver=hc["estimator"], **extra)
+        solver = build_solver(cfg, self.solver_offers(cfg))
         x0 = torch.full((n,), float(uc["x0"]))
 
         def accuracy(w: dict[str, Tensor], X: Tensor, y: Tensor) -> float:
@@ -201,9 +240,9 @@ class HyperClean(Experiment):
                     "val_acc": accuracy(w, data.X_val, data.y_val),
                     **kept_scores(x, data.corrupted)}
 
-        def fit(weights: Tensor) -> dict[str, Tensor]:
+        def fit(weights: Tensor, start: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
             """argmin_w of the lower objective at fixed sample weights (L-BFGS, strong Wolfe)."""
-            w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
+            w = {k: v.detach().clone().requires_grad_(True) for k, v in (start or w0).items()}
             opt = torch.optim.LBFGS(list(w.values()), lr=1.0, max_iter=int(cfg["baseline"]["max_iter"]),
                                     history_size=20, tolerance_grad=1e-7, tolerance_change=1e-12,
                                     line_search_fn="strong_wolfe")
@@ -218,6 +257,14 @@ class HyperClean(Experiment):
                 opt.step(closure)
             return {k: v.detach() for k, v in w.items()}
 
+        def lower_star(x: Tensor, w: dict[str, Tensor]) -> float:
+            """Best known min_w g(x, w): L-BFGS started from the run's w (global for the linear model)."""
+            weights = torch.sigmoid(x.detach())
+            with torch.no_grad():
+                here = float(weighted_loss(w, data.X_train, data.y_train, weights))
+                there = float(weighted_loss(fit(weights, w), data.X_train, data.y_train, weights))
+            return min(here, there)
+
         def baselines() -> dict[str, Any]:
             out: dict[str, Any] = {}
             clean = (~data.corrupted).to(data.X_train.dtype)
@@ -230,24 +277,23 @@ class HyperClean(Experiment):
             return out
 
         return Setup(
-            problem=problem, x0=x0, y0=w0, solver=solver, evaluate=evaluate,
+            problem=problem, x0=x0, y0=w0, solver=solver.obj, evaluate=evaluate,
             lower_data=lower_data, upper_data=upper_data, baselines=baselines,
             progress=("test_acc", "f1"),
             plot_metrics=("upper_loss", "lower_loss", "test_acc", "f1", "precision", "recall"),
             plot_refs={"test_acc": {"noisy baseline": "noisy_test_acc",
                                     "oracle (clean only)": "oracle_test_acc"}},
-            info={"estimator": repr(est)},
+            unused=self.solver_keys - solver.used, lower_star=lower_star, lower_star_final_only=True,
+            info={"solver": solver.describe()},
         )
 
     def summarize(self, cfg: dict[str, Any], final: dict[str, Any], extras: dict[str, Any],
                   info: dict[str, Any]) -> str:
-        dc, mc, lc, hc, uc = cfg["data"], cfg["model"], cfg["lower"], cfg["hypergrad"], cfg["upper"]
+        dc, mc = cfg["data"], cfg["model"]
         head = (f"## Data hyper-cleaning: {dc['dataset']}, {dc['n_train']} train / {dc['n_val']} val / "
                 f"{dc['n_test']} test, {dc['corruption']:.0%} of training labels corrupted\n\n"
-                f"model {mc['kind']}, l2 {mc['l2']}; solver {cfg['solver']}, estimator {_describe(hc)}; "
-                f"lower {lc['dynamics']} lr {lc['lr']} x {lc['steps']} steps "
-                f"(warm start {lc['warm_start']}); upper {uc['optimizer']} lr {uc['lr']}; "
-                f"{info.get('steps', final.get('step'))} outer steps; seed {cfg['seed']}\n\n")
+                f"model {mc['kind']}, l2 {mc['l2']}; {info.get('steps', final.get('step'))} outer steps; "
+                f"seed {cfg['seed']}\n\nsolver: {info.get('solver', cfg['solver'])}\n\n")
         rows = []
         for tag, label in (("noisy", "baseline: all samples, unweighted"),
                            ("oracle", "oracle: clean samples only")):

@@ -23,9 +23,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .. import solvers as S
 from .base import SubResult, SubRun, Table, markdown_table, mean_std, register
-from .factory import make_dynamics
+from .factory import Arg, Built, Lazy, build
 from .hyperclean import HyperClean
 
 __all__ = ["HypercleanDet", "HypercleanTable", "METHODS"]
@@ -51,23 +50,23 @@ class HypercleanDet(HyperClean):
     description = "hyperclean + options of the deterministic solvers (IA init step, BDA mu / s_u)"
     reference = "Liu et al. 2021 (NeurIPS), Sec. 4.2.2 and Table 6"
 
+    solver_keys = HyperClean.solver_keys | {"det.init_lr", "det.mu", "det.s_u"}
+
     def default_config(self) -> dict[str, Any]:
         cfg = HyperClean().default_config()  # configs/hyperclean.toml
         # init_lr: step of IAPTT-GM's z (same optimizer as x); s_u 0 = the lower step
         cfg["det"] = {"init_lr": 0.01, "mu": 0.5, "s_u": 0.0}
         return cfg
 
-    def build(self, cfg: dict[str, Any]):
-        setup = super().build(cfg)
-        sol, dc = setup.solver, cfg["det"]
-        if isinstance(sol, S.IAGM):  # same rule as x, with its own step size
-            init_rule = make_dynamics(cfg["upper"]["optimizer"], dc["init_lr"], momentum=0.9, strict=False)
-            setup.solver = type(sol)(sol.inner, upper=sol.upper, init_rule=init_rule)
-        elif isinstance(sol, S.BDA):
-            setup.solver = S.BDA(sol.estimator.inner, upper=sol.upper, mu=dc["mu"], s_u=dc["s_u"] or None,
-                                 warm_start=sol.warm_start)
-        setup.info["solver"] = repr(setup.solver)
-        return setup
+    def solver_offers(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        dc, uc = cfg["det"], cfg["upper"]
+
+        def init_rule() -> Built:  # IA-GM / IAPTT-GM: the rule of x with its own step size
+            return build("dynamics", uc["optimizer"], {"lr": Arg(dc["init_lr"], ("det.init_lr",)),
+                                                        "momentum": Arg(0.9)}, keys=("upper.optimizer",))
+
+        return {"init_rule": Arg(Lazy(init_rule)), "mu": Arg(dc["mu"], ("det.mu",)),
+                "s_u": Arg(dc["s_u"] or None, ("det.s_u",))}
 
 
 @register

@@ -1,18 +1,10 @@
-"""Toy problems with known solutions: one solver run (``toy``) and the IAPTT-GM comparison (``iaptt-toy``).
-
-``bilevel run toy --set toy=nonconvex solver=IAPTTGM x0=5 y0=1`` runs one deterministic solver on a
-toy of :mod:`bilevel.problems.toys` and records, every step, the errors |F − F*|/|F*| and
-‖x − x*‖/‖x*‖, the truncation index k* (IA methods) and the autograd graph memory.
+"""``bilevel run iaptt-toy``: every deterministic solver on the non-convex toy (IAPTT-GM, Sec. 4.1).
 
 ``bilevel run iaptt-toy`` is the analogue of Liu et al. 2021 (NeurIPS), Sec. 4.1: every solver from
 the three starts (x0, y0) ∈ {(1, 2), (5, 1), (7, −1)} on the non-convex-follower toy (Eq. 10);
 figures of the errors vs upper iterations (Fig. 1), the average truncation index (Fig. 2) and a table
-of final errors, wall time and graph memory (Table 1).
-
-Memory is measured as the bytes of the tensors autograd saves for the backward pass during one
-outer step (every ``memory_every`` steps; deduplicated by storage): the memory the hypergradient
-computation itself needs, without the Python process baseline. On these toys it is tiny in
-absolute terms; what matters is how it scales (RHG: O(K), IAPTT-GM: O(k*), AID: O(1)).
+of final errors, lower-level gaps, wall time and graph memory (Table 1). Each row is one run of the
+``toy`` experiment (:mod:`bilevel.experiments.toy`); the settings are the paper's (App. C.1).
 """
 
 from __future__ import annotations
@@ -22,166 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .. import solvers as S
 from ..errors import ConfigError
-from ..hypergrad import Exact
-from ..inner import Adam, Dynamics
-from ..problems.toys import TOYS, Toy
-from ..solvers.base import Context, Solver
-from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register
-from .factory import make_dynamics
-from .runner import load_trace
+from .base import SubResult, SubRun, Table, fmt, markdown_table, register
+from .toy import TOY_SOLVERS
+from .trace import load_trace
 
-__all__ = ["ToyRun", "IapttToy", "MemoryProbe", "TOY_SOLVERS", "make_toy_solver"]
-
-#: solver labels of the toy experiments (LS / NS / FP = AID with CG / Neumann / fixed point)
-TOY_SOLVERS = ("RHG", "TRHG", "LS", "NS", "FP", "BA", "BDA", "IAGM", "IAPTTGM", "IAGMA")
-
-
-class _Saved:
-    """A tensor saved for backward; counts its storage as live until autograd drops it."""
-
-    __slots__ = ("t", "key", "probe")
-
-    def __init__(self, t: torch.Tensor, probe: MemoryProbe):
-        st = t.untyped_storage()
-        self.t, self.key, self.probe = t, (st.data_ptr(), st.nbytes()), probe
-        probe._acquire(self.key)
-
-    def __del__(self) -> None:
-        self.probe._release(self.key)
-
-
-class MemoryProbe(Solver):
-    """Runs ``solver``; every N steps adds ``graph_bytes``, the peak bytes of tensors held for backward.
-
-    Saved tensors are tracked from the moment autograd packs them until it drops them (storages
-    counted once), so the figure is the peak size of the autograd graphs alive during the step.
-    Not available for solvers built on ``torch.func`` transforms (BA's dense Hessian).
-    """
-
-    def __init__(self, solver: Solver, every: int = 10):
-        self.solver, self.every = solver, max(1, int(every))
-        self.reference = solver.reference
-        # torch.func (the dense Hessian of BA's Exact estimator) refuses saved-tensor hooks
-        self.enabled = not isinstance(getattr(solver, "estimator", None), Exact)
-        self._refs: dict[tuple[int, int], int] = {}
-        self._live = self._peak = 0
-
-    def _acquire(self, key: tuple[int, int]) -> None:
-        n = self._refs.get(key, 0)
-        self._refs[key] = n + 1
-        if n == 0:
-            self._live += key[1]
-            self._peak = max(self._peak, self._live)
-
-    def _release(self, key: tuple[int, int]) -> None:
-        n = self._refs.pop(key, 1) - 1
-        if n > 0:
-            self._refs[key] = n
-        else:
-            self._live -= key[1]
-
-    def init(self, ctx: Context, xs, ys) -> dict[str, Any]:
-        return self.solver.init(ctx, xs, ys)
-
-    def setup(self, ctx: Context, state: dict[str, Any]) -> None:
-        self.solver.setup(ctx, state)
-
-    def output(self, state: dict[str, Any]):
-        return self.solver.output(state)
-
-    def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
-        if t % self.every or not self.enabled:
-            return self.solver.step(ctx, state, t)
-        self._refs, self._live, self._peak = {}, 0, 0
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: _Saved(x, self), lambda h: h.t):
-            out = self.solver.step(ctx, state, t)
-        return {**out, "graph_bytes": self._peak}
-
-    def __repr__(self) -> str:
-        return repr(self.solver)
-
-
-def _rule(kind: str, lr: float, beta2: float, projection: Any = None) -> Dynamics:
-    if kind == "adam":
-        return Adam(lr=lr, betas=(0.9, beta2), projection=projection)
-    return make_dynamics(kind, lr, projection=projection)
-
-
-def make_toy_solver(name: str, inner: Dynamics, upper: Dynamics, init_rule: Dynamics,
-                    m: dict[str, Any]) -> Solver:
-    """A solver by label (:data:`TOY_SOLVERS`) with the method options ``m`` of the ``toy`` config."""
-    key = name.upper()
-    ws = bool(m["warm_start"])
-    if key == "RHG":
-        return S.RHG(inner, upper=upper, warm_start=ws)
-    if key == "TRHG":
-        return S.TRHG(inner, min(int(m["truncate"]), inner.steps), upper=upper, warm_start=ws)
-    if key in ("LS", "NS", "FP"):  # AID is always warm-started (Ji et al. 2021)
-        return S.AID(inner, upper=upper, linear_solver=key.lower(), iters=int(m["iters"]))
-    if key == "BA":
-        return S.BA(inner, upper=upper)
-    if key == "BDA":
-        return S.BDA(inner, upper=upper, mu=float(m["mu"]), s_u=float(m["s_u"]) or None, warm_start=ws)
-    if key in ("IAGM", "IAPTTGM", "IAGMA"):
-        return getattr(S, key)(inner, upper=upper, init_rule=init_rule)
-    raise ConfigError(f"unknown toy solver {name!r}; valid: {', '.join(TOY_SOLVERS)}")
-
-
-def _fill(tree: Any, value: float) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return torch.full_like(tree, float(value))
-    return type(tree)(_fill(t, value) for t in tree)
-
-
-@register
-class ToyRun(Experiment):
-    name = "toy"
-    description = "one deterministic solver on a toy with a known solution (nonconvex / llc / quadratic)"
-    reference = "Liu et al. 2021 (NeurIPS), Eq. 10 and 13; Liu et al. 2020 (ICML), Sec. 5.1"
-    # the defaults are the documented IAPTT-GM settings on the non-convex toy (docs/deterministic.md)
-    defaults = {
-        "seed": 0, "steps": 500, "eval_every": 1, "checkpoint_every": 0,
-        "toy": "nonconvex",
-        "solver": "IAPTTGM",
-        "x0": 1.0,               # starting x (every entry)
-        "y0": 2.0,               # starting y / initialization auxiliary z (every entry)
-        "memory_every": 10,      # measure the autograd graph every N steps
-        "inner": {"dynamics": "gd", "lr": 1.2e-3, "steps": 10},
-        "upper": {"optimizer": "sgd", "lr": 0.05, "init_lr": 0.0, "beta2": 0.999},  # init_lr 0 = lr
-        # inner_projection = false: lower iterates unconstrained (z and x still projected), as in the
-        # authors' released code of the toy; the ablation rows of iaptt-toy
-        "method": {"truncate": 5, "iters": 10, "mu": 0.5, "s_u": 0.0, "warm_start": False,
-                   "inner_projection": True},
-    }
-    choices = {
-        "toy": tuple(TOYS),
-        "solver": TOY_SOLVERS,
-        "inner.dynamics": ("gd", "nesterov", "momentum"),
-        "upper.optimizer": ("sgd", "adam", "momentum"),
-    }
-
-    def build(self, cfg: dict[str, Any]) -> Setup:
-        toy: Toy = TOYS[cfg["toy"]]()
-        x0, y0 = toy.start()
-        x0, y0 = _fill(x0, cfg["x0"]), _fill(y0, cfg["y0"])
-        ic, uc = cfg["inner"], cfg["upper"]
-        inner = make_dynamics(ic["dynamics"], ic["lr"], ic["steps"])
-        upper = _rule(uc["optimizer"], uc["lr"], uc["beta2"])
-        project_inner = bool(cfg["method"]["inner_projection"])
-        init_rule = _rule(uc["optimizer"], uc["init_lr"] or uc["lr"], uc["beta2"],
-                          None if project_inner else toy.y_projection)
-        solver = MemoryProbe(make_toy_solver(cfg["solver"], inner, upper, init_rule, cfg["method"]),
-                             cfg["memory_every"])
-        return Setup(
-            problem=toy.problem, x0=x0, y0=y0, solver=solver, evaluate=toy.errors,
-            x_projection=toy.x_projection, y_projection=toy.y_projection if project_inner else None,
-            progress=("x_err", "F_err"), plot_metrics=("F_err", "x_err", "y_err"),
-            info={"toy": toy.name, "x_star": toy.x_star, "F_star": toy.F_star},
-        )
+__all__ = ["IapttToy", "toy_figures"]
 
 
 # --- the comparison table -----------------------------------------------------------------------------
@@ -199,7 +38,7 @@ def _series(trace: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarr
 
 
 def toy_figures(results: list[SubResult], out: Path, name: str, panel: Callable[[SubResult], str],
-                metrics: tuple[str, ...] = ("F_err", "x_err"), kstar: bool = True) -> list[Path]:
+                metrics: tuple[str, ...] = ("f_err", "x_err"), kstar: bool = True) -> list[Path]:
     """Errors vs upper iterations (one row per metric, one column per ``panel(run)`` value: the start,
     the step size, ...) with one line per method, and the running mean of k* of the IA methods."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -209,7 +48,7 @@ def toy_figures(results: list[SubResult], out: Path, name: str, panel: Callable[
     groups = _group(results)
     panels = list(dict.fromkeys(panel(r) for r in results))
     traces = {id(r): load_trace(r.path) for r in results}
-    ylab = {"F_err": "|F − F*| / |F*|", "x_err": "‖x − x*‖ / ‖x*‖"}
+    ylab = {"f_err": "|f − f*| / |f*|", "x_err": "‖x − x*‖ / ‖x*‖", "lower_gap": "g − g*"}
     fig = Figure(figsize=(4.2 * len(panels) + 0.4, 3.0 * len(metrics) + 0.6))
     FigureCanvasAgg(fig)
     fig.subplots_adjust(left=0.08, right=0.98, top=0.86 if len(metrics) > 1 else 0.8, bottom=0.1,
@@ -274,16 +113,16 @@ class IapttToy(Table):
         "solvers": list(TOY_SOLVERS),
         "x0s": [1.0, 5.0, 7.0],
         "y0s": [2.0, 1.0, -1.0],
-        "steps": 500,
-        "inner_lr": 1.2e-3,
-        "inner_steps": 10,
-        "upper_lr": 0.05,
+        "steps": 500,              # the paper's settings (App. C.1, Table 4)
+        "inner_lr": 5e-4,
+        "inner_steps": 40,
+        "upper_lr": 0.1,
         "mu": 0.5,
         "truncate": 5,
-        "iters": 10,
+        "iters": 40,               # "inner iteration" of LS / NS in Table 4
         "ablation": True,  # also IA-GM / IAPTT-GM with unprojected lower iterates ("-noproj")
     }
-    columns = ("x_err", "F_err")
+    columns = ("x_err", "f_err")
 
     def runs(self, cfg: dict[str, Any]) -> list[SubRun]:
         if len(cfg["x0s"]) != len(cfg["y0s"]):
@@ -317,12 +156,13 @@ class IapttToy(Table):
                    if isinstance(t.get("graph_bytes"), (int, float))]
             rows.append([label]
                         + [fmt(by_start[s].final.get("x_err")) if s in by_start else "—" for s in starts]
-                        + [fmt(_mean([r.final["F_err"] for r in rs]))]
+                        + [fmt(_mean([r.final["f_err"] for r in rs]))]
+                        + [fmt(max((r.final.get("lower_gap", float("nan")) for r in rs), default=None))]
                         + [f"{_mean(ks):.2f}" if ks else "—"]
                         + [f"{_mean([r.info['solver_time_s'] for r in rs]):.2f}"]
                         + [f"{_mean(mem):.0f} / {max(mem):.0f}" if mem else "n/a"])
-        head = ["method"] + [f"x err from {s}" for s in starts] + ["mean F err", "mean k*", "time [s]",
-                                                                     "graph bytes mean / max"]
+        head = ["method"] + [f"x err from {s}" for s in starts] + ["mean f err", "max g − g*", "mean k*",
+                                                                     "time [s]", "graph bytes mean / max"]
         table_dir = results[0].path.parent.parent if results else Path(".")
         def start(r: SubResult) -> str:
             return f"start (x0, y0) = ({r.run.overrides['x0']:g}, {r.run.overrides['y0']:g})"
@@ -332,9 +172,10 @@ class IapttToy(Table):
                 f"K = {cfg['inner_steps']} lower GD steps of size {cfg['inner_lr']} for every method, upper "
                 f"SGD step {cfg['upper_lr']} (x and z), BDA mu = {cfg['mu']}, T-RHG truncation "
                 f"{cfg['truncate']}, AID {cfg['iters']} linear-solver iterations. Errors are relative: "
-                "‖x − 11π/4‖/(11π/4) and |F − F*|/|F*| at the last iterate; time is the mean solver time "
-                "per run (evaluation excluded); graph bytes: peak size of the tensors autograd holds for "
-                "the backward pass within one outer step (mean and max over the measured steps). Rows "
-                "`-noproj`: lower iterates not projected onto Y = [−2, 2] (z and x still are), as in the "
-                "authors' released code.\n\n")
+                "‖x − 11π/4‖/(11π/4) and |f − f*|/|f*| at the last iterate; g − g* = g(x, y) + 1 is the "
+                "lower-level gap at the last iterate (g* = −1), its max over the starts; time is the mean "
+                "solver time per run (evaluation excluded); graph bytes: peak size of the tensors autograd "
+                "holds for the backward pass within one outer step (mean and max over the measured steps). "
+                "Rows `-noproj`: lower iterates not projected onto Y = [−2, 2] (z and x still are), as in "
+                "the authors' released code.\n\n")
         return note + markdown_table(head, rows) + "\nfigures: " + ", ".join(str(p) for p in figs) + "\n"

@@ -1,6 +1,6 @@
 """``bilevel run llc-toy``: the convex, non-singleton follower toy (BDA example; IAPTT-GM Sec. 4.3).
 
-    F = ‖x − y2‖⁴ + ‖y1 − e‖⁴,   f = ½‖y1‖² − xᵀy1,   x ∈ [−100, 100]^50,   solution x* = e.
+    f = ‖x − y2‖⁴ + ‖y1 − e‖⁴,   g = ½‖y1‖² − xᵀy1,   x ∈ [−100, 100]^50,   solution x* = e.
 
 Every solver (default: IA-GM, IA-GM(A), IAPTT-GM, RHG, T-RHG, BDA, AID-CG, AID-NS) runs K lower steps
 with step size s_l for each s_l of ``inner_lrs``; the table reports the number of upper iterations
@@ -18,8 +18,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import SubResult, SubRun, Table, fmt, markdown_table, register
-from .iaptt_toy import TOY_SOLVERS, _group, toy_figures
-from .runner import load_trace
+from .iaptt_toy import _group, toy_figures
+from .toy import TOY_SOLVERS
+from .trace import load_trace
 
 __all__ = ["LlcToy"]
 
@@ -51,7 +52,7 @@ class LlcToy(Table):
         "upper_lr": 0.01,
         "beta2": 0.9,
         "mu": 0.5,
-        "s_u": 0.01,             # BDA's upper step inside the lower loop (∇_y F is quartic: keep it small)
+        "s_u": 0.01,             # BDA's upper step inside the lower loop (∇_y f is quartic: keep it small)
         "truncate": 5,
         "iters": 10,
         "tol": 1e-3,

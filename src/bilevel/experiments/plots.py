@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .runner import load_trace
+from ..errors import ConfigError
+from .trace import load_trace
 
 __all__ = ["plot_run", "plot_runs", "default_metrics"]
 
@@ -32,6 +33,16 @@ def default_metrics(trace: Sequence[dict[str, Any]]) -> list[str]:
         return []
     return [k for k, v in trace[0].items() if k not in _NOT_METRICS and isinstance(v, (int, float))
             and not isinstance(v, bool)]
+
+
+def check_metrics(metrics: Sequence[str], traces: Sequence[Sequence[dict[str, Any]]]) -> None:
+    """Every requested metric must be a number in at least one record, else ConfigError."""
+    have = {k for tr in traces for r in tr for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    missing = [m for m in metrics if m not in have]
+    if missing:
+        raise ConfigError(f"no metric {', '.join(map(repr, missing))} in the trace(s); available: "
+                          f"{', '.join(sorted(have - _NOT_METRICS))}")
 
 
 def _series(trace: Sequence[dict[str, Any]], x: str, m: str) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +114,7 @@ def plot_run(run_dir: str | Path, metrics: Sequence[str] | None = None,
     if not trace:
         return []
     metrics = list(metrics) if metrics else default_metrics(trace)
+    check_metrics(metrics, [trace])
     groups = {run_dir.name: [trace]}
     return [_figure(groups, metrics, x, run_dir / "plots" / f"metrics_vs_{x}.png", refs) for x in xs]
 
@@ -140,5 +152,6 @@ def plot_runs(
         groups.setdefault(name, []).append(load_trace(d))
     first = next(iter(groups.values()))[0]
     metrics = list(metrics) if metrics else default_metrics(first)
+    check_metrics(metrics, [t for ts in groups.values() for t in ts])
     out = Path(out)
     return [_figure(groups, metrics, x, out / f"compare_vs_{x}.png") for x in xs]

@@ -42,7 +42,8 @@ from .. import oracles as O
 from ..errors import BilevelError, ConfigError
 from ..solvers.base import solve
 from . import config as C
-from .base import Experiment, Setup, SubResult, Table, get
+from .base import Experiment, Setup, SubResult, Table, fmt, get
+from .trace import load_trace
 
 __all__ = ["run", "RunResult", "new_run_dir", "seed_everything", "load_trace"]
 
@@ -146,14 +147,6 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def load_trace(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    p = p / "trace.jsonl" if p.is_dir() else p
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "runs") -> Path:
     """``out`` (must not hold a run) or ``runs/<name>-<timestamp>`` (suffixed if taken)."""
     if out is not None:
@@ -230,10 +223,13 @@ def run(
         if seed is not None and seed != saved.get("seed"):
             raise ConfigError(f"--seed {seed} differs from the run's seed {saved.get('seed')}")
         cfg = exp.resolve(file=saved, overrides=sets)
+        explicit: set[str] = set()  # checked when the run started
     else:
         if seed is not None:
             sets["seed"] = seed
-        cfg = exp.resolve(file=C.read(config_file) if config_file else None, overrides=sets)
+        file = C.read(config_file) if config_file else None
+        cfg = exp.resolve(file=file, overrides=sets)
+        explicit = set(C.flatten(file or {})) | set(sets)
         path = new_run_dir(name, out)
         _write_json(path / "run.json", {"experiment": name, "kind": exp.kind})
     (path / "config.toml").write_text(C.dumps(cfg), encoding="utf-8")
@@ -242,7 +238,7 @@ def run(
             return _run_table(exp, cfg, path, stop_after=stop_after, progress=progress, plots=plots,
                               echo=echo)
         return _run_single(exp, cfg, path, resume=resume is not None, stop_after=stop_after,
-                           progress=progress, plots=plots, echo=echo)
+                           progress=progress, plots=plots, echo=echo, explicit=explicit)
     except BilevelError:
         if resume is None:  # rejected while building (bad config, missing data): no half-made folder
             _remove_fresh_run(path)
@@ -267,6 +263,64 @@ def _losses(setup: Setup, x: Any, y: Any) -> dict[str, float]:
                 "lower_loss": float(setup.problem.g(x, y, lo))}
 
 
+def lower_optimality(setup: Setup, x: Any, y: Any, lower_star: bool = True) -> dict[str, float]:
+    """``lower_grad_norm`` ‖∇_y g(x, y)‖ on the full lower data (with a y-projection P the norm of
+    the projected-gradient step y − P(y − ∇_y g), zero exactly at a constrained stationary point)
+    and, where the setup knows the best lower value g*(x), ``lower_gap`` = g(x, y) − g*(x)."""
+    from ..formulation import Bound
+
+    lo = None if setup.lower_data is None else setup.lower_data.full()
+    b = Bound(setup.problem, x, y, lower_batch=lo)
+    with O.counting():  # diagnostics: not part of the run's oracle counts
+        gy = O.grad_y(b.G, b.xs, b.ys0)
+        out: dict[str, float] = {}
+        if setup.y_projection is not None:
+            step = tuple(t - setup.y_projection(t - g) for t, g in zip(b.ys0, gy))
+        else:
+            step = gy
+        out["lower_grad_norm"] = float(torch.sqrt(sum((t.double() ** 2).sum() for t in step)))
+        if lower_star and setup.lower_star is not None:
+            with torch.no_grad():
+                g_val = float(setup.problem.g(x, y, lo))
+            out["lower_gap"] = g_val - float(setup.lower_star(x, y))
+    return out
+
+
+def lower_verdict(trace: Sequence[dict[str, Any]], final: dict[str, Any], tol: float,
+                  g_star: float | None = None) -> dict[str, Any]:
+    """Is the lower level solved at the end? By the gap to g* where known (gap ≤ tol·max(1, |g*|)),
+    else by the stationarity measure relative to the start (‖∇_y g‖ ≤ tol·max(1, ‖∇_y g‖ at step 0))."""
+    out: dict[str, Any] = {"tol": tol}
+    gn = final.get("lower_grad_norm")
+    g0 = trace[0].get("lower_grad_norm") if trace else None
+    if isinstance(gn, (int, float)):
+        out["grad_norm"] = gn
+        if isinstance(g0, (int, float)):
+            out["grad_norm_start"] = g0
+    gap = final.get("lower_gap")
+    if isinstance(gap, (int, float)):
+        out["gap"] = gap
+        scale = max(1.0, abs(g_star)) if g_star is not None else 1.0
+        out["criterion"] = f"gap to the best known lower value <= {tol:g} x {scale:.3g}"
+        out["solved"] = bool(gap <= tol * scale)
+    elif isinstance(gn, (int, float)):
+        scale = max(1.0, g0) if isinstance(g0, (int, float)) else 1.0
+        out["criterion"] = f"||grad_y g|| <= {tol:g} x max(1, ||grad_y g|| at step 0) = {tol * scale:.3g}"
+        out["solved"] = bool(gn <= tol * scale)
+    return out
+
+
+def lower_line(v: Mapping[str, Any]) -> str:
+    """One markdown line for the summary: the lower-level optimality and the verdict."""
+    if "solved" not in v:
+        return ""
+    parts = [f"‖∇_y g‖ = {fmt(v.get('grad_norm'))}"]
+    if "gap" in v:
+        parts.append(f"g − g* = {fmt(v['gap'])}")
+    flag = "solved" if v["solved"] else "**NOT SOLVED**"
+    return f"\nlower level at the end: {', '.join(parts)} — {flag} ({v['criterion']})\n"
+
+
 def _run_single(
     exp: Experiment,
     cfg: dict[str, Any],
@@ -278,6 +332,7 @@ def _run_single(
     plots: bool,
     echo: Callable[[str], None] | None,
     label: str | None = None,
+    explicit: set[str] | frozenset[str] = frozenset(),
 ) -> RunResult:
     threads = int(cfg.get("threads", 0))
     before = torch.get_num_threads()
@@ -285,16 +340,28 @@ def _run_single(
         torch.set_num_threads(threads)
     try:
         return _single(exp, cfg, path, resume=resume, stop_after=stop_after, progress=progress, plots=plots,
-                       echo=echo, label=label)
+                       echo=echo, label=label, explicit=explicit)
     finally:
         torch.set_num_threads(before)
 
 
-def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label) -> RunResult:
+def check_unused(exp: Experiment, setup: Setup, explicit: set[str] | frozenset[str]) -> None:
+    """Reject config keys set explicitly that the built configuration does not read."""
+    bad = sorted(set(explicit) & set(setup.unused))
+    if bad:
+        what = setup.info.get("solver", "this configuration")
+        raise ConfigError(
+            f"{exp.name}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not used by {what}; "
+            f"remove {'it' if len(bad) == 1 else 'them'} or choose a solver that takes "
+            f"{'it' if len(bad) == 1 else 'them'} (unused keys here: {', '.join(sorted(setup.unused))})")
+
+
+def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit) -> RunResult:
     wall0 = time.perf_counter()
     steps, every, ck_every = int(cfg["steps"]), int(cfg["eval_every"]), int(cfg["checkpoint_every"])
     seed_everything(int(cfg["seed"]))
     setup = exp.build(cfg)
+    check_unused(exp, setup, explicit)
     # steps=0 runs solver.init (and its side effects) and hands back the state dict we keep
     state = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=0,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
@@ -335,6 +402,8 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         t0 = time.perf_counter()
         with torch.no_grad():
             metrics = {**_losses(setup, x, y), **(setup.evaluate(x, y) if setup.evaluate else {})}
+        star = record["step"] == steps or not setup.lower_star_final_only
+        metrics.update(lower_optimality(setup, x, y, lower_star=star))
         session["eval_time"] += time.perf_counter() - t0
         counts = dict(live["state"]["counts"].flat())
         diag = {k: v for k, v in record.items()
@@ -414,10 +483,25 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label)
         return RunResult(path, False, last, extras, info)
     trace = load_trace(path)
     final = trace[-1] if trace else {}
+    g_star = None
+    if setup.lower_star is not None and isinstance(final.get("lower_gap"), (int, float)):
+        g_star = float(final["lower_loss"]) - float(final["lower_gap"])
+    verdict = lower_verdict(trace, final, float(cfg.get("lower_tol", 1e-2)), g_star)
+    info["lower"] = verdict
+    if "solver" in setup.info:
+        info["solver"] = setup.info["solver"]
+    info["unused_keys"] = sorted(setup.unused)
     summary = exp.summarize(cfg, final, extras, info)
+    if "solver" in setup.info and setup.info["solver"] not in summary:
+        summary += f"\nsolver: {setup.info['solver']}\n"
+    if setup.unused:
+        summary += f"\nconfig keys not used by this solver: {', '.join(sorted(setup.unused))}\n"
+    summary += lower_line(verdict)
     (path / "summary.md").write_text(summary, encoding="utf-8")
     _write_json(path / "result.json", {"completed": True, "final": final, "extras": extras, "info": info,
                                        "setup": setup.info, "plot_metrics": plot_metrics})
+    if echo and verdict.get("solved") is False:
+        echo(f"warning: the lower level is not solved at the end ({verdict['criterion']})")
     if echo:
         echo(summary)
         echo(f"run folder: {path}")

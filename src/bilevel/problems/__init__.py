@@ -20,3 +20,11 @@ __all__ = [
 from .toys import TOYS, Box, Toy, llc_toy, nonconvex_toy, quadratic_toy  # noqa: E402
 
 __all__ += ["Toy", "Box", "TOYS", "nonconvex_toy", "llc_toy", "quadratic_toy"]
+
+# survey formulations (issue 13): docs/survey.md
+from .stackelberg import stackelberg_duopoly, stackelberg_equilibrium  # noqa: E402
+
+__all__ += ["stackelberg_duopoly", "stackelberg_equilibrium"]
+from .reformulations import penalty_solution, smoothed_vf_constraint, smoothed_vf_solution  # noqa: E402
+
+__all__ += ["penalty_solution", "smoothed_vf_solution", "smoothed_vf_constraint"]

@@ -1,21 +1,25 @@
 """Deterministic toy bilevel problems with known solutions (float64 by default).
 
+Notation as everywhere in bilevel: f is the upper objective, g the lower one (the papers write
+F for the upper and f for the lower objective).
+
 * :func:`nonconvex_toy` — non-convex follower (Liu et al. 2021, NeurIPS, Eq. 10):
-  x ∈ [1, 10], y ∈ [−2, 2],  F(x, y) = x + x·y,  f(x, y) = −sin(x·y).
-  The lower minimisers are y = (π/2 + 2πm)/x, several per x. Along them F = x + π/2 + 2πm, and the
-  optimistic value x ↦ min_m F is a saw-tooth with local minima at x = 3π/4, 7π/4, 11π/4 (all with
-  y = −2); the global solution is (x*, y*) = (11π/4, −2), F* = −11π/4.
+  x ∈ [1, 10], y ∈ [−2, 2],  f(x, y) = x + x·y,  g(x, y) = −sin(x·y).
+  The lower minimisers are y = (π/2 + 2πm)/x, several per x, all with g = −1. Along them
+  f = x + π/2 + 2πm, and the optimistic value x ↦ min_m f is a saw-tooth with local minima at
+  x = 3π/4, 7π/4, 11π/4 (all with y = −2); the global solution is (x*, y*) = (11π/4, −2), f* = −11π/4.
 * :func:`llc_toy` — convex, non-singleton follower (Liu et al. 2020, ICML, Sec. 5.1; Liu et al.
   2021, Eq. 13): x ∈ [−100, 100]^n, y = (y1, y2) ∈ R^n × R^n,
-  F = ‖x − y2‖⁴ + ‖y1 − e‖⁴,  f = ½‖y1‖² − xᵀy1.  The lower solution set {y1 = x, y2 ∈ R^n} is not a
-  singleton (f ignores y2); the solution is x* = y1* = y2* = e (all ones), F* = 0.
+  f = ‖x − y2‖⁴ + ‖y1 − e‖⁴,  g = ½‖y1‖² − xᵀy1.  The lower solution set {y1 = x, y2 ∈ R^n} is not a
+  singleton (g ignores y2), min_y g = −½‖x‖²; the solution is x* = y1* = y2* = e (all ones), f* = 0.
 * :func:`quadratic_toy` — a strongly convex quadratic pair with closed forms:
-  f(x, y) = ½ yᵀHy − yᵀ(Bx + c),  F(x, y) = ½‖y − b‖² + ½ρ‖x − a‖²,
+  g(x, y) = ½ yᵀHy − yᵀ(Bx + c),  f(x, y) = ½‖y − b‖² + ½ρ‖x − a‖²,
   y*(x) = H⁻¹(Bx + c) = Mx + m,  x* = (MᵀM + ρI)⁻¹(Mᵀ(b − m) + ρa).
   (:mod:`bilevel.problems.quadratic` has the finite-sum, stochastic counterpart.)
 
 Each builder returns a :class:`Toy`: the :class:`~bilevel.Problem`, default x0/y0, the box
-constraints as projections, and the known solution (x*, y*, F*) as data.
+constraints as projections, the known solution (x*, y*, f*) and the lower value g*(x) = min_y g(x, y)
+as data.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ class Box:
 class Toy:
     """A toy problem with its known solution.
 
-    ``y_star`` may be None when only x* is unique. ``x_bounds``/``y_bounds`` are boxes (or None);
-    :attr:`x_projection` / :attr:`y_projection` are the matching callables for :func:`bilevel.solve`.
-    ``extra`` holds problem-specific closed forms (e.g. ``y_star_fn`` for the quadratic).
+    ``y_star`` may be None when only x* is unique. ``f_star`` is the optimal upper value,
+    ``g_star(x)`` the optimal lower value min_y g(x, y) over the box (None if unknown).
+    ``x_bounds``/``y_bounds`` are boxes (or None); :attr:`x_projection` / :attr:`y_projection` are
+    the matching callables for :func:`bilevel.solve`. ``extra`` holds problem-specific closed
+    forms (e.g. ``y_star_fn`` for the quadratic).
     """
 
     name: str
@@ -60,11 +66,17 @@ class Toy:
     y0: Any
     x_star: Any
     y_star: Any
-    F_star: float
+    f_star: float
     x_bounds: Box | None = None
     y_bounds: Box | None = None
     reference: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    g_star: Callable[[Any], float] | None = None
+
+    @property
+    def F_star(self) -> float:  # noqa: N802
+        """Deprecated name of :attr:`f_star` (the upper objective is f)."""
+        return self.f_star
 
     @property
     def x_projection(self) -> Callable[[Tensor], Tensor] | None:
@@ -83,15 +95,15 @@ class Toy:
         return clone(x), clone(y)
 
     def errors(self, x: Any, y: Any) -> dict[str, float]:
-        """Relative errors |F − F*|/|F*| (absolute if F* = 0), ‖x − x*‖/‖x*‖, and ‖y − y*‖."""
+        """Relative errors |f − f*|/|f*| (absolute if f* = 0), ‖x − x*‖/‖x*‖, and ‖y − y*‖."""
         xs, _ = T.flatten(x)
         ys, _ = T.flatten(y)
         xst, _ = T.flatten(self.x_star)
         with torch.no_grad():
-            Fv = float(self.problem.f(x, y))
+            fv = float(self.problem.f(x, y))
             out = {
-                "F": Fv,
-                "F_err": abs(Fv - self.F_star) / (abs(self.F_star) if self.F_star != 0 else 1.0),
+                "f": fv,
+                "f_err": abs(fv - self.f_star) / (abs(self.f_star) if self.f_star != 0 else 1.0),
                 "x_err": float(T.norm(T.sub(xs, xst)) / T.norm(xst)),
             }
             if self.y_star is not None:
@@ -100,7 +112,10 @@ class Toy:
 
 
 def nonconvex_toy(x0: float = 1.0, y0: float = 2.0, dtype: torch.dtype = torch.float64) -> Toy:
-    """IAPTT-GM Eq. (10): F = x + xy, f = −sin(xy), x ∈ [1, 10], y ∈ [−2, 2] (0-dim tensors)."""
+    """IAPTT-GM Eq. (10): f = x + xy, g = −sin(xy), x ∈ [1, 10], y ∈ [−2, 2] (0-dim tensors).
+
+    g* = −1 at every x of the box: xy ranges over [−2x, 2x] ∋ π/2 − 2π·0, so sin(xy) = 1 is reachable.
+    """
 
     def upper(x: Tensor, y: Tensor) -> Tensor:
         return x + x * y
@@ -116,15 +131,16 @@ def nonconvex_toy(x0: float = 1.0, y0: float = 2.0, dtype: torch.dtype = torch.f
         y0=torch.tensor(y0, dtype=dtype),
         x_star=torch.tensor(xs, dtype=dtype),
         y_star=torch.tensor(-2.0, dtype=dtype),
-        F_star=-xs,
+        f_star=-xs,
         x_bounds=Box(1.0, 10.0),
         y_bounds=Box(-2.0, 2.0),
         reference="Liu et al. 2021 (NeurIPS), Eq. 10",
+        g_star=lambda x: -1.0,
     )
 
 
 def llc_toy(n: int = 50, x0: float = 0.0, y0: float = 0.0, dtype: torch.dtype = torch.float64) -> Toy:
-    """BDA / IAPTT-GM Eq. (13): F = ‖x − y2‖⁴ + ‖y1 − e‖⁴, f = ½‖y1‖² − xᵀy1; y = (y1, y2)."""
+    """BDA / IAPTT-GM Eq. (13): f = ‖x − y2‖⁴ + ‖y1 − e‖⁴, g = ½‖y1‖² − xᵀy1; y = (y1, y2)."""
 
     def upper(x: Tensor, y: tuple[Tensor, Tensor]) -> Tensor:
         y1, y2 = y
@@ -142,10 +158,11 @@ def llc_toy(n: int = 50, x0: float = 0.0, y0: float = 0.0, dtype: torch.dtype = 
         y0=(torch.full((n,), float(y0), dtype=dtype), torch.full((n,), float(y0), dtype=dtype)),
         x_star=e.clone(),
         y_star=(e.clone(), e.clone()),
-        F_star=0.0,
+        f_star=0.0,
         x_bounds=Box(-100.0, 100.0),
         y_bounds=None,
         reference="Liu et al. 2020 (ICML), Sec. 5.1; Liu et al. 2021 (NeurIPS), Eq. 13",
+        g_star=lambda x: float(-0.5 * (x * x).sum()),
     )
 
 
@@ -190,7 +207,12 @@ def quadratic_toy(
     def hypergrad(x: Tensor) -> Tensor:
         return M.T @ (M @ x + m - b) + rho * (x - a)
 
-    F_star = float(upper(x_star, y_star))
+    f_star = float(upper(x_star, y_star))
+
+    def g_star(x: Tensor) -> float:  # min_y g = −½ (Bx + c)ᵀ H⁻¹ (Bx + c)
+        r = B @ x + c
+        return float(-0.5 * r @ torch.linalg.solve(H, r))
+
     return Toy(
         name="quadratic",
         problem=Problem(upper, lower, name="quadratic-toy"),
@@ -198,8 +220,9 @@ def quadratic_toy(
         y0=torch.zeros(dim_y, dtype=dtype),
         x_star=x_star,
         y_star=y_star,
-        F_star=F_star,
+        f_star=f_star,
         reference="strongly convex quadratic pair (closed form)",
+        g_star=g_star,
         extra={"H": H, "B": B, "c": c, "b": b, "a": a, "rho": rho, "M": M, "m": m,
                "y_star_fn": y_star_fn, "hypergrad": hypergrad, "mu": float(lam[0]), "L": float(lam[-1])},
     )
@@ -211,3 +234,8 @@ TOYS: dict[str, Callable[..., Toy]] = {
     "llc": llc_toy,
     "quadratic": quadratic_toy,
 }
+
+# survey formulations with closed-form solutions (issue 13); imported here so `toy` runs them too
+from .stackelberg import stackelberg_duopoly  # noqa: E402
+
+TOYS["stackelberg"] = stackelberg_duopoly

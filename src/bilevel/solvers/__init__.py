@@ -7,6 +7,7 @@ from .base import Context, Solver, SolveResult, solve
 from .bda import BDA
 from .hypergradient import HypergradientDescent
 from .ia import IAGM, IAGMA, IAPTTGM
+from .primal_dual_vf import PrimalDualVF
 from .rhg import RHG, TRHG
 from .stochastic import (
     BOME,
@@ -30,6 +31,7 @@ from .stochastic import (
     StocBiO,
 )
 from .upper import TorchOptimizer, upper_rule
+from .vpbgd import VPBGD
 
 __all__ = [
     "Context",
@@ -49,6 +51,9 @@ __all__ = [
     "IAGM",
     "IAPTTGM",
     "IAGMA",
+    # value-function / penalty (issue 13.11)
+    "PrimalDualVF",
+    "VPBGD",
     # stochastic
     "AlternatingSGD",
     "AmIGO",
