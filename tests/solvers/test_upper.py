@@ -110,6 +110,10 @@ def test_bad_upper_rules_are_rejected_naming_the_argument():
         _hgd(lambda params: list(params))
     with pytest.raises(ConfigError, match="step size must be positive"):
         S.SOBA(upper=-1.0)
+    with pytest.raises(ConfigError, match="SOBA: pass either lr_x= .* or upper="):
+        S.SOBA(lr_x=0.5, upper=bl.inner.Adam(lr=0.1))
+    with pytest.raises(ConfigError, match="MRBOZO: pass either lr_x="):
+        S.MRBOZO(lr_x=0.5, upper=torch.optim.Adam)
     with pytest.raises(ConfigError, match="init_rule=: Linear"):
         S.IAGM(bl.inner.GD(lr=0.1, steps=2), init_rule=torch.nn.Linear)
     with pytest.raises(ConfigError, match="estimator must be a bilevel.hypergrad estimator"):

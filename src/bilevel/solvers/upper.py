@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..estimates import Schedule
 from ..inner import GD, Dynamics
 
-__all__ = ["TorchOptimizer", "ScheduledSGD", "upper_rule", "Rule"]
+__all__ = ["TorchOptimizer", "ScheduledSGD", "upper_rule", "step_rule", "Rule"]
 
 Rule = Any  # an object with init(xs) -> state, update(state, grad, t) -> state, output(state) -> xs
 
@@ -188,3 +188,16 @@ def upper_rule(spec: Any, name: str = "upper") -> Rule:
         f"{name}= must be a step size, a Schedule, a bl.inner update rule, a torch.optim.Optimizer "
         f"class/factory or (class, kwargs); got {type(spec).__name__}"
     )
+
+
+def step_rule(solver: Any, lr_x: Any, upper: Any) -> Rule:
+    """The x rule of a solver whose published step size is ``lr_x``: ``upper`` if given, else SGD
+    with the schedule ``lr_x``. Both at once is ambiguous (one would be silently ignored) unless
+    ``lr_x`` is left at the solver's default."""
+    if upper is None:
+        return upper_rule(Schedule.of(lr_x), "lr_x")
+    default = inspect.signature(type(solver).__init__).parameters["lr_x"].default
+    if not (lr_x is default or (isinstance(lr_x, (int, float)) and lr_x == default)):
+        raise ConfigError(f"{type(solver).__name__}: pass either lr_x= (SGD step sizes) or upper= "
+                          "(any update rule), not both")
+    return upper_rule(upper)

@@ -16,7 +16,7 @@ from typing import Any
 from ... import oracles as O
 from ...estimates import Schedule, sgd_lower
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["AlternatingSGD"]
 
@@ -35,7 +35,7 @@ class AlternatingSGD(Solver):
         if int(inner_steps) < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.double_loop, self.inner_steps = bool(double_loop), int(inner_steps)
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, sgd_linear_system, sgd_lower
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["AmIGO"]
 
@@ -39,7 +39,7 @@ class AmIGO(Solver):
         upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         self.inner_steps = int(inner_steps)
         self.v_steps = self.inner_steps if v_steps is None else int(v_steps)

@@ -25,7 +25,7 @@ from ... import oracles as O
 from ...errors import ConfigError
 from ...estimates import Schedule
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["BOME"]
 
@@ -48,7 +48,7 @@ class BOME(Solver):
         if int(inner_steps) < 1 or not inner_lr > 0 or not eta > 0:
             raise ValueError("BOME needs inner_steps >= 1, inner_lr > 0 and eta > 0")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_lr, self.inner_steps = float(inner_lr), int(inner_steps)
         self.eta, self.phi = float(eta), phi
 

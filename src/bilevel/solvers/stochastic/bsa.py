@@ -21,7 +21,7 @@ from typing import Any
 from ... import _tree as T
 from ...estimates import Schedule, sampled_neumann_hypergradient, sgd_lower
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["BSA"]
 
@@ -45,7 +45,7 @@ class BSA(Solver):
         if int(inner_steps) < 0 or int(Q) < 1 or not eta > 0:
             raise ValueError(f"BSA needs inner_steps >= 0, Q >= 1, eta > 0; got {inner_steps}, {Q}, {eta}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.Q, self.eta, self.seed = int(inner_steps), int(Q), float(eta), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:

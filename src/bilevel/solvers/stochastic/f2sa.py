@@ -29,7 +29,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["F2SA"]
 
@@ -51,7 +51,7 @@ class F2SA(Solver):
         if int(inner_steps) < 1 or not lmbda0 > 0:
             raise ValueError(f"F2SA needs inner_steps >= 1 and lmbda0 > 0, got {inner_steps}, {lmbda0}")
         self.lr_x, self.lr_y, self.delta = Schedule.of(lr_x), Schedule.of(lr_y), Schedule.of(delta_lmbda)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.lmbda0, self.lmbda_max = int(inner_steps), float(lmbda0), float(lmbda_max)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:

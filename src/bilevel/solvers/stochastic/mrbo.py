@@ -27,7 +27,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, momentum_weight, neumann_hypergradient, replay, storm
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["MRBO"]
 
@@ -49,7 +49,7 @@ class MRBO(Solver):
         upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.momentum_x = Schedule.of(momentum_x)
         self.momentum_y = self.momentum_x if momentum_y is None else Schedule.of(momentum_y)
         if int(Q) < 0 or not eta > 0:

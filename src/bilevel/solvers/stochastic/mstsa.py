@@ -24,7 +24,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, momentum_weight, replay, sampled_neumann_hypergradient, storm
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["MSTSA"]
 
@@ -47,7 +47,7 @@ class MSTSA(Solver):
         upper: Any = None,
     ):
         self.lr_x, self.lr_y, self.momentum = Schedule.of(lr_x), Schedule.of(lr_y), Schedule.of(momentum)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         if int(Q) < 1 or not eta > 0:
             raise ValueError(f"MSTSA needs Q >= 1 and eta > 0, got Q={Q}, eta={eta}")
         self.Q, self.eta, self.seed = int(Q), float(eta), int(seed)

@@ -25,7 +25,7 @@ from ... import _tree as T
 from ...estimates import Schedule, replay, sgd_lower
 from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_hypergradient
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["PZOBO"]
 
@@ -46,7 +46,7 @@ class PZOBO(Solver):
         if int(inner_steps) < 1 or int(samples) < 1 or not mu > 0:
             raise ValueError("PZOBO needs inner_steps >= 1, samples >= 1 and mu > 0")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.samples = int(inner_steps), int(samples)
         self.mu, self.seed = float(mu), int(seed)
 

@@ -25,7 +25,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import SagaTable, Schedule, require_fixed_batches, soba_oracles
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["SABA"]
 
@@ -44,7 +44,7 @@ class SABA(Solver):
         if init_memory not in ("zero", "full"):
             raise ValueError(f"init_memory must be 'zero' or 'full', got {init_memory!r}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         self.init_memory = init_memory
 

@@ -22,7 +22,7 @@ from typing import Any
 from ... import _tree as T
 from ...estimates import Schedule, soba_oracles
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["SOBA"]
 
@@ -41,7 +41,7 @@ class SOBA(Solver):
         upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:

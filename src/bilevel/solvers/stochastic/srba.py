@@ -23,7 +23,7 @@ import torch
 from ... import _tree as T
 from ...estimates import Schedule, soba_oracles, spider
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["SRBA"]
 
@@ -46,7 +46,7 @@ class SRBA(Solver):
         upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         if period is not None and int(period) < 1:
             raise ValueError(f"period must be >= 1, got {period}")

@@ -35,7 +35,7 @@ from ... import oracles as O
 from ...errors import ConfigError
 from ...estimates import Schedule, momentum_weight, neumann_hypergradient
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["STABLE"]
 
@@ -80,7 +80,7 @@ class STABLE(Solver):
         if int(Q) < 0 or not eta > 0 or not mu > 0:
             raise ValueError(f"STABLE needs Q >= 0, eta > 0 and mu > 0, got Q={Q}, eta={eta}, mu={mu}")
         self.lr_x, self.lr_y, self.tau = Schedule.of(lr_x), Schedule.of(lr_y), Schedule.of(tau)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.hessian, self.Q, self.eta, self.mu = hessian, int(Q), float(eta), float(mu)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ...estimates import Schedule, neumann_hypergradient, sgd_lower
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["StocBiO"]
 
@@ -40,7 +40,7 @@ class StocBiO(Solver):
             raise ValueError(
                 f"stocBiO needs inner_steps >= 0, Q >= 0, eta > 0; got {inner_steps}, {Q}, {eta}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.Q, self.eta = int(inner_steps), int(Q), float(eta)
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:

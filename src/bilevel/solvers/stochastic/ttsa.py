@@ -22,7 +22,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, sampled_neumann_hypergradient
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["TTSA"]
 
@@ -45,7 +45,7 @@ class TTSA(Solver):
         if int(Q) < 1 or not eta > 0:
             raise ValueError(f"TTSA needs Q >= 1 and eta > 0, got Q={Q}, eta={eta}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         self.Q, self.eta, self.seed = int(Q), float(eta), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, neumann_hypergradient, replay, spider
 from ..base import Context, Solver
-from ..upper import upper_rule
+from ..upper import step_rule
 
 __all__ = ["VRBO"]
 
@@ -58,7 +58,7 @@ class VRBO(Solver):
     ):
         """``large_batches``: S₁ as that many concatenated minibatches (None: the full data)."""
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
-        self.upper = upper_rule(self.lr_x if upper is None else upper)
+        self.upper = step_rule(self, lr_x, upper)
         if int(Q) < 0 or not eta > 0 or int(inner_steps) < 1 or int(period) < 1:
             raise ValueError("VRBO needs Q >= 0, eta > 0, inner_steps >= 1 and period >= 1")
         if large_batches is not None and int(large_batches) < 1:
