@@ -40,3 +40,13 @@ def test_stochastic_example_reduces_the_exact_hypergradient(capsys):
     out = _run("stochastic_soba.py", capsys)
     before, after = map(float, out.splitlines()[0].split(" -> "))
     assert after < 0.01 * before
+
+
+def test_vmap_example_matches_the_loop_and_learns_the_regularization(capsys):
+    out = _run("vmap_tasks.py", capsys)
+    dev = float(re.search(r"max \|vmap - loop\| = ([\d.e+-]+)", out).group(1))
+    assert dev < 1e-10
+    before, after = map(float, re.search(r"validation loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < 0.5 * before
+    reg = [float(v) for v in re.search(r"exp\(x\): \[(.*)\]", out).group(1).split(",")]
+    assert max(reg[:2]) < 0.1 < 5.0 < min(reg[2:])  # useful features kept, useless ones shrunk
