@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bilevel.errors import ConfigError
+from bilevel.experiments import checkpoint as CK
 from bilevel.experiments import config as C
 from bilevel.experiments import get, load_trace, run
 from bilevel.experiments import runner as R
@@ -151,7 +152,7 @@ def test_resume_and_out_errors(tmp_path):
 
 def test_checkpoint_holds_state_rng_and_solver_internals(tmp_path):
     res = run("test-quad", out=tmp_path / "a", stop_after=3, plots=False, **QUIET)
-    ck = torch.load(res.path / R.CHECKPOINT, weights_only=False)
+    ck = CK.load(res.path / R.CHECKPOINT)
     assert ck["step"] == 3 and ck["state"]["t"] == 3 and len(ck["state"]["x"]) == 1
     assert {"torch", "numpy", "python"} <= set(ck["rng"])
     assert ck["solver"]["estimator"][0] == "obj"  # solver attributes are captured recursively

@@ -9,12 +9,11 @@ import torch
 
 import bilevel as bl
 from bilevel.errors import ConfigError
-from bilevel.experiments.iaptt_toy import TOY_SOLVERS, make_toy_solver
+from bilevel.experiments.toy import TOY_SOLVERS
 from bilevel.inner import GD
 from bilevel.problems import stackelberg_duopoly, stackelberg_equilibrium
 
 TOY = stackelberg_duopoly()
-METHOD = {"warm_start": False, "truncate": 10, "iters": 10, "mu": 0.5, "s_u": 0.0}
 S_L, UL_LR = 0.3, 0.4  # lower curvature 3, upper curvature 7/3: contractions 0.1 and 1/15 per step
 
 
@@ -38,8 +37,20 @@ def test_closed_form_satisfies_both_first_order_conditions_and_the_textbook_case
         stackelberg_duopoly(b=0.0)
 
 
+def _make(name: str, inner: GD):
+    """The solvers of the toy experiments by label (LS / NS / FP = AID with CG / Neumann / fixed point)."""
+    S = bl.solvers
+    if name in ("LS", "NS", "FP"):
+        return S.AID(inner, UL_LR, linear_solver=name.lower(), iters=10)
+    if name == "TRHG":
+        return S.TRHG(inner, 10, UL_LR)
+    if name == "BDA":
+        return S.BDA(inner, UL_LR, mu=0.5)
+    return getattr(S, name)(inner, UL_LR)
+
+
 def _solve(name: str, K: int = 14, steps: int = 15):
-    solver = make_toy_solver(name, GD(lr=S_L, steps=K), GD(lr=UL_LR), GD(lr=UL_LR), METHOD)
+    solver = _make(name, GD(lr=S_L, steps=K))
     x, y = TOY.start()
     return bl.solve(TOY.problem, x, y, solver=solver, steps=steps, x_projection=TOY.x_projection,
                     y_projection=TOY.y_projection, track=False)

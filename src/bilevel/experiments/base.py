@@ -220,7 +220,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # --- registry -----------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Experiment]] = {}
 _BROKEN: dict[str, str] = {}
-_INFRA = {"base", "config", "factory", "runner", "plots", "trace"}
+_INFRA = {"base", "config", "factory", "runner", "plots", "trace", "checkpoint"}
 _discovered = False
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import sys
 import time
@@ -41,13 +40,15 @@ from torch import Tensor
 from .. import oracles as O
 from ..errors import BilevelError, ConfigError
 from ..solvers.base import solve
+from . import checkpoint as CK
 from . import config as C
 from .base import Experiment, Setup, SubResult, Table, fmt, get
 from .trace import load_trace
 
 __all__ = ["run", "RunResult", "new_run_dir", "seed_everything", "load_trace"]
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINTS = Path("checkpoints")
+CHECKPOINT = CHECKPOINTS / CK.LAST
 #: config keys that may change when resuming (extending a finished run)
 RESUMABLE_KEYS = {"steps", "checkpoint_every"}
 
@@ -166,9 +167,7 @@ def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "ru
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    CK.write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -232,7 +231,7 @@ def run(
         explicit = set(C.flatten(file or {})) | set(sets)
         path = new_run_dir(name, out)
         _write_json(path / "run.json", {"experiment": name, "kind": exp.kind})
-    (path / "config.toml").write_text(C.dumps(cfg), encoding="utf-8")
+    CK.write_text(path / "config.toml", C.dumps(cfg))
     try:
         if isinstance(exp, Table):
             return _run_table(exp, cfg, path, stop_after=stop_after, progress=progress, plots=plots,
@@ -246,7 +245,7 @@ def run(
 
 
 def _remove_fresh_run(path: Path) -> None:
-    if (path / CHECKPOINT).exists() or (path / "runs").exists() or load_trace(path):
+    if (path / CHECKPOINTS).exists() or (path / "runs").exists() or load_trace(path):
         return  # the run got going: keep its partial trace for inspection
     for name in ("config.toml", "run.json", "trace.jsonl", "extras.json"):
         (path / name).unlink(missing_ok=True)
@@ -367,10 +366,13 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
                   lower_data=setup.lower_data, upper_data=setup.upper_data, track=False).state
     samplers = {"lower": setup.lower_data, "upper": setup.upper_data}
-    ckpt_file, trace_file = path / CHECKPOINT, path / "trace.jsonl"
+    ckpt_dir, trace_file = path / CHECKPOINTS, path / "trace.jsonl"
     session = {"eval_time": 0.0, "wall_time": 0.0, "baseline_time": 0.0}
-    if resume and ckpt_file.is_file():
-        ck = torch.load(ckpt_file, weights_only=False, map_location="cpu")
+    ck, ck_file, problems = CK.load_latest(ckpt_dir) if resume else (None, None, [])
+    if echo:
+        for msg in problems:
+            echo(f"skipping a bad checkpoint: {msg}" + (f"; using {ck_file.name}" if ck_file else ""))
+    if ck is not None:
         state.clear()
         state.update(ck["state"])
         _restore(setup.solver, ck["solver"])
@@ -383,12 +385,12 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
         extras, session = ck["extras"], ck["session"]
         t_ck = int(state["t"])
         kept = [r for r in load_trace(path) if r["step"] <= t_ck]
-        trace_file.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        CK.write_text(trace_file, "".join(json.dumps(r) + "\n" for r in kept))
         fresh = False
     else:
         if resume and echo:
             echo(f"{path}: no checkpoint yet, starting from step 0")
-        trace_file.write_text("", encoding="utf-8")
+        CK.write_text(trace_file, "")
         t_b = time.perf_counter()
         extras = setup.baselines() if setup.baselines is not None else {}
         session["baseline_time"] = time.perf_counter() - t_b
@@ -418,7 +420,6 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
         return rec
 
     def save_checkpoint() -> None:
-        ckpt_file.parent.mkdir(exist_ok=True)
         session_now = {**session, "wall_time": session["wall_time"] + time.perf_counter() - wall0}
         blob = {
             "experiment": exp.name, "step": int(live["state"]["t"]), "state": live["state"],
@@ -427,9 +428,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
             "stateful": {k: obj.state_dict() for k, obj in setup.stateful.items()},
             "rng": _rng_state(), "extras": extras, "session": session_now,
         }
-        tmp = ckpt_file.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, ckpt_file)
+        CK.save(ckpt_dir, blob)
 
     from ..formulation import Bound  # local: only to unflatten the start point for the step-0 record
 
@@ -497,7 +496,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
     if setup.unused:
         summary += f"\nconfig keys not used by this solver: {', '.join(sorted(setup.unused))}\n"
     summary += lower_line(verdict)
-    (path / "summary.md").write_text(summary, encoding="utf-8")
+    CK.write_text(path / "summary.md", summary)
     _write_json(path / "result.json", {"completed": True, "final": final, "extras": extras, "info": info,
                                        "setup": setup.info, "plot_metrics": plot_metrics})
     if echo and verdict.get("solved") is False:
@@ -543,7 +542,7 @@ def _run_table(
             sub_dir.mkdir(parents=True, exist_ok=True)
             _write_json(sub_dir / "run.json", {"experiment": sr.experiment, "kind": "single",
                                                "label": sr.label, "table": exp.name})
-            (sub_dir / "config.toml").write_text(C.dumps(sub_cfg), encoding="utf-8")
+            CK.write_text(sub_dir / "config.toml", C.dumps(sub_cfg))
         r = _run_single(sub_exp, sub_cfg, sub_dir, resume=resuming, stop_after=stop_after,
                         progress=progress, plots=False, echo=None,
                         label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}")
@@ -557,7 +556,7 @@ def _run_table(
                               if isinstance(r.final.get(c), float))
             echo(f"  {sr.label} (seed {sr.seed}): {shown}  [{r.info['wall_time_s']:.1f} s]")
     summary = exp.summarize_table(cfg, results)
-    (path / "summary.md").write_text(summary, encoding="utf-8")
+    CK.write_text(path / "summary.md", summary)
     info = {"runs": len(results), "wall_time_s": time.perf_counter() - wall0}
     _write_json(path / "result.json", {"completed": True, "info": info,
                                        "runs": [{"label": r.run.label, "seed": r.run.seed,

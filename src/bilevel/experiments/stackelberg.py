@@ -20,8 +20,9 @@ import torch
 from ..errors import ConfigError
 from ..problems.stackelberg import stackelberg_duopoly
 from .base import SubResult, SubRun, Table, fmt, markdown_table, register
-from .iaptt_toy import TOY_SOLVERS, _group, toy_figures
+from .iaptt_toy import _group, toy_figures
 from .runner import CHECKPOINT
+from .toy import TOY_SOLVERS
 
 __all__ = ["Stackelberg", "equilibrium_figure"]
 
@@ -110,7 +111,7 @@ class Stackelberg(Table):
         tol = float(cfg["tol"])
         rows = []
         for r in results:
-            xe, ye, fe = r.final.get("x_err"), r.final.get("y_err"), r.final.get("F_err")
+            xe, ye, fe = r.final.get("x_err"), r.final.get("y_err"), r.final.get("f_err")
             ok = isinstance(xe, float) and isinstance(ye, float) and xe < tol and ye < tol * float(toy.y_star)
             rows.append([r.run.label, fmt(xe), fmt(ye), fmt(fe), "yes" if ok else "no",
                          f"{r.info['solver_time_s']:.2f}"])

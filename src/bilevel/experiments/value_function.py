@@ -85,7 +85,7 @@ class VfToy(Experiment):
         return Setup(problem=toy.problem, x0=x0, y0=y0, solver=solver, evaluate=evaluate,
                      baselines=baselines, x_projection=toy.x_projection, y_projection=toy.y_projection,
                      progress=("x_err",),
-                     plot_metrics=("x_err", "F_err") + (("ref_err",) if ref is not None else ()),
+                     plot_metrics=("x_err", "f_err") + (("ref_err",) if ref is not None else ()),
                      info={"toy": toy.name})
 
 
@@ -133,7 +133,7 @@ class ValueFunction(Table):
             rows.append([r.run.label.split("@")[0], r.run.overrides["toy"], fmt(f.get("x_err")),
                          fmt(f.get("ref_err")) if "ref_err" in f else "—",
                          fmt(r.extras.get("reformulation_bias")) if r.extras else "—",
-                         fmt(f.get("F")), f"{r.info['solver_time_s']:.2f}"])
+                         fmt(f.get("f")), f"{r.info['solver_time_s']:.2f}"])
         head = ["method", "toy", "‖x − x*‖/‖x*‖", "‖x − x_ref‖ (own reformulation)",
                 "‖x_ref − x*‖/‖x*‖ (bias)", "f", "time [s]"]
         table_dir = results[0].path.parent.parent if results else Path(".")

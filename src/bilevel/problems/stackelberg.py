@@ -99,10 +99,11 @@ def stackelberg_duopoly(
         y0=torch.tensor(float(y0), dtype=dtype),
         x_star=torch.tensor(eq["x_star"], dtype=dtype),
         y_star=torch.tensor(eq["y_star"], dtype=dtype),
-        F_star=-eq["profit_leader"],
+        f_star=-eq["profit_leader"],
         x_bounds=Box(0.0, qmax),
         y_bounds=Box(0.0, qmax),
         reference="survey 2207.11719, Sec. 3.1.2; von Stackelberg 1934",
+        g_star=lambda x: float(lower(x, torch.clamp(alpha - beta * x, 0.0, qmax))),  # g convex in y
         extra={"a": a, "b": b, "c_leader": c_leader, "c_follower": c_follower, "d_leader": d_leader,
                "d_follower": d_follower, "y_star_fn": lambda x: alpha - beta * x,
                "lower_curvature": 2 * b + d_follower, "upper_curvature": 2 * b * (1 - beta) + d_leader,
