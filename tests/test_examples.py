@@ -50,3 +50,13 @@ def test_vmap_example_matches_the_loop_and_learns_the_regularization(capsys):
     assert after < 0.5 * before
     reg = [float(v) for v in re.search(r"exp\(x\): \[(.*)\]", out).group(1).split(",")]
     assert max(reg[:2]) < 0.1 < 5.0 < min(reg[2:])  # useful features kept, useless ones shrunk
+
+
+def test_indefinite_example_minres_and_normal_cg_are_exact_cg_flags_its_breakdown(capsys):
+    out = _run("indefinite_lower_level.py", capsys)
+    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines() if "relative error" in line}
+    assert set(rows) == {"CG", "MINRES", "NormalCG", "CG damping=0.01", "CG damping=4"}
+    err = {k: float(v[2]) for k, v in rows.items()}
+    assert err["MINRES"] < 1e-10 and err["NormalCG"] < 1e-10
+    assert rows["CG"][4] == "negative_curvature" and rows["CG"][6] == "True"
+    assert rows["CG damping=4"][4] == "None" and err["CG damping=4"] > 0.1  # stable but biased

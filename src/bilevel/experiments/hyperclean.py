@@ -315,4 +315,7 @@ class HyperClean(Experiment):
                 f"{fmt(final.get('upper_loss'))}, lower loss {fmt(final.get('lower_loss'))}, kept "
                 f"{fmt(final.get('kept'))} of the training samples\n"
                 f"per-sample oracle calls: " + ", ".join(f"{k} {v:.3g}" for k, v in calls.items()) + "\n")
+        if isinstance(final.get("breakdowns"), int):  # implicit estimators: safeguarded linear solves
+            foot += (f"linear-solve breakdowns: {final['breakdowns']} of {final.get('step')} outer steps"
+                     + (" (safeguarded, see docs/guide.md)" if final["breakdowns"] else "") + "\n")
         return head + table + foot

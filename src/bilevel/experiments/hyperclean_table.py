@@ -4,7 +4,10 @@ The analogue of Liu et al. 2021 (NeurIPS), Table 3: every method runs the ``hype
 (:mod:`bilevel.experiments.hyperclean` — same data protocol, model, metrics and baselines) for
 ``seeds`` seeds, and the table reports test accuracy and the F1 score of the kept samples as
 mean ± std. LS / NS / RHG / T-RHG are hypergradient descent with the CG / Neumann / reverse /
-truncated-reverse estimator; BDA and IAPTT-GM are the solvers of :mod:`bilevel.solvers`.
+truncated-reverse estimator; BDA and IAPTT-GM are the solvers of :mod:`bilevel.solvers`. Not in
+the paper, selectable with ``--set 'methods=[...]'``: LS-MINRES, LS-normal and LS-damped, the implicit
+method with a linear solver for the indefinite lower Hessian of the MLP (MINRES, CG on the normal
+equations, CG on (H + damping I); see docs/deterministic.md).
 
 The sub-experiment is ``hyperclean-det``: ``hyperclean`` plus the options the deterministic solvers
 need beyond its config — the step of IAPTT-GM's initialization auxiliary z (the lower model's
