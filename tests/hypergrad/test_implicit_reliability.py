@@ -151,6 +151,10 @@ def test_a_warm_start_that_breaks_down_is_retried_cold_and_never_carried_on():
     torch.testing.assert_close(res.grad, torch.tensor([1.0, 0.5, 0.0], dtype=F64))
     torch.testing.assert_close(res.state["v"][0], torch.tensor([1.0, 0.5, 0.0], dtype=F64))
     assert state["v"][0][2] == 5.0  # the passed state is not mutated
+    # strict mode raises only if the system itself cannot be solved: the cold retry succeeds here
+    strict = CG(None, iters=10, warm_start=True, strict=True)
+    res = strict(problem, x, y, state={**strict.init(problem, x, y), "v": state["v"]})
+    torch.testing.assert_close(res.grad, torch.tensor([1.0, 0.5, 0.0], dtype=F64))
 
 
 def test_breakdown_warns_once_per_run_counts_every_one_and_drops_the_warm_start():

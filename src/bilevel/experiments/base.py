@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar
 
+import torch
+
 from ..errors import ConfigError
 from ..formulation import Problem
 from ..sampling import Sampler
@@ -41,6 +43,9 @@ __all__ = [
     "get",
     "available",
     "RUNNER_DEFAULTS",
+    "DTYPES",
+    "run_device",
+    "run_dtype",
     "markdown_table",
     "fmt",
 ]
@@ -50,8 +55,48 @@ __all__ = [
 #: products of these experiments and does not collapse on a busy machine the way 2+ do.
 #: ``lower_tol`` (1e-2): the final lower level counts as solved when g − g* ≤ lower_tol·max(1, |g*|)
 #: (g* known) or ‖∇_y g‖ ≤ lower_tol·max(1, ‖∇_y g‖ at step 0); the summary flags it otherwise.
+#: ``device`` / ``dtype``: where and in which precision the data and variables live ("" = the
+#: experiment's own default dtype); an experiment reads them with :func:`run_device` /
+#: :func:`run_dtype`, and the runner rejects a run whose variables do not follow them.
+#: ``loggers``: comma-separated extra loggers beside trace.jsonl (``csv``, ``tensorboard``).
 RUNNER_DEFAULTS: dict[str, Any] = {"seed": 0, "steps": 100, "eval_every": 10, "checkpoint_every": 50,
-                                   "threads": 1, "lower_tol": 1e-2}
+                                   "threads": 1, "lower_tol": 1e-2, "device": "cpu", "dtype": "",
+                                   "loggers": ""}
+
+#: accepted ``dtype`` values
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,
+                                  "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def run_device(cfg: dict[str, Any]) -> torch.device:
+    """The ``device`` of a config, checked: ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+    name = str(cfg.get("device", "cpu") or "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"device: {name!r} is not a torch device (use cpu, cuda, cuda:N or mps)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name}: CUDA is not available here (torch.cuda.is_available() is "
+                              f"False; torch {torch.__version__}); use device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device={name}: MPS is not available here; use device=cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={name}: unsupported device type {dev.type!r} (cpu, cuda, mps)")
+    return dev
+
+
+def run_dtype(cfg: dict[str, Any], default: torch.dtype) -> torch.dtype:
+    """The ``dtype`` of a config (``""`` = ``default``, the experiment's own precision)."""
+    name = str(cfg.get("dtype", "") or "")
+    if not name:
+        return default
+    if name not in DTYPES:
+        raise ConfigError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -122,6 +167,10 @@ class Experiment:
         for k, lo in (("steps", 0), ("eval_every", 1), ("checkpoint_every", 0), ("threads", 0)):
             if k in cfg and cfg[k] < lo:
                 raise ConfigError(f"{k} must be >= {lo}, got {cfg[k]}")
+        if "device" in cfg:
+            run_device(cfg)
+        if "dtype" in cfg:
+            run_dtype(cfg, torch.float32)
         return cfg
 
     def build(self, cfg: dict[str, Any]) -> Setup:

@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..estimates import Schedule
 from ..formulation import Problem, params
 from ..sampling import FullBatch, Minibatches
-from .base import Experiment, Setup, fmt, markdown_table, register
+from .base import Experiment, Setup, fmt, markdown_table, register, run_device, run_dtype
 from .factory import Arg, Built, Lazy, build, build_estimator, find_solver
 
 __all__ = ["HyperClean", "HypercleanData", "load_data", "make_model", "kept_scores"]
@@ -203,7 +203,12 @@ class HyperClean(Experiment):
         seed = int(cfg["seed"])
         data = load_data(dc["dataset"], dc["n_train"], dc["n_val"], dc["n_test"], dc["corruption"], seed,
                          center=dc["center"], root=dc["root"], download=dc["download"])
-        model = make_model(mc["kind"], data.X_train.shape[1], data.n_classes, mc["hidden"], mc["activation"])
+        dev, dt = run_device(cfg), run_dtype(cfg, torch.float32)
+        data = HypercleanData(*(v.to(dev) if isinstance(v, Tensor) else v for v in (
+            data.X_train.to(dt), data.y_train, data.y_train_true, data.corrupted, data.X_val.to(dt),
+            data.y_val, data.X_test.to(dt), data.y_test, data.n_classes)))
+        model = make_model(mc["kind"], data.X_train.shape[1], data.n_classes, mc["hidden"],
+                           mc["activation"]).to(device=dev, dtype=dt)
         w0 = params(model)
         l2 = float(mc["l2"])
 
@@ -222,7 +227,7 @@ class HyperClean(Experiment):
 
         problem = Problem(upper=upper, lower=lower, name="hyperclean")
         n = data.X_train.shape[0]
-        idx = torch.arange(n)
+        idx = torch.arange(n, device=dev)
         bs = int(dc["batch_size"])
         if bs < 0:
             raise ConfigError(f"data.batch_size must be >= 0 (0 = full batch), got {bs}")
@@ -235,7 +240,7 @@ class HyperClean(Experiment):
                                      seed=seed + 1)
 
         solver = build_solver(cfg, self.solver_offers(cfg))
-        x0 = torch.full((n,), float(uc["x0"]))
+        x0 = torch.full((n,), float(uc["x0"]), dtype=dt, device=dev)
 
         def accuracy(w: dict[str, Tensor], X: Tensor, y: Tensor) -> float:
             return float((functional_call(model, w, (X,)).argmax(1) == y).float().mean())
@@ -273,7 +278,8 @@ class HyperClean(Experiment):
         def baselines() -> dict[str, Any]:
             out: dict[str, Any] = {}
             clean = (~data.corrupted).to(data.X_train.dtype)
-            for tag, weights, x_equiv in (("noisy", torch.ones(n), torch.ones(n)),
+            ones = torch.ones(n, dtype=dt, device=dev)
+            for tag, weights, x_equiv in (("noisy", ones, ones),
                                           ("oracle", clean, clean * 2 - 1)):
                 w = fit(weights)
                 out[f"{tag}_test_acc"] = accuracy(w, data.X_test, data.y_test)

@@ -37,13 +37,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _tree as T
 from .. import oracles as O
 from ..errors import BilevelError, ConfigError
 from ..solvers.base import solve
 from . import checkpoint as CK
 from . import config as C
 from .base import Experiment, Setup, SubResult, Table, fmt, get
-from .trace import load_trace
+from .trace import Callback, load_trace, make_loggers
 
 __all__ = ["run", "RunResult", "new_run_dir", "seed_everything", "load_trace"]
 
@@ -132,6 +133,17 @@ def _restore(obj: Any, snap: Mapping[str, Any]) -> None:
             _restore(getattr(obj, k), val)
 
 
+def _to_device(v: Any, device: str) -> Any:
+    """The solver state loaded on the CPU, moved to the run's device (RNG states stay on the CPU)."""
+    if isinstance(v, Tensor):
+        return v.to(device)
+    if isinstance(v, dict) and type(v) is dict:
+        return {k: _to_device(u, device) for k, u in v.items()}
+    if isinstance(v, (list, tuple)) and type(v) in (list, tuple):
+        return type(v)(_to_device(u, device) for u in v)
+    return v
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, Tensor):
         return v.item() if v.numel() == 1 else None
@@ -193,9 +205,12 @@ def run(
     progress: bool = True,
     plots: bool = True,
     echo: Callable[[str], None] | None = print,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Run (or resume) experiment ``name``; see the module docstring for the folder layout.
 
+    ``callbacks``: :class:`~bilevel.experiments.trace.Callback` objects that receive every trace
+    record (besides the ``loggers`` of the config: ``csv``, ``tensorboard``).
     ``overrides``: ``["key=value", ...]`` (strings parsed like ``--set``) or ``{key: value}``.
     ``stop_after``: end this session after that many steps (a checkpoint is written first).
     ``plots=False`` skips the figures (tests).
@@ -235,9 +250,9 @@ def run(
     try:
         if isinstance(exp, Table):
             return _run_table(exp, cfg, path, stop_after=stop_after, progress=progress, plots=plots,
-                              echo=echo)
+                              echo=echo, callbacks=callbacks)
         return _run_single(exp, cfg, path, resume=resume is not None, stop_after=stop_after,
-                           progress=progress, plots=plots, echo=echo, explicit=explicit)
+                           progress=progress, plots=plots, echo=echo, explicit=explicit, callbacks=callbacks)
     except BilevelError:
         if resume is None:  # rejected while building (bad config, missing data): no half-made folder
             _remove_fresh_run(path)
@@ -332,6 +347,7 @@ def _run_single(
     echo: Callable[[str], None] | None,
     label: str | None = None,
     explicit: set[str] | frozenset[str] = frozenset(),
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     threads = int(cfg.get("threads", 0))
     before = torch.get_num_threads()
@@ -339,7 +355,7 @@ def _run_single(
         torch.set_num_threads(threads)
     try:
         return _single(exp, cfg, path, resume=resume, stop_after=stop_after, progress=progress, plots=plots,
-                       echo=echo, label=label, explicit=explicit)
+                       echo=echo, label=label, explicit=explicit, callbacks=callbacks)
     finally:
         torch.set_num_threads(before)
 
@@ -355,12 +371,46 @@ def check_unused(exp: Experiment, setup: Setup, explicit: set[str] | frozenset[s
             f"{'it' if len(bad) == 1 else 'them'} (unused keys here: {', '.join(sorted(setup.unused))})")
 
 
-def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit) -> RunResult:
+def check_placement(exp: Experiment, setup: Setup, cfg: dict[str, Any]) -> None:
+    """The variables must live on the configured ``device`` (and ``dtype``, when one is given)."""
+    from .base import run_device, run_dtype
+
+    if "device" not in cfg:
+        return
+    dev = run_device(cfg)
+    want = run_dtype(cfg, torch.float32) if cfg.get("dtype") else None
+    leaves = [t for tree in (setup.x0, setup.y0) if not callable(tree) or isinstance(tree, Tensor)
+              for t in T.flatten(tree)[0]]
+    for t in leaves:
+        if t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index):
+            raise ConfigError(f"{exp.name}: device={cfg['device']} is not applied by this experiment (its "
+                              f"variables are on {t.device}); it must build them with run_device(cfg)")
+        if want is not None and t.is_floating_point() and t.dtype != want:
+            raise ConfigError(f"{exp.name}: dtype={cfg['dtype']} is not applied by this experiment (its "
+                              f"variables are {t.dtype}); it must build them with run_dtype(cfg, ...)")
+
+
+def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit,
+            callbacks) -> RunResult:
+    cbs = make_loggers(cfg.get("loggers", "")) + list(callbacks)
+    result = None
+    try:
+        result = _single_session(exp, cfg, path, resume=resume, stop_after=stop_after, progress=progress,
+                                 plots=plots, echo=echo, label=label, explicit=explicit, cbs=cbs)
+        return result
+    finally:
+        for cb in cbs:
+            cb.on_end(result)
+
+
+def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label, explicit,
+                    cbs) -> RunResult:
     wall0 = time.perf_counter()
     steps, every, ck_every = int(cfg["steps"]), int(cfg["eval_every"]), int(cfg["checkpoint_every"])
     seed_everything(int(cfg["seed"]))
     setup = exp.build(cfg)
     check_unused(exp, setup, explicit)
+    check_placement(exp, setup, cfg)
     # steps=0 runs solver.init (and its side effects) and hands back the state dict we keep
     state = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=0,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
@@ -374,7 +424,7 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
             echo(f"skipping a bad checkpoint: {msg}" + (f"; using {ck_file.name}" if ck_file else ""))
     if ck is not None:
         state.clear()
-        state.update(ck["state"])
+        state.update(_to_device(ck["state"], cfg.get("device", "cpu") or "cpu"))
         _restore(setup.solver, ck["solver"])
         for k, s in samplers.items():
             if s is not None and ck["samplers"].get(k) is not None:
@@ -399,6 +449,8 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
     plot_metrics: list[str] = list(setup.plot_metrics or [])
     start_t = int(state["t"])
     live = {"state": state}  # bl.solve never mutates the state passed in: the callback gets the live one
+    for cb in cbs:
+        cb.on_start(path, cfg, load_trace(path))
 
     def evaluate(x: Any, y: Any, record: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -417,6 +469,8 @@ def _single(exp, cfg, path, *, resume, stop_after, progress, plots, echo, label,
             plot_metrics.extend(metrics)
         with open(trace_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
+        for cb in cbs:
+            cb.on_record(rec)
         return rec
 
     def save_checkpoint() -> None:
@@ -517,6 +571,7 @@ def _run_table(
     progress: bool,
     plots: bool,
     echo: Callable[[str], None] | None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     wall0 = time.perf_counter()
     subs = exp.runs(cfg)
@@ -545,7 +600,7 @@ def _run_table(
             CK.write_text(sub_dir / "config.toml", C.dumps(sub_cfg))
         r = _run_single(sub_exp, sub_cfg, sub_dir, resume=resuming, stop_after=stop_after,
                         progress=progress, plots=False, echo=None,
-                        label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}")
+                        label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}", callbacks=callbacks)
         if not r.completed:
             if echo:
                 echo(f"stopped in sub-run {sr.folder}; continue with: bilevel run {exp.name} --resume {path}")

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError
 from ..problems.stackelberg import stackelberg_duopoly
 from .base import SubResult, SubRun, Table, fmt, markdown_table, register
+from .checkpoint import load as load_checkpoint
 from .iaptt_toy import _group, toy_figures
 from .runner import CHECKPOINT
 from .toy import TOY_SOLVERS
@@ -32,7 +32,7 @@ def end_point(r: SubResult) -> tuple[float | None, float | None]:
     ck = Path(r.path) / CHECKPOINT
     if not ck.is_file():
         return None, None
-    state = torch.load(ck, weights_only=False, map_location="cpu")["state"]
+    state = load_checkpoint(ck)["state"]  # verifies the checksum (checkpoint.py format)
     return float(state["x"][0]), float(state["y"][0])
 
 

@@ -18,6 +18,7 @@ tiny in absolute terms; what matters is how it scales (RHG: O(K), IAPTT-GM: O(k*
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from .._memory import saved_bytes
 from ..hypergrad import Exact
 from ..problems.toys import TOYS, Toy
 from ..solvers.base import Context, Solver
-from .base import Experiment, Setup, register
+from .base import Experiment, Setup, register, run_device, run_dtype
 from .factory import Arg, Built, Lazy, build
 
 __all__ = ["ToyRun", "MemoryProbe", "TOY_SOLVERS", "TOY_SOLVER_KEYS", "build_toy_solver"]
@@ -139,7 +140,11 @@ class ToyRun(Experiment):
     }
 
     def build(self, cfg: dict[str, Any]) -> Setup:
-        toy: Toy = TOYS[cfg["toy"]]()
+        builder = TOYS[cfg["toy"]]
+        params = inspect.signature(builder).parameters
+        kw = {"dtype": run_dtype(cfg, torch.float64), "device": run_device(cfg)}
+        # a builder without these options keeps its own (the runner rejects a mismatch with the config)
+        toy: Toy = builder(**{k: v for k, v in kw.items() if k in params})
         x0, y0 = toy.start()
         x0, y0 = _fill(x0, cfg["x0"]), _fill(y0, cfg["y0"])
         project_inner = bool(cfg["method"]["inner_projection"])

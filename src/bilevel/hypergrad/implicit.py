@@ -32,12 +32,12 @@ Reliability policy (every implicit estimator):
 * NaN/inf in f, ∇f, g or ∇_y g at the lower point, or in the Hessian products, raises
   :class:`~bilevel.errors.NonFiniteError` naming the level — never a zero hypergradient.
 * A linear-solve breakdown (``info["linear_solve"]["breakdown"]``: negative or zero curvature,
-  divergence, overflow) with ``strict=True`` raises :class:`~bilevel.errors.LinearSolveError`.
-  Otherwise a :class:`~bilevel.errors.LinearSolveWarning` is issued once per run (the count is in
-  the state and in ``info["linear_solve"]["breakdowns"]``) and a safeguard is used: a warm-started
-  solve that broke down is repeated from v = 0, the solver's last good iterate is used (for CG the
-  minimiser of the quadratic on the directions explored before the bad one, Steihaug 1983), and a
-  broken-down v is never carried to the next call as a warm start.
+  divergence, overflow): a warm-started solve that broke down is first repeated from v = 0. If
+  that breaks down too, ``strict=True`` raises :class:`~bilevel.errors.LinearSolveError`;
+  otherwise a :class:`~bilevel.errors.LinearSolveWarning` is issued once per run (the count is in
+  the state and in ``info["linear_solve"]["breakdowns"]``) and the solver's last good iterate is
+  used (for CG the minimiser of the quadratic on the directions explored before the bad one,
+  Steihaug 1983); a broken-down v is never carried to the next call as a warm start.
 * A start y0(x) that depends on x (a learned initialization) is ignored by the implicit
   hypergradient — y*(x) does not depend on the start — which is said once per run with a
   :class:`~bilevel.errors.StartIndependenceWarning`.
@@ -145,6 +145,11 @@ class Implicit(Estimator):
     ) -> tuple[T.Leaves, dict[str, Any]]:
         """:meth:`solve` with the breakdown policy of the module docstring."""
         v, sinfo = self.solve(lin, b, x0, bound)
+        if sinfo["breakdown"] is not None and x0 is not None:
+            # the warm start may be what went wrong: one retry from v = 0
+            first = sinfo
+            v, sinfo = self.solve(lin, b, None, bound)
+            sinfo["warm_start_breakdown"] = first["breakdown"]
         if sinfo["breakdown"] is None:
             return v, sinfo
         if sinfo["breakdown"] == "nonfinite":
@@ -155,12 +160,6 @@ class Implicit(Estimator):
                 f"{sinfo['iterations']} iterations, relative residual "
                 f"{sinfo['relative_residual']:.3g}: {_advice(sinfo['breakdown'])}"
             )
-        if x0 is not None:  # the warm start may be what went wrong: one retry from v = 0
-            first = sinfo
-            v, sinfo = self.solve(lin, b, None, bound)
-            sinfo["warm_start_breakdown"] = first["breakdown"]
-        if sinfo["breakdown"] is None:
-            return v, sinfo
         check_finite(v, "lower", f"the {type(self).__name__} linear-solve iterate")
         return v, sinfo
 
@@ -173,7 +172,8 @@ def _advice(reason: str) -> str:
         return ("the lower Hessian is singular (several lower solutions); use NormalCG (minimum-norm "
                 "least squares), damping=λ > 0, or a method for non-singleton followers (BDA, IA-GM)")
     if reason == "diverging":
-        return "the step size is above 2/λ_max(H); reduce alpha/lr or use CG / MINRES"
+        return ("the step size is above 2/λ_max(H) or H is indefinite; reduce alpha/lr, or use CG "
+                "(H ≻ 0) / MINRES (indefinite H)")
     return "the linear solve overflowed; use damping=λ > 0, MINRES or NormalCG"
 
 

@@ -111,7 +111,8 @@ class Toy:
         return out
 
 
-def nonconvex_toy(x0: float = 1.0, y0: float = 2.0, dtype: torch.dtype = torch.float64) -> Toy:
+def nonconvex_toy(x0: float = 1.0, y0: float = 2.0, dtype: torch.dtype = torch.float64,
+                  device: torch.device | str | None = None) -> Toy:
     """IAPTT-GM Eq. (10): f = x + xy, g = −sin(xy), x ∈ [1, 10], y ∈ [−2, 2] (0-dim tensors).
 
     g* = −1 at every x of the box: xy ranges over [−2x, 2x] ∋ π/2 − 2π·0, so sin(xy) = 1 is reachable.
@@ -127,10 +128,10 @@ def nonconvex_toy(x0: float = 1.0, y0: float = 2.0, dtype: torch.dtype = torch.f
     return Toy(
         name="nonconvex",
         problem=Problem(upper, lower, name="nonconvex-toy"),
-        x0=torch.tensor(x0, dtype=dtype),
-        y0=torch.tensor(y0, dtype=dtype),
-        x_star=torch.tensor(xs, dtype=dtype),
-        y_star=torch.tensor(-2.0, dtype=dtype),
+        x0=torch.tensor(x0, dtype=dtype, device=device),
+        y0=torch.tensor(y0, dtype=dtype, device=device),
+        x_star=torch.tensor(xs, dtype=dtype, device=device),
+        y_star=torch.tensor(-2.0, dtype=dtype, device=device),
         f_star=-xs,
         x_bounds=Box(1.0, 10.0),
         y_bounds=Box(-2.0, 2.0),
@@ -139,7 +140,8 @@ def nonconvex_toy(x0: float = 1.0, y0: float = 2.0, dtype: torch.dtype = torch.f
     )
 
 
-def llc_toy(n: int = 50, x0: float = 0.0, y0: float = 0.0, dtype: torch.dtype = torch.float64) -> Toy:
+def llc_toy(n: int = 50, x0: float = 0.0, y0: float = 0.0, dtype: torch.dtype = torch.float64,
+            device: torch.device | str | None = None) -> Toy:
     """BDA / IAPTT-GM Eq. (13): f = ‖x − y2‖⁴ + ‖y1 − e‖⁴, g = ½‖y1‖² − xᵀy1; y = (y1, y2)."""
 
     def upper(x: Tensor, y: tuple[Tensor, Tensor]) -> Tensor:
@@ -150,12 +152,13 @@ def llc_toy(n: int = 50, x0: float = 0.0, y0: float = 0.0, dtype: torch.dtype = 
         y1, _ = y
         return 0.5 * y1.pow(2).sum() - x @ y1
 
-    e = torch.ones(n, dtype=dtype)
+    e = torch.ones(n, dtype=dtype, device=device)
     return Toy(
         name="llc",
         problem=Problem(upper, lower, name="llc-toy"),
-        x0=torch.full((n,), float(x0), dtype=dtype),
-        y0=(torch.full((n,), float(y0), dtype=dtype), torch.full((n,), float(y0), dtype=dtype)),
+        x0=torch.full((n,), float(x0), dtype=dtype, device=device),
+        y0=(torch.full((n,), float(y0), dtype=dtype, device=device),
+            torch.full((n,), float(y0), dtype=dtype, device=device)),
         x_star=e.clone(),
         y_star=(e.clone(), e.clone()),
         f_star=0.0,
@@ -174,6 +177,7 @@ def quadratic_toy(
     eig: tuple[float, float] = (1.0, 2.0),
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
 ) -> Toy:
     """Strongly convex quadratic pair (module docstring); H has eigenvalues spread over ``eig``.
 
@@ -194,6 +198,8 @@ def quadratic_toy(
     A = M.T @ M + rho * torch.eye(dim_x, dtype=dtype)
     x_star = torch.linalg.solve(A, M.T @ (b - m) + rho * a)
     y_star = M @ x_star + m
+    # drawn on the CPU (same numbers on every device), then moved
+    H, B, c, b, a, M, m, x_star, y_star = (t.to(device) for t in (H, B, c, b, a, M, m, x_star, y_star))
 
     def upper(x: Tensor, y: Tensor) -> Tensor:
         return 0.5 * (y - b).pow(2).sum() + 0.5 * rho * (x - a).pow(2).sum()
@@ -216,8 +222,8 @@ def quadratic_toy(
     return Toy(
         name="quadratic",
         problem=Problem(upper, lower, name="quadratic-toy"),
-        x0=torch.zeros(dim_x, dtype=dtype),
-        y0=torch.zeros(dim_y, dtype=dtype),
+        x0=torch.zeros(dim_x, dtype=dtype, device=device),
+        y0=torch.zeros(dim_y, dtype=dtype, device=device),
         x_star=x_star,
         y_star=y_star,
         f_star=f_star,
