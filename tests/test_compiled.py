@@ -100,8 +100,22 @@ def test_inductor_kernel_smoke():
     """One real (inductor, C++ code generation) kernel: ∇_y g of the ridge problem."""
     C.settings["backend"] = "inductor"
     ref = REFERENCE_PROBLEMS["ridge"]()
-    G = bl.problem.Bound(ref.problem, ref.x, ref.y0).G
+    G = bl.formulation.Bound(ref.problem, ref.x, ref.y0).G
     want = bl.oracles.grad_y(G, (ref.x,), (ref.y0,))
     with bl.oracles.backend("compiled"):
         got = bl.oracles.grad_y(G, (ref.x,), (ref.y0,))
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_estimator_inside_a_solver_keeps_the_projection():
+    """A solver copies the estimator to attach the y-projection: the copy stays compiled and the
+    projection reaches the wrapped estimator (same result as eager)."""
+    ref = REFERENCE_PROBLEMS["ridge"]()
+    est = bl.hypergrad.CG(bl.inner.GD(ref.lr, 10), iters=5)
+    kw = dict(solver=None, steps=2, track=False, y_projection=lambda t: t.clamp(-0.05, 0.05))
+    a = bl.solve(ref.problem, ref.x, ref.y0, **{**kw, "solver": S.HypergradientDescent(est)})
+    b = bl.solve(ref.problem, ref.x, ref.y0,
+                 **{**kw, "solver": S.HypergradientDescent(bl.compile(est))})
+    assert float(a.y.abs().max()) <= 0.05 + 1e-15
+    torch.testing.assert_close(b.x, a.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(b.y, a.y, rtol=1e-12, atol=1e-14)

@@ -52,6 +52,25 @@ def test_vmap_example_matches_the_loop_and_learns_the_regularization(capsys):
     assert max(reg[:2]) < 0.1 < 5.0 < min(reg[2:])  # useful features kept, useless ones shrunk
 
 
+def test_distributed_example_matches_one_process(capsys):
+    out = _run("distributed_cg.py", capsys)
+    diff = float(re.search(r"= ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-12 and "ranks agree: True" in out
+    assert "all-reduces: 73," in out  # 50 gradients, (f, ∇f), (g, ∇_y g), 20 H-products, 1 cross
+
+
+@pytest.mark.compiled
+def test_oracle_backends_example(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["oracle_backends.py", "--compile-backend", "aot_eager"])
+    old = dict(__import__("bilevel").compiled.settings)
+    try:
+        out = _run("oracle_backends.py", capsys)
+    finally:
+        __import__("bilevel").compiled.settings.update(old)
+    diffs = [float(m) for m in re.findall(r"max abs difference ([\d.e+-]+)", out)]
+    assert len(diffs) == 2 and all(d < 1e-12 for d in diffs)
+
+
 def test_indefinite_example_minres_and_normal_cg_are_exact_cg_flags_its_breakdown(capsys):
     out = _run("indefinite_lower_level.py", capsys)
     rows = {line[:16].strip(): line[16:].split() for line in out.splitlines() if "relative error" in line}

@@ -106,3 +106,19 @@ def test_value_and_grad_both_backends(pt):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown oracle backend"), O.backend("jax"):
         pass
+
+
+def test_estimators_under_the_func_backend_equal_autograd():
+    """Every oracle-based estimator gives the same hypergradient with the pure torch.func oracles."""
+    from tests.reference_problems import REFERENCE_PROBLEMS
+
+    ref = REFERENCE_PROBLEMS["mixed"]()
+    H = bl.hypergrad
+    for est in (H.CG(bl.inner.GD(ref.lr, 20), iters=10), H.Reverse(bl.inner.GD(ref.lr, 10)),
+                H.Reverse(bl.inner.Momentum(ref.lr, 10), checkpoint=True),
+                H.Neumann(bl.inner.GD(ref.lr, 20), iters=10), H.FirstOrder(bl.inner.GD(ref.lr, 5)),
+                H.FixedPoint(bl.inner.GD(ref.lr, 20), iters=10)):
+        a = est(ref.problem, ref.x, ref.y0)
+        with O.backend("func"):
+            b = est(ref.problem, ref.x, ref.y0)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-14)

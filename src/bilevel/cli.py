@@ -2,7 +2,7 @@
 
     bilevel list                                   estimators, solvers, experiments, data sets
     bilevel run EXPERIMENT [--config F.toml] [--set key=value ...] [--out DIR] [--seed N]
-                           [--resume DIR] [--stop-after N] [--no-progress]
+                           [--resume DIR] [--stop-after N] [--no-progress] [--nproc N]
     bilevel plot RUN_DIR [RUN_DIR ...] [--out DIR] [--metrics a,b] [--x step,time,calls]
     bilevel bench NAME [ARGS ...]                  runs bilevel.bench.NAME.main(ARGS)
 """
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop-after", type=int, metavar="N",
                    help="stop this session after N steps (checkpointed; continue with --resume)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel on N local processes (torchrun; see docs/distributed.md)")
 
     pl = sub.add_parser("plot", help="overlay the traces of several runs")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -93,11 +95,15 @@ def _cmd_list() -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
+    from . import launch
     from .experiments import run
 
+    if launch.in_launch():  # one rank of a torchrun / --nproc launch
+        run = launch.run_rank  # noqa: F811
     res = run(a.experiment, config_file=a.config, overrides=list(a.sets), out=a.out, seed=a.seed,
               resume=a.resume, stop_after=a.stop_after, progress=not a.no_progress)
-    return 0 if res.completed else 3
+    # (a rank of a launch exits 0 when stopped early: torchrun treats any other code as a crash)
+    return 0 if res.completed or launch.in_launch() else 3
 
 
 def _cmd_plot(a: argparse.Namespace) -> int:
@@ -139,9 +145,19 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return int(rc or 0)
 
 
+def _in_launch() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run" and args.nproc != 1 and not _in_launch():
+            from .launch import launch_cli, strip_nproc
+
+            return launch_cli(strip_nproc(list(sys.argv[1:] if argv is None else argv))[0], args.nproc)
         if args.command == "list":
             return _cmd_list()
         if args.command == "run":

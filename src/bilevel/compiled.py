@@ -60,6 +60,7 @@ _IMPL: dict[str, Callable[..., Any]] = {
     "hvp": lambda fn, xs, ys, v: O.f_hvp(fn, _d(xs), _d(ys), tuple(v)),
     "cross": lambda fn, xs, ys, v: O.f_cross(fn, _d(xs), _d(ys), tuple(v)),
     "both": lambda fn, xs, ys, v: O.f_both(fn, _d(xs), _d(ys), tuple(v)),
+    "value_grad_y_both": lambda fn, xs, ys, v: O.f_value_grad_y_both(fn, _d(xs), _d(ys), tuple(v)),
 }
 
 
@@ -179,6 +180,18 @@ class Compiled:
         if name == "estimator":
             raise AttributeError(name)
         return getattr(self.estimator, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # e.g. a solver attaching the problem's projection to ``inner`` of its copy
+        if name == "estimator":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.estimator, name, value)
+
+    def __copy__(self) -> Compiled:
+        import copy
+
+        return Compiled(copy.copy(self.estimator))
 
     def __repr__(self) -> str:
         return f"compile({self.estimator!r})"

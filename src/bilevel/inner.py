@@ -182,6 +182,11 @@ class Adam(Dynamics):
         return self.project(T.axpy(-self.lr, step, y)) + m + v
 
 
+def _batched(t: Tensor) -> bool:
+    """True for a tensor being vmapped (host synchronisation is impossible there)."""
+    return bool(torch._C._functorch.is_batchedtensor(t))
+
+
 def unroll(
     dyn: Dynamics,
     grad_fn: GradFn,
@@ -211,6 +216,8 @@ def unroll(
             f"non-finite values (NaN/inf) in the {level}-level iterate of {type(dyn).__name__} "
             f"(lr={dyn.lr}) within steps {start + 1}..{start + steps}; reduce the step size or "
             "check the objective", level=level))
+    if track and any(_batched(t) for t in state):  # inside a plain vmap: the caller checks
+        track = False
     bad = first_nonfinite(sums) if track and not tracing() else None
     if bad is not None:
         step = start + bad + 1
@@ -221,7 +228,7 @@ def unroll(
             step=step,
         )
     info: dict[str, Any] = {"steps": steps}
-    if last_grad is not None:
+    if last_grad is not None and (tracing() or not _batched(last_grad[0])):
         info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))
     return state, info
 

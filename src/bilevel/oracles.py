@@ -24,6 +24,13 @@ as a cached compiled kernel (``torch.compile``) of its ``"func"`` form (:mod:`bi
 
 Sample-gradient accounting: inside ``with counting() as c:`` every oracle call adds the batch
 size of its objective to ``c[level][kind]`` (kinds: value, grad, hvp, cross).
+
+Data parallelism (:mod:`bilevel.distributed`): inside ``with reducing(r):`` every result of an
+objective whose data are sharded is replaced by the union's result, one flat all-reduce per oracle
+call, whatever the backend (:func:`_reduce`, the only hook; a Linearization's value and ∇_y g
+ride along with its first product unless read before). Derivatives taken outside this module
+through reduced results (the reverse sweep of unrolled differentiation) start from
+:func:`objective` and end with :func:`rank_mean`.
 """
 
 from __future__ import annotations
@@ -57,6 +64,11 @@ __all__ = [
     "grad_y_fn",
     "value_and_grad",
     "vjp",
+    "grad_y_tangents",
+    "reducing",
+    "reduced",
+    "objective",
+    "rank_mean",
 ]
 
 Fn = Callable[[T.Leaves, T.Leaves], Tensor]
@@ -125,6 +137,61 @@ def _kernel(kind: str, fn: Fn):
     return oracle_kernel(kind, fn)
 
 
+_REDUCER: ContextVar[Any] = ContextVar("bilevel_reducer", default=None)
+
+
+@contextmanager
+def reducing(reducer: Any) -> Iterator[Any]:
+    """Reduce oracle results over ranks with ``reducer`` inside the block (users enter it with
+    :func:`bilevel.distributed.distributed`)."""
+    token = _REDUCER.set(reducer)
+    try:
+        yield reducer
+    finally:
+        _REDUCER.reset(token)
+
+
+def _reducing(fn: Fn) -> bool:
+    r = _REDUCER.get()
+    return r is not None and r.applies(fn)
+
+
+def _reduce(fn: Fn, *parts: Any) -> Any:
+    """The union's values of per-rank results ``parts`` of fn (tensors or tuples of leaves), in
+    one flat all-reduce; unchanged without a process group or when fn's data are not sharded."""
+    if not _reducing(fn):
+        return parts if len(parts) > 1 else parts[0]
+    if torch.compiler.is_compiling():
+        raise RuntimeError("data-parallel oracles cannot run inside a compiled region (use the "
+                           "'compiled' oracle backend: kernels are compiled, reductions are not)")
+    flat = [(p,) if isinstance(p, Tensor) else tuple(p) for p in parts]
+    out = iter(_REDUCER.get().reduce(fn, [t for p in flat for t in p]))
+    res = tuple(next(out) if isinstance(p, Tensor) else tuple(next(out) for _ in p) for p in parts)
+    return res if len(parts) > 1 else res[0]
+
+
+def reduced(fn: Fn, *parts: Any) -> Any:
+    """The union's value of results of fn computed outside this module that are linear in fn
+    (e.g. a dense Hessian): one all-reduce when fn's data are sharded, else ``parts`` as given."""
+    return _reduce(fn, *parts)
+
+
+def objective(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
+    """fn(xs, ys) with its graph, as the union's value when fn's data are sharded. Start of a
+    derivative taken outside this module (e.g. f at the end of an unrolled graph); finish it
+    with :func:`rank_mean`."""
+    return _reduce(fn, fn(xs, ys))
+
+
+def rank_mean(leaves: T.Leaves) -> T.Leaves:
+    """Derivatives of an :func:`objective` w.r.t. variables held by every rank, taken through
+    graphs of reduced results, are per-rank shares: their mean over ranks is the derivative.
+    (Each rank seeds the replicated loss with 1 and the backward of each reduction all-reduces
+    the adjoint, so the shares sum to world-size times the derivative.) Identity without a group."""
+    r = _REDUCER.get()
+    return tuple(leaves) if r is None else r.mean(tuple(leaves))
+
+
 def _record(fn: Fn, *kinds: str, times: int = 1) -> None:
     if torch.compiler.is_compiling():  # counted by the caller of a compiled region
         return
@@ -179,9 +246,9 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
     _record(fn, "value")
     k = _kernel("value", fn)
     if k is not None:
-        return k(xs, ys)
+        return _reduce(fn, k(xs, ys))
     with torch.no_grad():
-        return fn(xs, ys)
+        return _reduce(fn, fn(xs, ys))
 
 
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
@@ -189,17 +256,17 @@ def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) ->
     _record(fn, "grad")
     k = _kernel("grad_y_graph" if create_graph else "grad_y", fn)
     if k is not None:
-        return k(xs, ys)
+        return _reduce(fn, k(xs, ys))
     if _functional():
         if not create_graph:
             xs, ys = T.detach(xs), T.detach(ys)
-        return f_grad_y(fn, xs, ys)
+        return _reduce(fn, f_grad_y(fn, xs, ys))
     with torch.enable_grad():
         if create_graph:
             ys_ = _diffable(ys)
-            return _grad(fn(xs, ys_), ys_, create_graph=True)
+            return _reduce(fn, _grad(fn(xs, ys_), ys_, create_graph=True))
         ys_ = T.requires_grad(ys)
-        return _grad(fn(T.detach(xs), ys_), ys_)
+        return _reduce(fn, _grad(fn(T.detach(xs), ys_), ys_))
 
 
 def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
@@ -207,12 +274,12 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
     _record(fn, "grad")
     k = _kernel("grad_x", fn)
     if k is not None:
-        return k(xs, ys)
+        return _reduce(fn, k(xs, ys))
     if _functional():
-        return f_grad_x(fn, T.detach(xs), T.detach(ys))
+        return _reduce(fn, f_grad_x(fn, T.detach(xs), T.detach(ys)))
     with torch.enable_grad():
         xs_ = T.requires_grad(xs)
-        return _grad(fn(xs_, T.detach(ys)), xs_)
+        return _reduce(fn, _grad(fn(xs_, T.detach(ys)), xs_))
 
 
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
@@ -220,14 +287,14 @@ def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leave
     _record(fn, "grad")
     k = _kernel("grads", fn)
     if k is not None:
-        return k(xs, ys)
+        return _reduce(fn, *k(xs, ys))
     if _functional():
-        return f_grads(fn, T.detach(xs), T.detach(ys))
+        return _reduce(fn, *f_grads(fn, T.detach(xs), T.detach(ys)))
     with torch.enable_grad():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         val = fn(xs_, ys_)
         g = _grad(val, xs_ + ys_)
-    return val.detach(), g[: len(xs)], g[len(xs) :]
+    return _reduce(fn, val.detach(), g[: len(xs)], g[len(xs) :])
 
 
 class Linearization:
@@ -241,11 +308,12 @@ class Linearization:
 
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
+        self._pending: tuple | None = None  # data-parallel: local (value, ∇_y g) to reduce
         _record(fn, "grad")
         self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
-        if self._mode == "compiled":
+        if self._mode == "compiled":  # value and ∇_y g come with the first product (one kernel)
             self.xs, self.ys = T.detach(xs), T.detach(ys)
-            self.value, self.grad_y = _kernel("value_grad_y", fn)(self.xs, self.ys)
+            self._first: tuple | None = None
             return
         if self._mode == "func":
             self.xs, self.ys = T.detach(xs), T.detach(ys)
@@ -256,6 +324,7 @@ class Linearization:
 
             self.grad_y, self._vjp, self.value = torch.func.vjp(gy_val, self.xs, self.ys,
                                                                 has_aux=True)
+            self._hold()
             return
         with torch.enable_grad():
             self.xs = T.requires_grad(xs)
@@ -264,46 +333,91 @@ class Linearization:
             self._gy = _grad(self.value, self.ys, create_graph=True)
         self.value = self.value.detach()
         self.grad_y = T.detach(self._gy)
+        self._hold()
+
+    def _hold(self) -> None:
+        """Data-parallel: keep this rank's (value, ∇_y g) aside; they are reduced on first read
+        or ride along with the first product's all-reduce (:meth:`_out`)."""
+        if _reducing(self.fn):
+            self._pending = (self.__dict__.pop("value"), tuple(self.__dict__.pop("grad_y")))
+
+    def __getattr__(self, name: str) -> Any:
+        # compiled mode: ``value`` / ``grad_y`` computed on first access, or by the first
+        # :meth:`both` (fused with the products); data-parallel: reduced on first access
+        d = self.__dict__
+        if name in ("value", "grad_y") and (d.get("_pending") is not None or d.get("_mode") == "compiled"):
+            if d.get("_pending") is None:
+                if self._first is None:
+                    self._first = _kernel("value_grad_y", self.fn)(self.xs, self.ys)
+                if not _reducing(self.fn):
+                    self.value, self.grad_y = self._first
+                    return d[name]
+                d["_pending"] = self._first
+            pending, d["_pending"] = d["_pending"], None
+            self.value, self.grad_y = _reduce(self.fn, *pending)
+            return d[name]
+        raise AttributeError(name)
+
+    def _out(self, *parts: Any) -> Any:
+        """Products as the union's (data-parallel), with a pending (value, ∇_y g) fused into the
+        same all-reduce; ``parts`` unchanged otherwise."""
+        if not _reducing(self.fn):
+            return parts if len(parts) > 1 else parts[0]
+        d = self.__dict__
+        pending = d.get("_pending")
+        if pending is None and self._mode == "compiled" and self._first is not None \
+                and "grad_y" not in d:
+            pending = self._first  # the fused first product's value and ∇_y g
+        if pending is None:
+            return _reduce(self.fn, *parts)
+        d["_pending"] = None
+        res = _reduce(self.fn, *pending, *parts)
+        self.value, self.grad_y = res[0], res[1]
+        return res[2:] if len(parts) > 1 else res[2]
 
     def hvp(self, v: T.Leaves) -> T.Leaves:
         """H v = ∇²_yy g · v."""
         _record(self.fn, "hvp")
         if self._mode == "compiled":
-            return _kernel("hvp", self.fn)(self.xs, self.ys, v)
+            return self._out(_kernel("hvp", self.fn)(self.xs, self.ys, v))
         if self._mode == "func":
-            return self._vjp(tuple(v))[1]
-        return _grad(self._gy, self.ys, v, retain_graph=True)
+            return self._out(self._vjp(tuple(v))[1])
+        return self._out(_grad(self._gy, self.ys, v, retain_graph=True))
 
     def cross(self, v: T.Leaves) -> T.Leaves:
         """J^T v = ∇²_xy g · v (shape of x)."""
         _record(self.fn, "cross")
         if self._mode == "compiled":
-            return _kernel("cross", self.fn)(self.xs, self.ys, v)
+            return self._out(_kernel("cross", self.fn)(self.xs, self.ys, v))
         if self._mode == "func":
-            return self._vjp(tuple(v))[0]
-        return _grad(self._gy, self.xs, v, retain_graph=True)
+            return self._out(self._vjp(tuple(v))[0])
+        return self._out(_grad(self._gy, self.xs, v, retain_graph=True))
 
     def both(self, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
-        """(H v, J^T v) from a single backward pass."""
+        """(H v, J^T v) from a single backward pass (and, data-parallel, one all-reduce)."""
         _record(self.fn, "hvp", "cross")
         if self._mode == "compiled":
-            return _kernel("both", self.fn)(self.xs, self.ys, v)
+            if self._first is None and "grad_y" not in self.__dict__ and self._pending is None:
+                val, gy, hv, jt = _kernel("value_grad_y_both", self.fn)(self.xs, self.ys, v)
+                self._first = (val, gy)
+                return self._out(hv, jt)
+            return self._out(*_kernel("both", self.fn)(self.xs, self.ys, v))
         if self._mode == "func":
             jt, hv = self._vjp(tuple(v))
-            return hv, jt
+            return self._out(hv, jt)
         g = _grad(self._gy, self.xs + self.ys, v, retain_graph=True)
-        return g[len(self.xs) :], g[: len(self.xs)]
+        return self._out(g[len(self.xs) :], g[: len(self.xs)])
 
     def cross_t(self, u: T.Leaves) -> T.Leaves:
         """J u = ∇²_yx g · u (shape of y), the transpose of :meth:`cross`: the derivative of ∇_y g
         along an x-direction u (double backward: J u = ∂_w <∂_x <∇_y g, w>, u>). Counted as a cross."""
         _record(self.fn, "cross")
         if self._mode != "autograd":
-            return f_cross_t(self.fn, self.xs, self.ys, tuple(u))
+            return self._out(f_cross_t(self.fn, self.xs, self.ys, tuple(u)))
         with torch.enable_grad():
             w = tuple(torch.zeros_like(t).requires_grad_(True) for t in self.ys)
             jtw = _grad(self._gy, self.xs, w, create_graph=True, retain_graph=True)
-            return T.detach(_grad(jtw, w, u, retain_graph=True))
+            return self._out(T.detach(_grad(jtw, w, u, retain_graph=True)))
 
 
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
@@ -311,7 +425,8 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     if _functional():
         _record(fn, "grad", "hvp")
         k = _kernel("hvp", fn)
-        return k(xs, ys, v) if k is not None else f_hvp(fn, T.detach(xs), T.detach(ys), tuple(v))
+        return _reduce(fn, k(xs, ys, v) if k is not None
+                       else f_hvp(fn, T.detach(xs), T.detach(ys), tuple(v)))
     return Linearization(fn, xs, ys).hvp(v)
 
 
@@ -320,13 +435,47 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     if _functional():
         _record(fn, "grad", "cross")
         k = _kernel("cross", fn)
-        return k(xs, ys, v) if k is not None else f_cross(fn, T.detach(xs), T.detach(ys), tuple(v))
+        return _reduce(fn, k(xs, ys, v) if k is not None
+                       else f_cross(fn, T.detach(xs), T.detach(ys), tuple(v)))
     return Linearization(fn, xs, ys).cross(v)
 
 
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
     """One-shot (H v, J^T v): one gradient with graph plus one backward for both products."""
     return Linearization(fn, xs, ys).both(v)
+
+
+def grad_y_tangents(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, U: T.Leaves, Z: T.Leaves
+) -> tuple[T.Leaves, T.Leaves]:
+    """∇_y fn(x, y) and its directional derivatives along B tangents (u_i, z_i) at once:
+    d_i = J u_i + H z_i = ∇²_yx fn · u_i + ∇²_yy fn · z_i (``U``, ``Z``: leaves with a leading
+    dimension B; forward-mode unrolling). By symmetry of the Hessian of fn in (x, y),
+    d_i = ∂_y [<∇_x fn, u_i> + <∇_y fn, z_i>]: one gradient with graph and ONE reverse pass batched
+    over the tangents (``is_grads_batched``) — no jvp, no copies of the data per tangent. With
+    the functional backends it is a vmapped ``torch.func.jvp`` of ∇_y fn. Counted as one gradient
+    plus B Hessian- and B cross-products."""
+    nb = U[0].shape[0] if U else Z[0].shape[0]
+    _record(fn, "grad")
+    _record(fn, "hvp", "cross", times=nb)
+    if _functional():
+        xs, ys = T.detach(xs), T.detach(ys)
+        gy = f_grad_y(fn, xs, ys)
+
+        def tangent(u: T.Leaves, z: T.Leaves) -> T.Leaves:
+            return torch.func.jvp(lambda a, b: f_grad_y(fn, a, b), (xs, ys), (u, z))[1]
+
+        return _reduce(fn, gy, tuple(torch.func.vmap(tangent)(tuple(U), tuple(Z))))
+    with torch.enable_grad():
+        xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
+        g = _grad(fn(xs_, ys_), xs_ + ys_, create_graph=True)
+        outs = [(gi, ti) for gi, ti in zip(g, tuple(U) + tuple(Z)) if gi.requires_grad]
+        if not outs:
+            return _reduce(fn, T.detach(g[len(xs) :]), tuple(torch.zeros_like(t) for t in Z))
+        d = torch.autograd.grad([o for o, _ in outs], ys_, [t for _, t in outs],
+                                is_grads_batched=True, allow_unused=True)
+    d = tuple(torch.zeros_like(z) if di is None else di for di, z in zip(d, Z))
+    return _reduce(fn, T.detach(g[len(xs) :]), d)
 
 
 def value_and_grad(
@@ -425,6 +574,20 @@ def f_both(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T
     return tuple(hv), tuple(jt)
 
 
+def f_value_grad_y_both(
+    fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves
+) -> tuple[Tensor, T.Leaves, T.Leaves, T.Leaves]:
+    """(value, ∇_y fn, H v, J^T v) from one vjp of (x, y) -> ∇_y fn(x, y)."""
+
+    def gy_val(a: T.Leaves, b: T.Leaves) -> tuple[T.Leaves, Tensor]:
+        g, val = torch.func.grad_and_value(fn, argnums=1)(a, b)
+        return tuple(g), val
+
+    gy, pull, val = torch.func.vjp(gy_val, tuple(xs), tuple(ys), has_aux=True)
+    jt, hv = pull(tuple(v))
+    return val, tuple(gy), tuple(hv), tuple(jt)
+
+
 def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
     """J u = ∇²_yx fn · u as the jvp of x -> ∇_y fn(x, y) along u."""
     ys = tuple(ys)
@@ -433,4 +596,7 @@ def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
 
 def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:
     """∇_y fn as a pure ``torch.func`` function, composable with ``jvp`` and ``vmap``."""
-    return torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)
+    gfun = torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)
+    if _REDUCER.get() is None:
+        return gfun
+    return lambda xs, ys: _reduce(fn, gfun(xs, ys))

@@ -300,3 +300,32 @@ def test_core_hard_codes_no_device():
     offenders = [f"{p.name}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
                  if pattern.search(line)]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_zeroth_order_batched_equals_one_by_one(chunk):
+    """One vmapped unroll over all directions (unperturbed folded in, in chunks) gives the estimate
+    of the one-trajectory-at-a-time loop to float64 rounding."""
+    ref = mixed()
+    dyn = bl.inner.Momentum(lr=ref.lr, steps=5, momentum=0.5)
+    loop = ZerothOrder(inner=dyn, samples=7, mu=1e-3, seed=3, batched=False)(ref.problem, ref.x, ref.y0)
+    batch = ZerothOrder(inner=dyn, samples=7, mu=1e-3, seed=3, chunk=chunk)(ref.problem, ref.x, ref.y0)
+    torch.testing.assert_close(batch.info["directions"], loop.info["directions"], rtol=0, atol=0)
+    torch.testing.assert_close(batch.y, loop.y, rtol=1e-13, atol=1e-14)
+    # δ_j = (y_j − y_0)/μ amplifies rounding of y by 1/μ: 1e-16 · 1e3 relative
+    torch.testing.assert_close(batch.grad, loop.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_zeroth_order_batched_reports_blow_up():
+    ref = mixed()
+    est = ZerothOrder(inner=bl.inner.GD(lr=100 * ref.lr, steps=200), samples=3)
+    with pytest.raises(bl.NonFiniteError) as e:
+        est(ref.problem, ref.x, ref.y0)
+    assert e.value.level == "lower" and e.value.step is not None
+
+
+def test_zeroth_order_rejects_bad_settings():
+    with pytest.raises(ValueError, match="samples >= 1"):
+        ZerothOrder(inner=bl.inner.GD(0.1, 2), samples=0)
+    with pytest.raises(ValueError, match="chunk"):
+        ZerothOrder(inner=bl.inner.GD(0.1, 2), chunk=0)

@@ -56,7 +56,8 @@ Fn = Callable[[], Tensor]
 
 # The fixed settings of the issue.
 N_TRAIN, N_VAL, STEPS, LR, ITERS, SEED = 2500, 2500, 100, 0.5, 30, 0
-#: JAX rows quoted from issue 2 (measured there, on the same kind of CPU; we cannot run JAX here).
+#: JAX rows quoted from issue 2 (another run, another objective orientation: not comparable; the
+#: same-run comparison is bilevel.bench.jax_compare).
 JAX = {"reverse": {"JAXopt 0.8.5": 1.09, "plain JAX": 0.51}, "cg": {"JAXopt 0.8.5": 0.30, "plain JAX": 0.33}}
 #: the issue's "plain PyTorch loop" row (its objective code is not given; ``X @ W`` presumably).
 ISSUE_PLAIN = {"reverse": 2.58, "cg": 1.60}
@@ -900,7 +901,12 @@ def render(r: Runner, parts: dict[str, tuple[str, dict[str, Any]]], meta: dict[s
         rev, cg = res.get("ours:reverse:classes_first"), res.get("ours:cg:classes_first")
         if rev and cg:
             jr, jc = JAX["reverse"], JAX["cg"]
-            add(f"Against the issue's JAX rows (quoted, measured there; JAX cannot run here): "
+            add("The quoted JAX rows below come from another run with another objective orientation: "
+                "they are NOT a same-run comparison (same-run ratios: docs/performance.md, "
+                "`python -m bilevel.bench.jax_compare`). The classes-first orientation is a workaround "
+                "any library can use (3.2–3.8× for every torch library on this CPU), not an advantage "
+                "of ours. "
+                f"Against the issue's JAX rows (quoted, measured there): "
                 f"`Reverse` {rev['time_s']:.3f} s = {rev['time_s'] / jr['plain JAX']:.2f}× plain JAX "
                 f"({jr['plain JAX']} s) and {rev['time_s'] / jr['JAXopt 0.8.5']:.2f}× "
                 f"JAXopt ({jr['JAXopt 0.8.5']} s); `CG` {cg['time_s']:.3f} s = "
@@ -1002,11 +1008,10 @@ def _summary(parts: dict[str, tuple[str, dict[str, Any]]]) -> list[str]:
         rev, cg = res.get("ours:reverse:classes_first"), res.get("ours:cg:classes_first")
         if rev and cg:
             tr, tc = rev["time_s"], cg["time_s"]
-            jr, jc = JAX["reverse"], JAX["cg"]
-            out.append(f"* Fixed settings, absolute: `Reverse` {tr:.3f} s, `CG` {tc:.3f} s; ratio to the "
-                       f"issue's plain JAX rows {tr / jr['plain JAX']:.2f} and {tc / jc['plain JAX']:.2f}, "
-                       f"to JAXopt {tr / jr['JAXopt 0.8.5']:.2f} and {tc / jc['JAXopt 0.8.5']:.2f} "
-                       "(quoted numbers).")
+            out.append(f"* Fixed settings, absolute: `Reverse` {tr:.3f} s, `CG` {tc:.3f} s. Ratios to JAX "
+                       "measured side by side in one run: docs/performance.md (the ratios to the issue's "
+                       "quoted JAX rows, another run and another objective orientation, are not a "
+                       "comparison and are no longer reported).")
     if "equal" in parts:
         for thr, sm in parts["equal"][1]["summary"].items():
             plain = [v["time_s"] for k, v in sm.items() if k.startswith("plain") and v is not None]

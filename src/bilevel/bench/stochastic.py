@@ -657,7 +657,9 @@ TIMING_TEXT = (
     "the same calls priced at the cost of a bare `torch.autograd` call of each kind on this problem (an HVP "
     "or cross product priced as its extra backward); *overhead* = ms/iter ÷ bare autograd (1 = no cost "
     "beyond the raw oracle calls; < 1 when one backward serves several counted products). *JAX*: "
-    "benchopt's jitted implementation (one jitted call per iteration) as quoted in issue 5."
+    "benchopt's jitted implementation (one jitted call per iteration) as quoted in issue 5 — another run "
+    "on another machine state, so *ours ÷ JAX* is indicative only; ratios measured side by side in one "
+    "run (our own plain-JAX implementations): docs/performance.md."
 )
 
 NOTES = """\

@@ -408,9 +408,12 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
     wall0 = time.perf_counter()
     steps, every, ck_every = int(cfg["steps"]), int(cfg["eval_every"]), int(cfg["checkpoint_every"])
     seed_everything(int(cfg["seed"]))
+    from ..launch import shard_setup
+
     setup = exp.build(cfg)
     check_unused(exp, setup, explicit)
     check_placement(exp, setup, cfg)
+    setup = shard_setup(setup)  # data-parallel launch: this rank's shard (else as is)
     # steps=0 runs solver.init (and its side effects) and hands back the state dict we keep
     state = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=0,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,

@@ -4,8 +4,16 @@ Franceschi et al. 2017, Sec. 2.2 (forward mode): the tangent Z_k = ds_k/dx · u 
 
     Z_{k+1} = ∂_s Φ_k Z_k + ∂_x Φ_k u,   Z_0 = (dy0/dx) u,
 
-computed here as one ``torch.func.jvp`` of the step map per step, batched over upper-level
-directions with ``vmap``. Memory does not depend on the number of steps T, but each upper-level
+computed with reverse-mode products: the tangent of the gradient, ∇²_yx g u + ∇²_yy g Z_k, is
+one reverse pass through the gradient graph batched over the directions
+(:func:`bilevel.oracles.grad_y_tangents`), and only the dynamics' elementwise update is pushed
+forward with ``torch.func.jvp`` under ``vmap`` (``products="jvp"``: one jvp of the whole step
+map per direction, which copies the data per tangent).
+
+Where forward mode is arithmetic-bound: each step costs one gradient plus one batched backward
+whose work grows with the number of directions n = dim(x): about (1 + n)/2 reverse steps of
+products per step, against one for reverse mode — so it only competes when x is small.
+Memory does not depend on the number of steps T, but each upper-level
 direction costs one tangent: dh/dx·u = <∇_x f, u> + <∇_y f, Z_T>. The full gradient takes
 dim(x) directions (``chunk`` of them at a time), so this mode pays off when x is small.
 """
@@ -25,70 +33,99 @@ from ..validation import first_nonfinite
 from .base import Estimator
 
 
+def _pd() -> int | None:
+    """Out-dim of the primal of a vmapped jvp: traced (inside an outer vmap over tasks) the
+    primal comes out batched over the tangents, so take it batched and keep row 0."""
+    return 0 if tracing() else None
+
+
+def _primal(s):
+    return tuple(t[0] for t in s) if tracing() else s
+
+
 class Forward(Estimator):
     reference = "Franceschi et al. 2017 (forward mode / RTRL)"
 
-    def __init__(self, inner: Dynamics, chunk: int | None = None):
+    def __init__(self, inner: Dynamics, chunk: int | None = None, *, products: str = "reverse"):
+        if products not in ("reverse", "jvp"):
+            raise ValueError(f"products must be 'reverse' or 'jvp', got {products!r}")
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk must be >= 1 (or None), got {chunk}")
         self.inner = inner
         self.chunk = chunk
+        self.products = products
 
-    def compute(self, bound: Bound, est_state: dict):
+    def compute(self, bound: Bound, state: dict):
         dyn = self.inner
         xs = bound.xs
         n = T.numel(xs)
-        gfun = O.grad_y_fn(bound.G)
-        chunk = n if self.chunk is None else max(1, int(self.chunk))
+        chunk = n if self.chunk is None else int(self.chunk)
         eye = torch.eye(n, dtype=xs[0].dtype, device=xs[0].device)
         jac_rows = []  # rows: d y_T / dx along basis directions, as (n_dir, *y) leaves
         dstate = None  # the lower dynamics' final state (not the estimator state)
         for lo in range(0, n, chunk):
             U = T.from_vector(eye[lo : lo + chunk], xs)  # batched directions shaped like x
-            dstate, Z = self._tangents(bound, gfun, xs, U)
+            dstate, Z = self._tangents(bound, xs, U)
             jac_rows.append(Z)
         ys = T.detach(dyn.output(dstate))
         _, gx, gy = O.grads(bound.F, xs, ys)
         b = T.to_vector(gy)
-        dirs = torch.cat([T.to_vector_batched(Z) for Z in jac_rows]) if jac_rows else None
+        dirs = torch.cat([T.to_vector_batched(Z) for Z in jac_rows])
         indirect = dirs @ b  # (n,)
         hg = T.add(gx, T.from_vector(indirect, xs))
-        return hg, ys, {"directions": n, "chunk": chunk}, est_state
+        return hg, ys, {"directions": n, "chunk": chunk, "products": self.products}, state
 
-    def _tangents(self, bound: Bound, gfun, xs, U):
-        """Propagate a batch of tangents through the unrolled map; return (final state, Z_T)."""
+    def _tangents(self, bound: Bound, xs, U):
+        """Propagate a batch of tangents through the unrolled map; return (final state, Z_T).
+
+        ``products="reverse"`` (default): the tangent of the gradient, J u + H z, comes from
+        :func:`bilevel.oracles.grad_y_tangents` (one gradient with graph and one reverse pass
+        batched over the tangents); only the dynamics' own update (elementwise) is pushed forward
+        with ``jvp``. ``products="jvp"``: one ``jvp`` of the whole step map per tangent.
+        """
         dyn = self.inner
 
         def init(xs_):
             return dyn.init(bound.init(xs_))
 
-        traced = tracing()
-        if bound.y_fn:
-            state, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(0 if traced else None, 0))(U)
-            state = tuple(t[0] for t in state) if traced else state
-        else:
-            state, Z = dyn.init(bound.ys0), None
+        s, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(_pd(), 0))(U) if bound.y_fn \
+            else (dyn.init(bound.ys0), None)
+        s = _primal(s) if bound.y_fn else s
         if Z is None:
             Z = tuple(torch.zeros((U[0].shape[0], *t.shape), dtype=t.dtype, device=t.device)
-                      for t in state)
+                      for t in s)
+        if self.products == "jvp":
+            gfun = O.grad_y_fn(bound.G)
         sums = []  # per-step summaries: the first non-finite step is found with one sync
         for k in range(dyn.steps):
-            def step(xs_, s_, k=k):
-                return dyn.update(s_, gfun(xs_, dyn.point(s_)), k)
+            if self.products == "jvp":
+                def step(xs_, s_, k=k):
+                    return dyn.update(s_, gfun(xs_, dyn.point(s_)), k)
 
-            # (traced, inside an outer vmap over tasks, the primal comes out batched: take row 0)
-            state_new, Z = vmap(lambda u, z, s=state, st=step: jvp(st, (xs, s), (u, z)),
-                                out_dims=(0 if traced else None, 0))(U, Z)
-            state = tuple(t[0] for t in state_new) if traced else state_new
-            sums.append(sum(t.detach().sum() for t in dyn.output(state)))
-        if traced:  # under vmap: checked per task after the transform
+                s, Z = vmap(lambda u, z, s0=s, st=step: jvp(st, (xs, s0), (u, z)),
+                            out_dims=(_pd(), 0))(U, Z)
+                s = _primal(s)
+                sums.append(sum(t.detach().sum() for t in dyn.output(s)))
+                continue
+            gy, dg = O.grad_y_tangents(bound.G, xs, dyn.point(s), U, dyn.point(Z))
+
+            def upd(s_, g_, k=k):
+                return dyn.update(s_, g_, k)
+
+            s, Z = vmap(lambda z, d, s0=s, g0=gy, f=upd: jvp(f, (s0, g0), (z, d)),
+                        out_dims=(_pd(), 0))(Z, dg)
+            s = _primal(s)
+            sums.append(sum(t.detach().sum() for t in dyn.output(s)))
+        if tracing():  # under vmap: checked per task after the transform
             if sums:
                 require(torch.isfinite(torch.stack(sums)).all(), lambda: NonFiniteError(
                     f"non-finite values (NaN/inf) in the lower-level iterate of "
                     f"{type(dyn).__name__} (forward mode, lr={dyn.lr})", level="lower"))
-            return T.detach(state), dyn.output(Z)
+            return T.detach(s), dyn.output(Z)
         bad = first_nonfinite(sums)
         if bad is not None:
             raise NonFiniteError(
                 f"non-finite values (NaN/inf) in the lower-level iterate at step {bad + 1} of "
                 f"{type(dyn).__name__} (forward mode, lr={dyn.lr}); reduce the step size or check "
                 "the objective", level="lower", step=bad + 1)
-        return T.detach(state), dyn.output(Z)
+        return T.detach(s), dyn.output(Z)

@@ -287,7 +287,7 @@ class Exact(Implicit):
         def g_vec(v: torch.Tensor) -> torch.Tensor:
             return bound.G(T.detach(lin.xs), T.from_vector(v, ys))
 
-        H = torch.func.hessian(g_vec)(T.to_vector(T.detach(ys)))
+        H = O.reduced(bound.G, torch.func.hessian(g_vec)(T.to_vector(T.detach(ys))))
         check_finite([H], "lower", "the dense Hessian of g")
         if self.damping:
             H = H + self.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)

@@ -83,12 +83,13 @@ class Reverse(Estimator):
             seg = int(self.checkpoint) if not isinstance(self.checkpoint, bool) else 0
             gw, s_T, info = self._checkpointed(bound, w0, start_state, K, steps - K, seg)
         else:
-            def objective(w: T.Leaves):
+            def loss(w: T.Leaves):  # f at the end of the unrolled graph (the union's f, sharded)
                 s_T, info = unroll(dyn, self._direction(bound, w[:nx], create_graph=True),
                                    start_state(w), K, start=steps - K)
-                return bound.F(w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
+                return O.objective(bound.F, w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
 
-            gw, (_, (s_T, info)) = O.value_and_grad(objective, w0, has_aux=True)
+            gw, (_, (s_T, info)) = O.value_and_grad(loss, w0, has_aux=True)
+        gw = O.rank_mean(gw)  # data-parallel: per-rank shares -> derivative (else identity)
         gx = gw[:nx]
         if self.wrt_init:
             info["grad_init"] = T.detach(gw[nx:])
@@ -116,7 +117,7 @@ class Reverse(Estimator):
         s_T = s
         ns = len(s_T)
         # adjoint at the end: a_T = ∂F/∂state
-        g, _ = O.value_and_grad(lambda w: bound.F(w[:nx], dyn.output(w[nx:])), xs + s_T)
+        g, _ = O.value_and_grad(lambda w: O.objective(bound.F, w[:nx], dyn.output(w[nx:])), xs + s_T)
         gx, adj = g[:nx], g[nx:]
         for i in range(len(saved) - 1, -1, -1):
             a, b = bounds[i], bounds[i + 1]

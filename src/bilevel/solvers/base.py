@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .. import _tree as T
 from .. import oracles as O
@@ -277,6 +278,28 @@ def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, float]:
     return {"upper_loss": fval, "lower_grad_norm": gnorm}
 
 
+def _finite_summary(xs: T.Leaves, ys: T.Leaves) -> Tensor:
+    """[x all finite, y all finite] as a device tensor (no host sync)."""
+    def fin(ts: T.Leaves) -> Tensor:
+        return torch.stack([torch.isfinite(t).all() for t in ts]).all()
+
+    return torch.stack([fin(xs), fin(ys)])
+
+
+def _check_pending(pending: list[Tensor], last_step: int) -> None:
+    """One host sync for the summaries of the last len(pending) steps; raise at the first bad one."""
+    if not pending:
+        return
+    ok = torch.stack(pending)
+    k = len(pending)
+    pending.clear()
+    if bool(ok.all()):
+        return
+    i, j = (int(v) for v in (~ok).nonzero()[0])
+    check_finite([torch.tensor(float("nan"))], *(("upper", "the upper variable x") if j == 0
+                 else ("lower", "the lower variable y")), step=last_step - k + 1 + i)
+
+
 def solve(
     problem: Problem,
     x0: Any,
@@ -292,8 +315,14 @@ def solve(
     track: bool | int = True,
     state: dict[str, Any] | None = None,
     compile: bool = False,
+    check_every: int = 1,
 ) -> SolveResult:
     """Run ``solver`` for ``steps`` outer iterations from (x0, y0).
+
+    Non-finite x or y raise :class:`~bilevel.errors.NonFiniteError` naming the step; the checks
+    of ``check_every`` steps are batched into one host synchronisation (GPU: set it to e.g. 50;
+    tracking steps and the end are always checked; a callback may then see up to
+    ``check_every - 1`` unchecked iterates).
 
     ``track`` (True or every-N) records f(x, y) and ‖∇_y g(x, y)‖ on the full data each
     (N-th) step, outside the clock. ``callback(t, x, y, record)`` runs after each step and may
@@ -331,6 +360,9 @@ def solve(
     history: list[dict[str, Any]] = []
     pass_state = callback is not None and _takes_state(callback)
     every = int(track) if not isinstance(track, bool) else (1 if track else 0)
+    if int(check_every) < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    pending: list[Tensor] = []  # per step: [x finite, y finite] (device flags)
     with torch.no_grad(), O.backend("compiled" if compile else O.get_backend()):
         for t in range(int(state["t"]), steps):
             good = copy_state(state)  # the last good state, attached to an error of this step
@@ -341,16 +373,18 @@ def solve(
                 state["time"] += time.perf_counter() - t0
                 state["t"] = t + 1
                 x_out, y_out = solver.output(state)
-                check_finite(x_out, "upper", "the upper variable x", step=t + 1)
-                check_finite(y_out, "lower", "the lower variable y", step=t + 1)
-            except Exception as exc:
+                pending.append(_finite_summary(x_out, y_out))
+                tracked = bool(every) and (t + 1) % every == 0
+                if len(pending) >= int(check_every) or tracked or t + 1 == steps:
+                    _check_pending(pending, t + 1)
+            except Exception as exc:  # (with check_every > 1: the state before the checking step)
                 gx, gy = solver.output(good)
                 _fail(exc, t + 1, solver, SolveResult(T.unflatten(gx, xspec), T.unflatten(gy, yspec),
                                                       list(history), good))
                 raise
             record = {"step": t + 1, "time": state["time"], **metrics,
                       **state["counts"].flat()}
-            if every and (t + 1) % every == 0:
+            if tracked:
                 record.update(_track(ctx, x_out, y_out))
             history.append(record)
             extra = {"state": state} if pass_state else {}
@@ -358,5 +392,6 @@ def solve(
                 t + 1, T.unflatten(x_out, xspec), T.unflatten(y_out, yspec), record, **extra
             ):
                 break
+        _check_pending(pending, int(state["t"]))
     x_out, y_out = solver.output(state)
     return SolveResult(T.unflatten(x_out, xspec), T.unflatten(y_out, yspec), history, state)

@@ -26,7 +26,7 @@ import torch
 
 from ... import _tree as T
 from ...estimates import Schedule, replay, sgd_lower
-from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_hypergradient
+from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_estimate
 from ..base import Context
 from .mrbo import LR_X, MOMENTUM, MRBO
 
@@ -74,4 +74,4 @@ class MRBOZO(MRBO):
             return sgd_lower(replay(Gs), x, ys, steps=len(Gs), lr=self.inner_lr,
                              projection=projection)
 
-        return zeroth_order_hypergradient(F, run, xs, run(xs), U, self.mu)
+        return zeroth_order_estimate(F, run, xs, U, self.mu, ys)[0]

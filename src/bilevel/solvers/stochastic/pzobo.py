@@ -23,7 +23,7 @@ import torch
 
 from ... import _tree as T
 from ...estimates import Schedule, replay, sgd_lower
-from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_hypergradient
+from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_estimate
 from ..base import Context, Solver
 from ..upper import step_rule
 
@@ -64,7 +64,6 @@ class PZOBO(Solver):
         gen = torch.Generator().set_state(state["rng"])
         U = gaussian_directions(self.samples, xs, gen)
         state["rng"] = gen.get_state()
-        y_n = run(xs)
-        hg = zeroth_order_hypergradient(ctx.fresh_F(), run, xs, y_n, U, self.mu)
+        hg, y_n = zeroth_order_estimate(ctx.fresh_F(), run, xs, U, self.mu, ys)
         state["x"], state["y"] = self.step_x(ctx, state, hg, t), y_n
         return {}
