@@ -25,9 +25,13 @@ def test_dumps_round_trip():
     assert C.loads(C.dumps(DEFAULTS)) == DEFAULTS
 
 
-def test_dumps_rejects_nested_tables_and_objects():
-    with pytest.raises(ConfigError, match="one level"):
-        C.dumps({"a": {"b": {"c": 1}}})
+def test_dumps_nested_tables_round_trip_and_rejects_objects():
+    cfg = {"x": 1, "a": {"b": {"c": 1, "d": {"e": [1.5, "é"]}}, "f": {"c": 2.0, "e": 0.5}, "g": True},
+           "z": "top"}
+    assert C.loads(C.dumps(cfg)) == cfg
+    text = C.dumps(cfg, header="one\ntwo", inline=lambda path: path[-1] == "f")
+    assert text.startswith("# one\n# two\n") and "f = {c = 2.0, e = 0.5}" in text and "[a.b.d]" in text
+    assert C.loads(text) == cfg
     with pytest.raises(ConfigError, match="cannot write"):
         C.dumps({"a": object()})
 

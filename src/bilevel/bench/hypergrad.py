@@ -554,9 +554,10 @@ def _pct(x: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
+    """The package's one markdown-table writer (:func:`bilevel.experiments.base.markdown_table`)."""
+    from ..experiments.base import markdown_table
+
+    return markdown_table(header, rows).rstrip("\n")
 
 
 def _settings_str(spec: dict[str, Any]) -> str:

@@ -458,41 +458,15 @@ def _describe(c: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items() if k != "grid")
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(u) for u in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(u)}" for k, u in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
-
-
 def dump_config(cfg: dict[str, Any], header: str = "") -> str:
-    """TOML text of a bench config: top-level tables, ``[solvers.NAME]`` and ``[solvers.NAME.grid]``."""
-    lines = [f"# {h}" for h in header.splitlines()] + ([""] if header else [])
-    for top, table in cfg.items():
-        if top == "solvers":
-            continue
-        lines.append(f"[{top}]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
-    for name, scfg in cfg.get("solvers", {}).items():
-        lines.append(f"[solvers.{_toml_key(name)}]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scfg.items() if k != "grid"]
-        if scfg.get("grid"):
-            lines += ["", f"[solvers.{_toml_key(name)}.grid]"]
-            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scfg["grid"].items()]
-        lines.append("")
-    return "\n".join(lines)
+    """TOML text of a bench config (:func:`bilevel.experiments.config.dumps`): top-level tables,
+    ``[solvers.NAME]`` with schedules as inline tables, and ``[solvers.NAME.grid]``."""
+    from ..experiments.config import dumps
+
+    def inline(path: tuple[str, ...]) -> bool:  # schedules {c, e, t0} inside [solvers.NAME]
+        return len(path) >= 3 and path[0] == "solvers" and path[2] != "grid"
+
+    return dumps(cfg, header, inline=inline)
 
 
 # --- the report ------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ A configuration is a dict of top-level values and one level of tables (``[data]`
 then the overrides, checking every key and type: an unknown key or a value of the wrong type
 raises :class:`~bilevel.errors.ConfigError` naming the valid keys.
 
-Reading uses :mod:`tomllib`; :func:`dumps` is a small writer for exactly this subset, so the
-resolved ``config.toml`` of a run reads back to the same dict.
+Reading uses :mod:`tomllib`; :func:`dumps` is the package's one TOML writer (run configs and the
+benchmark configs), so the resolved ``config.toml`` of a run reads back to the same dict.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ def read(path: str | Path) -> dict[str, Any]:
 
 
 def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k)
+    return k if _BARE.match(k) else json.dumps(k, ensure_ascii=False)
 
 
 def _value(v: Any, where: str) -> str:
@@ -59,25 +59,40 @@ def _value(v: Any, where: str) -> str:
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
         return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, str):  # JSON string escapes are valid TOML basic-string escapes
+        return json.dumps(v, ensure_ascii=False)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_value(u, where) for u in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{_key(str(k))} = {_value(u, f'{where}.{k}')}" for k, u in v.items()) + "}"
     raise ConfigError(f"{where}: cannot write a {type(v).__name__} to TOML")
 
 
-def dumps(cfg: Mapping[str, Any]) -> str:
-    """TOML text for a config: top-level values first, then one ``[table]`` per dict."""
-    lines = [f"{_key(k)} = {_value(v, k)}" for k, v in cfg.items() if not isinstance(v, Mapping)]
-    for k, table in cfg.items():
-        if not isinstance(table, Mapping):
-            continue
-        lines.append("")
-        lines.append(f"[{_key(k)}]")
-        for kk, v in table.items():
-            if isinstance(v, Mapping):
-                raise ConfigError(f"{k}.{kk}: only one level of tables is supported")
-            lines.append(f"{_key(kk)} = {_value(v, f'{k}.{kk}')}")
+def dumps(cfg: Mapping[str, Any], header: str = "",
+          inline: Callable[[tuple[str, ...]], bool] | None = None) -> str:
+    """TOML text of a nested dict (the one TOML writer of the package; reads back with :func:`loads`).
+
+    Top-level values first, then one ``[table]`` per dict, nested dicts as ``[table.sub]`` —
+    or as inline tables ``{a = 1}`` where ``inline(path)`` is true (``path``: the keys from the
+    top). ``header``: comment lines at the top.
+    """
+    lines = [f"# {h}" if h else "#" for h in header.splitlines()] + ([""] if header else [])
+
+    def table(d: Mapping[str, Any], path: tuple[str, ...]) -> None:
+        subs = []
+        for k, v in d.items():
+            where = ".".join((*path, str(k)))
+            if isinstance(v, Mapping) and not (inline and inline((*path, str(k)))):
+                subs.append((str(k), v))
+            else:
+                lines.append(f"{_key(str(k))} = {_value(v, where)}")
+        for k, v in subs:
+            if lines and lines[-1] != "":
+                lines.append("")
+            lines.append("[" + ".".join(_key(p) for p in (*path, k)) + "]")
+            table(v, (*path, k))
+
+    table(cfg, ())
     return "\n".join(lines) + "\n"
 
 
