@@ -33,7 +33,8 @@ class HypergradientDescent(Solver):
     reference = "generic hypergradient descent (Franceschi et al. 2017; Ji et al. 2021)"
 
     def __init__(self, estimator: Estimator, upper: Any = 0.1, warm_start: bool = True):
-        if not isinstance(estimator, Estimator):
+        if not (isinstance(estimator, Estimator) or (hasattr(estimator, "apply")
+                                                     and hasattr(estimator, "init_state"))):
             raise ConfigError(f"{type(self).__name__}: estimator must be a bilevel.hypergrad "
                               f"estimator, got {type(estimator).__name__}")
         self.estimator = estimator
