@@ -28,8 +28,9 @@ def test_estimator_kwargs_strict_and_filtered():
     assert cg.iters == 7 and cg.warm_start is True
     with pytest.raises(ConfigError, match="does not take truncate"):
         Fa.make_estimator("cg", inner, truncate=3)
-    cg = Fa.make_estimator("cg", inner, strict=False, truncate=3, iters=4)
-    assert cg.iters == 4 and not hasattr(cg, "truncate")
+    cg = Fa.build("estimator", "cg", {"inner": inner, "truncate": Fa.Arg(3, ("t",)),
+                                      "iters": Fa.Arg(4, ("i",))})
+    assert cg.obj.iters == 4 and not hasattr(cg.obj, "truncate") and cg.used == {"i"}  # an Arg may go unused
     with pytest.raises(ConfigError, match="available: .*CG"):
         Fa.make_estimator("magic", inner)
     with pytest.raises(ConfigError, match="truncate must be"):
@@ -55,7 +56,9 @@ def test_solver_lookup_case_insensitive():
     assert Fa.find_solver("HYPERGRADIENTDESCENT") is bl.solvers.HypergradientDescent
     assert Fa.find_solver("nope") is None
     with pytest.raises(ConfigError, match="needs estimator"):
-        Fa.make_solver("HypergradientDescent", strict=False, unrelated=1)
+        Fa.build("solver", "HypergradientDescent", {"unrelated": Fa.Arg(1)})
+    with pytest.raises(ConfigError, match="does not take unrelated"):
+        Fa.make_solver("HypergradientDescent", estimator=est, unrelated=1)
 
 
 def test_class_scans_skip_bases_and_templates():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bilevel as bl
+import bilevel.experiments  # noqa: F401  (bl.experiments.run)
 from bilevel.errors import ConfigError
 from bilevel.experiments.toy import TOY_SOLVERS
 from bilevel.inner import GD

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bilevel as bl
+import bilevel.experiments  # noqa: F401  (bl.experiments.run)
 from bilevel.errors import ConfigError
 from bilevel.inner import GD, Adam, Nesterov
 from bilevel.problems import (

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             task = k if k in compiled_rows else None
             if task is not None:
                 j = run_jax(a.jax_python, f"{tmp}/{'hg' if k in hg_names else 'st'}.npz", task,
-                            a.reps if k in hg_names else 50)
+                            a.reps if k in hg_names else 3)
                 if j is not None:
                     res[k]["jax"].append(j["ms"] / 1e3)
                     jax_info[k] = j

@@ -304,22 +304,9 @@ def build(kind: str, name: str, offer: Mapping[str, Any] | None = None, *,
     return Built(obj, label, shown, frozenset(used))
 
 
-def _deprecated_strict(strict: bool, fn: str) -> None:
-    if not strict:
-        warnings.warn(f"{fn}(strict=False) drops arguments silently and is deprecated; offer optional "
-                      "arguments with factory.build(..., {name: Arg(value, keys)}) instead",
-                      DeprecationWarning, stacklevel=3)
-
-
-def _plain(kind: str, name: str, kw: dict[str, Any], strict: bool) -> Any:
-    offer = {k: Arg(v) for k, v in kw.items()} if not strict else kw
-    return build(kind, name, offer).obj
-
-
-def make_dynamics(name: str, lr: float, steps: int = 0, *, strict: bool = True, **kw: Any) -> Dynamics:
+def make_dynamics(name: str, lr: float, steps: int = 0, **kw: Any) -> Dynamics:
     """``make_dynamics("adam", lr=0.1)`` -> :class:`bilevel.inner.Adam` (strict keywords)."""
-    _deprecated_strict(strict, "make_dynamics")
-    return _plain("dynamics", name, {"lr": lr, "steps": steps, **kw}, strict)
+    return build("dynamics", name, {"lr": lr, "steps": steps, **kw}).obj
 
 
 def _check_trhg(name: str, truncate: Any) -> None:
@@ -327,13 +314,10 @@ def _check_trhg(name: str, truncate: Any) -> None:
         raise ConfigError("estimator 'trhg' (truncated reverse) needs truncate >= 1")
 
 
-def make_estimator(name: str, inner: Dynamics | None = None, *, strict: bool = True,
-                   **kw: Any) -> Estimator:
+def make_estimator(name: str, inner: Dynamics | None = None, **kw: Any) -> Estimator:
     """``make_estimator("cg", inner=GD(...), iters=20)``; ``"trhg"`` requires ``truncate``."""
-    _deprecated_strict(strict, "make_estimator")
     _check_trhg(name, kw.get("truncate"))
-    offer = {"inner": inner, **({k: Arg(v) for k, v in kw.items()} if not strict else kw)}
-    return build("estimator", name, offer).obj
+    return build("estimator", name, {"inner": inner, **kw}).obj
 
 
 def build_estimator(name: str, offer: Mapping[str, Any], *, keys: tuple[str, ...] = ()) -> Built:
@@ -351,7 +335,6 @@ def find_solver(name: str) -> type[Solver] | None:
         return None
 
 
-def make_solver(name: str, *, strict: bool = True, **kw: Any) -> Solver:
+def make_solver(name: str, **kw: Any) -> Solver:
     """``make_solver("HypergradientDescent", estimator=..., upper=...)``; see :func:`find_solver`."""
-    _deprecated_strict(strict, "make_solver")
-    return _plain("solver", name, kw, strict)
+    return build("solver", name, kw).obj

@@ -18,10 +18,10 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..problems.stackelberg import stackelberg_duopoly
+from . import checkpoint as CK
 from .base import SubResult, SubRun, Table, fmt, markdown_table, register
-from .checkpoint import load as load_checkpoint
 from .iaptt_toy import _group, toy_figures
-from .runner import CHECKPOINT
+from .runner import CHECKPOINTS
 from .toy import TOY_SOLVERS
 
 __all__ = ["Stackelberg", "equilibrium_figure"]
@@ -29,10 +29,10 @@ __all__ = ["Stackelberg", "equilibrium_figure"]
 
 def end_point(r: SubResult) -> tuple[float | None, float | None]:
     """The final (x, y) of a ``toy`` sub-run, read from its last checkpoint (None if absent)."""
-    ck = Path(r.path) / CHECKPOINT
-    if not ck.is_file():
+    blob, _, _ = CK.load_latest(Path(r.path) / CHECKPOINTS)
+    if blob is None:
         return None, None
-    state = load_checkpoint(ck)["state"]  # verifies the checksum (checkpoint.py format)
+    state = blob["state"]  # load_latest verifies the checksum (checkpoint.py format)
     return float(state["x"][0]), float(state["y"][0])
 
 

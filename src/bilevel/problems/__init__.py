@@ -28,3 +28,6 @@ __all__ += ["stackelberg_duopoly", "stackelberg_equilibrium"]
 from .reformulations import penalty_solution, smoothed_vf_constraint, smoothed_vf_solution  # noqa: E402
 
 __all__ += ["penalty_solution", "smoothed_vf_solution", "smoothed_vf_constraint"]
+from .darts import DartsToy, darts_toy  # noqa: E402
+
+__all__ += ["DartsToy", "darts_toy"]
