@@ -52,6 +52,13 @@ def test_vmap_example_matches_the_loop_and_learns_the_regularization(capsys):
     assert max(reg[:2]) < 0.1 < 5.0 < min(reg[2:])  # useful features kept, useless ones shrunk
 
 
+def test_maml_sinusoid_example_meta_trains(capsys):
+    out = _run("maml_sinusoid.py", capsys)
+    m0, c0, m1, c1 = map(float, re.search(
+        r"10 steps: ([\d.]+) ± ([\d.]+) -> ([\d.]+) ± ([\d.]+)", out).groups())
+    assert m1 < m0 - (c0 + c1)  # meta-training helps beyond the episode noise (seeded: deterministic)
+
+
 def test_distributed_example_matches_one_process(capsys):
     out = _run("distributed_cg.py", capsys)
     diff = float(re.search(r"= ([\d.e+-]+)", out).group(1))

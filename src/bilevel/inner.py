@@ -11,20 +11,37 @@ The state is a flat tuple of tensors made of ``slots`` blocks, each shaped like 
 
 Each dynamics takes ``projection``: a callable applied to the new iterate (e.g. a box clamp),
 leafwise on a tensor or on the whole flat tuple (``projection_on="tuple"``).
+
+Hyperparameters (``lr``, ``weight_decay``, ``momentum``, Adam's ``betas``) may be
+
+* a number or a tensor that does not require grad (a constant): 0-dim, or one tensor per leaf of y
+  (a pytree shaped like y, or a bare tensor when y is a single tensor) for per-parameter rates;
+* a callable of the upper variable, ``lambda x: ...`` (e.g. ``lr=lambda x: x["log_lr"].exp()``,
+  learning-rate learning; ``lr=lambda x: x["alpha"]`` with per-leaf values, Meta-SGD), or a per-step
+  callable ``lambda x, k: ...`` (e.g. ``lambda x, k: x["lrs"][k]``, a learned schedule).
+
+Estimators call ``dyn = dyn.bind(x, y)`` with their differentiable copy of x before unrolling, so
+derivatives flow to x through the hyperparameters (a no-op returning ``dyn`` itself when nothing
+depends on x). A tensor that requires grad is rejected at construction: the estimator
+differentiates its own copy of x, so such a tensor would silently contribute a zero derivative —
+write it as a callable of x instead.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from . import _tree as T
 from ._trace import require, scalar, tracing
-from .errors import NonFiniteError
+from .errors import ConfigError, NonFiniteError, StructureMismatchError
 from .validation import first_nonfinite
 
 __all__ = [
@@ -34,24 +51,229 @@ __all__ = [
 GradFn = Callable[[T.Leaves, int], T.Leaves]
 
 
+Hyper = Any  # number | Tensor | pytree of tensors shaped like y | Callable[[x], ...] | Callable[[x, k], ...]
+
+
+def _callable_arity(fn: Callable[..., Any], where: str) -> int:
+    """1 for ``fn(x)``, 2 for ``fn(x, k)`` (required positional parameters)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins: assume fn(x)
+        return 1
+    ps = list(sig.parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in ps):
+        return 1
+    req = [p for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+           and p.default is p.empty]
+    if len(req) not in (1, 2):
+        raise ConfigError(
+            f"{where} must be a number, a tensor, or a callable of the upper variable "
+            f"(x) or of (x, k) with k the inner step; got a callable with {len(req)} required "
+            "positional parameters"
+        )
+    return len(req)
+
+
+def _check_no_grad(value: Any, where: str) -> None:
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, Tensor) and leaf.requires_grad:
+            raise ConfigError(
+                f"{where} is a tensor that requires grad, but estimators differentiate their own "
+                "copy of the upper variable x, so its derivative would silently be zero; pass a "
+                f"callable of x instead (e.g. lr=lambda x: x['log_lr'].exp()) or detach it"
+            )
+
+
+def _align(value: Any, ref: Any, where: str) -> list[tuple[int, Any]]:
+    """Match a per-leaf hyperparameter pytree to y's structure ``ref`` (leaves = leaf indices);
+    dicts are matched by key, so their order does not matter."""
+    if isinstance(ref, int):
+        return [(ref, value)]
+    if isinstance(ref, dict):
+        if not isinstance(value, dict) or set(value) != set(ref):
+            got = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
+            raise StructureMismatchError(
+                f"{where} must be a number, a 0-dim tensor or a pytree shaped like y "
+                f"(keys {sorted(map(str, ref))}); got {got}"
+            )
+        return [p for k in ref for p in _align(value[k], ref[k], f"{where}[{k!r}]")]
+    if isinstance(ref, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(ref):
+            raise StructureMismatchError(
+                f"{where} must be a number, a 0-dim tensor or a pytree shaped like y "
+                f"({len(ref)} entries); got {type(value).__name__}"
+            )
+        return [p for i, (v, r) in enumerate(zip(value, ref)) for p in _align(v, r, f"{where}[{i}]")]
+    leaves = pytree.tree_leaves(value)
+    idx = pytree.tree_leaves(ref)
+    if len(leaves) != len(idx):
+        raise StructureMismatchError(f"{where} has {len(leaves)} leaves but y has {len(idx)}")
+    return list(zip(idx, leaves))
+
+
+def _normalize(value: Any, where: str, y: T.Leaves | None = None, yspec: Any = None) -> Any:
+    """A hyperparameter value as a float, a 0-dim tensor, or a tuple with one entry per leaf of y
+    (checked against y's structure and leaf shapes when y is given)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number or a tensor, got a bool")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Tensor) and value.dim() == 0:
+        return value
+    if isinstance(value, Tensor):
+        if y is not None and len(y) != 1:
+            raise StructureMismatchError(
+                f"{where} is a tensor of shape {tuple(value.shape)} but y has {len(y)} leaves; "
+                "give a 0-dim tensor or one tensor per leaf of y (a pytree shaped like y)"
+            )
+        leaves: list[Any] = [value]
+    elif yspec is not None:
+        ref = pytree.tree_unflatten(list(range(yspec.num_leaves)), yspec)
+        pairs = sorted(_align(value, ref, where), key=lambda p: p[0])
+        leaves = [v for _, v in pairs]
+    else:
+        leaves = pytree.tree_leaves(value)
+    for i, v in enumerate(leaves):
+        if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)):
+            raise ConfigError(f"{where}: leaf {i} is a {type(v).__name__}, expected a number or tensor")
+    out = tuple(float(v) if isinstance(v, (int, float)) else v for v in leaves)
+    if y is not None:
+        if len(out) != len(y):
+            raise StructureMismatchError(f"{where} has {len(out)} leaves but y has {len(y)}")
+        for i, (a, t) in enumerate(zip(out, y)):
+            if isinstance(a, Tensor):
+                try:
+                    ok = torch.broadcast_shapes(a.shape, t.shape) == t.shape
+                except RuntimeError:
+                    ok = False
+                if not ok:
+                    raise StructureMismatchError(
+                        f"{where}: entry for leaf {i} of y has shape {tuple(a.shape)}, which does "
+                        f"not broadcast to the leaf's shape {tuple(t.shape)}"
+                    )
+    return out
+
+
+def _leaf(value: Any, i: int) -> Any:
+    return value[i] if isinstance(value, tuple) else value
+
+
+def _axpy(alpha: Any, x: T.Leaves, y: T.Leaves) -> T.Leaves:
+    """``y + alpha * x`` with alpha a float, a 0-dim tensor or one value per leaf."""
+    if isinstance(alpha, (float, Tensor)):
+        return T.axpy(alpha, x, y)
+    return tuple(v + a * u for a, u, v in zip(alpha, x, y))
+
+
+def _neg(alpha: Any) -> Any:
+    return tuple(-a for a in alpha) if isinstance(alpha, tuple) else -alpha
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, float) and value == 0.0
+
+
 class Dynamics:
-    """Base class. Subclasses set ``slots`` and implement :meth:`update`."""
+    """Base class. Subclasses set ``slots``, list their hyperparameters in ``hyper`` and implement
+    :meth:`update`, reading hyperparameter values with :meth:`hp` (never the raw attributes).
+
+    ``weight_decay`` λ adds λ y to the gradient (coupled L2 decay: the dynamics then minimize
+    g + λ/2 ‖y‖²).
+    """
 
     slots = 1
+    hyper: tuple[str, ...] = ("lr", "weight_decay")
+    #: lower bound checked for numeric values: (bound, inclusive)
+    _ranges: dict[str, tuple[float, bool]] = {"lr": (0.0, False), "weight_decay": (0.0, True)}
 
     def __init__(
         self,
-        lr: float | Tensor,
+        lr: Hyper,
         steps: int = 100,
         projection: Callable[[Any], Any] | None = None,
+        weight_decay: Hyper = 0.0,
     ):
-        if isinstance(lr, (int, float)) and not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
         if int(steps) < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.lr = lr
+        self.weight_decay = weight_decay
         self.steps = int(steps)
         self.projection = projection
+        self._hp: dict[str, tuple[str, Any]] = {}
+        self._raw: dict[str, Any] = {}
+        self._declare("lr", lr)
+        self._declare("weight_decay", weight_decay)
+
+    # -- hyperparameters -----------------------------------------------------------------
+    def _declare(self, name: str, value: Hyper) -> None:
+        """Record a hyperparameter: constant (validated now) or a callable of x / (x, k)."""
+        where = f"{type(self).__name__}.{name}"
+        if callable(value) and not isinstance(value, Tensor):
+            self._hp[name] = ("x" if _callable_arity(value, where) == 1 else "xk", value)
+            return
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, inclusive = self._ranges.get(name, (-math.inf, True))
+            if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+                what = f">= {low:g}" if inclusive else ("positive" if low == 0 else f"> {low:g}")
+                raise ValueError(f"{name} must be {what} (and finite), got {value}")
+        _check_no_grad(value, where)
+        self._raw[name] = value
+        self._hp[name] = ("const", _normalize(value, where))
+
+    def hp(self, name: str, k: int) -> Any:
+        """Value of hyperparameter ``name`` at inner step ``k``: a float, a 0-dim tensor, or a
+        tuple with one entry per leaf of y."""
+        kind, v = self._hp[name]
+        if kind == "const":
+            return v
+        if kind == "sched":  # a function of the step only (bound, or a fixed schedule)
+            return v(k)
+        raise ConfigError(
+            f"{type(self).__name__}.{name} is a function of the upper variable; call "
+            "dyn = dyn.bind(x) before running the dynamics (every estimator does this)"
+        )
+
+    @property
+    def depends_on_x(self) -> bool:
+        """True if some hyperparameter is a callable of the upper variable."""
+        return any(kind in ("x", "xk") for kind, _ in self._hp.values())
+
+    def bind(self, x: Any, y: Any = None) -> Dynamics:
+        """These dynamics with every hyperparameter evaluated at the upper variable ``x`` (a pytree,
+        typically the estimator's differentiable copy), so derivatives flow from the unrolled
+        iterates to x through them. ``y`` (pytree or flat tuple of the lower variable) checks
+        per-leaf values against y's structure and shapes (dict entries matched by key).
+
+        Callables are evaluated at every step (so a checkpointed reverse sweep can recompute any
+        segment). Returns ``self`` when every hyperparameter is a scalar constant.
+        """
+        if not self.depends_on_x and all(not isinstance(v, tuple) for _, v in self._hp.values()):
+            return self
+        ys, yspec = (None, None)
+        if y is not None:
+            ys, yspec = pytree.tree_flatten(y)
+            ys = tuple(ys)
+        out = copy.copy(self)
+        out._hp = {}
+        for name, (kind, v) in self._hp.items():
+            where = f"{type(self).__name__}.{name}"
+            if kind == "const":  # per-leaf constants: re-matched against y's structure
+                out._hp[name] = ("const", v if ys is None or not isinstance(v, tuple) else
+                                 _normalize(self._raw[name], where, ys, yspec))
+            elif kind == "x":  # evaluated at every step: each step gets its own graph nodes
+                out._hp[name] = ("sched", lambda k, v=v, where=where: _normalize(
+                    v(x), where, ys, yspec))
+            elif kind == "xk":
+                out._hp[name] = ("sched", lambda k, v=v, where=where: _normalize(
+                    v(x, k), f"{where} at step {k}", ys, yspec))
+            else:
+                out._hp[name] = (kind, v)
+        return out
+
+    def decayed(self, grad: T.Leaves, point: T.Leaves, k: int) -> T.Leaves:
+        """∇g + λ y (the weight-decayed gradient at ``point``)."""
+        wd = self.hp("weight_decay", k)
+        return grad if _is_zero(wd) else _axpy(wd, point, grad)
 
     # -- state layout --------------------------------------------------------------------
     def init(self, y: T.Leaves) -> T.Leaves:
@@ -83,25 +305,30 @@ class Dynamics:
 
 
 class GD(Dynamics):
-    """Projected gradient descent  y_{k+1} = P(y_k − η ∇_y g(x, y_k))."""
+    """Projected gradient descent  y_{k+1} = P(y_k − η_k (∇_y g(x, y_k) + λ y_k))."""
 
     def update(self, state, grad, k):
-        return self.project(T.axpy(-self.lr, grad, state))
+        grad = self.decayed(grad, state, k)
+        return self.project(_axpy(_neg(self.hp("lr", k)), grad, state))
 
 
 class Momentum(Dynamics):
     """Heavy ball (Polyak 1964):  m_{k+1} = β m_k + ∇g(y_k),  y_{k+1} = P(y_k − η m_{k+1})."""
 
     slots = 2
+    hyper = ("lr", "weight_decay", "momentum")
+    _ranges = {**Dynamics._ranges, "momentum": (0.0, True)}
 
-    def __init__(self, lr, steps=100, momentum: float = 0.9, projection=None):
-        super().__init__(lr, steps, projection)
+    def __init__(self, lr, steps=100, momentum: Hyper = 0.9, projection=None, weight_decay=0.0):
+        super().__init__(lr, steps, projection, weight_decay)
         self.momentum = momentum
+        self._declare("momentum", momentum)
 
     def update(self, state, grad, k):
         y, m = self.split(state)
-        m = T.axpy(self.momentum, m, grad)
-        return self.project(T.axpy(-self.lr, m, y)) + m
+        grad = self.decayed(grad, y, k)
+        m = _axpy(self.hp("momentum", k), m, grad)
+        return self.project(_axpy(_neg(self.hp("lr", k)), m, y)) + m
 
 
 def fista_momentum(k: int) -> float:
@@ -123,18 +350,27 @@ class Nesterov(Dynamics):
     """
 
     slots = 2
+    hyper = ("lr", "weight_decay", "momentum")
+    _ranges = {**Dynamics._ranges, "momentum": (0.0, True)}
 
-    def __init__(self, lr, steps=100, momentum: float | None = None, projection=None):
-        super().__init__(lr, steps, projection)
+    def __init__(self, lr, steps=100, momentum: Hyper | None = None, projection=None,
+                 weight_decay=0.0):
+        super().__init__(lr, steps, projection, weight_decay)
         self.momentum = momentum
         self._betas: list[float] = []
+        if momentum is None:
+            self._hp["momentum"] = ("sched", self._fista)
+        else:
+            self._declare("momentum", momentum)
 
-    def beta(self, k: int) -> float:
-        if self.momentum is not None:
-            return float(self.momentum)
-        while len(self._betas) <= k:
+    def _fista(self, k: int) -> float:
+        while len(self._betas) <= k:  # a cache of a fixed sequence, never state
             self._betas.append(fista_momentum(len(self._betas)))
         return self._betas[k]
+
+    def beta(self, k: int) -> Any:
+        """β_k (a float unless the momentum is a tensor or depends on x)."""
+        return self.hp("momentum", k)
 
     def init(self, y):
         return tuple(y) + tuple(y)
@@ -144,8 +380,9 @@ class Nesterov(Dynamics):
 
     def update(self, state, grad, k):
         z, w = self.split(state)
-        z_new = self.project(T.axpy(-self.lr, grad, w))
-        w_new = T.axpy(self.beta(k), T.sub(z_new, z), z_new)
+        grad = self.decayed(grad, w, k)
+        z_new = self.project(_axpy(_neg(self.hp("lr", k)), grad, w))
+        w_new = _axpy(self.beta(k), T.sub(z_new, z), z_new)
         return z_new + w_new
 
 
@@ -154,32 +391,56 @@ class Adam(Dynamics):
 
     Denominator sqrt(v̂ + eps_root) + eps: ``eps_root > 0`` keeps the derivative of sqrt finite
     where a gradient entry is exactly zero (needed when differentiating through Adam, as in optax).
+    ``lr``, ``weight_decay`` and each of ``betas`` are hyperparameters (see the module docstring);
+    ``eps`` and ``eps_root`` are numbers.
     """
 
     slots = 3
+    hyper = ("lr", "weight_decay", "beta1", "beta2")
+    _ranges = {**Dynamics._ranges, "beta1": (0.0, True), "beta2": (0.0, True)}
 
     def __init__(
         self,
         lr,
         steps=100,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[Hyper, Hyper] = (0.9, 0.999),
         eps: float = 1e-8,
         eps_root: float = 1e-16,
         projection=None,
+        weight_decay: Hyper = 0.0,
     ):
-        super().__init__(lr, steps, projection)
-        self.betas, self.eps, self.eps_root = betas, eps, eps_root
+        super().__init__(lr, steps, projection, weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ConfigError(f"Adam betas must be a pair (beta1, beta2), got {betas!r}")
+        for b in betas:
+            if isinstance(b, (int, float)) and not 0 <= b < 1:
+                raise ValueError(f"Adam betas must lie in [0, 1), got {betas}")
+        self.betas, self.eps, self.eps_root = tuple(betas), eps, eps_root
+        self._declare("beta1", betas[0])
+        self._declare("beta2", betas[1])
 
     def update(self, state, grad, k):
         y, m, v = self.split(state)
-        b1, b2 = self.betas
-        m = tuple(b1 * mi + (1 - b1) * gi for mi, gi in zip(m, grad))
-        v = tuple(b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, grad))
-        c1, c2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
-        step = tuple(
-            (mi / c1) / (torch.sqrt(vi / c2 + self.eps_root) + self.eps) for mi, vi in zip(m, v)
-        )
-        return self.project(T.axpy(-self.lr, step, y)) + m + v
+        grad = self.decayed(grad, y, k)
+        b1, b2 = self.hp("beta1", k), self.hp("beta2", k)
+        if isinstance(b1, float) and isinstance(b2, float):  # the plain path, bit for bit
+            m = tuple(b1 * mi + (1 - b1) * gi for mi, gi in zip(m, grad))
+            v = tuple(b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, grad))
+            c1, c2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
+            step = tuple(
+                (mi / c1) / (torch.sqrt(vi / c2 + self.eps_root) + self.eps) for mi, vi in zip(m, v)
+            )
+        else:
+            m = tuple(_leaf(b1, i) * mi + (1 - _leaf(b1, i)) * gi
+                      for i, (mi, gi) in enumerate(zip(m, grad)))
+            v = tuple(_leaf(b2, i) * vi + (1 - _leaf(b2, i)) * gi * gi
+                      for i, (vi, gi) in enumerate(zip(v, grad)))
+            step = tuple(
+                (mi / (1 - _leaf(b1, i) ** (k + 1)))
+                / (torch.sqrt(vi / (1 - _leaf(b2, i) ** (k + 1)) + self.eps_root) + self.eps)
+                for i, (mi, vi) in enumerate(zip(m, v))
+            )
+        return self.project(_axpy(_neg(self.hp("lr", k)), step, y)) + m + v
 
 
 def _batched(t: Tensor) -> bool:
@@ -201,7 +462,8 @@ def unroll(
 
     ``grad_fn(point, k)`` returns the direction at ``point``. Whether a graph is built is decided
     by ``grad_fn``. Non-finite iterates raise :class:`NonFiniteError` naming the first bad step
-    (checked with a single synchronisation after the loop).
+    (checked with a single synchronisation after the loop). ``track=False`` skips that check and
+    every host synchronisation, so the loop runs under ``torch.func.vmap`` / ``grad``.
     """
     sums: list[Tensor] = []
     last_grad: T.Leaves | None = None
@@ -228,15 +490,14 @@ def unroll(
             step=step,
         )
     info: dict[str, Any] = {"steps": steps}
-    if last_grad is not None and (tracing() or not _batched(last_grad[0])):
+    # track=False or inside a plain vmap: no host synchronisation (traced: a tensor)
+    if last_grad is not None and (tracing() or (track and not _batched(last_grad[0]))):
         info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))
     return state, info
 
 
 def with_projection(dyn: Dynamics, projection: Callable[[Any], Any] | None) -> Dynamics:
     """A copy of ``dyn`` that also applies ``projection`` (after its own, if any)."""
-    import copy
-
     if projection is None:
         return dyn
     out = copy.copy(dyn)

@@ -65,6 +65,7 @@ def solve_lower(
     if dyn is None:
         return T.detach(ys0), {"steps": 0}
     n = dyn.steps if steps is None else steps
+    dyn = dyn.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))  # hyperparameters may depend on x
     with torch.no_grad():
         state, info = unroll(dyn, lower_grad_fn(bound, xs, create_graph=False), dyn.init(ys0), n)
     return T.detach(dyn.output(state)), info

@@ -99,8 +99,9 @@ class Forward(Estimator):
         sums = []  # per-step summaries: the first non-finite step is found with one sync
         for k in range(dyn.steps):
             if self.products == "jvp":
-                def step(xs_, s_, k=k):
-                    return dyn.update(s_, gfun(xs_, dyn.point(s_)), k)
+                def step(xs_, s_, k=k):  # hyperparameters bound at xs_: tangents through hp(x)
+                    d = dyn.bind(bound.x_tree(xs_), bound.y_tree(bound.ys0))
+                    return d.update(s_, gfun(xs_, d.point(s_)), k)
 
                 s, Z = vmap(lambda u, z, s0=s, st=step: jvp(st, (xs, s0), (u, z)),
                             out_dims=(_pd(), 0))(U, Z)
@@ -108,6 +109,15 @@ class Forward(Estimator):
                 sums.append(sum(t.detach().sum() for t in dyn.output(s)))
                 continue
             gy, dg = O.grad_y_tangents(bound.G, xs, dyn.point(s), U, dyn.point(Z))
+
+            if dyn.depends_on_x:  # the update itself depends on x (hyperparameters of x)
+                def upd_x(xs_, s_, g_, k=k):
+                    return dyn.bind(bound.x_tree(xs_), bound.y_tree(bound.ys0)).update(s_, g_, k)
+
+                s, Z = vmap(lambda u, z, d, s0=s, g0=gy, f=upd_x: jvp(f, (xs, s0, g0), (u, z, d)),
+                            out_dims=(None, 0))(U, Z, dg)
+                sums.append(sum(t.detach().sum() for t in dyn.output(s)))
+                continue
 
             def upd(s_, g_, k=k):
                 return dyn.update(s_, g_, k)

@@ -57,12 +57,16 @@ class Reverse(Estimator):
     def _direction(self, bound: Bound, xs, *, create_graph: bool) -> GradFn:
         return (self.grad_fn or lower_grad_fn)(bound, xs, create_graph=create_graph)
 
+    def _bind(self, bound: Bound, xs: T.Leaves):
+        """The inner dynamics with hyperparameters evaluated at x (differentiable when xs is)."""
+        return self.inner.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))
+
     def compute(self, bound: Bound, state: dict):
-        dyn = self.inner
-        steps = dyn.steps
+        steps = self.inner.steps
         K = steps if self.truncate is None else int(self.truncate)
         xs = bound.xs
         nx = len(xs)
+        dyn = self._bind(bound, xs)  # hyperparameters(x), for the passes without a derivative
         s_trunc = None
         if steps > K:  # T-RHG: the first T-K steps carry no derivative
             with torch.no_grad():
@@ -84,7 +88,8 @@ class Reverse(Estimator):
             gw, s_T, info = self._checkpointed(bound, w0, start_state, K, steps - K, seg)
         else:
             def loss(w: T.Leaves):  # f at the end of the unrolled graph (the union's f, sharded)
-                s_T, info = unroll(dyn, self._direction(bound, w[:nx], create_graph=True),
+                s_T, info = unroll(self._bind(bound, w[:nx]),
+                                   self._direction(bound, w[:nx], create_graph=True),
                                    start_state(w), K, start=steps - K)
                 return O.objective(bound.F, w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
 
@@ -100,7 +105,7 @@ class Reverse(Estimator):
 
     def _checkpointed(self, bound, w0, start_state, K, start, seg):
         """Segmented reverse sweep: store ⌈K/c⌉ states, recompute each segment with a graph."""
-        dyn = self.inner
+        dyn = self._bind(bound, bound.xs)
         xs = bound.xs
         nx = len(xs)
         c = seg if seg > 0 else max(1, math.isqrt(K - 1) + 1 if K > 1 else 1)
@@ -124,7 +129,8 @@ class Reverse(Estimator):
 
             def segment(w: T.Leaves, a: int = a, b: int = b) -> T.Leaves:
                 direction = self._direction(bound, w[:nx], create_graph=True)
-                return unroll(dyn, direction, w[nx:], b - a, start=start + a, track=False)[0]
+                return unroll(self._bind(bound, w[:nx]), direction, w[nx:], b - a, start=start + a,
+                              track=False)[0]
 
             g = O.vjp(segment, xs + saved[i], adj)
             gx = T.add(gx, g[:nx])

@@ -1,0 +1,121 @@
+"""``bilevel bench metalearning``: the cost of one MAML meta-step on a meta-batch of tasks.
+
+Sinusoid regression (Finn et al. 2017, Sec. 5.1), MLP 1-40-40-1, K inner GD steps, meta-batch B
+(defaults 5 and 32), float32, one thread. Three ways to compute the same second-order
+meta-gradient:
+
+* ``vmapped`` — ``bl.meta.MAML.meta_grad(vmap=True)``: ``torch.func.grad`` of the mean query loss
+  with the tasks batched by ``torch.func.vmap``;
+* ``loop`` — ``meta_grad(vmap=False)``: a Python loop calling ``bl.hypergrad.Reverse`` per task;
+* ``plain`` — MAML written the usual way in PyTorch: per task, K steps of
+  ``torch.autograd.grad(create_graph=True)``, the query losses summed, one ``backward()``.
+
+Time: medians of interleaved rounds (each round runs the three once, in rotating order), reported
+as tasks per second. Memory: peak resident memory of one meta-step above the post-warm-up level,
+each variant in a fresh process, divided by B. All three gradients are checked to agree first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from .. import _tree as T
+from ..meta import MAML, MLPModel, SinusoidTasks
+from ._timing import MB, median, one_thread, peak_rss, run_isolated
+
+__all__ = ["main", "setup", "plain_maml_grad"]
+
+
+def setup(tasks: int, steps: int, hidden: int = 40, seed: int = 0):
+    model = MLPModel([1, hidden, hidden], 1)
+    learner = MAML(model, lr=0.01, steps=steps, loss="mse")
+    x = learner.init(torch.Generator().manual_seed(seed))
+    batch = SinusoidTasks(shots=10, queries=10, seed=seed).next(tasks)
+    return model, learner, x, batch
+
+
+def plain_maml_grad(model: MLPModel, x: dict, batch: dict, lr: float, steps: int) -> list[torch.Tensor]:
+    """MAML the usual PyTorch way (autograd.grad with create_graph, summed query losses)."""
+    leaves, spec = T.flatten(x)
+    params = [t.detach().requires_grad_(True) for t in leaves]
+    meta_loss = 0.0
+    B = batch["support_x"].shape[0]
+    for i in range(B):
+        fast = params
+        for _ in range(steps):
+            out = model(T.unflatten(fast, spec), batch["support_x"][i])
+            loss = ((out - batch["support_y"][i]) ** 2).mean()
+            grads = torch.autograd.grad(loss, fast, create_graph=True)
+            fast = [p - lr * g for p, g in zip(fast, grads)]
+        out = model(T.unflatten(fast, spec), batch["query_x"][i])
+        meta_loss = meta_loss + ((out - batch["query_y"][i]) ** 2).mean()
+    (meta_loss / B).backward()
+    return [p.grad for p in params]
+
+
+def _variants(tasks: int, steps: int):
+    model, learner, x, batch = setup(tasks, steps)
+    return {
+        "vmapped": lambda: T.flatten(learner.meta_grad(x, batch, vmap=True)[0])[0],
+        "loop": lambda: T.flatten(learner.meta_grad(x, batch, vmap=False)[0])[0],
+        "plain": lambda: plain_maml_grad(model, x, batch, 0.01, steps),
+    }
+
+
+def _memory_child(payload: dict[str, Any]) -> dict[str, Any]:
+    one_thread()
+    fns = _variants(int(payload["tasks"]), int(payload["steps"]))
+    warm = _variants(1, int(payload["steps"]))[payload["variant"]]
+    warm()  # one-task warm-up: allocator pools, functorch setup (not per-task memory)
+    _, peak, how = peak_rss(fns[payload["variant"]])
+    return {"peak": peak, "method": how}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bilevel bench metalearning", description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", type=int, default=32, help="meta-batch size B")
+    p.add_argument("--steps", type=int, default=5, help="inner GD steps K")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
+    a = p.parse_args(argv)
+    one_thread()
+    fns = _variants(a.tasks, a.steps)
+    ref = fns["plain"]()
+    for name in ("vmapped", "loop"):
+        err = max(float((u - v).abs().max()) for u, v in zip(fns[name](), ref))
+        scale = max(float(v.abs().max()) for v in ref)
+        if not err <= 1e-4 * scale:
+            raise SystemExit(f"{name} meta-gradient differs from the plain loop by {err:.3g}")
+    order = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    import time
+
+    for r in range(a.rounds):
+        for name in order[r % 3:] + order[: r % 3]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: median(v) for k, v in times.items()}
+    mem: dict[str, float | None] = {k: None for k in fns}
+    if not a.no_memory:
+        for name in fns:
+            res = run_isolated("bilevel.bench.metalearning:_memory_child",
+                               {"variant": name, "tasks": a.tasks, "steps": a.steps}, timeout=900)
+            mem[name] = res["peak"]
+    print(f"MAML meta-step, sinusoid MLP 1-40-40-1, K = {a.steps}, B = {a.tasks} tasks, float32, "
+          f"1 thread; medians of {a.rounds} interleaved rounds\n")
+    print("| variant | meta-step (ms) | tasks/s | vs loop | peak memory / task (MB) | vs plain |")
+    print("|---|---|---|---|---|---|")
+    for name, label in (("vmapped", "`MAML.meta_grad(vmap=True)` (torch.func vmap)"),
+                        ("loop", "`MAML.meta_grad(vmap=False)` (Reverse per task)"),
+                        ("plain", "plain PyTorch loop (autograd.grad, create_graph)")):
+        tps = a.tasks / med[name]
+        m = mem[name]
+        mm = "—" if m is None else f"{m / MB / a.tasks:.3f}"
+        rel = "—" if m is None or not mem["plain"] else f"{m / mem['plain']:.2f}×"
+        print(f"| {label} | {1e3 * med[name]:.1f} | {tps:.0f} | {med['loop'] / med[name]:.2f}× | "
+              f"{mm} | {rel} |")
+    return 0

@@ -1,0 +1,52 @@
+"""``bilevel run fewshot`` / ``sinusoid`` end to end on tiny settings (no accuracy claims), exact
+resume, configuration errors, and the ``bilevel bench metalearning`` smoke test."""
+
+from __future__ import annotations
+
+import pytest
+
+from bilevel.bench import metalearning as mb
+from bilevel.errors import ConfigError
+from bilevel.experiments.runner import run
+
+QUIET = {"progress": False, "echo": None, "plots": False}
+TINY = {"steps": 4, "eval_every": 4, "checkpoint_every": 0, "meta_batch": 2, "hidden": 8,
+        "inner_steps": 1, "test_inner_steps": 2, "monitor_tasks": 2, "queries": 1, "ways": 2}
+
+
+def test_fewshot_runs_and_resumes_exactly(tmp_path):
+    full = run("fewshot", overrides={**TINY, "method": "metasgd"}, out=tmp_path / "a", **QUIET)
+    assert full.completed and 0.0 <= full.final["test_acc"] <= 1.0
+    assert full.final["test_acc_ci95"] > 0 and "meta_loss" in full.final
+    assert "± " in full.summary and "(600 episodes)" in full.summary
+    part = run("fewshot", overrides={**TINY, "method": "metasgd"}, out=tmp_path / "b",
+               stop_after=2, **QUIET)
+    assert not part.completed
+    done = run("fewshot", resume=part.path, **QUIET)
+    assert done.completed and done.final["test_acc"] == full.final["test_acc"]
+    assert done.final["upper_loss"] == full.final["upper_loss"]
+
+
+def test_sinusoid_runs(tmp_path):
+    res = run("sinusoid", overrides={"steps": 2, "eval_every": 2, "meta_batch": 2, "hidden": 8,
+                                     "method": "anil"}, out=tmp_path / "s", **QUIET)
+    assert res.completed and res.final["mse_1step"] > 0 and res.final["mse_10step_ci95"] > 0
+    assert "init_mse_1step" in res.extras
+
+
+def test_fewshot_configuration_errors(tmp_path):
+    with pytest.raises(ConfigError, match="test_episodes must be >= 600"):
+        run("fewshot", overrides={**TINY, "test_episodes": 100}, out=tmp_path / "e1", **QUIET)
+    with pytest.raises(ConfigError, match="ways=6 but the digits meta-train split has only 5"):
+        run("fewshot", overrides={**TINY, "ways": 6}, out=tmp_path / "e2", **QUIET)
+    with pytest.raises(ConfigError, match="method"):
+        run("fewshot", overrides={**TINY, "method": "reptile"}, out=tmp_path / "e3", **QUIET)
+    with pytest.raises(ConfigError, match="not one of maml, fomaml, anil, imaml, metasgd"):
+        run("sinusoid", overrides={"method": "protonet"}, out=tmp_path / "e4", **QUIET)
+
+
+def test_bench_metalearning_smoke(capsys):
+    assert mb.main(["--tasks", "3", "--steps", "2", "--rounds", "1", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("torch.func vmap", "Reverse per task", "plain PyTorch loop", "tasks/s"):
+        assert needle in out

@@ -1,0 +1,245 @@
+"""Meta-learning methods against exact references (float64).
+
+* MAML: second-order autograd through a hand-written K-step loop (create_graph=True);
+* FOMAML / ANIL / Meta-SGD: the same hand-written loops (first order: no graph through the steps);
+  Meta-SGD's learning-rate gradient also against central finite differences;
+* iMAML: the dense implicit-function-theorem formula (I + H/λ)^{-1} ∇L_query at the proximal
+  solution, with H the dense Hessian of the support loss;
+* R2D2: the Woodbury ridge head equals the primal dense solve; meta-gradient through it;
+* every method: the vmapped meta-gradient equals the Python loop over tasks (1e-10).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+import bilevel.meta as M
+from bilevel import _tree as T
+from bilevel.meta.models import features, linear
+
+F64 = torch.float64
+
+
+def _close(a, b, tol=1e-10):
+    for u, v in zip(T.flatten(a)[0], T.flatten(b)[0]):
+        torch.testing.assert_close(u, v, rtol=tol, atol=tol)
+
+
+def _sinusoid(n=3, shots=5):
+    return M.SinusoidTasks(shots=shots, queries=4, seed=3, dtype=F64).next(n)
+
+
+def _cls_tasks(n=3, ways=3, shots=2, queries=2, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"support_x": torch.randn(n, ways * shots, dim, generator=g, dtype=F64),
+            "support_y": torch.arange(ways).repeat_interleave(shots).repeat(n, 1),
+            "query_x": torch.randn(n, ways * queries, dim, generator=g, dtype=F64),
+            "query_y": torch.arange(ways).repeat_interleave(queries).repeat(n, 1)}
+
+
+def _x(learner, seed=0):
+    return learner.init(torch.Generator().manual_seed(seed), F64)
+
+
+def _leaves_rg(x):
+    xs, spec = T.flatten(x)
+    xs = tuple(t.clone().requires_grad_(True) for t in xs)
+    return xs, spec
+
+
+def _mse(out, y):
+    return ((out - y) ** 2).mean()
+
+
+SIN = M.MLPModel([1, 6, 6], 1)
+
+
+def test_maml_equals_second_order_autograd_through_hand_written_loop():
+    alpha, K = 0.05, 3
+    tasks = _sinusoid()
+    L = M.MAML(SIN, lr=alpha, steps=K, loss="mse")
+    x = _x(L)
+    xs, spec = _leaves_rg(x)
+    total = 0.0
+    for i in range(3):
+        th = xs
+        for _ in range(K):
+            loss = _mse(SIN(T.unflatten(th, spec), tasks["support_x"][i]), tasks["support_y"][i])
+            gr = torch.autograd.grad(loss, th, create_graph=True)
+            th = tuple(t - alpha * gg for t, gg in zip(th, gr))
+        total = total + _mse(SIN(T.unflatten(th, spec), tasks["query_x"][i]), tasks["query_y"][i])
+    ref = T.unflatten(torch.autograd.grad(total / 3, xs), spec)
+    for vmap in (True, False):
+        g, info = L.meta_grad(x, tasks, vmap=vmap)
+        _close(g, ref)
+        assert info["vmapped"] is vmap
+    # the second-order terms matter here: FOMAML differs
+    g1, _ = M.FOMAML(SIN, lr=alpha, steps=K, loss="mse").meta_grad(x, tasks)
+    assert max(float((u - v).abs().max()) for u, v in zip(T.flatten(g1)[0], T.flatten(ref)[0])) > 1e-4
+
+
+def test_fomaml_is_query_gradient_at_adapted_parameters():
+    alpha, K = 0.05, 2
+    tasks = _sinusoid()
+    L = M.FOMAML(SIN, lr=alpha, steps=K, loss="mse")
+    x = _x(L)
+    acc = None
+    for i in range(3):
+        th, spec = _leaves_rg(x)
+        for _ in range(K):
+            loss = _mse(SIN(T.unflatten(th, spec), tasks["support_x"][i]), tasks["support_y"][i])
+            gr = torch.autograd.grad(loss, th)
+            th = tuple((t - alpha * gg).detach().requires_grad_(True) for t, gg in zip(th, gr))
+        q = _mse(SIN(T.unflatten(th, spec), tasks["query_x"][i]), tasks["query_y"][i])
+        gq = torch.autograd.grad(q, th)
+        acc = gq if acc is None else T.add(acc, gq)
+    ref = T.unflatten(T.scale(acc, 1 / 3), spec)
+    for vmap in (True, False):
+        _close(L.meta_grad(x, tasks, vmap=vmap)[0], ref)
+
+
+def test_anil_adapts_only_the_head():
+    alpha, K, ways = 0.3, 2, 3
+    model = M.MLPModel([4, 5], ways)
+    tasks = _cls_tasks(ways=ways)
+    L = M.ANIL(model, lr=alpha, steps=K, ways=ways)
+    x = _x(L)
+    xs, spec = _leaves_rg(x)
+    xt = T.unflatten(xs, spec)
+    total = 0.0
+    for i in range(3):
+        head = xt["head"]
+        for _ in range(K):
+            out = linear(head, features(xt["body"], tasks["support_x"][i]))
+            loss = Fn.cross_entropy(out, tasks["support_y"][i])
+            gw, gb = torch.autograd.grad(loss, (head["weight"], head["bias"]), create_graph=True)
+            head = {"weight": head["weight"] - alpha * gw, "bias": head["bias"] - alpha * gb}
+        out = linear(head, features(xt["body"], tasks["query_x"][i]))
+        total = total + Fn.cross_entropy(out, tasks["query_y"][i])
+    ref = T.unflatten(torch.autograd.grad(total / 3, xs), spec)
+    for vmap in (True, False):
+        _close(L.meta_grad(x, tasks, vmap=vmap)[0], ref)
+
+
+def test_metasgd_learning_rate_gradient_matches_finite_differences():
+    tasks = _sinusoid(n=2)
+    L = M.MetaSGD(SIN, lr0=0.05, loss="mse")
+    x = _x(L)
+    x["lr"]["head"]["bias"] = torch.tensor([0.07], dtype=F64)  # not all rates equal
+    g, _ = L.meta_grad(x, tasks)
+    _close(g, L.meta_grad(x, tasks, vmap=False)[0])
+
+    def h(xx):
+        return float(L.evaluate(xx, tasks)["loss"].mean())
+
+    eps = 1e-6
+    for key in ("head", "body"):
+        for name, t in x["lr"][key].items():
+            for j in range(min(2, t.numel())):
+                xp = torch.utils._pytree.tree_map(torch.clone, x)
+                xm = torch.utils._pytree.tree_map(torch.clone, x)
+                xp["lr"][key][name].view(-1)[j] += eps
+                xm["lr"][key][name].view(-1)[j] -= eps
+                fd = (h(xp) - h(xm)) / (2 * eps)
+                assert abs(float(g["lr"][key][name].view(-1)[j]) - fd) <= 1e-7 + 1e-6 * abs(fd)
+    assert float(g["lr"]["head"]["weight"].abs().max()) > 1e-3  # the rates do get a gradient
+
+
+def test_imaml_equals_dense_implicit_function_theorem():
+    lam = 2.0
+    tasks = _sinusoid(n=2)
+    L = M.IMAML(SIN, lam=lam, inner=M.maml.GD(lr=0.1, steps=150), cg_iters=60, loss="mse")
+    x = _x(L)
+    xs, spec = T.flatten(x)
+    refs = []
+    for i in range(2):
+        task = {k: v[i] for k, v in tasks.items()}
+        res = L.task_estimator(task)(L.problem(task), x, L.start(x))
+        ys = T.flatten(res.y)[0]
+        v = T.to_vector(ys)
+
+        def support(vec, ys=ys, task=task):
+            return _mse(SIN(T.unflatten(T.from_vector(vec, ys), spec), task["support_x"]),
+                        task["support_y"])
+
+        def query(vec, ys=ys, task=task):
+            return _mse(SIN(T.unflatten(T.from_vector(vec, ys), spec), task["query_x"]),
+                        task["query_y"])
+
+        # y is the proximal solution: ∇L(y) + λ (y − x) = 0
+        stat = torch.func.grad(support)(v) + lam * (v - T.to_vector(xs))
+        assert float(stat.norm()) < 1e-9
+        H = torch.func.hessian(support)(v)
+        gq = torch.func.grad(query)(v)
+        dense = torch.linalg.solve(torch.eye(len(v), dtype=F64) + H / lam, gq)
+        torch.testing.assert_close(T.to_vector(T.flatten(res.grad)[0]), dense, rtol=1e-9, atol=1e-11)
+        refs.append(dense)
+    g, info = L.meta_grad(x, tasks)
+    assert info["vmapped"] is False
+    torch.testing.assert_close(T.to_vector(T.flatten(g)[0]), (refs[0] + refs[1]) / 2, rtol=1e-9,
+                               atol=1e-11)
+
+
+def test_r2d2_woodbury_equals_dense_solve_and_meta_gradient():
+    g = torch.Generator().manual_seed(1)
+    phi = torch.randn(6, 10, generator=g, dtype=F64)  # n = 6 shots < d = 10 features
+    Y = Fn.one_hot(torch.arange(3).repeat(2), 3).to(F64)
+    lam = 0.7
+    dense = torch.linalg.solve(phi.T @ phi + lam * torch.eye(10, dtype=F64), phi.T @ Y)
+    torch.testing.assert_close(M.ridge_head(phi, Y, lam), dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(M.ridge_head(phi, Y, lam, woodbury=False), dense, rtol=1e-12,
+                               atol=1e-13)
+    # the ridge head minimises its objective: gradient 2Φᵀ(ΦW − Y) + 2λW = 0
+    W = M.ridge_head(phi, Y, lam)
+    assert float((phi.T @ (phi @ W - Y) + lam * W).abs().max()) < 1e-12
+
+    ways = 3
+    model = M.MLPModel([4, 10], ways)
+    tasks = _cls_tasks(ways=ways, shots=2)
+    L = M.R2D2(model, ways=ways, lam0=0.5)
+    x = _x(L)
+    xs, spec = _leaves_rg(x)
+    xt = T.unflatten(xs, spec)
+    total = 0.0
+    for i in range(3):  # autograd through the primal (d × d) dense solve
+        P = features(xt["body"], tasks["support_x"][i])
+        Yi = Fn.one_hot(tasks["support_y"][i], ways).to(F64)
+        Wi = torch.linalg.solve(P.T @ P + xt["log_lam"].exp() * torch.eye(10, dtype=F64), P.T @ Yi)
+        out = xt["scale"] * (features(xt["body"], tasks["query_x"][i]) @ Wi) + xt["bias"]
+        total = total + Fn.cross_entropy(out, tasks["query_y"][i])
+    ref = T.unflatten(torch.autograd.grad(total / 3, xs), spec)
+    for vmap in (True, False):
+        _close(L.meta_grad(x, tasks, vmap=vmap)[0], ref, tol=1e-9)
+
+
+def test_protonet_logits_are_negative_squared_distances_to_prototypes():
+    ways = 3
+    model = M.MLPModel([4, 5], ways)
+    tasks = _cls_tasks(ways=ways, shots=2)
+    L = M.ProtoNet(model, ways=ways)
+    x = _x(L)
+    task = {k: v[0] for k, v in tasks.items()}
+    s = features(x["body"], task["support_x"])
+    protos = torch.stack([s[task["support_y"] == k].mean(0) for k in range(ways)])
+    q = features(x["body"], task["query_x"])
+    ref = -torch.cdist(q, protos) ** 2
+    torch.testing.assert_close(L.query_outputs(x, task), ref, rtol=1e-10, atol=1e-12)
+    _close(L.meta_grad(x, tasks, vmap=True)[0], L.meta_grad(x, tasks, vmap=False)[0])
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "r2d2", "protonet"])
+def test_vmap_equals_loop(name):
+    ways = 3
+    model = M.MLPModel([4, 5], ways)
+    kw = {"ways": ways}
+    if name in ("maml", "fomaml", "anil"):
+        kw.update(lr=0.2, steps=2)
+    L = M.METHODS[name](model, **kw)
+    tasks = _cls_tasks(n=4, ways=ways, seed=2)
+    x = _x(L, seed=4)
+    a, ia = L.meta_grad(x, tasks, vmap=True)
+    b, ib = L.meta_grad(x, tasks, vmap=False)
+    _close(a, b)
+    assert abs(ia["loss"] - ib["loss"]) < 1e-12
