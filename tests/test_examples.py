@@ -59,6 +59,16 @@ def test_pytorch_cnn_example_tiny(capsys, monkeypatch):
     assert float(re.search(r"test accuracy ([\d.]+)", out).group(1)) > 0.3  # chance: 0.1
 
 
+def test_vmap_example_matches_the_loop_and_learns_the_regularization(capsys):
+    out = _run("vmap_tasks.py", capsys)
+    dev = float(re.search(r"max \|vmap - loop\| = ([\d.e+-]+)", out).group(1))
+    assert dev < 1e-10
+    before, after = map(float, re.search(r"validation loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < 0.5 * before
+    reg = [float(v) for v in re.search(r"exp\(x\): \[(.*)\]", out).group(1).split(",")]
+    assert max(reg[:2]) < 0.1 < 5.0 < min(reg[2:])  # useful features kept, useless ones shrunk
+
+
 def test_maml_sinusoid_example_meta_trains(capsys):
     out = _run("maml_sinusoid.py", capsys)
     m0, c0, m1, c1 = map(float, re.search(

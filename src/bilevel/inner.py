@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import _tree as T
+from ._trace import require, scalar, tracing
 from .errors import ConfigError, NonFiniteError, StructureMismatchError
 from .validation import first_nonfinite
 
@@ -471,9 +472,15 @@ def unroll(
         state = dyn.update(state, last_grad, k)
         if track:
             sums.append(sum(t.detach().sum() for t in state[: len(state) // dyn.slots]))
-    if track and any(_batched(t) for t in state):  # inside vmap: the caller checks the result
+    if track and tracing() and sums:  # traced (vmap): no host read, the check runs afterwards
+        ok = torch.isfinite(torch.stack([s.reshape(()) for s in sums])).all()
+        require(ok, lambda: NonFiniteError(
+            f"non-finite values (NaN/inf) in the {level}-level iterate of {type(dyn).__name__} "
+            f"(lr={dyn.lr}) within steps {start + 1}..{start + steps}; reduce the step size or "
+            "check the objective", level=level))
+    if track and any(_batched(t) for t in state):  # inside a plain vmap: the caller checks
         track = False
-    bad = first_nonfinite(sums) if track else None
+    bad = first_nonfinite(sums) if track and not tracing() else None
     if bad is not None:
         step = start + bad + 1
         raise NonFiniteError(
@@ -483,9 +490,9 @@ def unroll(
             step=step,
         )
     info: dict[str, Any] = {"steps": steps}
-    # track=False or inside vmap: no host synchronisation
-    if last_grad is not None and track and not _batched(last_grad[0]):
-        info["last_grad_norm"] = float(T.norm(T.detach(last_grad)))
+    # track=False or inside a plain vmap: no host synchronisation (traced: a tensor)
+    if last_grad is not None and (tracing() or (track and not _batched(last_grad[0]))):
+        info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))
     return state, info
 
 

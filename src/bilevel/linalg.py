@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import _tree as T
+from ._trace import tracing
 
 __all__ = ["cg", "minres", "normal_cg", "damped", "fixed_point", "neumann", "dense_solve"]
 
@@ -88,6 +89,8 @@ def cg(
     last iterate, which minimises the quadratic over the directions explored so far (the point a
     truncated-Newton method keeps, Steihaug 1983). Two synchronisations per iteration.
     """
+    if tracing():
+        return _cg_traced(matvec, b, x0, iters=iters, tol=tol)
     bnorm = float(T.norm(b))
     eps = _eps(b)
     if x0 is None:
@@ -158,6 +161,7 @@ def minres(
     has reached: stop before the step (which would divide by ≈ 0) with ``breakdown="singular"``
     and that iterate (its residual is reported).
     """
+    _not_traced("minres")
     bnorm = float(T.norm(b))
     eps = _eps(b)
     x = T.zeros_like(b) if x0 is None else x0
@@ -239,6 +243,7 @@ def normal_cg(
     ‖Aᵀr‖ ≤ tol·‖Aᵀb‖ (then ``converged``; ``info["normal_residual"]`` is ‖Aᵀr‖) — for an
     inconsistent system ``residual`` stays at the least-squares residual.
     """
+    _not_traced("normal_cg")
     at = matvec if rmatvec is None else rmatvec
     bnorm = float(T.norm(b))
     x = T.zeros_like(b) if x0 is None else x0
@@ -296,6 +301,8 @@ def fixed_point(
     eigenvalue outside [−1, 1] (α too large, or A indefinite); the lenient default suits noisy
     (stochastic) products.
     """
+    if tracing():
+        return _fixed_point_traced(matvec, b, x0, iters=iters, alpha=alpha, tol=tol, growth=growth)
     bnorm = float(T.norm(b))
     x = T.zeros_like(b) if x0 is None else x0
     x_best = x
@@ -338,6 +345,8 @@ def dense_solve(A: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Any]]:
     The fallback used is reported in ``info["breakdown"]`` (``"not_positive_definite"`` or
     ``"singular"``) together with the true residual.
     """
+    if tracing():
+        return _dense_solve_traced(A, b)
     L, bad = torch.linalg.cholesky_ex(A)
     breakdown = None
     if int(bad) == 0:
@@ -351,3 +360,110 @@ def dense_solve(A: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Any]]:
     res = float(torch.linalg.vector_norm(A @ x - b))
     bnorm = float(torch.linalg.vector_norm(b))
     return x, _info(1, res, bnorm, breakdown is None, breakdown)
+
+
+# --- traced variants (inside bilevel._trace.traced, e.g. under torch.func.vmap) ---------------------
+# The same recursions without host reads: the full iteration budget runs, and an entry that has
+# converged or broken down is frozen by masks (torch.where), so every task gets the iterate the
+# eager solver would have stopped at. ``info`` holds tensors; ``breakdown`` is None and
+# ``broke_down`` says per task whether the eager solver would have reported one.
+
+
+def _not_traced(name: str) -> None:
+    if tracing():
+        raise NotImplementedError(
+            f"linalg.{name} has no traced (vmap) form yet: its stopping and breakdown tests read "
+            "values on the host; under bilevel.hypergrad.vmap use CG (with damping=λ for an "
+            "indefinite Hessian), FixedPoint / Neumann or Exact"
+        )
+
+
+def _where(mask: Tensor, new: T.Leaves, old: T.Leaves) -> T.Leaves:
+    return tuple(torch.where(mask, u, v) for u, v in zip(new, old))
+
+
+def _traced_info(k: Tensor, res: Tensor, bnorm: Tensor, converged: Tensor, broke: Tensor):
+    rel = res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    return {"iterations": k, "residual": res, "relative_residual": rel, "converged": converged,
+            "breakdown": None, "broke_down": broke}
+
+
+def _cg_traced(matvec, b, x0, *, iters, tol):
+    """:func:`cg` with masks: stops (freezes) at ‖r‖ ≤ tol·‖b‖ (tol = 0: at r = 0), and on
+    non-positive or non-finite curvature pᵀAp (the eager solver's breakdowns)."""
+    bnorm = T.norm(b)
+    x = T.zeros_like(b) if x0 is None else tuple(x0)
+    r = tuple(b) if x0 is None else T.sub(b, matvec(x))
+    p, rs = r, T.sq_norm(r)
+    stop = (tol * bnorm) ** 2
+    broke = ~torch.isfinite(rs)
+    active = (rs > stop) & ~broke
+    k = torch.zeros((), dtype=torch.int64, device=rs.device)
+    for _ in range(iters):
+        Ap = matvec(p)
+        pAp = T.dot(p, Ap)
+        bad = active & (~torch.isfinite(pAp) | (pAp <= 0))
+        run = active & ~bad
+        alpha = rs / torch.where(run, pAp, torch.ones_like(pAp))
+        x_new = T.axpy(alpha, p, x)
+        r_new = T.axpy(-alpha, Ap, r)
+        rs_new = T.sq_norm(r_new)
+        bad2 = run & ~torch.isfinite(rs_new)
+        run = run & ~bad2
+        beta = rs_new / torch.where(run, rs, torch.ones_like(rs))
+        x, r = _where(run, x_new, x), _where(run, r_new, r)
+        p = _where(run, T.axpy(beta, p, r_new), p)
+        rs = torch.where(run, rs_new, rs)
+        k = k + run.to(k.dtype)
+        broke = broke | bad | bad2
+        active = run & (rs > stop)
+    res = rs.clamp_min(0).sqrt()
+    converged = ~broke & ((res <= tol * bnorm) if tol > 0 else torch.ones_like(broke))
+    return x, _traced_info(k, res, bnorm, converged, broke)
+
+
+def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol, growth):
+    """:func:`fixed_point` with masks: stops (freezes) at ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a
+    non-finite or growing residual (then returns the best iterate), as the eager solver does."""
+    bnorm = T.norm(b)
+    x = T.zeros_like(b) if x0 is None else tuple(x0)
+    x_best = x
+    res = torch.full_like(bnorm, float("nan"))
+    best = torch.full_like(bnorm, float("inf"))
+    broke = torch.zeros_like(bnorm, dtype=torch.bool)
+    active = torch.ones_like(broke)
+    k = torch.zeros((), dtype=torch.int64, device=bnorm.device)
+    for i in range(iters):
+        r = T.sub(matvec(x), b)
+        rn = T.norm(r)
+        res = torch.where(active, rn, res)
+        bad = active & ~torch.isfinite(rn)
+        if i > 0:
+            bad = bad | (active & (rn > growth * torch.maximum(best, bnorm)))
+        run = active & ~bad
+        improve = run & (rn <= best)
+        best = torch.where(improve, rn, best)
+        x_best = _where(improve, x, x_best)
+        if tol > 0:
+            run = run & ~(rn <= tol * bnorm)
+        x = _where(run, T.axpy(-alpha, r, x), x)
+        k = k + run.to(k.dtype)
+        broke = broke | bad
+        active = run
+    use_best = broke & (k > 0)
+    x, res = _where(use_best, x_best, x), torch.where(use_best, best, res)
+    converged = ~broke & ((res <= tol * bnorm) if tol > 0 else torch.ones_like(broke))
+    return x, _traced_info(k, res, bnorm, converged, broke)
+
+
+def _dense_solve_traced(A: Tensor, b: Tensor):
+    """:func:`dense_solve` without branches: Cholesky where it succeeds, LU elsewhere."""
+    L, bad = torch.linalg.cholesky_ex(A)
+    ok = bad == 0
+    x_chol = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    x_lu, _ = torch.linalg.solve_ex(A, b)
+    x = torch.where(ok, x_chol, x_lu)
+    res = torch.linalg.vector_norm(A @ x - b)
+    bnorm = torch.linalg.vector_norm(b)
+    one = torch.ones((), dtype=torch.int64, device=b.device)
+    return x, _traced_info(one, res, bnorm, ok, ~ok)

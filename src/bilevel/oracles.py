@@ -11,7 +11,8 @@ flat leaves ``(xs, ys)``), H = ∇²_yy g, and the *cross term* J^T v = ∇²_xy
 * :func:`hvp_and_cross` — one-shot H v and J^T v (stochastic algorithms, fresh batch per call).
 * :func:`grad_y_fn` — a ``torch.func`` version of ∇_y g for forward-mode (jvp) and vmap.
 * :func:`value_and_grad` — the gradient of any function of leaves (the outer derivative of an
-  unrolled map), in either backend.
+  unrolled map), in either backend; :func:`vjp` — a vector-Jacobian product of a function of
+  leaves (a checkpointed segment, an initialization y0(x)).
 
 Backends (one switch for every algorithm): ``"autograd"`` (default; tape-based
 ``torch.autograd.grad``, the fastest eager path) and ``"func"`` (pure ``torch.func``: ``grad`` for
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 
 from . import _tree as T
+from ._trace import fill_tensors, split_tensors
 
 __all__ = [
     "backend",
@@ -61,6 +63,7 @@ __all__ = [
     "hvp_and_cross",
     "grad_y_fn",
     "value_and_grad",
+    "vjp",
     "grad_y_tangents",
     "reducing",
     "reduced",
@@ -486,9 +489,20 @@ def value_and_grad(
     itself build graphs with ``create_graph`` oracles — reverse-mode unrolling); otherwise it is
     ``torch.func.grad_and_value`` (composable with vmap / torch.compile)."""
     if _functional():
-        g, out = torch.func.grad_and_value(lambda *a: fun(tuple(a)), argnums=tuple(
-            range(len(args))), has_aux=has_aux)(*args)
-        return tuple(g), out
+        if not has_aux:
+            g, out = torch.func.grad_and_value(lambda *a: fun(tuple(a)), argnums=tuple(
+                range(len(args))))(*args)
+            return tuple(g), out
+        side: dict[str, Any] = {}
+
+        def tensor_aux(*a: Tensor):  # torch.func returns tensors only: numbers travel beside
+            val, aux = fun(tuple(a))
+            tensors, side["marks"], side["spec"] = split_tensors(aux)
+            return val, tensors
+
+        g, (val, tensors) = torch.func.grad_and_value(tensor_aux, argnums=tuple(range(len(args))),
+                                                      has_aux=True)(*args)
+        return tuple(g), (val, fill_tensors(tensors, side["marks"], side["spec"]))
     with torch.enable_grad():
         a = T.requires_grad(args)
         out = fun(a)
@@ -497,6 +511,18 @@ def value_and_grad(
     if has_aux:
         return g, (val.detach(), _detach_tree(out[1]))
     return g, val.detach()
+
+
+def vjp(fun: Callable[[T.Leaves], T.Leaves], args: T.Leaves, cotangent: T.Leaves) -> T.Leaves:
+    """(∂fun/∂args)^T · cotangent for a function of flat leaves returning flat leaves (detached):
+    the adjoint of a segment of an unrolled map, or of an initialization y0(x). ``torch.func.vjp``
+    in the functional backends, one ``torch.autograd.grad`` otherwise."""
+    if _functional():
+        _, pull = torch.func.vjp(lambda a: tuple(fun(a)), tuple(args))
+        return T.detach(pull(tuple(cotangent))[0])
+    with torch.enable_grad():
+        a = T.requires_grad(args)
+        return T.detach(_grad(fun(a), a, cotangent))
 
 
 def _detach_tree(obj: Any) -> Any:

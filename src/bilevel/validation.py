@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._trace import require, tracing
 from ._tree import Leaves, Spec
 from .errors import (
     EmptyDataError,
@@ -74,10 +75,17 @@ def check_like(a: Leaves, a_spec: Spec, b: Leaves, b_spec: Spec, what: str) -> N
 
 def check_finite(leaves: Sequence[Tensor], level: str, what: str, step: int | None = None) -> None:
     """Raise :class:`NonFiniteError` naming the level and step if any entry is NaN/inf (one
-    host synchronisation for all leaves)."""
+    host synchronisation for all leaves; deferred in traced mode, see :mod:`bilevel._trace`)."""
+    where = f" at step {step}" if step is not None else ""
+    if tracing():
+        if leaves:
+            ok = torch.stack([torch.isfinite(t.detach()).all() for t in leaves]).all()
+            require(ok, lambda: NonFiniteError(
+                f"non-finite values (NaN/inf) in {what} of the {level} level{where}",
+                level=level, step=step))
+        return
     if not leaves or bool(torch.stack([torch.isfinite(t).all() for t in leaves]).all()):
         return
-    where = f" at step {step}" if step is not None else ""
     raise NonFiniteError(
         f"non-finite values (NaN/inf) in {what} of the {level} level{where}",
         level=level,
@@ -90,6 +98,10 @@ def check_finite_groups(
 ) -> None:
     """:func:`check_finite` for several ``(level, what, leaves)`` groups with one synchronisation;
     the error names the first group that holds a NaN/inf."""
+    if tracing():
+        for level, what, ts in groups:
+            check_finite(ts, level, what, step)
+        return
     flags = [torch.isfinite(t).all() for _, _, ts in groups for t in ts]
     if not flags or bool(torch.stack(flags).all()):
         return

@@ -138,3 +138,78 @@ def test_bad_estimator_state_is_rejected():
         est(ref.problem, ref.x, ref.y0, state=[1, 2])
     with pytest.raises(bl.errors.ConfigError, match=r"lacks \['v'"):
         est(ref.problem, ref.x, ref.y0, state={"rng": 0})
+
+
+# --- bl.solve: resume pitfalls and errors with the outer step (issue 8, items 6 and 7) -----------
+def _aid():
+    ref = mixed()
+    return ref, S.AID(bl.inner.GD(lr=ref.lr, steps=5), upper_lr=0.05, iters=3)
+
+
+def test_solve_never_mutates_the_state_passed_in():
+    ref, solver = _aid()
+    part = bl.solve(ref.problem, ref.x, ref.y0, solver=solver, steps=2, track=False)
+    frozen = copy.deepcopy(part.state)
+    a = bl.solve(ref.problem, ref.x, ref.y0, solver=solver, steps=5, track=False, state=part.state)
+    assert _equal(part.state, frozen)
+    b = bl.solve(ref.problem, ref.x, ref.y0, solver=solver, steps=5, track=False, state=part.state)
+    assert len(a.history) == len(b.history) == 3 and torch.equal(a.x, b.x)
+    assert part.state["solver"] == "AID"
+
+
+def test_resume_with_another_solver_or_other_shapes_is_rejected():
+    ref, solver = _aid()
+    part = bl.solve(ref.problem, ref.x, ref.y0, solver=solver, steps=2, track=False)
+    with pytest.raises(bl.errors.ConfigError, match="made by solver AID, not SOBA"):
+        bl.solve(ref.problem, ref.x, ref.y0, solver=S.SOBA(), steps=4, state=part.state)
+    with pytest.raises(bl.errors.ConfigError, match=r"state's x has leaves .*\(5,\).* x0 has .*\(6,\)"):
+        bl.solve(ref.problem, torch.zeros(6, dtype=F64), ref.y0, solver=solver, steps=4,
+                 state=part.state)
+    with pytest.raises(bl.errors.ConfigError, match="state's y has leaves"):
+        bl.solve(ref.problem, ref.x, torch.zeros(3, dtype=F64), solver=solver, steps=4, state=part.state)
+    with pytest.raises(bl.errors.ConfigError, match="needs the .state of a previous SolveResult"):
+        bl.solve(ref.problem, ref.x, ref.y0, solver=solver, steps=4, state={"x": 1})
+
+
+def test_errors_name_the_outer_step_and_carry_the_partial_result():
+    ref = mixed()
+    # GD with a step far beyond 2/L diverges inside the lower loop once x has moved enough:
+    # make it blow up at outer step 3 by a lower objective that turns NaN there
+    calls = {"n": 0}
+    f, g = ref.problem.upper, ref.problem.lower
+
+    def g_bad(x, y):
+        return g(x, y) * (float("nan") if calls["n"] >= 2 else 1.0)
+
+    def count(t, x, y, rec):
+        calls["n"] += 1
+
+    problem = bl.Problem(f, g_bad)
+    solver = S.RHG(bl.inner.GD(lr=ref.lr, steps=3), upper_lr=0.05)
+    with pytest.raises(bl.NonFiniteError) as info:
+        bl.solve(problem, ref.x, ref.y0, solver=solver, steps=6, track=False, callback=count)
+    exc = info.value
+    assert exc.outer_step == 3 and "outer step 3 of RHG" in str(exc) and exc.level == "lower"
+    assert "step 1 of GD" in str(exc)  # the inner step is still named
+    part = exc.partial
+    assert len(part.history) == 2 and part.state["t"] == 2
+    # the partial state is the last good one: resuming it (with a sane objective) equals the clean run
+    clean = bl.solve(ref.problem, ref.x, ref.y0, solver=solver, steps=4, track=False)
+    rest = bl.solve(ref.problem, ref.x, ref.y0, solver=solver, steps=4, track=False, state=part.state)
+    assert torch.equal(rest.x, clean.x) and torch.equal(part.x, bl.solve(
+        ref.problem, ref.x, ref.y0, solver=solver, steps=2, track=False).x)
+
+
+def test_non_bilevel_errors_get_a_note_and_the_partial_result():
+    ref, solver = _aid()
+
+    def g_raises(x, y):
+        if float(x.detach().sum()) != float(ref.x.sum()):
+            raise RuntimeError("user code failed")
+        return ref.problem.lower(x, y)
+
+    with pytest.raises(RuntimeError, match="user code failed") as info:
+        bl.solve(bl.Problem(ref.problem.upper, g_raises), ref.x, ref.y0, solver=solver, steps=4,
+                 track=False)
+    assert info.value.outer_step == 2 and len(info.value.partial.history) == 1
+    assert any("outer step 2 of AID" in n for n in info.value.__notes__)

@@ -17,6 +17,7 @@ L-BFGS): all samples with weight 1 (noisy) and the clean samples only (oracle).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from ..estimates import Schedule
 from ..formulation import Problem, params
 from ..sampling import FullBatch, Minibatches
 from .base import Experiment, Setup, fmt, markdown_table, register, run_device, run_dtype
-from .factory import Arg, Built, Lazy, build, build_estimator
+from .factory import Arg, Built, Lazy, build, build_estimator, find_solver
 
 __all__ = ["HyperClean", "HypercleanData", "load_data", "make_model", "kept_scores"]
 
@@ -159,6 +160,10 @@ def build_solver(cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> Bu
     }
     if hc["truncate"]:
         offer["truncate"] = Arg(hc["truncate"], ("hypergrad.truncate",))
+    cls = find_solver(cfg["solver"])
+    if cls is not None and "lr_x" in inspect.signature(cls).parameters:
+        # stochastic solvers take upper= too, but here upper.lr / upper.decay are their lr_x
+        del offer["upper"]
     offer.update(extra or {})
     return build("solver", cfg["solver"], offer, keys=("solver",))
 

@@ -451,6 +451,7 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
         fresh = True
     plot_metrics: list[str] = list(setup.plot_metrics or [])
     start_t = int(state["t"])
+    live = {"state": state}  # bl.solve never mutates the state passed in: the callback gets the live one
     for cb in cbs:
         cb.on_start(path, cfg, load_trace(path))
 
@@ -461,7 +462,7 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
         star = record["step"] == steps or not setup.lower_star_final_only
         metrics.update(lower_optimality(setup, x, y, lower_star=star))
         session["eval_time"] += time.perf_counter() - t0
-        counts = dict(state["counts"].flat())
+        counts = dict(live["state"]["counts"].flat())
         diag = {k: v for k, v in record.items()
                 if k not in ("step", "time") and k not in counts and k not in metrics}
         rec = {"step": record["step"], "time": record["time"], **metrics, **diag, **counts,
@@ -478,7 +479,7 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
     def save_checkpoint() -> None:
         session_now = {**session, "wall_time": session["wall_time"] + time.perf_counter() - wall0}
         blob = {
-            "experiment": exp.name, "step": int(state["t"]), "state": state,
+            "experiment": exp.name, "step": int(live["state"]["t"]), "state": live["state"],
             "solver": _capture(setup.solver),
             "samplers": {k: (s.state_dict() if s is not None else None) for k, s in samplers.items()},
             "stateful": {k: obj.state_dict() for k, obj in setup.stateful.items()},
@@ -496,8 +497,9 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
     shown = list(setup.progress)
     last: dict[str, Any] = {}
 
-    def callback(t: int, x: Any, y: Any, record: dict[str, Any]) -> bool:
+    def callback(t: int, x: Any, y: Any, record: dict[str, Any], state: dict[str, Any]) -> bool:
         nonlocal last
+        live["state"] = state
         if bar is not None:
             bar.update(1)
         if t % every == 0 or t == steps:
@@ -513,14 +515,15 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
 
     try:
         if start_t < steps:
-            solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=steps,
+            live["state"] = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=steps,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
                   lower_data=setup.lower_data, upper_data=setup.upper_data, track=False,
-                  state=state, callback=callback)
+                  state=state, callback=callback).state
     finally:
         if bar is not None:
             bar.close()
     session["wall_time"] += time.perf_counter() - wall0
+    state = live["state"]
     done = int(state["t"])
     from .plots import plot_run
 

@@ -7,6 +7,7 @@ from .first_order import FirstOrder
 from .forward import Forward
 from .implicit import CG, MINRES, Exact, FixedPoint, Implicit, Neumann, NormalCG
 from .reverse import Reverse
+from .vmap import vmap
 from .zeroth_order import ZerothOrder
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "Implicit",
     "ClosedForm",
     "ZerothOrder",
+    "vmap",
 ]

@@ -1,41 +1,49 @@
 """Hypergradient through a user-supplied differentiable solver x -> y*(x) (exact when y* is).
 
     ∇h(x) = ∇_x [ f(x, y*(x)) ]   by ordinary backpropagation through ``solve``.
+
+``solve(x)`` closes over its data; ``solve(x, batch)`` (two parameters) receives the lower-level
+batch instead, so one solver serves every task of :func:`bilevel.hypergrad.vmap`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from .. import _tree as T
+from .. import oracles as O
 from ..formulation import Bound
-from ..oracles import _grad, objective, rank_mean
 from .base import Estimator
 
 
+def _takes_batch(fn: Callable) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2
+
+
 class ClosedForm(Estimator):
-    """Hypergradient through a user-supplied differentiable solution map ``solve: x -> y*(x)``
-    (closed form, or any differentiable solver): ∇h(x) = ∇_x [f(x, y*(x))] by backpropagation.
-    Exact when ``solve`` is.
-
-    Args:
-        solve: callable from the upper variable (pytree) to the lower solution (pytree like y).
-
-    Returns: ``res.grad``, ``res.y`` = solve(x) (detached).
-    """
+    """Backpropagation through ``solve``: x -> y*(x), or (x, lower batch) -> y*(x)."""
 
     reference = "closed-form lower level (e.g. ridge regression)"
 
-    def __init__(self, solve: Callable[[Any], Any]):
+    def __init__(self, solve: Callable[..., Any]):
+        if not callable(solve):
+            raise TypeError(f"ClosedForm needs a callable solve(x[, batch]), got {type(solve).__name__}")
         self.solve = solve
+        self._with_batch = _takes_batch(solve)
 
     def compute(self, bound: Bound, state: dict):
-        with torch.enable_grad():
-            xs = T.requires_grad(bound.xs)
-            ys, spec = T.flatten(self.solve(bound.x_tree(xs)))
-            F = objective(bound.F, xs, ys)  # data-parallel: the union's f (else bound.F)
-            gx = rank_mean(_grad(F, xs))
-        return T.detach(gx), T.detach(ys), {}, state
+        def objective(xs: T.Leaves):
+            x = bound.x_tree(xs)
+            out = self.solve(x, bound.G.batch) if self._with_batch else self.solve(x)
+            ys, _ = T.flatten(out)
+            return O.objective(bound.F, xs, ys), T.detach(ys)  # the union's f when data are sharded
+
+        gx, (_, ys) = O.value_and_grad(objective, bound.xs, has_aux=True)
+        return O.rank_mean(gx), ys, {}, state

@@ -83,6 +83,8 @@ class Estimator:
     reference: str = ""
     #: keys every state of this estimator holds (checked when a state is passed in)
     state_keys: tuple[str, ...] = ()
+    #: state keys shared by all tasks under :func:`bilevel.hypergrad.vmap` (not stacked per task)
+    shared_state: tuple[str, ...] = ()
 
     @staticmethod
     def _bound(problem: Problem, x: Any, y: Any, batch: Any, upper_batch: Any, lower_batch: Any):

@@ -14,8 +14,11 @@ to the inner learning rate.
 
 from __future__ import annotations
 
+import torch
+
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import tracing
 from ..formulation import Bound
 from ..inner import Dynamics
 from .base import Estimator, solve_lower
@@ -50,10 +53,14 @@ class FiniteDifference(Estimator):
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
         y_virtual = T.axpy(-self.xi, O.grad_y(bound.G, xs, ys), ys)
         _, gx, v = O.grads(bound.F, xs, y_virtual)
-        vnorm = float(T.norm(v))
-        if vnorm == 0.0:
-            return gx, y_virtual, info, state
-        eps = self.eps / vnorm
+        if tracing():  # no branch on a value: v = 0 gives g+ = g− and a zero mixed term anyway
+            vn = T.norm(v)
+            eps = self.eps / torch.where(vn > 0, vn, torch.ones_like(vn))
+        else:
+            vnorm = float(T.norm(v))
+            if vnorm == 0.0:
+                return gx, y_virtual, info, state
+            eps = self.eps / vnorm
         g_plus = O.grad_x(bound.G, xs, T.axpy(eps, v, ys))
         g_minus = O.grad_x(bound.G, xs, T.axpy(-eps, v, ys))
         mixed = T.scale(T.sub(g_plus, g_minus), 1.0 / (2 * eps))

@@ -8,13 +8,10 @@ The first form is alternating gradient descent; the second is first-order MAML (
 
 from __future__ import annotations
 
-import torch
-
 from .. import _tree as T
 from .. import oracles as O
 from ..formulation import Bound
 from ..inner import Dynamics
-from ..oracles import _grad
 from ..validation import check_finite
 from .base import Estimator, solve_lower
 
@@ -41,7 +38,5 @@ class FirstOrder(Estimator):
         fval, gx, gy = O.grads(bound.F, bound.xs, ys)
         check_finite([fval, *gx, *gy], "upper", "f, ∇_x f or ∇_y f at the lower point")
         if bound.y_fn is not None:
-            with torch.enable_grad():
-                xs = T.requires_grad(bound.xs)
-                gx = T.add(gx, _grad(bound.init(xs), xs, gy))
+            gx = T.add(gx, O.vjp(bound.init, bound.xs, gy))
         return gx, ys, info, state

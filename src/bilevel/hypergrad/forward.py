@@ -25,11 +25,22 @@ from torch.func import jvp, vmap
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import require, tracing
 from ..errors import NonFiniteError
 from ..formulation import Bound
 from ..inner import Dynamics
 from ..validation import first_nonfinite
 from .base import Estimator
+
+
+def _pd() -> int | None:
+    """Out-dim of the primal of a vmapped jvp: traced (inside an outer vmap over tasks) the
+    primal comes out batched over the tangents, so take it batched and keep row 0."""
+    return 0 if tracing() else None
+
+
+def _primal(s):
+    return tuple(t[0] for t in s) if tracing() else s
 
 
 class Forward(Estimator):
@@ -93,8 +104,9 @@ class Forward(Estimator):
         def init(xs_):
             return dyn.init(bound.init(xs_))
 
-        s, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(None, 0))(U) if bound.y_fn \
+        s, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(_pd(), 0))(U) if bound.y_fn \
             else (dyn.init(bound.ys0), None)
+        s = _primal(s) if bound.y_fn else s
         if Z is None:
             Z = tuple(torch.zeros((U[0].shape[0], *t.shape), dtype=t.dtype, device=t.device)
                       for t in s)
@@ -108,7 +120,8 @@ class Forward(Estimator):
                     return d.update(s_, gfun(xs_, d.point(s_)), k)
 
                 s, Z = vmap(lambda u, z, s0=s, st=step: jvp(st, (xs, s0), (u, z)),
-                            out_dims=(None, 0))(U, Z)
+                            out_dims=(_pd(), 0))(U, Z)
+                s = _primal(s)
                 sums.append(sum(t.detach().sum() for t in dyn.output(s)))
                 continue
             gy, dg = O.grad_y_tangents(bound.G, xs, dyn.point(s), U, dyn.point(Z))
@@ -126,8 +139,15 @@ class Forward(Estimator):
                 return dyn.update(s_, g_, k)
 
             s, Z = vmap(lambda z, d, s0=s, g0=gy, f=upd: jvp(f, (s0, g0), (z, d)),
-                        out_dims=(None, 0))(Z, dg)
+                        out_dims=(_pd(), 0))(Z, dg)
+            s = _primal(s)
             sums.append(sum(t.detach().sum() for t in dyn.output(s)))
+        if tracing():  # under vmap: checked per task after the transform
+            if sums:
+                require(torch.isfinite(torch.stack(sums)).all(), lambda: NonFiniteError(
+                    f"non-finite values (NaN/inf) in the lower-level iterate of "
+                    f"{type(dyn).__name__} (forward mode, lr={dyn.lr})", level="lower"))
+            return T.detach(s), dyn.output(Z)
         bad = first_nonfinite(sums)
         if bad is not None:
             raise NonFiniteError(

@@ -54,6 +54,7 @@ import torch
 from .. import _tree as T
 from .. import linalg
 from .. import oracles as O
+from .._trace import require, scalar, tracing
 from ..errors import (
     LinearSolveError,
     LinearSolveWarning,
@@ -124,6 +125,9 @@ class Implicit(Estimator):
         if x0 is not None and any(u.shape != w.shape for u, w in zip(x0, b)):
             x0 = None
         v, sinfo = self._solve_safely(lin, b, x0, bound)
+        if tracing() and self.strict:  # under vmap: checked per task after the transform
+            require(~sinfo["broke_down"], lambda: LinearSolveError(
+                f"{type(self).__name__} linear solve broke down (strict=True)"))
         if sinfo["breakdown"] is not None:
             if not state.get("breakdowns", 0):  # once per run: the first breakdown of this state
                 _warn_breakdown(self, sinfo)
@@ -132,7 +136,7 @@ class Implicit(Estimator):
         if self.warm_start:
             state["v"] = T.detach(v) if sinfo["breakdown"] is None else None
         hg = T.sub(gx, lin.cross(v))
-        info["inner_grad_norm"] = float(T.norm(lin.grad_y))
+        info["inner_grad_norm"] = scalar(T.norm(lin.grad_y))
         info["linear_solve"] = sinfo
         return hg, ys, info, state
 

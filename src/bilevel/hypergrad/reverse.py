@@ -25,9 +25,10 @@ from collections.abc import Callable
 import torch
 
 from .. import _tree as T
+from .. import oracles as O
 from ..formulation import Bound
 from ..inner import Dynamics, GradFn, unroll
-from ..oracles import _grad, objective, rank_mean, record
+from ..oracles import record
 from .base import Estimator, lower_grad_fn
 
 
@@ -78,82 +79,89 @@ class Reverse(Estimator):
     def _direction(self, bound: Bound, xs, *, create_graph: bool) -> GradFn:
         return (self.grad_fn or lower_grad_fn)(bound, xs, create_graph=create_graph)
 
+    def _bind(self, bound: Bound, xs: T.Leaves):
+        """The inner dynamics with hyperparameters evaluated at x (differentiable when xs is)."""
+        return self.inner.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))
+
     def compute(self, bound: Bound, state: dict):
         steps = self.inner.steps
         K = steps if self.truncate is None else int(self.truncate)
-        xs = T.requires_grad(bound.xs)
-        with torch.enable_grad():
-            dyn = self.inner.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))  # hyperparameters(x)
-            if steps > K:  # T-RHG: the first T-K steps carry no derivative
-                with torch.no_grad():
-                    s0, _ = unroll(
-                        dyn, self._direction(bound, xs, create_graph=False),
-                        dyn.init(bound.init(T.detach(xs))), steps - K,
-                    )
-                s0 = T.detach(s0)
-                init_graph = False
-            else:
-                y0 = bound.init(xs)
-                if self.wrt_init:
-                    if bound.y_fn is not None:
-                        raise ValueError("wrt_init=True needs a fixed starting point, not y0(x)")
-                    y0 = T.requires_grad(y0)
-                s0 = dyn.init(y0)
-                init_graph = bound.y_fn is not None
-            wrt = xs + y0 if self.wrt_init else xs
-            if self.checkpoint:
-                seg = int(self.checkpoint) if not isinstance(self.checkpoint, bool) else 0
-                gx, s_T, info = self._checkpointed(bound, xs, s0, K, steps - K, seg, init_graph)
-                if self.wrt_init:  # adjoint of the start state -> derivative w.r.t. y0
-                    with torch.enable_grad():
-                        gx = gx + _grad(dyn.init(y0), y0, info.pop("adjoint"))
-            else:
-                s_T, info = unroll(dyn, self._direction(bound, xs, create_graph=True), s0, K,
-                                   start=steps - K)
-                F = objective(bound.F, xs, dyn.output(s_T))
-                gx = _grad(F, wrt)
-            gx = rank_mean(gx)  # data-parallel: per-rank shares -> derivative (else identity)
-            if self.wrt_init:
-                info["grad_init"] = T.detach(gx[len(xs) :])
-                gx = gx[: len(xs)]
+        xs = bound.xs
+        nx = len(xs)
+        dyn = self._bind(bound, xs)  # hyperparameters(x), for the passes without a derivative
+        s_trunc = None
+        if steps > K:  # T-RHG: the first T-K steps carry no derivative
+            with torch.no_grad():
+                s_trunc, _ = unroll(dyn, self._direction(bound, xs, create_graph=False),
+                                    dyn.init(bound.init(xs)), steps - K)
+            s_trunc = T.detach(s_trunc)
+        if self.wrt_init and bound.y_fn is not None:
+            raise ValueError("wrt_init=True needs a fixed starting point, not y0(x)")
+        # differentiate with respect to w = x (+ y0 with wrt_init)
+        w0 = xs + bound.ys0 if self.wrt_init else xs
+
+        def start_state(w: T.Leaves) -> T.Leaves:
+            if s_trunc is not None:
+                return s_trunc
+            return dyn.init(w[nx:] if self.wrt_init else bound.init(w[:nx]))
+
+        if self.checkpoint:
+            seg = int(self.checkpoint) if not isinstance(self.checkpoint, bool) else 0
+            gw, s_T, info = self._checkpointed(bound, w0, start_state, K, steps - K, seg)
+        else:
+            def loss(w: T.Leaves):  # f at the end of the unrolled graph (the union's f, sharded)
+                s_T, info = unroll(self._bind(bound, w[:nx]),
+                                   self._direction(bound, w[:nx], create_graph=True),
+                                   start_state(w), K, start=steps - K)
+                return O.objective(bound.F, w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
+
+            gw, (_, (s_T, info)) = O.value_and_grad(loss, w0, has_aux=True)
+        gw = O.rank_mean(gw)  # data-parallel: per-rank shares -> derivative (else identity)
+        gx = gw[:nx]
+        if self.wrt_init:
+            info["grad_init"] = T.detach(gw[nx:])
         # the reverse sweep applies (∂_y Φ_k)^T and (∂_x Φ_k)^T once per differentiated step
         record(bound.G, "hvp", "cross", times=K)
         info.update(steps=steps, truncate=K, checkpoint=bool(self.checkpoint))
         return T.detach(gx), T.detach(dyn.output(s_T)), info, state
 
-    def _checkpointed(self, bound, xs, s0, K, start, seg, init_graph):
+    def _checkpointed(self, bound, w0, start_state, K, start, seg):
         """Segmented reverse sweep: store ⌈K/c⌉ states, recompute each segment with a graph."""
-        with torch.enable_grad():
-            dyn = self.inner.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))
+        dyn = self._bind(bound, bound.xs)
+        xs = bound.xs
+        nx = len(xs)
         c = seg if seg > 0 else max(1, math.isqrt(K - 1) + 1 if K > 1 else 1)
         bounds = list(range(0, K, c)) + [K]
         nograd = self._direction(bound, xs, create_graph=False)
-        saved, s = [], T.detach(s0)
+        with torch.no_grad():
+            s = T.detach(start_state(w0))
+        saved = []
+        info: dict = {}
         with torch.no_grad():
             for a, b in zip(bounds[:-1], bounds[1:]):
                 saved.append(s)
                 s, info = unroll(dyn, nograd, s, b - a, start=start + a)
         s_T = s
-        with torch.enable_grad():  # adjoint at the end: a_T = ∂F/∂state
-            sT = T.requires_grad(s_T)
-            F = objective(bound.F, xs, dyn.output(sT))
-            g = _grad(F, xs + sT)
-        gx, adj = list(g[: len(xs)]), g[len(xs) :]
-        withgraph = self._direction(bound, xs, create_graph=True)
+        ns = len(s_T)
+        # adjoint at the end: a_T = ∂F/∂state
+        g, _ = O.value_and_grad(lambda w: O.objective(bound.F, w[:nx], dyn.output(w[nx:])), xs + s_T)
+        gx, adj = g[:nx], g[nx:]
         for i in range(len(saved) - 1, -1, -1):
             a, b = bounds[i], bounds[i + 1]
-            with torch.enable_grad():
-                si = T.requires_grad(saved[i])
-                se, _ = unroll(dyn, withgraph, si, b - a, start=start + a, track=False)
-                g = _grad(se, xs + si, adj)
-            gx = [u + v for u, v in zip(gx, g[: len(xs)])]
-            adj = g[len(xs) :]
-        if init_graph:  # derivative through the initialization y0(x)
-            with torch.enable_grad():
-                s0g = dyn.init(bound.init(xs))
-                g0 = _grad(s0g, xs, adj)
-            gx = [u + v for u, v in zip(gx, g0)]
+
+            def segment(w: T.Leaves, a: int = a, b: int = b) -> T.Leaves:
+                direction = self._direction(bound, w[:nx], create_graph=True)
+                return unroll(self._bind(bound, w[:nx]), direction, w[nx:], b - a, start=start + a,
+                              track=False)[0]
+
+            g = O.vjp(segment, xs + saved[i], adj)
+            gx = T.add(gx, g[:nx])
+            adj = g[nx:]
+        assert len(adj) == ns
+        # the adjoint of the start state -> derivative through y0(x), or w.r.t. y0 (wrt_init)
+        if self.wrt_init or bound.y_fn is not None:
+            gw = O.vjp(start_state, w0, adj)
+            gx = T.add(gx, gw[:nx])
+            gx = gx + tuple(gw[nx:])
         info["segments"] = len(saved)
-        if self.wrt_init:
-            info["adjoint"] = adj
         return tuple(gx), s_T, info

@@ -19,12 +19,14 @@ Q + 1 separate ones. ``batched=False`` runs them one after another (the referenc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import require, traced, tracing
 from ..errors import NonFiniteError
 from ..formulation import Bound
 from ..inner import Dynamics
@@ -42,6 +44,7 @@ class ZerothOrder(Estimator):
 
     reference = "Sow, Ji & Liang 2022 (PZOBO), Alg. 1"
     state_keys = ("rng",)
+    shared_state = ("rng",)  # under hypergrad.vmap every task draws the same directions
 
     def __init__(
         self, inner: Dynamics, samples: int = 10, mu: float = 1e-3, seed: int | None = 0, *,
@@ -174,9 +177,15 @@ def batched_lower(
     for lo in range(0, Q, size):
         D = T.from_vector(U[lo : lo + size], xs)
         Xp = tuple(x + mu * d for x, d in zip(xs, D))
-        with O.backend("func"):
+        # (traced: checks inside this inner vmap cannot leave it; Y is checked below instead)
+        with O.backend("func"), (traced() if tracing() else contextlib.nullcontext()):
             outs.append(tuple(torch.func.vmap(lambda *x: tuple(run_lower(tuple(x))))(*Xp)))
     Y = tuple(torch.cat(parts) for parts in zip(*outs))
+    if tracing():  # under hypergrad.vmap: checked per task after the transform
+        require(torch.stack([torch.isfinite(t).all() for t in Y]).all(), lambda: NonFiniteError(
+            "non-finite values (NaN/inf) in a perturbed lower-level trajectory y_N(x + μ u_j) of "
+            f"the zeroth-order estimator (μ = {mu})", level="lower"))
+        return Y
     if not all(bool(torch.isfinite(t).all()) for t in Y):
         run_lower(xs)  # raises with the step if the unperturbed trajectory blows up
         raise NonFiniteError(

@@ -30,6 +30,7 @@ from .stochastic import (
     AmIGO,
     StocBiO,
 )
+from .upper import TorchOptimizer, upper_rule
 from .vpbgd import VPBGD
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "solve",
     "stochastic",
     "HypergradientDescent",
+    "TorchOptimizer",
+    "upper_rule",
     # deterministic
     "RHG",
     "TRHG",

@@ -24,6 +24,8 @@ on a linear-solve breakdown (see :mod:`bilevel.hypergrad.implicit` for the defau
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import ConfigError
 from ..hypergrad import CG, MINRES, FixedPoint, Neumann, NormalCG
 from ..inner import Dynamics
@@ -51,7 +53,7 @@ class AID(HypergradientDescent):
         inner: Dynamics,
         upper_lr: float = 0.1,
         *,
-        upper: Dynamics | None = None,
+        upper: Any = None,
         linear_solver: str = "cg",
         iters: int = 20,
         alpha: float | None = None,

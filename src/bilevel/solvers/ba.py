@@ -13,6 +13,8 @@ for AID. The paper lets the number of inner steps grow with t; here it is the fi
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..hypergrad import Exact
 from ..inner import Dynamics
 from .hypergradient import HypergradientDescent
@@ -25,6 +27,6 @@ class BA(HypergradientDescent):
 
     reference = "Ghadimi & Wang 2018, Alg. 1 (BA, explicit Hessian inverse)"
 
-    def __init__(self, inner: Dynamics, upper_lr: float = 0.1, *, upper: Dynamics | None = None,
+    def __init__(self, inner: Dynamics, upper_lr: float = 0.1, *, upper: Any = None,
                  warm_start: bool = True):
         super().__init__(Exact(inner), upper=upper if upper is not None else upper_lr, warm_start=warm_start)

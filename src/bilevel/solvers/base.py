@@ -19,6 +19,7 @@ clock excludes tracking and callbacks), non-finite checks, history, resuming fro
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,12 +30,13 @@ from torch import Tensor
 
 from .. import _tree as T
 from .. import oracles as O
+from ..errors import BilevelError, ConfigError
 from ..formulation import Bound, Problem
 from ..inner import Dynamics, with_projection
 from ..sampling import Sampler, as_sampler
 from ..validation import check_compatible, check_finite, check_variables
 
-__all__ = ["Solver", "Context", "SolveResult", "solve", "descend"]
+__all__ = ["Solver", "Context", "SolveResult", "solve", "descend", "copy_state", "solver_name"]
 
 
 class Context:
@@ -158,6 +160,16 @@ class Solver:
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def step_x(self, ctx: Context, state: dict[str, Any], grad: T.Leaves, t: int) -> T.Leaves:
+        """The upper step  x ← P_X(U(x, d_t))  with this solver's rule ``self.upper`` (see
+        :mod:`bilevel.solvers.upper`): updates ``state["x"]`` and the rule's state
+        ``state["upper"]`` (created at the first step) and returns the new x."""
+        rstate = state.get("upper")
+        if rstate is None:
+            rstate = self.upper.init(state["x"])
+        state["x"], state["upper"] = descend(self.upper, rstate, grad, t, ctx.project_x)
+        return state["x"]
+
     def output(self, state: dict[str, Any]) -> tuple[T.Leaves, T.Leaves]:
         """The (x, y) pair the solver reports (e.g. an average or the last iterate)."""
         return state["x"], state["y"]
@@ -169,10 +181,93 @@ class Solver:
 
 @dataclass
 class SolveResult:
+    """``x``, ``y``: the solver's output; ``history``: one record per outer step; ``state``: the
+    solver state after the last step (pass it as ``bl.solve(..., state=...)`` to resume)."""
+
     x: Any
     y: Any
     history: list[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+
+
+def solver_name(solver: Any) -> str:
+    """The class name recorded in a solver state (wrappers holding ``.solver`` name both)."""
+    inner = getattr(solver, "solver", None)
+    name = type(solver).__qualname__
+    return f"{name}[{solver_name(inner)}]" if isinstance(inner, Solver) else name
+
+
+def copy_state(obj: Any) -> Any:
+    """A structural copy of a state: containers (dict, list, tuple) and the small bilevel objects
+    inside (oracle counts, SAGA tables) are copied, tensors are shared — the package never writes
+    into a state tensor in place, so this is enough for the copy to be independent."""
+    if type(obj) is dict:
+        return {k: copy_state(v) for k, v in obj.items()}
+    if isinstance(obj, dict):  # oracle counts and other small dict subclasses
+        return copy.deepcopy(obj)
+    if isinstance(obj, list):
+        return [copy_state(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(copy_state(v) for v in obj)
+    if (type(obj).__module__.startswith("bilevel.") and hasattr(obj, "__dict__")
+            and not isinstance(obj, (Solver, Dynamics))):
+        out = copy.copy(obj)
+        out.__dict__.update({k: copy_state(v) for k, v in vars(obj).items()})
+        return out
+    return obj
+
+
+def _leaf_shapes(leaves: Any) -> list[tuple[tuple[int, ...], torch.dtype]] | None:
+    if not isinstance(leaves, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in leaves):
+        return None
+    return [(tuple(t.shape), t.dtype) for t in leaves]
+
+
+def _check_resume(solver: Solver, state: Any, xs: T.Leaves, ys: T.Leaves) -> None:
+    """A state passed to :func:`solve` must come from the same solver class and variables of the
+    same shapes and dtypes as ``x0`` / ``y0``."""
+    if not isinstance(state, dict) or "t" not in state or "x" not in state:
+        raise ConfigError(
+            "bl.solve(state=...) needs the .state of a previous SolveResult (a dict with 't', 'x', "
+            f"'y', ...), got {type(state).__name__}"
+        )
+    want, got = solver_name(solver), state.get("solver")
+    if got is not None and got != want:
+        raise ConfigError(
+            f"cannot resume: the state was made by solver {got}, not {want}; resume with the same "
+            "solver class or start a fresh run (state=None)"
+        )
+    for name, key, leaves in (("x0", "x", xs), ("y0", "y", ys)):
+        have = _leaf_shapes(state.get(key))
+        want_shapes = _leaf_shapes(leaves)
+        if have is not None and have != want_shapes:
+            raise ConfigError(
+                f"cannot resume: the state's {key} has leaves (shape, dtype) {have} but {name} has "
+                f"{want_shapes}; pass the {name} of the run that produced the state"
+            )
+
+
+def _takes_state(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "state" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _fail(exc: BaseException, t: int, solver: Solver, partial: SolveResult) -> None:
+    """Name the outer step in an error raised inside :func:`solve` and attach the partial result
+    (``exc.partial``: history so far and the last good state; ``exc.outer_step``)."""
+    where = f"outer step {t} of {solver_name(solver)}"
+    try:
+        exc.outer_step = t
+        exc.partial = partial
+    except AttributeError:  # exceptions with __slots__: nothing to attach to
+        return
+    if isinstance(exc, BilevelError) and exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} [{where}; partial result in .partial]", *exc.args[1:])
+    else:
+        exc.add_note(f"bilevel: raised at {where}; the partial result is attached as .partial")
 
 
 def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, float]:
@@ -234,9 +329,18 @@ def solve(
 
     ``track`` (True or every-N) records f(x, y) and ‖∇_y g(x, y)‖ on the full data each
     (N-th) step, outside the clock. ``callback(t, x, y, record)`` runs after each step and may
-    return True to stop. ``state`` (from a previous :class:`SolveResult`) resumes a run.
+    return True to stop; a callback with a ``state`` parameter also receives the live solver state
+    (``state=``; read it, e.g. to write a checkpoint — do not modify it).
+
+    ``state`` (from a previous :class:`SolveResult`) resumes a run: it is copied first (never
+    mutated, so the same state can seed several resumes) and must come from the same solver class
+    with x0 / y0 of the same shapes (:class:`~bilevel.errors.ConfigError` otherwise).
     ``y0`` may be a callable x -> y0 (solvers that learn the initialization use it).
     ``compile=True`` runs every oracle as a compiled kernel (:mod:`bilevel.compiled`).
+
+    An error raised during an outer step names that step and carries the partial result:
+    ``exc.outer_step`` and ``exc.partial`` (a :class:`SolveResult` with the history so far and the
+    last good state, from which the run can be resumed).
     """
     xs, xspec = T.flatten(x0)
     check_variables(xs, "x0")
@@ -251,31 +355,44 @@ def solve(
         state.setdefault("t", 0)
         state.setdefault("time", 0.0)
         state.setdefault("counts", O.OracleCounts())
+        state.setdefault("solver", solver_name(solver))
+    else:
+        _check_resume(solver, state, xs, ys)
+        state = copy_state(state)
     solver.setup(ctx, state)
     history: list[dict[str, Any]] = []
+    pass_state = callback is not None and _takes_state(callback)
     every = int(track) if not isinstance(track, bool) else (1 if track else 0)
     if int(check_every) < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     pending: list[Tensor] = []  # per step: [x finite, y finite] (device flags)
     with torch.no_grad(), O.backend("compiled" if compile else O.get_backend()):
         for t in range(int(state["t"]), steps):
-            t0 = time.perf_counter()
-            with torch.enable_grad(), O.counting(state["counts"]):
-                metrics = solver.step(ctx, state, t)
-            state["time"] += time.perf_counter() - t0
-            state["t"] = t + 1
-            x_out, y_out = solver.output(state)
-            pending.append(_finite_summary(x_out, y_out))
-            tracked = bool(every) and (t + 1) % every == 0
-            if len(pending) >= int(check_every) or tracked or t + 1 == steps:
-                _check_pending(pending, t + 1)
+            good = copy_state(state)  # the last good state, attached to an error of this step
+            try:
+                t0 = time.perf_counter()
+                with torch.enable_grad(), O.counting(state["counts"]):
+                    metrics = solver.step(ctx, state, t)
+                state["time"] += time.perf_counter() - t0
+                state["t"] = t + 1
+                x_out, y_out = solver.output(state)
+                pending.append(_finite_summary(x_out, y_out))
+                tracked = bool(every) and (t + 1) % every == 0
+                if len(pending) >= int(check_every) or tracked or t + 1 == steps:
+                    _check_pending(pending, t + 1)
+            except Exception as exc:  # (with check_every > 1: the state before the checking step)
+                gx, gy = solver.output(good)
+                _fail(exc, t + 1, solver, SolveResult(T.unflatten(gx, xspec), T.unflatten(gy, yspec),
+                                                      list(history), good))
+                raise
             record = {"step": t + 1, "time": state["time"], **metrics,
                       **state["counts"].flat()}
             if tracked:
                 record.update(_track(ctx, x_out, y_out))
             history.append(record)
+            extra = {"state": state} if pass_state else {}
             if callback is not None and callback(
-                t + 1, T.unflatten(x_out, xspec), T.unflatten(y_out, yspec), record
+                t + 1, T.unflatten(x_out, xspec), T.unflatten(y_out, yspec), record, **extra
             ):
                 break
         _check_pending(pending, int(state["t"]))

@@ -25,6 +25,7 @@ dynamics — momentum, Adam — receive the aggregated direction in place of ∇
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from .. import _tree as T
 from .. import oracles as O
@@ -88,7 +89,7 @@ class BDA(HypergradientDescent):
         inner: Dynamics,
         upper_lr: float = 0.1,
         *,
-        upper: Dynamics | None = None,
+        upper: Any = None,
         mu: float = 0.5,
         s_u: float | None = None,
         schedule: Callable[[int], float] | None = None,

@@ -13,33 +13,32 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _tree as T
+from ..errors import ConfigError
 from ..hypergrad.base import Estimator
-from ..inner import GD, Dynamics
 from .base import Context, Solver, descend
+from .upper import upper_rule
 
 
 class HypergradientDescent(Solver):
-    """Any hypergradient estimator plus an upper-level update rule:
-
-        y_t = lower point from the estimator, started at y_{t-1} (warm start) or y0,
-        x_{t+1} = P_X(U(x_t, ∇̂h(x_t))).
+    """Any estimator + an upper update rule.
 
     Args:
-        estimator: an estimator of :mod:`bilevel.hypergrad` (its state is carried between steps).
-        upper: the update rule U — a dynamics of :mod:`bilevel.inner` (GD, Adam, ...) or a float
-            (GD with that learning rate).
-        warm_start: start each lower solve at the previous lower point.
-
-    Per-step metrics: ``hypergrad_norm`` (and ``linear_residual`` for implicit estimators).
-
-    Reference: Franceschi et al. 2017 (RHG with Reverse); Ji, Yang & Liang 2021 (AID, Alg. 1).
+        estimator: a :mod:`bilevel.hypergrad` estimator (its state lives in ``state["est"]``).
+        upper: the upper step (:mod:`bilevel.solvers.upper`): a step size, a Schedule, a
+            :mod:`bilevel.inner` rule, or a ``torch.optim`` optimizer class / factory /
+            ``(class, kwargs)`` / :class:`~bilevel.solvers.TorchOptimizer` (with an lr scheduler).
+        warm_start: start each lower solve from the previous lower point (else from y0).
     """
 
     reference = "generic hypergradient descent (Franceschi et al. 2017; Ji et al. 2021)"
 
-    def __init__(self, estimator: Estimator, upper: Dynamics | float = 0.1, warm_start: bool = True):
+    def __init__(self, estimator: Estimator, upper: Any = 0.1, warm_start: bool = True):
+        if not (isinstance(estimator, Estimator) or (hasattr(estimator, "apply")
+                                                     and hasattr(estimator, "init_state"))):
+            raise ConfigError(f"{type(self).__name__}: estimator must be a bilevel.hypergrad "
+                              f"estimator, got {type(estimator).__name__}")
         self.estimator = estimator
-        self.upper = GD(lr=upper) if isinstance(upper, (int, float)) else upper
+        self.upper = upper_rule(upper)
         self.warm_start = warm_start
 
     def init(self, ctx: Context, xs, ys) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from ..hypergrad.base import lower_grad_fn
 from ..inner import GD, Dynamics, Nesterov
 from ..validation import check_finite
 from .base import Context, Solver, descend
+from .upper import upper_rule
 
 __all__ = ["IAGM", "IAPTTGM", "IAGMA", "ptt_index"]
 
@@ -68,8 +69,8 @@ class IAGM(Solver):
         upper_lr: float = 0.1,
         init_lr: float | None = None,
         *,
-        upper: Dynamics | None = None,
-        init_rule: Dynamics | None = None,
+        upper: Any = None,
+        init_rule: Any = None,
         checkpoint: bool | int = False,
     ):
         if inner.steps < 1:
@@ -79,10 +80,10 @@ class IAGM(Solver):
                 raise ConfigError(f"{name} must be a number (pass update rules such as Adam as "
                                   f"upper= / init_rule=), got {type(v).__name__}")
         self.inner = inner
-        self.upper = upper if upper is not None else GD(lr=upper_lr)
+        self.upper = upper_rule(upper if upper is not None else upper_lr)
         if init_rule is None:  # default: the rule of x, or SGD with init_lr if that is given
             init_rule = self.upper if init_lr is None else GD(lr=init_lr)
-        self.init_rule = init_rule
+        self.init_rule = upper_rule(init_rule, "init_rule")
         self.checkpoint = checkpoint
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
@@ -148,7 +149,7 @@ class IAGMA(IAGM):
     reference = "Liu et al. 2021 (NeurIPS), IA-GM(A) (Sec. 3.2, Eq. 9; FISTA dynamics)"
 
     def __init__(self, inner: Dynamics, upper_lr: float = 0.1, init_lr: float | None = None, *,
-                 upper: Dynamics | None = None, init_rule: Dynamics | None = None,
+                 upper: Any = None, init_rule: Any = None,
                  checkpoint: bool | int = False):
         if not isinstance(inner, Nesterov):
             inner = Nesterov(lr=inner.lr, steps=inner.steps, projection=inner.projection)

@@ -19,6 +19,8 @@ Both restart the lower loop from the fixed y0 at every outer iteration, as in th
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..hypergrad import Reverse
 from ..inner import Dynamics
 from .hypergradient import HypergradientDescent
@@ -36,7 +38,7 @@ class RHG(HypergradientDescent):
         inner: Dynamics,
         upper_lr: float = 0.1,
         *,
-        upper: Dynamics | None = None,
+        upper: Any = None,
         warm_start: bool = False,
         checkpoint: bool | int = False,
     ):
@@ -55,7 +57,7 @@ class TRHG(HypergradientDescent):
         truncate: int,
         upper_lr: float = 0.1,
         *,
-        upper: Dynamics | None = None,
+        upper: Any = None,
         warm_start: bool = False,
     ):
         est = Reverse(inner, truncate=truncate)

@@ -28,8 +28,9 @@ from .. import _tree as T
 from .. import oracles as O
 from ..errors import ConfigError
 from ..hypergrad.base import solve_lower
-from ..inner import GD, Dynamics
+from ..inner import Dynamics
 from .base import Context, Solver, descend
+from .upper import upper_rule
 
 __all__ = ["VPBGD"]
 
@@ -40,13 +41,13 @@ class VPBGD(Solver):
     reference = "Shen & Chen 2023 (ICML), Alg. 1 (V-PBGD)"
 
     def __init__(self, inner: Dynamics, lr: float = 0.01, *, gamma: float = 10.0,
-                 upper: Dynamics | None = None, warm_start: bool = True):
+                 upper: Any = None, warm_start: bool = True):
         if not gamma > 0:
             raise ConfigError(f"VPBGD needs a penalty gamma > 0, got {gamma}")
         if upper is None and not lr > 0:
             raise ConfigError(f"VPBGD needs lr > 0, got {lr}")
         self.inner, self.gamma, self.warm_start = inner, float(gamma), bool(warm_start)
-        self.upper = GD(lr=lr) if upper is None else upper
+        self.upper = upper_rule(lr if upper is None else upper)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         return {"x": xs, "y": ys, "y_hat": ys, "rule_x": self.upper.init(xs), "rule_y": self.upper.init(ys)}

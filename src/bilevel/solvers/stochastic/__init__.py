@@ -1,5 +1,10 @@
 """Stochastic bilevel solvers, one module per algorithm (explicit exports: a new solver file adds
-one import line here)."""
+one import line here).
+
+Every solver takes ``upper=`` for its x step (:mod:`bilevel.solvers.upper`: a step size, a Schedule,
+a :mod:`bilevel.inner` rule or a ``torch.optim`` optimizer); its default is SGD with the published
+step-size schedule ``lr_x``.
+"""
 
 from .alternating_sgd import AlternatingSGD
 from .amigo import AmIGO

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, sgd_lower
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["AlternatingSGD"]
 
@@ -40,10 +40,12 @@ class AlternatingSGD(Solver):
         lr_y: float | Schedule | dict = 0.1,
         double_loop: bool = False,
         inner_steps: int = 10,
+        upper: Any = None,
     ):
         if int(inner_steps) < 1:
             raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.double_loop, self.inner_steps = bool(double_loop), int(inner_steps)
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
@@ -52,6 +54,6 @@ class AlternatingSGD(Solver):
         ys = sgd_lower(lambda: ctx.fresh_G(), xs, state["y"], steps=steps,
                        lr=self.lr_y(t), projection=ctx.y_projection)
         gx = O.grad_x(ctx.fresh_F(), xs, ys)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), gx, xs))
+        state["x"] = self.step_x(ctx, state, gx, t)
         state["y"] = ys
         return {}

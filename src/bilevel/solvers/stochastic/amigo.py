@@ -21,6 +21,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, sgd_linear_system, sgd_lower
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["AmIGO"]
 
@@ -48,8 +49,10 @@ class AmIGO(Solver):
         lr_v: float | Schedule | dict | None = None,
         inner_steps: int = 10,
         v_steps: int | None = None,
+        upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         self.inner_steps = int(inner_steps)
         self.v_steps = self.inner_steps if v_steps is None else int(v_steps)
@@ -69,6 +72,6 @@ class AmIGO(Solver):
         _, gx, b = O.grads(ctx.fresh_F(), xs, ys)
         v = sgd_linear_system(G_batch, xs, ys, state["v"], b, steps=self.v_steps, lr=self.lr_v(t))
         hg = T.sub(gx, O.cross(G_batch(), xs, ys, v))
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), hg, xs))
+        state["x"] = self.step_x(ctx, state, hg, t)
         state["y"], state["v"] = ys, v
         return {}

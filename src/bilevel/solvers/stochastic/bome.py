@@ -25,6 +25,7 @@ from ... import oracles as O
 from ...errors import ConfigError
 from ...estimates import Schedule
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["BOME"]
 
@@ -54,12 +55,14 @@ class BOME(Solver):
         inner_steps: int = 10,
         eta: float = 0.5,
         phi: str = "grad_norm",
+        upper: Any = None,
     ):
         if phi not in ("grad_norm", "value"):
             raise ConfigError(f"BOME: phi must be 'grad_norm' or 'value', got {phi!r}")
         if int(inner_steps) < 1 or not inner_lr > 0 or not eta > 0:
             raise ValueError("BOME needs inner_steps >= 1, inner_lr > 0 and eta > 0")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_lr, self.inner_steps = float(inner_lr), int(inner_steps)
         self.eta, self.phi = float(eta), phi
 
@@ -76,6 +79,6 @@ class BOME(Solver):
         q_sq = T.sq_norm(qx) + T.sq_norm(qy)
         phi = self.eta * (q_sq if self.phi == "grad_norm" else g_val - gh_val)
         lam = (phi - T.dot(fx, qx) - T.dot(fy, qy)).clamp_min(0) / q_sq.clamp_min(1e-30)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), T.axpy(lam, qx, fx), xs))
+        state["x"] = self.step_x(ctx, state, T.axpy(lam, qx, fx), t)
         state["y"] = ctx.project_y(T.axpy(-self.lr_y(t), T.axpy(lam, qy, fy), ys))
         return {"lmbda": float(lam)}

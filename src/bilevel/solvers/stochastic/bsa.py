@@ -21,6 +21,7 @@ from typing import Any
 from ... import _tree as T
 from ...estimates import Schedule, sampled_neumann_hypergradient, sgd_lower
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["BSA"]
 
@@ -53,10 +54,12 @@ class BSA(Solver):
         Q: int = 10,
         eta: float = 0.1,
         seed: int = 0,
+        upper: Any = None,
     ):
         if int(inner_steps) < 0 or int(Q) < 1 or not eta > 0:
             raise ValueError(f"BSA needs inner_steps >= 0, Q >= 1, eta > 0; got {inner_steps}, {Q}, {eta}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.Q, self.eta, self.seed = int(inner_steps), int(Q), float(eta), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
@@ -72,6 +75,6 @@ class BSA(Solver):
         p = state["rng"].randrange(self.Q)
         hg, _ = sampled_neumann_hypergradient(ctx.fresh_F(), G_batch, xs, ys, Q=self.Q,
                                               eta=self.eta, p=p)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), hg, xs))
+        state["x"] = self.step_x(ctx, state, hg, t)
         state["y"] = ys
         return {"neumann_p": p}

@@ -29,6 +29,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["F2SA"]
 
@@ -58,11 +59,13 @@ class F2SA(Solver):
         lmbda0: float = 1.0,
         delta_lmbda: float | Schedule | dict = 0.01,
         lmbda_max: float = 1e4,
+        upper: Any = None,
     ):
         """``lr_y`` is γ_k (the z step; the y step is γ_k/λ_k); λ_{k+1} = min(λ_k + δ_k, lmbda_max)."""
         if int(inner_steps) < 1 or not lmbda0 > 0:
             raise ValueError(f"F2SA needs inner_steps >= 1 and lmbda0 > 0, got {inner_steps}, {lmbda0}")
         self.lr_x, self.lr_y, self.delta = Schedule.of(lr_x), Schedule.of(lr_y), Schedule.of(delta_lmbda)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.lmbda0, self.lmbda_max = int(inner_steps), float(lmbda0), float(lmbda_max)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
@@ -79,6 +82,6 @@ class F2SA(Solver):
         G = ctx.fresh_G()
         d_x = T.axpy(lam, T.sub(O.grad_x(G, xs, yl), O.grad_x(G, xs, z)),
                      O.grad_x(ctx.fresh_F(), xs, yl))
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), d_x, xs))
+        state["x"] = self.step_x(ctx, state, d_x, t)
         state.update(y=z, yl=yl, lmbda=min(lam + self.delta(t), self.lmbda_max))
         return {"lmbda": lam}

@@ -25,6 +25,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, momentum_weight, storm
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["FSLA"]
 
@@ -54,8 +55,10 @@ class FSLA(Solver):
         lr_y: float | Schedule | dict = _LR_Y,
         lr_v: float | Schedule | dict | None = None,
         momentum: float | Schedule | dict = _MOMENTUM,
+        upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         self.momentum = Schedule.of(momentum)
 
@@ -78,6 +81,6 @@ class FSLA(Solver):
             nu_old = T.sub(O.grad_x(F, xp, yp), O.cross(G2, xp, yp, vp))
             d = storm(state["d"], nu, nu_old, momentum_weight(self.momentum, t))
         state["prev"], state["d"] = (xs, ys, v_new), d
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), d, xs))
+        state["x"] = self.step_x(ctx, state, d, t)
         state["y"], state["v"] = ys, v_new
         return {}

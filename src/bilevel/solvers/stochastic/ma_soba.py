@@ -25,6 +25,7 @@ import torch
 from ... import _tree as T
 from ...estimates import Schedule, soba_oracles
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["MASOBA"]
 
@@ -52,8 +53,10 @@ class MASOBA(Solver):
         lr_v: float | Schedule | dict | None = None,
         average: float | Schedule | dict = 0.1,
         radius: float | None = None,
+        upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         self.average = Schedule.of(average)
         if radius is not None and not radius > 0:
@@ -71,7 +74,7 @@ class MASOBA(Solver):
         if self.radius is not None:
             v = T.scale(v, torch.clamp(self.radius / T.norm(v).clamp_min(1e-30), max=1.0))
         state["v"] = v
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), h, xs))
+        state["x"] = self.step_x(ctx, state, h, t)
         theta = min(1.0, max(0.0, self.average(t)))
         state["h"] = T.axpy(theta, T.sub(T.sub(gxF, jv), h), h)
         return {}

@@ -27,6 +27,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, momentum_weight, neumann_hypergradient, replay, storm
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["MRBO"]
 
@@ -59,8 +60,10 @@ class MRBO(Solver):
         momentum_y: float | Schedule | dict | None = None,
         Q: int = 10,
         eta: float = 0.1,
+        upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.momentum_x = Schedule.of(momentum_x)
         self.momentum_y = self.momentum_x if momentum_y is None else Schedule.of(momentum_y)
         if int(Q) < 0 or not eta > 0:
@@ -94,6 +97,6 @@ class MRBO(Solver):
             hg_prev = self.hypergradient(xp, yp, samples)
             v = storm(state["v"], hg, hg_prev, momentum_weight(self.momentum_x, t))
         state["x_prev"], state["y_prev"], state["u"], state["v"] = xs, ys, u, v
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), v, xs))
+        state["x"] = self.step_x(ctx, state, v, t)
         state["y"] = ctx.project_y(T.axpy(-self.lr_y(t), u, ys))
         return {}

@@ -61,10 +61,11 @@ class MRBOZO(MRBO):
         samples: int = 10,
         mu: float = 1e-2,
         seed: int = 0,
+        upper: Any = None,
     ):
         if int(inner_steps) < 1 or int(samples) < 1 or not mu > 0 or not inner_lr > 0:
             raise ValueError("MRBO-ZO needs inner_steps >= 1, samples >= 1, mu > 0 and inner_lr > 0")
-        super().__init__(lr_x, lr_y, momentum_x, momentum_y, Q=0, eta=1.0)
+        super().__init__(lr_x, lr_y, momentum_x, momentum_y, Q=0, eta=1.0, upper=upper)
         self.inner_steps, self.inner_lr = int(inner_steps), float(inner_lr)
         self.samples, self.mu, self.seed = int(samples), float(mu), int(seed)
 

@@ -24,6 +24,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, momentum_weight, replay, sampled_neumann_hypergradient, storm
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["MSTSA"]
 
@@ -57,8 +58,10 @@ class MSTSA(Solver):
         Q: int = 10,
         eta: float = 0.1,
         seed: int = 0,
+        upper: Any = None,
     ):
         self.lr_x, self.lr_y, self.momentum = Schedule.of(lr_x), Schedule.of(lr_y), Schedule.of(momentum)
+        self.upper = step_rule(self, lr_x, upper)
         if int(Q) < 1 or not eta > 0:
             raise ValueError(f"MSTSA needs Q >= 1 and eta > 0, got Q={Q}, eta={eta}")
         self.Q, self.eta, self.seed = int(Q), float(eta), int(seed)
@@ -88,5 +91,5 @@ class MSTSA(Solver):
             hg_prev = hypergradient(state["x_prev"], state["y_prev"])
             d = storm(state["d"], hg, hg_prev, momentum_weight(self.momentum, t))
         state.update(x_prev=xs, y_prev=y_new, d=d, y=y_new)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), d, xs))
+        state["x"] = self.step_x(ctx, state, d, t)
         return {}

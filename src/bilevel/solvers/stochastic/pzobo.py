@@ -25,6 +25,7 @@ from ... import _tree as T
 from ...estimates import Schedule, replay, sgd_lower
 from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_estimate
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["PZOBO"]
 
@@ -54,10 +55,12 @@ class PZOBO(Solver):
         samples: int = 10,
         mu: float = 1e-2,
         seed: int = 0,
+        upper: Any = None,
     ):
         if int(inner_steps) < 1 or int(samples) < 1 or not mu > 0:
             raise ValueError("PZOBO needs inner_steps >= 1, samples >= 1 and mu > 0")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.samples = int(inner_steps), int(samples)
         self.mu, self.seed = float(mu), int(seed)
 
@@ -76,5 +79,5 @@ class PZOBO(Solver):
         U = gaussian_directions(self.samples, xs, gen)
         state["rng"] = gen.get_state()
         hg, y_n = zeroth_order_estimate(ctx.fresh_F(), run, xs, U, self.mu, ys)
-        state["x"], state["y"] = ctx.project_x(T.axpy(-self.lr_x(t), hg, xs)), y_n
+        state["x"], state["y"] = self.step_x(ctx, state, hg, t), y_n
         return {}

@@ -25,6 +25,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import SagaTable, Schedule, require_fixed_batches, soba_oracles
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["SABA"]
 
@@ -51,10 +52,12 @@ class SABA(Solver):
         lr_y: float | Schedule | dict = 0.1,
         lr_v: float | Schedule | dict | None = None,
         init_memory: str = "zero",
+        upper: Any = None,
     ):
         if init_memory not in ("zero", "full"):
             raise ValueError(f"init_memory must be 'zero' or 'full', got {init_memory!r}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         self.init_memory = init_memory
 
@@ -96,5 +99,5 @@ class SABA(Solver):
         d_x = T.sub(mem["gxF"].update(j, gxF), mem["jv"].update(i, jv))
         state["y"] = ctx.project_y(T.axpy(-self.lr_y(t), d_y, ys))
         state["v"] = T.axpy(-self.lr_v(t), d_v, v)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), d_x, xs))
+        state["x"] = self.step_x(ctx, state, d_x, t)
         return {}

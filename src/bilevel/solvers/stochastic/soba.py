@@ -22,6 +22,7 @@ from typing import Any
 from ... import _tree as T
 from ...estimates import Schedule, soba_oracles
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["SOBA"]
 
@@ -55,8 +56,10 @@ class SOBA(Solver):
         lr_x: float | Schedule | dict = _LR_X,
         lr_y: float | Schedule | dict = _LR_Y,
         lr_v: float | Schedule | dict | None = None,
+        upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
@@ -67,5 +70,5 @@ class SOBA(Solver):
         gy, hv, jv, gxF, gyF = soba_oracles(ctx.fresh_G(), ctx.fresh_F(), xs, ys, v)
         state["y"] = ctx.project_y(T.axpy(-self.lr_y(t), gy, ys))
         state["v"] = T.axpy(-self.lr_v(t), T.sub(hv, gyF), v)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), T.sub(gxF, jv), xs))
+        state["x"] = self.step_x(ctx, state, T.sub(gxF, jv), t)
         return {}

@@ -23,6 +23,7 @@ import torch
 from ... import _tree as T
 from ...estimates import Schedule, soba_oracles, spider
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["SRBA"]
 
@@ -55,8 +56,10 @@ class SRBA(Solver):
         lr_v: float | Schedule | dict | None = None,
         period: int | None = None,
         radius: float | None = None,
+        upper: Any = None,
     ):
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.lr_v = self.lr_y if lr_v is None else Schedule.of(lr_v)
         if period is not None and int(period) < 1:
             raise ValueError(f"period must be >= 1, got {period}")
@@ -90,5 +93,5 @@ class SRBA(Solver):
         if self.radius is not None:
             v = T.scale(v, torch.clamp(self.radius / T.norm(v).clamp_min(1e-30), max=1.0))
         state["v"] = v
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), d_x, xs))
+        state["x"] = self.step_x(ctx, state, d_x, t)
         return {}

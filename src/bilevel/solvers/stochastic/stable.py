@@ -35,6 +35,7 @@ from ... import oracles as O
 from ...errors import ConfigError
 from ...estimates import Schedule, momentum_weight, neumann_hypergradient
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["STABLE"]
 
@@ -88,12 +89,14 @@ class STABLE(Solver):
         eta: float = 0.1,
         tau: float | Schedule | dict = 0.5,
         mu: float = 1e-2,
+        upper: Any = None,
     ):
         if hessian not in ("neumann", "dense"):
             raise ConfigError(f"STABLE: hessian must be 'neumann' or 'dense', got {hessian!r}")
         if int(Q) < 0 or not eta > 0 or not mu > 0:
             raise ValueError(f"STABLE needs Q >= 0, eta > 0 and mu > 0, got Q={Q}, eta={eta}, mu={mu}")
         self.lr_x, self.lr_y, self.tau = Schedule.of(lr_x), Schedule.of(lr_y), Schedule.of(tau)
+        self.upper = step_rule(self, lr_x, upper)
         self.hessian, self.Q, self.eta, self.mu = hessian, int(Q), float(eta), float(mu)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
@@ -110,7 +113,7 @@ class STABLE(Solver):
         G_fresh = ctx.fresh_G
 
         hg, _ = neumann_hypergradient(ctx.fresh_F(), G_fresh, xs, ys, Q=self.Q, eta=self.eta)
-        x_new = ctx.project_x(T.axpy(-self.lr_x(t), hg, xs))
+        x_new = self.step_x(ctx, state, hg, t)
         lin = O.Linearization(G_fresh(), xs, ys)  # ∇_y G and ∇²_yx G Δx on the same batch φ
         r = lin.cross_t(T.sub(x_new, xs))
         corr, _ = linalg.neumann(lambda p: O.hvp(G_fresh(), xs, ys, p), r, iters=self.Q, alpha=self.eta)
@@ -132,7 +135,7 @@ class STABLE(Solver):
         _, gx, gy = O.grads(ctx.fresh_F(), xs, ys)
         w = torch.cholesky_solve(T.to_vector(gy)[:, None], L)[:, 0]
         hg = T.sub(gx, T.from_vector(H_xy @ w, xs))
-        x_new = ctx.project_x(T.axpy(-self.lr_x(t), hg, xs))
+        x_new = self.step_x(ctx, state, hg, t)
         dx = T.to_vector(T.sub(x_new, xs))
         corr = torch.cholesky_solve((H_xy.T @ dx)[:, None], L)[:, 0]
         g_low = O.grad_y(ctx.fresh_G(), xs, ys)

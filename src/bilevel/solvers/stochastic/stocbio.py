@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ... import _tree as T
 from ...estimates import Schedule, neumann_hypergradient, sgd_lower
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["StocBiO"]
 
@@ -47,11 +47,13 @@ class StocBiO(Solver):
         inner_steps: int = 10,
         Q: int = 10,
         eta: float = 0.1,
+        upper: Any = None,
     ):
         if int(inner_steps) < 0 or int(Q) < 0 or not eta > 0:
             raise ValueError(
                 f"stocBiO needs inner_steps >= 0, Q >= 0, eta > 0; got {inner_steps}, {Q}, {eta}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.inner_steps, self.Q, self.eta = int(inner_steps), int(Q), float(eta)
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
@@ -62,6 +64,6 @@ class StocBiO(Solver):
         ys = sgd_lower(G_batch, xs, state["y"], steps=self.inner_steps, lr=self.lr_y(t),
                        projection=ctx.y_projection)
         hg, _ = neumann_hypergradient(ctx.fresh_F(), G_batch, xs, ys, Q=self.Q, eta=self.eta)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), hg, xs))
+        state["x"] = self.step_x(ctx, state, hg, t)
         state["y"] = ys
         return {}

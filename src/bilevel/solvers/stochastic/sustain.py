@@ -53,10 +53,11 @@ class SUSTAIN(MRBO):
         Q: int = 10,
         eta: float = 0.1,
         seed: int = 0,
+        upper: Any = None,
     ):
         if int(Q) < 1:
             raise ValueError(f"SUSTAIN needs Q >= 1 (p is drawn in 0..Q-1), got Q={Q}")
-        super().__init__(lr_x, lr_y, momentum_x, momentum_y, Q, eta)
+        super().__init__(lr_x, lr_y, momentum_x, momentum_y, Q, eta, upper=upper)
         self.seed = int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, sampled_neumann_hypergradient
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["TTSA"]
 
@@ -52,10 +53,12 @@ class TTSA(Solver):
         Q: int = 10,
         eta: float = 0.1,
         seed: int = 0,
+        upper: Any = None,
     ):
         if int(Q) < 1 or not eta > 0:
             raise ValueError(f"TTSA needs Q >= 1 and eta > 0, got Q={Q}, eta={eta}")
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         self.Q, self.eta, self.seed = int(Q), float(eta), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
@@ -68,6 +71,6 @@ class TTSA(Solver):
         p = state["rng"].randrange(self.Q)
         hg, _ = sampled_neumann_hypergradient(ctx.fresh_F(), lambda: ctx.fresh_G(),
                                               xs, ys, Q=self.Q, eta=self.eta, p=p)
-        state["x"] = ctx.project_x(T.axpy(-self.lr_x(t), hg, xs))
+        state["x"] = self.step_x(ctx, state, hg, t)
         state["y"] = ys
         return {"neumann_p": p}

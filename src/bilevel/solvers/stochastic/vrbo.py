@@ -32,6 +32,7 @@ from ... import _tree as T
 from ... import oracles as O
 from ...estimates import Schedule, neumann_hypergradient, replay, spider
 from ..base import Context, Solver
+from ..upper import step_rule
 
 __all__ = ["VRBO"]
 
@@ -67,9 +68,11 @@ class VRBO(Solver):
         inner_steps: int = 10,
         period: int = 10,
         large_batches: int | None = None,
+        upper: Any = None,
     ):
         """``large_batches``: S₁ as that many concatenated minibatches (None: the full data)."""
         self.lr_x, self.lr_y = Schedule.of(lr_x), Schedule.of(lr_y)
+        self.upper = step_rule(self, lr_x, upper)
         if int(Q) < 0 or not eta > 0 or int(inner_steps) < 1 or int(period) < 1:
             raise ValueError("VRBO needs Q >= 0, eta > 0, inner_steps >= 1 and period >= 1")
         if large_batches is not None and int(large_batches) < 1:
@@ -104,7 +107,7 @@ class VRBO(Solver):
             state["v"] = self.hypergradient(xs, ys, F, Gs[:-1])
             state["anchor"] = (xs, ys)
         u, v = state["u"], state["v"]
-        x_new = ctx.project_x(T.axpy(-self.lr_x(t), v, xs))
+        x_new = self.step_x(ctx, state, v, t)
         (xp, yp), yt = state["anchor"], ys
         beta = self.lr_y(t)
         for _ in range(self.inner_steps):
