@@ -73,6 +73,22 @@ def _damping(value: float) -> float:
     return lam
 
 
+#: the options and returned fields every implicit estimator shares, appended to each subclass's
+#: docstring by :meth:`Implicit.__init_subclass__` (one text, so ``help()`` shows it everywhere)
+_SHARED_DOC = """
+    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
+        warm_start (bool, default False): start the linear solve from the previous call's v
+            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
+        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
+            breakdown instead of warning and using the last good iterate.
+        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
+
+    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
+    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
+    and ``inner_grad_norm``, ``res.state`` for the next call.
+"""
+
+
 class Implicit(Estimator):
     """Template: solve lower level, solve (H + λI) v = ∇_y f, return ∇_x f − ∇²_xy g v."""
 
@@ -92,6 +108,11 @@ class Implicit(Estimator):
         self.warm_start = warm_start
         self.strict = strict
         self.damping = _damping(damping)
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.__doc__ and not cls.__name__.startswith("_"):
+            cls.__doc__ = cls.__doc__.rstrip() + "\n" + _SHARED_DOC
 
     def init_state(self, bound: Bound) -> dict[str, Any]:
         """``{"v": None, "breakdowns": 0, "start_warned": False}``: no warm-start vector yet (with
@@ -208,7 +229,21 @@ def _warn_breakdown(est: Implicit, sinfo: dict[str, Any]) -> None:
     )
 
 
-class CG(Implicit):
+class _Krylov(Implicit):
+    """A Krylov solver of :mod:`bilevel.linalg` (``method``) on (H + λI) v = ∇_y f, at most
+    ``iters`` iterations, stopping at relative residual ``tol``."""
+
+    method: Any = None
+
+    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
+        super().__init__(inner, **kw)
+        self.iters, self.tol = int(iters), float(tol)
+
+    def solve(self, lin, b, x0, bound):
+        return self.method(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
+
+
+class CG(_Krylov):
     """Implicit differentiation with conjugate gradient (AID-CG).
 
     ∇h(x) ≈ ∇_x f − ∇²_xy g · v,   v ≈ H⁻¹ ∇_y f by CG,  all at the lower point y_T.
@@ -219,32 +254,16 @@ class CG(Implicit):
         iters: at most this many Hessian-vector products.
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
 
-    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
-        warm_start (bool, default False): start the linear solve from the previous call's v
-            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
-        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
-            breakdown instead of warning and using the last good iterate.
-        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
-
-    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
-    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
-    and ``inner_grad_norm``, ``res.state`` for the next call.
-
     Reference: Pedregosa 2016 (HOAG, Alg. 1); Rajeswaran et al. 2019 (iMAML, Sec. 3.2).
     H must be positive definite (else ``breakdown="negative_curvature"``: use MINRES or damping).
     """
 
     reference = "Pedregosa 2016 (HOAG); Rajeswaran et al. 2019 (iMAML) — AID with CG"
 
-    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
-        super().__init__(inner, **kw)
-        self.iters, self.tol = int(iters), float(tol)
-
-    def solve(self, lin, b, x0, bound):
-        return linalg.cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
+    method = staticmethod(linalg.cg)
 
 
-class MINRES(Implicit):
+class MINRES(_Krylov):
     """Implicit differentiation with MINRES: H v = ∇_y f for a symmetric, possibly indefinite H.
 
     Args:
@@ -252,31 +271,15 @@ class MINRES(Implicit):
         iters: at most this many Hessian-vector products.
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
 
-    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
-        warm_start (bool, default False): start the linear solve from the previous call's v
-            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
-        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
-            breakdown instead of warning and using the last good iterate.
-        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
-
-    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
-    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
-    and ``inner_grad_norm``, ``res.state`` for the next call.
-
     Reference: Paige & Saunders 1975.
     """
 
     reference = "Paige & Saunders 1975 (MINRES) — AID for indefinite lower Hessians"
 
-    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
-        super().__init__(inner, **kw)
-        self.iters, self.tol = int(iters), float(tol)
-
-    def solve(self, lin, b, x0, bound):
-        return linalg.minres(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
+    method = staticmethod(linalg.minres)
 
 
-class NormalCG(Implicit):
+class NormalCG(_Krylov):
     """Implicit differentiation with CG on the normal equations H² v = H ∇_y f (CGLS): the
     least-squares solution when H is singular.
 
@@ -285,28 +288,12 @@ class NormalCG(Implicit):
         iters: at most this many iterations (two Hessian-vector products each).
         tol: stop when the normal-equation residual is ≤ tol times its initial value.
 
-    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
-        warm_start (bool, default False): start the linear solve from the previous call's v
-            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
-        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
-            breakdown instead of warning and using the last good iterate.
-        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
-
-    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
-    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
-    and ``inner_grad_norm``, ``res.state`` for the next call.
-
     Reference: Hestenes & Stiefel 1952.
     """
 
     reference = "Hestenes & Stiefel 1952 (CG on the normal equations, CGLS) — AID, singular H"
 
-    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
-        super().__init__(inner, **kw)
-        self.iters, self.tol = int(iters), float(tol)
-
-    def solve(self, lin, b, x0, bound):
-        return linalg.normal_cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
+    method = staticmethod(linalg.normal_cg)
 
 
 def _step_size(alpha: float | None, inner: Dynamics | None, name: str) -> float:
@@ -326,17 +313,6 @@ class Neumann(Implicit):
         inner: lower-level dynamics, or ``None`` (the given y is y*).
         iters: Q, the number of Hessian-vector products.
         alpha: the step α; default the inner learning rate (an error if there is none).
-
-    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
-        warm_start (bool, default False): start the linear solve from the previous call's v
-            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
-        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
-            breakdown instead of warning and using the last good iterate.
-        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
-
-    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
-    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
-    and ``inner_grad_norm``, ``res.state`` for the next call.
 
     Reference: Lorraine, Vicol & Duvenaud 2020, Eq. 6; Ji, Yang & Liang 2021 (Alg. 3).
     """
@@ -363,17 +339,6 @@ class FixedPoint(Implicit):
         lr: the step α; default the inner learning rate (an error if there is none).
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖ (0: never early).
 
-    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
-        warm_start (bool, default False): start the linear solve from the previous call's v
-            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
-        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
-            breakdown instead of warning and using the last good iterate.
-        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
-
-    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
-    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
-    and ``inner_grad_norm``, ``res.state`` for the next call.
-
     Reference: Grazzi, Franceschi, Pontil & Salzo 2020 (AID-FP); Ji, Yang & Liang 2021.
     """
 
@@ -399,17 +364,6 @@ class Exact(Implicit):
 
     Args:
         inner: lower-level dynamics, or ``None`` (the given y is y*).
-
-    Options passed as keywords (``**kw``, handled by :class:`Implicit`):
-        warm_start (bool, default False): start the linear solve from the previous call's v
-            (kept in ``res.state["v"]``; AmIGO, Arbel & Mairal 2022).
-        strict (bool, default False): raise :class:`~bilevel.LinearSolveError` on a solver
-            breakdown instead of warning and using the last good iterate.
-        damping (float, default 0): solve (H + λI) v = ∇_y f instead (λ = damping ≥ 0).
-
-    Returns (``res = est(problem, x, y)``): ``res.grad`` shaped like x, ``res.y`` the lower point
-    (detached), ``res.info`` with ``linear_solve`` (iterations, residual, converged, breakdown)
-    and ``inner_grad_norm``, ``res.state`` for the next call.
 
     Reference: Ghadimi & Wang 2018 (BA, explicit Hessian inverse).
     """
