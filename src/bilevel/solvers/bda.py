@@ -2,24 +2,25 @@
 
 Liu, Mu, Yuan, Zeng & Zhang 2020, "A generic first-order algorithmic framework for bi-level
 programming beyond lower-level singleton" (ICML), Alg. 1 with the gradient modules of Sec. 3.1.
+Notation: the paper's F (upper) and f (lower) are our f and g.
 The lower trajectory descends a convex combination of the upper and lower objectives:
 
-    u_{k+1} = y_k − s_u ∇_y F(x, y_k),          v_{k+1} = y_k − s_l ∇_y f(x, y_k),
+    u_{k+1} = y_k − s_u ∇_y f(x, y_k),          v_{k+1} = y_k − s_l ∇_y g(x, y_k),
     y_{k+1} = P_Y( α_k u_{k+1} + (1 − α_k) v_{k+1} )
-            = P_Y( y_k − (α_k s_u ∇_y F(x, y_k) + (1 − α_k) s_l ∇_y f(x, y_k)) ),   k = 0..K−1,
+            = P_Y( y_k − (α_k s_u ∇_y f(x, y_k) + (1 − α_k) s_l ∇_y g(x, y_k)) ),   k = 0..K−1,
 
 with the aggregation weight α_k = μ / (k + 1), μ ∈ (0, 1] — the schedule of the paper's
 convergence analysis (α_k ↓ 0 with Σ α_k = ∞, so the lower objective dominates in the end while the
 upper one is seen long enough to select among lower solutions). The authors' released code decays α
 geometrically instead; ``schedule=callable`` (k -> α_k) covers such variants. Among the lower
-solutions the UL term selects the optimistic one (min F), which is what makes BDA converge without a
-unique lower solution. The upper variable descends x ↦ F(x, y_K(x)), differentiated in reverse mode
+solutions the UL term selects the optimistic one (min f), which is what makes BDA converge without a
+unique lower solution. The upper variable descends x ↦ f(x, y_K(x)), differentiated in reverse mode
 through the aggregated steps — the same :class:`bilevel.hypergrad.Reverse` as RHG, with the direction
 hook ``grad_fn``.
 
 Here s_l is the step of the ``inner`` dynamics (``inner.lr``) and the direction handed to it is
-(1 − α_k) ∇_y f + α_k (s_u / s_l) ∇_y F, so the update above is reproduced exactly for GD (other
-dynamics — momentum, Adam — receive the aggregated direction in place of ∇_y f).
+(1 − α_k) ∇_y g + α_k (s_u / s_l) ∇_y f, so the update above is reproduced exactly for GD (other
+dynamics — momentum, Adam — receive the aggregated direction in place of ∇_y g).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def bda_schedule(mu: float) -> Callable[[int], float]:
 
 
 class Aggregation:
-    """BDA's lower direction: ``(bound, xs, create_graph) -> (k -> (1 − α_k) ∇_y f + α_k (s_u/s_l) ∇_y F)``.
+    """BDA's lower direction: ``(bound, xs, create_graph) -> (k -> (1 − α_k) ∇_y g + α_k (s_u/s_l) ∇_y f)``.
 
     Plugged into :class:`bilevel.hypergrad.Reverse` as its ``grad_fn``.
     """

@@ -2,16 +2,17 @@
 
 Liu, Liu, Yuan, Zeng & Zhang 2021, "Towards gradient-based bilevel optimization with non-convex
 followers and beyond" (NeurIPS). The lower trajectory starts from an *initialization auxiliary*
+Notation: the paper's F (upper) and f (lower) are our f and g.
 z ∈ Y that is itself an upper-level variable (Sec. 2.1, Eq. 4):
 
-    y_0 = z,   y_{k+1} = P_Y( y_k − s_l ∇_y f(x, y_k) ),   k = 0..K−1.
+    y_0 = z,   y_{k+1} = P_Y( y_k − s_l ∇_y g(x, y_k) ),   k = 0..K−1.
 
 * IAPTT-GM (Alg. 1) adds the *pessimistic trajectory truncation* (Sec. 2.2): with the iterates
   computed without a graph, pick the worst one for the leader,
 
-      k* = argmax_{1≤k≤K} F(x, y_k)      (the first maximiser on ties),
+      k* = argmax_{1≤k≤K} f(x, y_k)      (the first maximiser on ties),
 
-  and descend φ(x, z) = F(x, y_{k*}(x, z)) in both variables:
+  and descend φ(x, z) = f(x, y_{k*}(x, z)) in both variables:
   x ← P_X(x − β_x ∇_x φ),  z ← P_Y(z − β_z ∇_z φ). Only k* ≤ K steps are differentiated: they are
   recomputed with a graph from z (memory O(k*), time K + k* forward steps).
 * IA-GM (the ablation of Fig. 1g–h) keeps k* = K.
@@ -50,7 +51,7 @@ __all__ = ["IAGM", "IAPTTGM", "IAGMA", "ptt_index"]
 
 
 def ptt_index(values: Sequence[float] | torch.Tensor) -> int:
-    """Pessimistic truncation index: 1-based position of the first maximum of F(x, y_1..y_K)."""
+    """Pessimistic truncation index: 1-based position of the first maximum of f(x, y_1..y_K)."""
     vals = values.tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
     if not vals:
         raise ValueError("ptt_index needs at least one value")
@@ -95,7 +96,7 @@ class IAGM(Solver):
         return {"x": xs, "y": ys, "z": ys, "upper": self.upper.init(xs), "init": self.init_rule.init(ys)}
 
     def truncation(self, bound: Bound, dyn: Dynamics) -> tuple[int, T.Leaves]:
-        """(k*, y_K): run the K lower steps from z without a graph, recording F(x, y_k)."""
+        """(k*, y_K): run the K lower steps from z without a graph, recording f(x, y_k)."""
         xs = bound.xs
         gfn = lower_grad_fn(bound, xs, create_graph=False)
         state = dyn.init(bound.ys0)
