@@ -31,3 +31,18 @@ __all__ += ["penalty_solution", "smoothed_vf_solution", "smoothed_vf_constraint"
 from .darts import DartsToy, darts_toy  # noqa: E402
 
 __all__ += ["DartsToy", "darts_toy"]
+
+
+# --- lr-poison: learning-rate learning (13.1), data poisoning (13.3) ---
+
+
+# --- distill: data distillation + KIP (13.2) ---
+
+
+# --- labels: label learning, Meta-Weight-Net (13.4), surrogate loss (13.9) ---
+
+
+# --- sparse-implicit: dictionary learning (13.7), implicit layers (13.8) ---
+
+
+# --- proxy: best-response proxies (13.10) ---
