@@ -60,8 +60,8 @@ class DistillationRun(Experiment):
         "ipc": 1,                                     # synthetic images per class
         "data": {"n_train": 4000, "n_test": 1000, "downsample": 1, "batch": 500},
         "model": {"kind": "linear", "hidden": 0},     # unrolled: the classifier trained on the images
-        "inner": {"steps": 10, "lr0": 0.01, "inits": 4, "per_step_lr": False},
-        "upper": {"lr": 0.05},                        # Adam on (images, log lr | log λ)
+        "inner": {"steps": 10, "lr0": 0.1, "inits": 4, "per_step_lr": False},
+        "upper": {"lr": 0.02},                        # Adam on (images, log lr | log λ)
         "kip": {"gamma": 1.0, "reg0": 0.01},          # RBF exp(-γ‖a−b‖²/d), initial ridge λ
         "eval": {"inits": 10, "draws": 5, "long_steps": 100},
     }
