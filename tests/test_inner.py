@@ -318,6 +318,8 @@ def test_proximal_dynamics_validate_their_prox():
         dyn.update((_t(1.0),), (_t(0.0),), 0)
     s = dyn.bind(_t(2.0)).update((_t(1.0, -0.1),), (_t(0.0, 0.0),), 0)  # threshold 0.1 · 2
     _close(s[0], _t(0.8, 0.0))
+    with pytest.raises(bl.errors.ConfigError, match="non-smooth"):  # implicit: would ignore h
+        bl.hypergrad.CG(inner.FISTA(lr=0.1, prox=inner.L1(0.1)))
     # the projection applies after the prox
     s = inner.with_projection(inner.ISTA(lr=1.0, prox=inner.L1(0.5)), lambda v: v.clamp(max=1.0))
     _close(s.update((_t(3.0, -2.0),), (_t(0.0, 0.0),), 0)[0], _t(1.0, -1.5))
