@@ -312,6 +312,8 @@ class Dynamics:
 class GD(Dynamics):
     """Projected gradient descent  y_{k+1} = P(y_k − η_k (∇_y g(x, y_k) + λ y_k))."""
 
+    reference = "gradient descent (Cauchy 1847)"  # a concrete class, though ISTA subclasses it
+
     def update(self, state, grad, k):
         return self.descend(state, self.decayed(grad, state, k), k)
 
@@ -356,6 +358,7 @@ class Nesterov(Dynamics):
     slots = 2
     hyper = ("lr", "weight_decay", "momentum")
     _ranges = {**Dynamics._ranges, "momentum": (0.0, True)}
+    reference = "Nesterov 1983; Beck & Teboulle 2009"  # concrete, though FISTA subclasses it
 
     def __init__(self, lr, steps=100, momentum: Hyper | None = None, projection=None,
                  weight_decay=0.0):
