@@ -183,7 +183,7 @@ class Dictionary(Table):
             rows.append([r.run.label, r.run.seed, r.run.overrides["steps"], fmt(start),
                          fmt(f.get("match")), f"{int(f.get('found', 0))}", fmt(f.get("recon")),
                          fmt(f.get("kkt")), f"{r.info['solver_time_s']:.2f}"])
-        head = ["method", "seed", "steps", "match at start", "match", "atoms |cos| ≥ 0.99", "recon f",
+        head = ["method", "seed", "steps", "match at start", "match", "atoms with abs cos ≥ 0.99", "recon f",
                 "codes KKT", "solver time [s]"]
         table_dir = results[0].path.parent.parent if results else Path(".")
         fig = match_figure(results, table_dir / "plots")

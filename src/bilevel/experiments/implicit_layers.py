@@ -187,6 +187,7 @@ def deq_figure(results: list[SubResult], check: dict[str, Any], out: Path) -> Pa
     ax = fig.add_subplot(1, 3, 2)
     ax.semilogy(ks, [max(c["rel_err"], 1e-17) for c in check["rows"]], "o-", label="unrolled vs implicit")
     ax.semilogy(ks, [c["bound"] for c in check["rows"]], "k--", lw=0.8, label="K q^K/(1−q)")
+    ax.set_ylim(bottom=1e-17)
     ax.set_xlabel("K (unrolled iterations)")
     ax.set_ylabel("relative gradient error")
     ax.legend(fontsize=7)
@@ -300,7 +301,7 @@ class NeuralODE(Table):
                   fmt(m["ckpt_s"]), fmt(m["max_abs_diff"])]
                  for m in mem]
         mhead = ["T", "plain MB", "checkpointed MB", "ratio", "√T", "plain [s]", "checkpointed [s]",
-                 "max |Δ grad|"]
+                 "max abs Δ grad"]
         diff = ""
         if len(results) == 2:
             a, b = (r.final.get("train_mse") for r in results)
