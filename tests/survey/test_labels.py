@@ -168,3 +168,12 @@ def test_experiments_run_end_to_end(tmp_path):
         "meta-weight-net", overrides=over, out=tmp_path / "mw", progress=False, plots=False, echo=None
     )
     assert r.completed and "det_f1" not in r.final and 0 < r.final["V_1"] < 1
+
+
+def test_labels_table_lists_every_method_on_both_splits():
+    exp = bl.experiments.get("labels")
+    runs = exp.runs(exp.resolve())
+    assert len({(r.label, r.seed) for r in runs}) == len(runs) == 10
+    assert {r.overrides["split"] for r in runs} == {"noise", "imbalance"}
+    with pytest.raises(ConfigError, match="unknown method"):
+        exp.runs(exp.resolve(overrides={"methods": ["MW-Net (Adam)"]}))

@@ -106,3 +106,9 @@ def test_surrogate_experiment(tmp_path):
     )
     assert r.completed and {"ce_test_f1", "ce_thr_test_f1"} <= set(r.extras)
     assert 0 <= r.final["test_f1"] <= 1 and "a_pos" in r.final
+
+
+def test_surrogate_table_runs():
+    exp = bl.experiments.get("surrogate")
+    runs = exp.runs(exp.resolve())
+    assert len({(r.label, r.seed) for r in runs}) == len(runs) == 6

@@ -195,6 +195,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _method(r: SubResult) -> str:
+    """The method of a ``labels`` sub-run (its label is "split / method")."""
+    return r.run.label.split(" / ", 1)[-1]
+
+
 def labels_figure(results: list[SubResult], out: Path) -> Path:
     """Test accuracy vs outer step per split (baselines dashed) and MW-Net's learned V(ℓ)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -212,8 +217,9 @@ def labels_figure(results: list[SubResult], out: Path) -> Path:
         rs = [r for r in results if r.run.overrides["split"] == split]
         for r in rs:
             tr = load_trace(r.path)
-            c = f"C{labels.index(r.run.label) if r.run.label in labels else 0}"
-            ax.plot([t["step"] for t in tr], [t["test_acc"] for t in tr], color=c, label=r.run.label)
+            m = _method(r)
+            c = f"C{labels.index(m) if m in labels else 0}"
+            ax.plot([t["step"] for t in tr], [t["test_acc"] for t in tr], color=c, label=m)
         if rs:
             ax.axhline(rs[0].extras["plain_test_acc"], color="k", ls="--", lw=1, label="plain training")
             if "oracle_test_acc" in rs[0].extras:
@@ -262,7 +268,7 @@ class Labels(Table):
             raise ConfigError(f"unknown method(s) {bad}; valid: {list(METHODS)}")
         return [
             SubRun(
-                label=m,
+                label=f"{s} / {m}",
                 experiment=METHODS[m][0],
                 seed=cfg["seed"] + k,
                 overrides={**METHODS[m][1], "split": s, "steps": cfg["steps"]},
@@ -279,7 +285,7 @@ class Labels(Table):
             rows.append(
                 [
                     r.run.overrides["split"],
-                    r.run.label,
+                    _method(r),
                     r.run.seed,
                     fmt(e.get("plain_test_acc")),
                     fmt(e.get("init_test_acc")),
