@@ -222,6 +222,8 @@ def labels_figure(results: list[SubResult], out: Path) -> Path:
             ax.plot([t["step"] for t in tr], [t["test_acc"] for t in tr], color=c, label=m)
         if rs:
             ax.axhline(rs[0].extras["plain_test_acc"], color="k", ls="--", lw=1, label="plain training")
+            # the step-0 point (Z = 0, accuracy 0.1) is left off
+            ax.set_ylim(max(0.0, rs[0].extras["plain_test_acc"] - 0.2), None)
             if "oracle_test_acc" in rs[0].extras:
                 ax.axhline(
                     rs[0].extras["oracle_test_acc"], color="0.5", ls=":", lw=1, label="clean samples only"
