@@ -46,3 +46,6 @@ __all__ += ["DartsToy", "darts_toy"]
 
 
 # --- proxy: best-response proxies (13.10) ---
+from .proxy import ProxyRidge, proxy_ridge  # noqa: E402
+
+__all__ += ["ProxyRidge", "proxy_ridge"]
