@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..inner import Adam
 from ..problems.distillation import MODELS, class_centroids, distillation, kernel_distillation, random_real
 from ..sampling import Minibatches
@@ -75,7 +76,7 @@ class DistillationRun(Experiment):
               "dtype": dtype, "device": run_device(cfg)}
         ev = cfg["eval"]
         if ev["draws"] < 1 or ev["inits"] < 1:
-            raise ValueError(f"eval.draws and eval.inits must be ≥ 1, got {ev['draws']}, {ev['inits']}")
+            raise ConfigError(f"eval.draws and eval.inits must be ≥ 1, got {ev['draws']}, {ev['inits']}")
         upper = Adam(lr=cfg["upper"]["lr"])
         if cfg["method"] == "unrolled":
             inn = cfg["inner"]
@@ -253,7 +254,7 @@ class Distillation(Table):
     def runs(self, cfg: dict[str, Any]) -> list[SubRun]:
         bad = [m for m in cfg["methods"] if m not in METHODS]
         if bad or any(int(k) < 1 for k in cfg["ipc"]):
-            raise ValueError(f"methods must be in {METHODS} and ipc ≥ 1; got {cfg['methods']}, {cfg['ipc']}")
+            raise ConfigError(f"methods must be in {METHODS} and ipc ≥ 1; got {cfg['methods']}, {cfg['ipc']}")
         return [SubRun(label=f"{m}-ipc{k}", experiment="distillation-run", seed=cfg["seed"],
                        overrides={"method": m, "ipc": int(k), "steps": cfg["steps"]})
                 for k in cfg["ipc"] for m in cfg["methods"]]

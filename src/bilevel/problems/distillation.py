@@ -111,8 +111,8 @@ def random_real(X: Tensor, t: Tensor, ipc: int, n_classes: int, generator: torch
 
 def class_centroids(X: Tensor, t: Tensor, ipc: int, n_classes: int, *, iters: int = 25,
                     seed: int = 0) -> Tensor:
-    """Per-class means: k-means centroids (Lloyd, k = ipc, k-means++-free random start) of each
-    class; for ipc = 1 the class mean."""
+    """Per-class means: k-means centroids (Lloyd iterations, k = ipc, started at random members)
+    of each class; for ipc = 1 the class mean."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for c in range(n_classes):
@@ -222,12 +222,9 @@ class Distillation:
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def lr(self, x: dict[str, Tensor], k: int = 0) -> Tensor:
-        """η_k = exp(x["log_lr"][k]) (per step) or exp(x["log_lr"])."""
-        return x["log_lr"][k].exp() if self.per_step_lr else x["log_lr"].exp()
-
     def inner(self, steps: int | None = None) -> GD:
-        """The lower dynamics: ``steps`` (default T) GD steps with the learned rate."""
+        """The lower dynamics: ``steps`` (default T) GD steps with the learned rate η = exp(log_lr)
+        (per step: η_k = exp(log_lr[k]), the last rate beyond T)."""
         last = self.steps - 1
 
         def per_step(x: dict[str, Tensor], k: int) -> Tensor:
