@@ -63,7 +63,7 @@ def test_attack_raises_validation_loss_and_error_more_than_random_perturbations(
     inner = Nesterov(lr=1 / p.smoothness, momentum=(math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1), steps=30)
     solver = bl.solvers.HypergradientDescent(CG(inner, iters=100, tol=1e-8), upper=Adam(lr=0.1),
                                              warm_start=True)
-    res = bl.solve(p.problem, *p.start(), solver=solver, steps=20, x_projection=p.project, track=False)
+    res = bl.solve(p.problem, *p.start(), solver=solver, steps=10, x_projection=p.project, track=False)
     assert float(res.x.norm(dim=1).max()) <= eps * (1 + 1e-12)
     attack = p.scores(res.x)
     clean = p.scores(p.x0)

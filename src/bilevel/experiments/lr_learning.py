@@ -30,7 +30,18 @@ from ..hypergrad import Forward, Reverse
 from ..inner import Adam
 from ..problems.lr_learning import MOMENTUM_MODES, lr_learning
 from ..solvers import HypergradientDescent
-from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register, run_device
+from .base import (
+    Experiment,
+    Setup,
+    SubResult,
+    SubRun,
+    Table,
+    fmt,
+    markdown_table,
+    register,
+    run_device,
+    run_dtype,
+)
 
 __all__ = ["LRLearningRun", "LRLearningTable", "schedule_figure"]
 
@@ -41,7 +52,8 @@ def _build_problem(cfg: dict[str, Any]):
     d, i = cfg["data"], cfg["inner"]
     return lr_learning(i["steps"], momentum=cfg["momentum"], source=d["source"], n_train=d["n_train"],
                        n_val=d["n_val"], n_test=d["n_test"], ridge=d["ridge"], lr0=i["lr0"],
-                       momentum0=i["momentum0"], seed=cfg["seed"], device=run_device(cfg))
+                       momentum0=i["momentum0"], seed=cfg["seed"], device=run_device(cfg),
+                       dtype=run_dtype(cfg, torch.float64))
 
 
 @register

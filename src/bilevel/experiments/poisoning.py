@@ -28,7 +28,18 @@ from ..hypergrad import CG
 from ..inner import Adam, Nesterov
 from ..problems.poisoning import poisoning
 from ..solvers import HypergradientDescent
-from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register, run_device
+from .base import (
+    Experiment,
+    Setup,
+    SubResult,
+    SubRun,
+    Table,
+    fmt,
+    markdown_table,
+    register,
+    run_device,
+    run_dtype,
+)
 
 __all__ = ["PoisoningRun", "PoisoningTable", "poisoning_figure"]
 
@@ -39,7 +50,7 @@ def _problem(cfg: dict[str, Any]):
     d = cfg["data"]
     return poisoning(cfg["eps"], n_poison=cfg["n_poison"], classes=tuple(cfg["classes"]),
                      n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"], ridge=d["ridge"],
-                     seed=cfg["seed"], device=run_device(cfg))
+                     seed=cfg["seed"], device=run_device(cfg), dtype=run_dtype(cfg, torch.float64))
 
 
 @register
@@ -107,12 +118,19 @@ def _table(runs: list[tuple[float, dict[str, Any], dict[str, Any]]], draws: int)
         ex = runs[0][2]
         rows.append(["—", "clean training set", *(fmt(ex.get(f"clean_{m}")) for m in METRICS)])
     for eps, final, ex in runs:
-        rows.append([fmt(float(eps)), f"random, mean ± std of {draws}",
-                     *(f"{fmt(ex.get(f'random_{m}'))} ± {fmt(ex.get(f'random_{m}_std'))}"
-                       for m in METRICS)])
-        rows.append([fmt(float(eps)), "attack (bilevel)", *(fmt(final.get(m)) for m in METRICS)])
+        rows.append([f"{float(eps):g}", f"random, mean ± std of {draws}",
+                     *(f"{fmt(ex.get(f'random_{m}'))} ± {_std(ex, m)}" for m in METRICS)])
+        rows.append([f"{float(eps):g}", "attack (bilevel)", *(fmt(final.get(m)) for m in METRICS)])
     head = ["ε", "perturbation", "val loss", "val error", "test loss (held out)", "test error"]
     return markdown_table(head, rows)
+
+
+def _std(ex: dict[str, Any], m: str) -> str:
+    """The draws' standard deviation; 0 where every draw gave the same value (rounding noise)."""
+    sd, mean = ex.get(f"random_{m}_std"), ex.get(f"random_{m}")
+    if isinstance(sd, float) and isinstance(mean, float) and sd <= 1e-12 * max(abs(mean), 1e-300):
+        return "0"
+    return fmt(sd)
 
 
 def _final_x(r: SubResult) -> torch.Tensor | None:
