@@ -67,3 +67,6 @@ __all__ += ["F1Data", "SurrogateProblem", "f1_data", "surrogate_loss"]
 
 
 # --- proxy: best-response proxies (13.10) ---
+from .proxy import ProxyRidge, proxy_ridge  # noqa: E402
+
+__all__ += ["ProxyRidge", "proxy_ridge"]
