@@ -64,6 +64,12 @@ __all__ += ["F1Data", "SurrogateProblem", "f1_data", "surrogate_loss"]
 
 
 # --- sparse-implicit: dictionary learning (13.7), implicit layers (13.8) ---
+from .dictionary import DictionaryToy, atom_match, dictionary_learning, normalize_columns  # noqa: E402
+
+__all__ += ["DictionaryToy", "dictionary_learning", "atom_match", "normalize_columns"]
+from .implicit_layers import DEQToy, Equilibrium, NeuralODEToy, deq_regression, map_step, neural_ode  # noqa: E402
+
+__all__ += ["DEQToy", "Equilibrium", "deq_regression", "map_step", "NeuralODEToy", "neural_ode"]
 
 
 # --- proxy: best-response proxies (13.10) ---
