@@ -259,3 +259,52 @@ def test_upper_variable_from_another_module_and_load_into():
     assert set(cg.grad) == {"log_wd"} and rel_err(cg.grad, ex.grad) < 1e-10
     bl.load_into(hyper, {"log_wd": x0["log_wd"] - 0.1 * cg.grad["log_wd"]})
     torch.testing.assert_close(hyper.log_wd.detach(), x0["log_wd"] - 0.1 * cg.grad["log_wd"])
+
+
+def test_forward_equals_reverse_and_finite_differences_with_dropout_on():
+    """Dropout (p=0.5) in the CNN: each train-mode call draws its masks from the Functional's
+    seed, so g is one deterministic function and Forward (its vmapped jvps run with
+    randomness="same": one mask per pass, the primal's) differentiates the same unroll as Reverse.
+    Both products paths, the func backend and a start y0(x) are compared with Reverse (1e-10);
+    Reverse with central differences of the unroll (1e-6)."""
+    module = _cnn(dropout=0.5)
+    net = bl.Functional(module, seed=7)
+    (X, t), (Xv, tv) = _data(12, 3), _data(6, 4)
+
+    def g(x, y):
+        return F.cross_entropy(net(y, X), t) + 0.5 * x[0].exp() * sum(
+            (p**2).sum() for p in y.values()) + x[1] * y["5.bias"].sum()
+
+    def f(x, y):
+        return F.cross_entropy(net(y, Xv), tv)
+
+    prob, x = bl.Problem(f, g), torch.tensor([-0.5, 0.1], dtype=F64)
+    dyn = bl.inner.GD(lr=0.2, steps=6)
+    y0 = net.params()
+    rev = H.Reverse(dyn)(prob, x, y0).grad
+    for est in (H.Forward(dyn), H.Forward(dyn, products="jvp"), H.Forward(dyn, chunk=1)):
+        assert rel_err(est(prob, x, y0).grad, rev) < 1e-10, est
+    with bl.oracles.backend("func"):
+        assert rel_err(H.Forward(dyn)(prob, x, y0).grad, rev) < 1e-10
+
+    def y0_of_x(x):
+        return {k: v * (1 + 0.1 * x[1]) for k, v in y0.items()}
+
+    rev_fn = H.Reverse(dyn)(prob, x, y0_of_x).grad
+    assert rel_err(H.Forward(dyn, products="jvp")(prob, x, y0_of_x).grad, rev_fn) < 1e-10
+
+    def h(xv):  # f(x, y_6(x)) by a textbook GD loop
+        y = dict(y0)
+        with torch.enable_grad():
+            for _ in range(6):
+                yr = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+                gr = torch.autograd.grad(g(xv, yr), list(yr.values()))
+                y = {k: v - 0.2 * gk for (k, v), gk in zip(y.items(), gr)}
+        return f(xv, y)
+
+    assert rel_err(rev, fd_grad(h, x)) < 1e-6
+    # the masks are really active: another seed gives another function (and hypergradient)
+    other = bl.Functional(module, seed=8)
+    g8 = bl.Problem(f, lambda x, y: F.cross_entropy(other(y, X), t) + 0.5 * x[0].exp() * sum(
+        (p**2).sum() for p in y.values()) + x[1] * y["5.bias"].sum())
+    assert rel_err(H.Reverse(dyn)(g8, x, y0).grad, rev) > 1e-3

@@ -54,8 +54,10 @@ class Forward(Estimator):
         chunk: directions propagated together (default: all dim(x) at once).
 
     Returns: ``res.grad`` (exact derivative of f(x, y_T(x))), ``res.y`` = y_T, ``res.info`` with
-    ``directions`` and ``chunk``. Objectives must be ``vmap``-able (no random ops: see
-    docs/pytorch.md on dropout).
+    ``directions`` and ``chunk``. Objectives must be ``vmap``-able; random operations (dropout)
+    run with ``randomness="same"``: every tangent of a pass sees the one mask of the primal, so
+    with seeded masks (:class:`bilevel.Functional`) Forward differentiates the same function as
+    Reverse (tested equal; see docs/pytorch.md on dropout).
 
     Reference: Franceschi, Donini, Frasconi & Pontil 2017, Sec. 2.2.
     """
@@ -104,7 +106,8 @@ class Forward(Estimator):
         def init(xs_):
             return dyn.init(bound.init(xs_))
 
-        s, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(_pd(), 0))(U) if bound.y_fn \
+        s, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(_pd(), 0),
+                    randomness="same")(U) if bound.y_fn \
             else (dyn.init(bound.ys0), None)
         s = _primal(s) if bound.y_fn else s
         if Z is None:
@@ -120,7 +123,7 @@ class Forward(Estimator):
                     return d.update(s_, gfun(xs_, d.point(s_)), k)
 
                 s, Z = vmap(lambda u, z, s0=s, st=step: jvp(st, (xs, s0), (u, z)),
-                            out_dims=(_pd(), 0))(U, Z)
+                            out_dims=(_pd(), 0), randomness="same")(U, Z)
                 s = _primal(s)
                 sums.append(sum(t.detach().sum() for t in dyn.output(s)))
                 continue
