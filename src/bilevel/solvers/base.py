@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from .. import _tree as T
 from .. import oracles as O
-from ..errors import BilevelError, ConfigError
+from ..errors import BilevelError, ConfigError, InexactResumeWarning
 from ..formulation import Bound, Problem
 from ..inner import Dynamics, with_projection
 from ..sampling import Sampler, as_sampler
@@ -247,6 +248,49 @@ def _check_resume(solver: Solver, state: Any, xs: T.Leaves, ys: T.Leaves) -> Non
             )
 
 
+_LEVELS = ("lower", "upper")
+
+
+def _data_state(ctx: Context) -> dict[str, Any]:
+    """The position (and random state) of each level's sampler — for a DataLoader: epoch,
+    batches consumed, the state of its generators at the start of the epoch — kept in the solver
+    state as ``state["data"]`` so that ``bl.solve(state=...)`` resumes the data exactly."""
+    out: dict[str, Any] = {}
+    for level in _LEVELS:
+        s = getattr(ctx, f"{level}_data")
+        if s is not None and callable(getattr(s, "state_dict", None)):
+            out[level] = s.state_dict()
+    return out
+
+
+def _restore_data(ctx: Context, saved: Any) -> None:
+    """Load the positions of ``state["data"]`` into this run's samplers (a fresh DataLoader
+    adapter, or the sampler object of the interrupted run); warn once if a loader cannot
+    reproduce its order (:class:`~bilevel.errors.InexactResumeWarning`)."""
+    if not saved:
+        return
+    for level in _LEVELS:
+        if level not in saved:
+            continue
+        s = getattr(ctx, f"{level}_data")
+        if s is None:
+            raise ConfigError(
+                f"cannot resume: the state holds the position of {level}_data, but no {level}_data "
+                "was given; pass the same data as the interrupted run"
+            )
+        if callable(getattr(s, "load_state_dict", None)):
+            s.load_state_dict(saved[level])
+    inexact = [f"{lv}_data" for lv in _LEVELS if lv in saved
+               and getattr(getattr(ctx, f"{lv}_data"), "exact_resume", True) is False]
+    if inexact:
+        warnings.warn(
+            f"resuming with {' and '.join(inexact)}: the DataLoader shuffles with the global RNG "
+            "(no generator of its own), so the run continues at the right position but with "
+            "other batches than the uninterrupted run (approximate resume); for an exact resume "
+            "pass DataLoader(..., generator=torch.Generator().manual_seed(SEED))",
+            InexactResumeWarning, stacklevel=3)
+
+
 def _takes_state(fn: Callable) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -334,7 +378,12 @@ def solve(
 
     ``state`` (from a previous :class:`SolveResult`) resumes a run: it is copied first (never
     mutated, so the same state can seed several resumes) and must come from the same solver class
-    with x0 / y0 of the same shapes (:class:`~bilevel.errors.ConfigError` otherwise).
+    with x0 / y0 of the same shapes (:class:`~bilevel.errors.ConfigError` otherwise). The state
+    holds the data position too (``state["data"]``: each sampler's ``state_dict``; for a
+    DataLoader the epoch, the batches consumed and its generators' state), loaded into the
+    samplers of the resumed call, so a run resumed with a freshly built, seeded DataLoader (or
+    sampler) draws exactly the batches of the uninterrupted run; a loader that shuffles with the
+    global RNG resumes approximately (:class:`~bilevel.errors.InexactResumeWarning`, once).
     ``y0`` may be a callable x -> y0 (solvers that learn the initialization use it).
     ``compile=True`` runs every oracle as a compiled kernel (:mod:`bilevel.compiled`).
 
@@ -356,9 +405,11 @@ def solve(
         state.setdefault("time", 0.0)
         state.setdefault("counts", O.OracleCounts())
         state.setdefault("solver", solver_name(solver))
+        state["data"] = _data_state(ctx)
     else:
         _check_resume(solver, state, xs, ys)
         state = copy_state(state)
+        _restore_data(ctx, state.get("data"))
     solver.setup(ctx, state)
     history: list[dict[str, Any]] = []
     pass_state = callback is not None and _takes_state(callback)
@@ -375,6 +426,7 @@ def solve(
                     metrics = solver.step(ctx, state, t)
                 state["time"] += time.perf_counter() - t0
                 state["t"] = t + 1
+                state["data"] = _data_state(ctx)  # the samplers' positions: an exact resume
                 x_out, y_out = solver.output(state)
                 pending.append(_finite_summary(x_out, y_out))
                 tracked = bool(every) and (t + 1) % every == 0
