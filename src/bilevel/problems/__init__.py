@@ -37,6 +37,15 @@ __all__ += ["DartsToy", "darts_toy"]
 
 
 # --- distill: data distillation + KIP (13.2) ---
+from .distillation import (  # noqa: E402
+    Distillation,
+    KernelDistillation,
+    RandomInitDescent,
+    distillation,
+    kernel_distillation,
+)
+
+__all__ += ["Distillation", "KernelDistillation", "RandomInitDescent", "distillation", "kernel_distillation"]
 
 
 # --- labels: label learning, Meta-Weight-Net (13.4), surrogate loss (13.9) ---
