@@ -558,6 +558,8 @@ def unroll(
     start: int = 0,
     level: str = "lower",
     track: bool = True,
+    carry: Callable[[int, T.Leaves, Any], Any] | None = None,
+    buffers: Any = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Run ``steps`` updates from ``state`` (step counter starting at ``start``).
 
@@ -565,11 +567,19 @@ def unroll(
     by ``grad_fn``. Non-finite iterates raise :class:`NonFiniteError` naming the first bad step
     (checked with a single synchronisation after the loop). ``track=False`` skips that check and
     every host synchronisation, so the loop runs under ``torch.func.vmap`` / ``grad``.
+
+    ``carry(k, point, buffers) -> buffers`` (with the starting ``buffers``) carries state beside
+    the iterate — BatchNorm running statistics, see :class:`bilevel.modules.Buffers` — updated at
+    the same point as the gradient of step k, outside any graph; the final value is returned as
+    ``info["buffers"]``.
     """
     sums: list[Tensor] = []
     last_grad: T.Leaves | None = None
     for k in range(start, start + steps):
-        last_grad = grad_fn(dyn.point(state), k)
+        point = dyn.point(state)
+        last_grad = grad_fn(point, k)
+        if carry is not None:
+            buffers = carry(k, point, buffers)
         state = dyn.update(state, last_grad, k)
         if track:
             sums.append(sum(t.detach().sum() for t in state[: len(state) // dyn.slots]))
@@ -591,6 +601,8 @@ def unroll(
             step=step,
         )
     info: dict[str, Any] = {"steps": steps}
+    if carry is not None:
+        info["buffers"] = buffers
     # track=False or inside a plain vmap: no host synchronisation (traced: a tensor)
     if last_grad is not None and (tracing() or (track and not _batched(last_grad[0]))):
         info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))

@@ -78,9 +78,12 @@ class Context:
 
     # objectives ---------------------------------------------------------------------------
     def bound(self, xs: T.Leaves, ys: T.Leaves, upper_batch: Any = None,
-              lower_batch: Any = None) -> Bound:
+              lower_batch: Any = None, buffers: Any = None) -> Bound:
+        """The problem bound to (x, y) and batches; ``buffers``: the carried buffers to start the
+        lower dynamics from (``Problem(buffers=...)``; default its ``init``)."""
         return Bound.from_leaves(self.problem, xs, self.xspec, ys, self.yspec,
-                                 upper_batch=upper_batch, lower_batch=lower_batch, y_fn=self.y_fn)
+                                 upper_batch=upper_batch, lower_batch=lower_batch, y_fn=self.y_fn,
+                                 buffers=buffers)
 
     def fresh_G(self):
         """The lower objective on a freshly drawn lower batch (full data without a sampler)."""
@@ -90,8 +93,8 @@ class Context:
         """The upper objective on a freshly drawn upper batch (full data without a sampler)."""
         return self.F(self.upper_batch())
 
-    def F(self, batch: Any = None):
-        return self.bound((), (), upper_batch=batch).F
+    def F(self, batch: Any = None, buffers: Any = None):
+        return self.bound((), (), upper_batch=batch, buffers=buffers).F
 
     def G(self, batch: Any = None):
         return self.bound((), (), lower_batch=batch).G
@@ -146,6 +149,9 @@ class Solver:
     """Base class of all bilevel solvers."""
 
     reference: str = ""
+    #: does the solver carry ``Problem(buffers=...)`` through its lower dynamics and from one
+    #: outer step to the next (``state["buffers"]``)? Others reject such a problem.
+    carries_buffers: bool = False
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         """Fresh state (not called when resuming)."""
@@ -314,11 +320,12 @@ def _fail(exc: BaseException, t: int, solver: Solver, partial: SolveResult) -> N
         exc.add_note(f"bilevel: raised at {where}; the partial result is attached as .partial")
 
 
-def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, float]:
-    """Upper value and lower gradient norm on the full data (not timed, not counted)."""
+def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves, buffers: Any = None) -> dict[str, float]:
+    """Upper value and lower gradient norm on the full data (not timed, not counted); an upper
+    objective that reads buffers gets the solver's carried ones (``state["buffers"]``)."""
     up, lo = ctx.full_batches()
     with O.counting():  # keep evaluation out of the caller's oracle counts
-        F = ctx.F(up)
+        F = ctx.F(up, buffers)
         G = ctx.G(lo)
         fval = float(O.value(F, xs, ys))
         gnorm = float(T.norm(O.grad_y(G, xs, ys)))
@@ -397,6 +404,11 @@ def solve(
     ys, yspec = T.flatten(y_fn(x0) if y_fn is not None else y0)
     check_variables(ys, "y0")
     check_compatible(xs, ys)
+    if getattr(problem, "buffers", None) is not None and not getattr(solver, "carries_buffers", False):
+        raise ConfigError(
+            f"the problem carries buffers (Problem(buffers=...)), but {solver_name(solver)} does not "
+            "step them through its lower updates; use HypergradientDescent (or RHG / AID / BA / "
+            "BDA) with an estimator, or carry the statistics yourself (Functional.update_buffers)")
     ctx = Context(problem, xspec, yspec, x_projection=x_projection, y_projection=y_projection,
                   lower_data=lower_data, upper_data=upper_data, y_fn=y_fn, device=xs[0].device)
     if state is None:
@@ -440,7 +452,7 @@ def solve(
             record = {"step": t + 1, "time": state["time"], **metrics,
                       **state["counts"].flat()}
             if tracked:
-                record.update(_track(ctx, x_out, y_out))
+                record.update(_track(ctx, x_out, y_out, state.get("buffers")))
             history.append(record)
             extra = {"state": state} if pass_state else {}
             if callback is not None and callback(
