@@ -112,3 +112,11 @@ def test_multilevel_example_one_outer_step_matches_the_closed_form(capsys, monke
     # the middle level runs 25 κ GD steps (error ~e^-25 ≈ 1e-11 in y*), the backward solves by CG
     assert err < 1e-7
     assert "distance to the closed-form optimum" in out
+
+
+def test_batchnorm_unroll_example_carries_exact_statistics(capsys):
+    out = _run("batchnorm_unroll.py", capsys)
+    rev, fwd = map(float, re.search(r"Reverse ([\d.e+-]+), Forward ([\d.e+-]+)", out).groups())
+    assert abs(rev - fwd) <= 1e-10 * abs(rev) and rev != 0.0
+    assert "max abs difference 0.0e+00; num_batches_tracked 10" in out
+    assert "module untouched: True" in out
