@@ -49,9 +49,18 @@ __all__ += ["Distillation", "KernelDistillation", "RandomInitDescent", "distilla
 
 
 # --- labels: label learning, Meta-Weight-Net (13.4), surrogate loss (13.9) ---
+from .labels import LabelData, LabelProblem, label_data, label_learning, meta_weight_net  # noqa: E402
+
+__all__ += ["LabelData", "LabelProblem", "label_data", "label_learning", "meta_weight_net"]
+from .surrogate import F1Data, SurrogateProblem, f1_data, surrogate_loss  # noqa: E402
+
+__all__ += ["F1Data", "SurrogateProblem", "f1_data", "surrogate_loss"]
 
 
 # --- sparse-implicit: dictionary learning (13.7), implicit layers (13.8) ---
 
 
 # --- proxy: best-response proxies (13.10) ---
+from .proxy import ProxyRidge, proxy_ridge  # noqa: E402
+
+__all__ += ["ProxyRidge", "proxy_ridge"]
