@@ -355,7 +355,7 @@ def test_running_stats_inside_the_unroll_equal_k_manual_train_mode_forwards(cnn_
             H.Forward(dyn), H.Forward(dyn, products="jvp"), H.CG(dyn, iters=5), H.Exact(dyn),
             H.Neumann(dyn, iters=5, alpha=1 / P["L"]), H.FixedPoint(dyn, iters=5, lr=1 / P["L"]),
             H.FirstOrder(dyn), H.FiniteDifference(dyn),
-            H.ZerothOrder(dyn, samples=2, mu=1e-6, seed=0, batched=False)]
+            H.ZerothOrder(dyn, samples=2, mu=1e-6, seed=0, batched=False), H.EvoGrad(dyn)]
     for est in ests:
         res = est(prob, P["x"], P["y0"])
         assert set(res.buffers) == set(want), est
@@ -463,6 +463,8 @@ def test_carried_buffers_bad_input(cnn_problem):
     prob = _carried(P, eval_upper=False)
     with pytest.raises(bl.ConfigError, match="batched=True"):
         H.ZerothOrder(bl.inner.GD(lr=0.1, steps=2), samples=2)(prob, P["x"], P["y0"])
+    with pytest.raises(bl.ConfigError, match="Hypernetwork fits a best-response proxy"):
+        H.Hypernetwork()(prob, P["x"], P["y0"])
     with pytest.raises(bl.ConfigError, match="carries none"):
         H.Reverse(bl.inner.GD(lr=0.1, steps=2))(P["problem"], P["x"], P["y0"], buffers={})
     with pytest.raises(bl.ConfigError, match="cannot tell the module's input"):
