@@ -13,9 +13,10 @@ random, so these are m random training points), each within an L2 ball, ‖δ_i�
     w*(δ) = argmin_w g(δ, w) = (1/n) Σ_i ℓ(t_i ⟨w, a_i + δ_i⟩ + t_i b) + (λ/2)‖w‖²,
 
 with δ_i = 0 for i > m, ℓ(z) = log(1 + e^{−z}) (logistic loss), labels t_i = ±1, y = (w, b).
-g is λ-strongly convex in w (and convex in b), so w*(δ) is unique and ∇h(δ) = ∇_δ f −
-∇²_{δw} g · (∇²_{ww} g)⁻¹ ∇_w f (CG). The constraint is the projection onto the product of balls,
-:meth:`Poisoning.project` (``x_projection``).
+g is λ-strongly convex in w and strictly convex in b (the logistic curvature σ'(z) is positive),
+so ∇²_yy g ≻ 0, y*(δ) is unique and ∇h(δ) = ∇_δ f − ∇²_{δy} g · (∇²_{yy} g)⁻¹ ∇_y f (CG).
+The constraint is the projection onto the product of balls, :meth:`Poisoning.project`
+(``x_projection``).
 
 Data: two digit classes of the bundled MNIST sample (default 7 vs 1, Biggio et al.'s first pair),
 pixels in [0, 1] (mean image norm ≈ 8), split at random into train / validation (the attacker's
@@ -77,7 +78,8 @@ class Poisoning:
 
     @property
     def condition(self) -> float:
-        """κ = L / λ of the lower objective in w."""
+        """κ = L / λ: the condition number of the lower objective in w (nominal: along b the
+        curvature comes from the data term alone and may be smaller than λ on separable data)."""
         return self.smoothness / self.ridge
 
     def retrain(self, x: Tensor, y: dict[str, Tensor] | None = None, tol: float = 1e-9,
