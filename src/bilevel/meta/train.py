@@ -134,7 +134,8 @@ def meta_train(learner: MetaLearner, x0: Any, sampler: Any, steps: int, *, meta_
     if monitor is None:
         monitor = sampler.next(meta_batch)
     solver = MetaTraining(learner, sampler, meta_batch, outer, vmap)
-    dummy = torch.zeros(1, dtype=T.flatten(x0)[0][0].dtype)
+    ref = T.flatten(x0)[0][0]
+    dummy = torch.zeros(1, dtype=ref.dtype, device=ref.device)
     return solve(meta_problem(learner, monitor), x0, dummy, solver=solver, steps=steps,
                  callback=callback)
 
