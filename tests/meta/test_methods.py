@@ -247,3 +247,39 @@ def test_vmap_equals_loop(name):
     b, ib = L.meta_grad(x, tasks, vmap=False)
     _close(a, b)
     assert abs(ia["loss"] - ib["loss"]) < 1e-12
+
+
+def test_iaptt_fewshot_equals_hand_written_pessimistic_truncation():
+    """IAPTT-GM few-shot: per task k* = first argmax of the query loss along the head's K steps,
+    meta-gradient of L(y_{k*}; query) w.r.t. body φ and head init z (autograd, float64)."""
+    alpha, K, ways = 1.5, 4, 3  # a large step: the query loss is not monotone, so k* varies
+    model = M.MLPModel([4, 5], ways)
+    tasks = _cls_tasks(n=4, ways=ways, seed=5)
+    for key in ("x", "y"):  # tasks 0, 1: query = support, so their query loss falls (k* = 1)
+        tasks[f"query_{key}"][:2] = tasks[f"support_{key}"][:2]
+    L = M.IAPTTFewShot(model, lr=alpha, steps=K, ways=ways)
+    x = _x(L, seed=1)
+    xs, spec = _leaves_rg(x)
+    xt = T.unflatten(xs, spec)
+    total, k_stars = 0.0, []
+    for i in range(4):
+        head, vals = xt["head"], []
+        for _ in range(K):
+            out = linear(head, features(xt["body"], tasks["support_x"][i]))
+            loss = Fn.cross_entropy(out, tasks["support_y"][i])
+            gw, gb = torch.autograd.grad(loss, (head["weight"], head["bias"]), create_graph=True)
+            head = {"weight": head["weight"] - alpha * gw, "bias": head["bias"] - alpha * gb}
+            vals.append(Fn.cross_entropy(linear(head, features(xt["body"], tasks["query_x"][i])),
+                                         tasks["query_y"][i]))
+        k = max(range(K), key=lambda j: (float(vals[j].detach()), -j))  # first maximiser
+        k_stars.append(k + 1)
+        total = total + vals[k]
+    assert len(set(k_stars)) > 1, k_stars  # the truncation point differs between tasks
+    ref = T.unflatten(torch.autograd.grad(total / 4, xs), spec)
+    for vmap in (True, False):
+        g, info = L.meta_grad(x, tasks, vmap=vmap)
+        _close(g, ref)
+        if not vmap:
+            assert info["k_star_mean"] == sum(k_stars) / 4
+    anil, _ = M.ANIL(model, lr=alpha, steps=K, ways=ways).meta_grad(x, tasks)  # no truncation
+    assert max(float((u - v).abs().max()) for u, v in zip(T.flatten(anil)[0], T.flatten(ref)[0])) > 1e-4

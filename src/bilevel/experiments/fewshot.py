@@ -3,9 +3,9 @@
 Episodes are drawn from disjoint class splits of an offline data set (``dataset``: the bundled
 MNIST sample ``mnist5k`` or scikit-learn ``digits``; meta-train classes {0..4}, meta-test classes
 {5..9} with ``split = "low-high"``). The model is an MLP body ``d → hidden → hidden`` with a linear
-head to ``ways`` outputs; ``method`` picks MAML, FOMAML, ANIL, iMAML, Meta-SGD, R2D2 or ProtoNet
-(:mod:`bilevel.meta`). Meta-training: ``steps`` outer Adam steps on meta-batches of
-``meta_batch`` tasks (vmapped over tasks where the method supports it). Evaluation: mean query
+head to ``ways`` outputs; ``method`` picks MAML, FOMAML, ANIL, iMAML, Meta-SGD, R2D2, ProtoNet or
+IAPTT-GM's few-shot variant ``iaptt`` (:mod:`bilevel.meta`). Meta-training: ``steps`` outer Adam
+steps on meta-batches of ``meta_batch`` tasks (vmapped over tasks). Evaluation: mean query
 accuracy with a 95% confidence interval over ``test_episodes`` (≥ 600) meta-test episodes, with
 ``test_inner_steps`` adaptation steps.
 
@@ -47,7 +47,7 @@ from .base import (
 
 __all__ = ["FewShot", "FewShotTable", "make_learner"]
 
-FEWSHOT_METHODS = ("maml", "fomaml", "anil", "imaml", "metasgd", "r2d2", "protonet")
+FEWSHOT_METHODS = ("maml", "fomaml", "anil", "imaml", "metasgd", "r2d2", "protonet", "iaptt")
 
 
 def make_learner(method: str, model: MLPModel, cfg: dict[str, Any], *, loss: str, ways: int | None):
@@ -56,7 +56,7 @@ def make_learner(method: str, model: MLPModel, cfg: dict[str, Any], *, loss: str
     if m not in METHODS:
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     lr, k = float(cfg["inner_lr"]), int(cfg["inner_steps"])
-    if m in ("maml", "fomaml", "anil"):
+    if m in ("maml", "fomaml", "anil", "iaptt"):
         return METHODS[m](model, lr=lr, steps=k, loss=loss, ways=ways)
     if m == "metasgd":
         return METHODS[m](model, lr0=lr, steps=k, loss=loss, ways=ways)
