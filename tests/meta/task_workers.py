@@ -58,4 +58,7 @@ def train(steps: int = 3):
 
 
 def rank_all():
-    return {"grads": meta_grads(True), "train": train()}
+    from bilevel.bench.metalearning import task_parallel_times
+
+    return {"grads": meta_grads(True), "train": train(),
+            "bench": task_parallel_times([2], steps=1, reps=1)}  # the bench's sharded step runs

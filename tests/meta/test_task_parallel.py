@@ -53,6 +53,10 @@ def test_meta_training_on_two_ranks_equals_single_process(ranks):
     assert "collectives" not in hist_ref[0]  # the single process does not communicate
 
 
+def test_task_parallel_bench_step_runs(ranks):
+    assert all(out["bench"][2] > 0 for out in ranks)
+
+
 def test_task_parallel_needs_a_process_group():
     L = W.learners()["maml"]
     solver = MetaTraining(L, W.sampler(), W.B, task_parallel=True)

@@ -1,4 +1,4 @@
-"""The meta-learner interface and the one place where tasks are batched with ``torch.func``.
+"""The meta-learner interface and the one place where meta-batches of tasks are batched.
 
 Meta-learning as multi-task bilevel optimization (survey 2207.11719, Sec. 3.2): the upper variable
 x is meta-knowledge shared by all tasks (an initialization, a feature extractor, learning rates),
@@ -12,12 +12,16 @@ A :class:`MetaLearner` describes one task's lower and upper objectives (:meth:`l
 :meth:`upper`), the start of the lower problem as a function of x (:meth:`start`) and a
 :mod:`bilevel.hypergrad` estimator (:meth:`estimator`). Two ways to get the meta-gradient:
 
-* ``vmap=True`` (default where supported): :meth:`query_outputs` is a pure function of
-  (x, task) — the adaptation runs :func:`bilevel.inner.unroll` with ``torch.func`` gradients — and
-  the mean query loss over the task batch is differentiated by ``torch.func.grad`` of a
-  ``torch.func.vmap`` over tasks (:func:`batched_mean_grad`);
-* ``vmap=False``: a Python loop over tasks calling the estimator on each task's
-  :class:`bilevel.Problem` (the same mathematics; the tests check both agree to 1e-10 in float64).
+* ``vmap=True`` (default): the estimator on :meth:`batched_problem` (support set = lower batch,
+  query set = upper batch) under :func:`bilevel.hypergrad.vmap` over the tasks;
+* ``vmap=False``: the same estimator called task by task (the tests check both agree to 1e-10
+  in float64).
+
+Methods without a lower problem (ProtoNet) differentiate the vmapped query loss
+(:func:`batched_mean_grad`). For evaluation, :meth:`query_outputs` is a pure function of
+(x, task) — the adaptation runs :func:`bilevel.inner.unroll` with ``torch.func`` gradients —
+vmapped over the tasks in chunks. :meth:`task_sum_grad` returns the *sum* over a batch, which is
+what task-parallel training (:mod:`bilevel.meta.train`) adds up across ranks.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class MetaLearner:
 
     #: whether the model's linear head is part of the method (False: R2D2, ProtoNet)
     uses_head = True
-    #: the loop path passes the start as a function of x (its derivative counts: MAML) or as a
+    #: the estimator gets the start as a function of x (its derivative counts: MAML) or as a
     #: fixed point (iMAML: the implicit meta-gradient does not depend on the start)
     differentiate_start = True
 
@@ -147,7 +151,7 @@ class MetaLearner:
     def query_loss(self, x: Any, task: Mapping[str, Tensor]) -> Tensor:
         return task_loss(self.loss, self.query_outputs(x, task), task["query_y"])
 
-    # bilevel description, used by the loop path
+    # bilevel description (one task), used by the estimators
     def lower(self, task: Mapping[str, Tensor]) -> Callable[[Any, Any], Tensor]:
         raise NotImplementedError
 
