@@ -7,6 +7,9 @@ meta-test MSE (± 95% CI over ``test_episodes`` tasks) after 1 and after 10 adap
 the same for the un-meta-trained initialization (a pretrained-free reference). An adaptation that
 diverges (non-finite query losses, e.g. Meta-SGD's rates learned for one step applied ten times) is
 reported as an MSE of inf, not as an error, so the other numbers of the run survive.
+iMAML solves its proximal problem with ``imaml_inner_steps`` GD steps of ``imaml_inner_lr``
+(λ = ``imaml_lam``) in meta-training; "after k steps" at meta-test time means k GD steps on that
+proximal objective.
 ``device`` / ``dtype``: where and in which precision tasks and meta-parameters live.
 """
 
@@ -37,8 +40,8 @@ class Sinusoid(Experiment):
     defaults = {
         "steps": 1000, "eval_every": 250, "checkpoint_every": 250,
         "method": "maml", "shots": 10, "queries": 10, "meta_batch": 25, "hidden": 40,
-        "inner_lr": 0.01, "inner_steps": 1, "outer_lr": 0.001, "imaml_lam": 1.0,
-        "imaml_inner_lr": 0.05, "imaml_inner_steps": 20, "cg_iters": 5,
+        "inner_lr": 0.01, "inner_steps": 1, "outer_lr": 0.001, "imaml_lam": 2.0,
+        "imaml_inner_lr": 0.02, "imaml_inner_steps": 40, "cg_iters": 5,
         "test_episodes": 600, "r2d2_lam": 1.0,
     }
     choices = {"method": SINUSOID_METHODS}
