@@ -45,14 +45,9 @@ from ..hypergrad.base import Estimator
 from ..hypergrad.vmap import vmap as hypergrad_vmap
 from ..inner import Dynamics, unroll
 from ..validation import check_finite
-from .tasks import FIELDS, check_tasks, num_tasks
+from .tasks import FIELDS, check_tasks, index_tasks, num_tasks
 
 SUPPORT, QUERY = FIELDS[:2], FIELDS[2:]
-
-
-def index_tasks(tasks: Mapping[str, Tensor], i: int | slice) -> dict[str, Tensor]:
-    """Task i (or a slice) of a batch, for any subset of the task fields."""
-    return {k: v[i] for k, v in tasks.items()}
 
 
 def split_tasks(tasks: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -73,6 +68,7 @@ def _diagnostics(info: Mapping[str, Any], *, batched: bool) -> dict[str, Any]:
         elif not batched:
             out["breakdowns"] = int(ls.get("breakdown") is not None)
     return out
+
 
 __all__ = ["MetaLearner", "batched_mean_grad", "task_loss", "adapt", "split_tasks", "LOSSES"]
 

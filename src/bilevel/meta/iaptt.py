@@ -38,9 +38,9 @@ from ..hypergrad import Reverse
 from ..inner import GD, unroll
 from ..solvers.ia import IAPTTGM
 from .anil import ANIL
-from .base import batched_mean_grad, index_tasks, split_tasks, task_loss
+from .base import batched_mean_grad, split_tasks, task_loss
 from .models import features, linear
-from .tasks import num_tasks
+from .tasks import index_tasks, num_tasks
 
 __all__ = ["IAPTTFewShot"]
 

@@ -101,8 +101,8 @@ def num_tasks(tasks: Mapping[str, Tensor]) -> int:
 
 
 def index_tasks(tasks: Mapping[str, Tensor], i: int | slice) -> dict[str, Tensor]:
-    """Task i (or a slice of the batch)."""
-    return {k: tasks[k][i] for k in FIELDS}
+    """Task i (or a slice of the batch), for all fields given (e.g. only the support set)."""
+    return {k: v[i] for k, v in tasks.items()}
 
 
 class _Seeded:
