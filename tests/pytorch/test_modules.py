@@ -474,3 +474,32 @@ def test_carried_buffers_bad_input(cnn_problem):
     with pytest.raises(bl.StructureMismatchError, match="after inner step 1: leaf 0 is \\(2,\\)"):
         H.Reverse(bl.inner.GD(lr=0.1, steps=2))(bl.Problem(P["f"], P["g"], buffers=grow),
                                                  P["x"], P["y0"])
+
+
+def test_nesterov_steps_the_stats_at_the_extrapolated_point(cnn_problem):
+    """The statistics of step k come from the forward pass where step k evaluates ∇_y g — for
+    Nesterov the extrapolated point w_k, not the output z_k."""
+    P = cnn_problem
+    dyn = bl.inner.Nesterov(lr=0.5 / P["L"], steps=4)
+    res = H.Reverse(dyn)(_carried(P, eval_upper=False), P["x"], P["y0"])
+    bound = bl.formulation.Bound(P["problem"], P["x"], P["y0"])
+    gfn = bl.hypergrad.base.lower_grad_fn(bound, bound.xs, create_graph=False)
+    ref = copy.deepcopy(P["module"]).train()
+    s, outputs = dyn.init(bound.ys0), []
+    for k in range(4):
+        w = dyn.point(s)
+        bl.load_into(ref, bound.y_tree(w))
+        with torch.no_grad():
+            ref(P["data"][0][0])
+        outputs.append(dyn.output(s))
+        s = dyn.update(s, gfn(w, k), k)
+    assert not all(torch.equal(a, b) for a, b in zip(dyn.point(s), dyn.output(s)))
+    for k, b in ref.named_buffers():
+        torch.testing.assert_close(res.buffers[k], b, rtol=1e-13, atol=1e-15)
+    at_z = copy.deepcopy(P["module"]).train()  # the same passes at the outputs z_k differ
+    for z in outputs:
+        bl.load_into(at_z, bound.y_tree(z))
+        with torch.no_grad():
+            at_z(P["data"][0][0])
+    assert not torch.allclose(dict(at_z.named_buffers())["1.running_var"],
+                              res.buffers["1.running_var"], rtol=1e-9, atol=0)
