@@ -26,8 +26,11 @@ Which solver for which Hessian:
   proximal / Tikhonov system of iMAML, Rajeswaran et al. 2019, Eq. 6: (I + H/λ) v = b is
   (H + λI) v = λ b).
 
-Host synchronisations: every iterative solver reads one or two scalars per iteration (its stopping
-and breakdown tests), never more.
+Host synchronisations: :func:`cg` reads no value per iteration — its tests are replayed on the host
+once per block of ``check_every`` iterations, or (``check_every=0``, and always in traced mode) run
+as device masks with one read at the end (the fixed-iteration form, usable under
+``torch.func.vmap``). :func:`minres`, :func:`normal_cg` and :func:`fixed_point` still read one or
+two scalars per iteration (their stopping and breakdown tests).
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ def damped(matvec: MatVec, damping: float) -> MatVec:
     return lambda v: T.axpy(lam, v, matvec(v))
 
 
+#: breakdown reasons of the masked solvers, by code (0 = none); one place for eager and traced mode
+_REASONS = (None, "negative_curvature", "singular", "nonfinite", "diverging")
+
+
 def cg(
     matvec: MatVec,
     b: T.Leaves,
@@ -77,6 +84,7 @@ def cg(
     *,
     iters: int = 100,
     tol: float = 1e-10,
+    check_every: int = 10,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Conjugate gradient for A x = b with A symmetric positive definite (Hestenes & Stiefel 1952).
 
@@ -85,57 +93,139 @@ def cg(
     convergence. Otherwise, if pᵀAp < 0 the operator is indefinite along p
     (``breakdown="negative_curvature"``), and if |pᵀAp|/pᵀp ≤ 10u·max_k p_kᵀAp_k/p_kᵀp_k it is
     singular in this dtype along p (``"singular"``: the step would overflow; the sign of such a
-    curvature is rounding noise). Both stop with the
-    last iterate, which minimises the quadratic over the directions explored so far (the point a
-    truncated-Newton method keeps, Steihaug 1983). Two synchronisations per iteration.
+    curvature is rounding noise). Both stop with the last iterate, which minimises the quadratic
+    over the directions explored so far (the point a truncated-Newton method keeps, Steihaug 1983).
+
+    Host synchronisation — never one per iteration:
+
+    * ``check_every=k ≥ 1`` (default 10): the iterations run in blocks of k without reading
+      anything; their scalars (pᵀAp, pᵀp, rᵀr) are read in one synchronisation per block and the
+      tests above are replayed on them, so the solver stops exactly where a per-iteration test
+      would have (at most k − 1 products are computed past that point and discarded; the k
+      iterates of a block are kept until it is read). One more read at the start.
+    * ``check_every=0``: the fixed-iteration form. All ``iters`` iterations run; a system that
+      stops is frozen by masks (``torch.where``) with its iterate, count and reason, and the
+      results are read once at the end. No data-dependent Python control flow, O(1) iterates in
+      memory: this is the loop that runs, with no read at all, in traced mode
+      (:func:`bilevel.hypergrad.vmap`, ``torch.func.vmap``), where ``info`` holds tensors.
+
+    Both forms return the same iterate and ``info`` (tested).
     """
-    if tracing():
-        return _cg_traced(matvec, b, x0, iters=iters, tol=tol)
-    bnorm = float(T.norm(b))
+    every = int(check_every)
+    if every < 0:
+        raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {check_every}")
+    if tracing() or every == 0:
+        return _cg_masked(matvec, b, x0, iters=iters, tol=tol)
     eps = _eps(b)
     if x0 is None:
-        x = T.zeros_like(b)
-        r = b
+        x, r = T.zeros_like(b), tuple(b)
     else:
-        x = x0
-        r = T.sub(b, matvec(x0))
-    p = r
-    rs = T.sq_norm(r)
-    rs_f = float(rs)
-    k, breakdown = 0, None
+        x = tuple(x0)
+        r = T.sub(b, matvec(x))
+    p, rs = r, T.sq_norm(r)
+    rs_f, bnorm = torch.stack([rs, T.norm(b)]).tolist()  # one synchronisation
     stop = (tol * bnorm) ** 2
-    kappa_max = 0.0
-    res = math.sqrt(rs_f) if math.isfinite(rs_f) else rs_f
+    k, breakdown, done, kappa_max = 0, None, False, 0.0
     if not math.isfinite(rs_f):
         breakdown = "nonfinite"
-    while breakdown is None and k < iters and rs_f > stop:
-        Ap = matvec(p)
-        pAp, pp = torch.stack([T.dot(p, Ap), T.sq_norm(p)]).tolist()  # one synchronisation
-        if not math.isfinite(pAp):
-            breakdown = "nonfinite"
-            break
-        kappa = pAp / pp if pp > 0.0 else 0.0
-        if pAp <= 0.0 or kappa <= 10.0 * eps * kappa_max:
-            if res > eps * bnorm:  # else: solved to rounding, pᵀAp underflowed with r
-                singular = abs(kappa) <= 10.0 * eps * kappa_max or pAp == 0.0
-                breakdown = "singular" if singular else "negative_curvature"
-            break
-        kappa_max = max(kappa_max, kappa)
-        alpha = rs / pAp
-        x_new = T.axpy(alpha, p, x)
-        r = T.axpy(-alpha, Ap, r)
-        rs_new = T.sq_norm(r)
-        rs_new_f = float(rs_new)
-        if not math.isfinite(rs_new_f):
-            breakdown = "nonfinite"  # overflow: keep the last finite iterate
-            break
-        x = x_new
-        p = T.axpy(rs_new / rs, p, r)
-        rs, rs_f = rs_new, rs_new_f
-        res = math.sqrt(rs_f)
-        k += 1
+    res = math.sqrt(rs_f) if math.isfinite(rs_f) else rs_f
+    x_block_start = x
+    while breakdown is None and not done and k < iters and rs_f > stop:
+        block_x, scalars = [], []
+        for _ in range(min(every, iters - k)):  # a block: no read
+            Ap = matvec(p)
+            pAp, pp = T.dot(p, Ap), T.sq_norm(p)
+            alpha = rs / pAp
+            x = T.axpy(alpha, p, x)
+            r = T.axpy(-alpha, Ap, r)
+            rs_new = T.sq_norm(r)
+            p = T.axpy(rs_new / rs, p, r)
+            rs = rs_new
+            block_x.append(x)
+            scalars.append(torch.stack([pAp, pp, rs_new]))
+        kept = None  # index of the last accepted iterate of the block
+        for j, (pAp_f, pp_f, rs_new_f) in enumerate(torch.stack(scalars).tolist()):  # one sync
+            if rs_f <= stop:
+                done = True
+                break
+            if not math.isfinite(pAp_f):
+                breakdown = "nonfinite"
+                break
+            kappa = pAp_f / pp_f if pp_f > 0.0 else 0.0
+            if pAp_f <= 0.0 or kappa <= 10.0 * eps * kappa_max:
+                if res > eps * bnorm:  # else: solved to rounding, pᵀAp underflowed with r
+                    singular = abs(kappa) <= 10.0 * eps * kappa_max or pAp_f == 0.0
+                    breakdown = "singular" if singular else "negative_curvature"
+                done = True
+                break
+            kappa_max = max(kappa_max, kappa)
+            if not math.isfinite(rs_new_f):
+                breakdown = "nonfinite"  # overflow: keep the last finite iterate
+                break
+            kept, rs_f, res = j, rs_new_f, math.sqrt(rs_new_f)
+            k += 1
+        if breakdown is not None or done:  # stopped inside the block: its later work is discarded
+            x = block_x[kept] if kept is not None else x_block_start
+        x_block_start = x
     converged = breakdown is None and (res <= tol * bnorm if tol > 0 else True)
     return x, _info(k, res, bnorm, converged, breakdown)
+
+
+def _cg_masked(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None, *, iters: int, tol: float):
+    """:func:`cg` with ``check_every=0``: the fixed-iteration, mask-frozen loop (also traced mode)."""
+    bnorm = T.norm(b)
+    thr = 10.0 * _eps(b)
+    if x0 is None:
+        x, r = T.zeros_like(b), tuple(b)
+    else:
+        x = tuple(x0)
+        r = T.sub(b, matvec(x))
+    p, rs = r, T.sq_norm(r)
+    stop = (tol * bnorm) ** 2
+    active = torch.isfinite(rs) & (rs > stop)
+    k = torch.zeros((), dtype=torch.int64, device=rs.device)
+    kappa_max = torch.zeros_like(rs)
+    halted = overflow = torch.zeros_like(active)
+    at_halt = torch.ones(2, dtype=rs.dtype, device=rs.device)  # (pᵀAp, pᵀp) where it halted
+    # Only x and the scalars are frozen once a system stops: r and p of a stopped system are
+    # never read again (their garbage never reaches x), which keeps the loop at one mask per leaf.
+    for _ in range(iters):
+        Ap = matvec(p)
+        curv = torch.stack([T.dot(p, Ap), T.sq_norm(p)])
+        pAp = curv[0]
+        kappa = pAp / curv[1]
+        halt = active & ((pAp <= 0) | (kappa <= thr * kappa_max) | ~torch.isfinite(pAp))
+        run = active & ~halt
+        halted = halted | halt
+        at_halt = torch.where(halt, curv, at_halt)
+        kappa_max = torch.where(run, torch.maximum(kappa_max, kappa), kappa_max)
+        alpha = rs / pAp
+        x_new, r = T.axpy(alpha, p, x), T.axpy(-alpha, Ap, r)
+        rs_new = T.sq_norm(r)
+        bad = run & ~torch.isfinite(rs_new)  # overflow: keep the last finite iterate
+        overflow = overflow | bad
+        run = run & ~bad
+        p = T.axpy(rs_new / rs, p, r)
+        x = _where(run, x_new, x)
+        rs = torch.where(run, rs_new, rs)
+        k = k + run
+        active = run & (rs > stop)
+    res = rs.sqrt()
+    # why it stopped (the eager tests): a non-finite start or product, an overflow, or a flat
+    # direction — convergence if the residual is at the rounding level u·‖b‖, "singular" for zero
+    # or rounding-level curvature, else "negative_curvature"
+    pAp, pp = at_halt[0], at_halt[1]
+    nonfinite = ~torch.isfinite(rs) | overflow | (halted & ~torch.isfinite(pAp))
+    flat = halted & ~nonfinite & (res > 0.1 * thr * bnorm)
+    singular = flat & ((pAp == 0) | ((pAp / pp).abs() <= thr * kappa_max))
+    code = torch.where(nonfinite, 3, torch.where(singular, 2, torch.where(flat, 1, 0)))
+    ok = code == 0
+    converged = ok & (res <= tol * bnorm) if tol > 0 else ok
+    if tracing():
+        return x, _traced_info(k, res, bnorm, converged, ~ok)
+    k_f, res_f, bn_f, code_f, conv_f = torch.stack(
+        [t.to(torch.float64) for t in (k, res, bnorm, code, converged)]).tolist()  # one sync
+    return x, _info(int(k_f), res_f, bn_f, bool(conv_f), _REASONS[int(code_f)])
 
 
 def minres(
@@ -386,40 +476,6 @@ def _traced_info(k: Tensor, res: Tensor, bnorm: Tensor, converged: Tensor, broke
     rel = res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     return {"iterations": k, "residual": res, "relative_residual": rel, "converged": converged,
             "breakdown": None, "broke_down": broke}
-
-
-def _cg_traced(matvec, b, x0, *, iters, tol):
-    """:func:`cg` with masks: stops (freezes) at ‖r‖ ≤ tol·‖b‖ (tol = 0: at r = 0), and on
-    non-positive or non-finite curvature pᵀAp (the eager solver's breakdowns)."""
-    bnorm = T.norm(b)
-    x = T.zeros_like(b) if x0 is None else tuple(x0)
-    r = tuple(b) if x0 is None else T.sub(b, matvec(x))
-    p, rs = r, T.sq_norm(r)
-    stop = (tol * bnorm) ** 2
-    broke = ~torch.isfinite(rs)
-    active = (rs > stop) & ~broke
-    k = torch.zeros((), dtype=torch.int64, device=rs.device)
-    for _ in range(iters):
-        Ap = matvec(p)
-        pAp = T.dot(p, Ap)
-        bad = active & (~torch.isfinite(pAp) | (pAp <= 0))
-        run = active & ~bad
-        alpha = rs / torch.where(run, pAp, torch.ones_like(pAp))
-        x_new = T.axpy(alpha, p, x)
-        r_new = T.axpy(-alpha, Ap, r)
-        rs_new = T.sq_norm(r_new)
-        bad2 = run & ~torch.isfinite(rs_new)
-        run = run & ~bad2
-        beta = rs_new / torch.where(run, rs, torch.ones_like(rs))
-        x, r = _where(run, x_new, x), _where(run, r_new, r)
-        p = _where(run, T.axpy(beta, p, r_new), p)
-        rs = torch.where(run, rs_new, rs)
-        k = k + run.to(k.dtype)
-        broke = broke | bad | bad2
-        active = run & (rs > stop)
-    res = rs.clamp_min(0).sqrt()
-    converged = ~broke & ((res <= tol * bnorm) if tol > 0 else torch.ones_like(broke))
-    return x, _traced_info(k, res, bnorm, converged, broke)
 
 
 def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol, growth):

@@ -253,6 +253,8 @@ class CG(_Krylov):
             (no graph), or ``None`` to use the given y as y*.
         iters: at most this many Hessian-vector products.
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
+        check_every: read the stopping flag on the host every this many iterations (0: only
+            once, at the end of the full budget); no host synchronisation per iteration.
 
     Reference: Pedregosa 2016 (HOAG, Alg. 1); Rajeswaran et al. 2019 (iMAML, Sec. 3.2).
     H must be positive definite (else ``breakdown="negative_curvature"``: use MINRES or damping).
@@ -261,6 +263,17 @@ class CG(_Krylov):
     reference = "Pedregosa 2016 (HOAG); Rajeswaran et al. 2019 (iMAML) — AID with CG"
 
     method = staticmethod(linalg.cg)
+
+    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, *,
+                 check_every: int = 10, **kw):
+        super().__init__(inner, iters, tol, **kw)
+        self.check_every = int(check_every)
+        if self.check_every < 0:
+            raise ValueError(f"check_every must be >= 0 (0: only at the end), got {check_every}")
+
+    def solve(self, lin, b, x0, bound):
+        return linalg.cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol,
+                         check_every=self.check_every)
 
 
 class MINRES(_Krylov):
