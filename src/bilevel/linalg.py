@@ -73,6 +73,21 @@ def damped(matvec: MatVec, damping: float) -> MatVec:
     return lambda v: T.axpy(lam, v, matvec(v))
 
 
+#: CG's default block of iterations between host reads on an accelerator (:func:`cg`)
+CHECK_EVERY = 10
+
+
+def check_every_for(b: T.Leaves, check_every: int | None) -> int:
+    """The block size :func:`cg` uses: ``check_every``, or by default 1 for CPU tensors (a read
+    is no synchronisation there) and :data:`CHECK_EVERY` elsewhere; ≥ 0."""
+    if check_every is None:
+        return 1 if b[0].device.type == "cpu" else CHECK_EVERY
+    every = int(check_every)
+    if every < 0:
+        raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {check_every}")
+    return every
+
+
 #: breakdown reasons of the masked solvers, by code (0 = none); one place for eager and traced mode
 _REASONS = (None, "negative_curvature", "singular", "nonfinite", "diverging")
 
@@ -84,7 +99,7 @@ def cg(
     *,
     iters: int = 100,
     tol: float = 1e-10,
-    check_every: int = 10,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Conjugate gradient for A x = b with A symmetric positive definite (Hestenes & Stiefel 1952).
 
@@ -98,11 +113,13 @@ def cg(
 
     Host synchronisation — never one per iteration:
 
-    * ``check_every=k ≥ 1`` (default 10): the iterations run in blocks of k without reading
-      anything; their scalars (pᵀAp, pᵀp, rᵀr) are read in one synchronisation per block and the
-      tests above are replayed on them, so the solver stops exactly where a per-iteration test
-      would have (at most k − 1 products are computed past that point and discarded; the k
-      iterates of a block are kept until it is read). One more read at the start.
+    * ``check_every=k ≥ 1``: the iterations run in blocks of k without reading anything; their
+      scalars (pᵀAp, pᵀp, rᵀr) are read in one synchronisation per block and the tests above are
+      replayed on them, so the solver stops exactly where a per-iteration test would have (at
+      most k − 1 products are computed past that point and discarded; the k iterates of a block
+      are kept until it is read). One more read at the start. The default ``None`` is
+      :data:`CHECK_EVERY` (10) on an accelerator and 1 on the CPU, where reading a value costs no
+      synchronisation and stopping at once saves the products.
     * ``check_every=0``: the fixed-iteration form. All ``iters`` iterations run; a system that
       stops is frozen by masks (``torch.where``) with its iterate, count and reason, and the
       results are read once at the end. No data-dependent Python control flow, O(1) iterates in
@@ -111,9 +128,7 @@ def cg(
 
     Both forms return the same iterate and ``info`` (tested).
     """
-    every = int(check_every)
-    if every < 0:
-        raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {check_every}")
+    every = check_every_for(b, check_every)
     if tracing() or every == 0:
         return _cg_masked(matvec, b, x0, iters=iters, tol=tol)
     eps = _eps(b)

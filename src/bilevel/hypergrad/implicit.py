@@ -253,8 +253,9 @@ class CG(_Krylov):
             (no graph), or ``None`` to use the given y as y*.
         iters: at most this many Hessian-vector products.
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
-        check_every: read the stopping flag on the host every this many iterations (0: only
-            once, at the end of the full budget); no host synchronisation per iteration.
+        check_every: read the stopping / breakdown tests on the host once per block of this
+            many iterations (default: 1 on the CPU, 10 on an accelerator); 0: all ``iters``
+            iterations with device masks and one read at the end (see :func:`bilevel.linalg.cg`).
 
     Reference: Pedregosa 2016 (HOAG, Alg. 1); Rajeswaran et al. 2019 (iMAML, Sec. 3.2).
     H must be positive definite (else ``breakdown="negative_curvature"``: use MINRES or damping).
@@ -265,11 +266,11 @@ class CG(_Krylov):
     method = staticmethod(linalg.cg)
 
     def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, *,
-                 check_every: int = 10, **kw):
+                 check_every: int | None = None, **kw):
         super().__init__(inner, iters, tol, **kw)
-        self.check_every = int(check_every)
-        if self.check_every < 0:
-            raise ValueError(f"check_every must be >= 0 (0: only at the end), got {check_every}")
+        if check_every is not None and int(check_every) < 0:
+            raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {check_every}")
+        self.check_every = None if check_every is None else int(check_every)
 
     def solve(self, lin, b, x0, bound):
         return linalg.cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol,
