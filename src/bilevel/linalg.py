@@ -45,7 +45,8 @@ from torch import Tensor
 from . import _tree as T
 from ._trace import tracing
 
-__all__ = ["cg", "minres", "normal_cg", "damped", "fixed_point", "neumann", "dense_solve"]
+__all__ = ["cg", "minres", "normal_cg", "damped", "fixed_point", "neumann", "dense_solve", "SOLVERS",
+           "ALIASES", "solver"]
 
 MatVec = Callable[[T.Leaves], T.Leaves]
 
@@ -538,3 +539,28 @@ def _dense_solve_traced(A: Tensor, b: Tensor):
     bnorm = torch.linalg.vector_norm(b)
     one = torch.ones((), dtype=torch.int64, device=b.device)
     return x, _traced_info(one, res, bnorm, ok, ~ok)
+
+
+# --- the registry: every iterative solver by name, its other names listed once, here ---------------
+#: name -> solver (each takes ``(matvec, b, ...)`` and returns ``(x, info)``)
+SOLVERS: dict[str, Callable[..., tuple[T.Leaves, dict[str, Any]]]] = {
+    "cg": cg, "minres": minres, "normal_cg": normal_cg, "fixed_point": fixed_point, "neumann": neumann,
+}
+#: other accepted name -> name in :data:`SOLVERS` (``ls`` / ``ns`` as in Liu et al. 2021, "LS"/"NS")
+ALIASES: dict[str, str] = {
+    "ls": "cg", "normalcg": "normal_cg", "cgls": "normal_cg", "fp": "fixed_point", "fixedpoint":
+    "fixed_point", "ns": "neumann",
+}
+
+
+def solver(name: str) -> tuple[str, Callable[..., tuple[T.Leaves, dict[str, Any]]]]:
+    """``(canonical name, function)`` of the solver called ``name`` (case-insensitive, an alias
+    of :data:`ALIASES` allowed); an unknown name raises ``ValueError`` listing the valid ones."""
+    key = str(name).lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in SOLVERS:
+        valid = ", ".join(sorted(SOLVERS)) + "; aliases " + ", ".join(
+            f"{a}={c}" for a, c in sorted(ALIASES.items()))
+        raise ValueError(f"unknown linear solver {name!r}; valid: {valid}")
+    return key, SOLVERS[key]
+

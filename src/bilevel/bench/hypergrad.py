@@ -325,7 +325,7 @@ def build(spec: dict[str, Any], b: Bench) -> Fn:
         elif method == "neumann":
             est = bl.hypergrad.Neumann(inner, iters=K, alpha=lr)
         elif method == "fixedpoint":
-            est = bl.hypergrad.FixedPoint(inner, iters=K, lr=lr)
+            est = bl.hypergrad.FixedPoint(inner, iters=K, alpha=lr)
         else:
             raise ValueError(f"unknown method {method!r}")
         problem = b.problem()

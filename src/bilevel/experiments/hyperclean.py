@@ -139,7 +139,6 @@ def build_solver(cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> Bu
             "iters": Arg(hc["iters"], ("hypergrad.iters",)),
             "truncate": Arg(hc["truncate"] or None, ("hypergrad.truncate",)),
             "alpha": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
-            "lr": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
             "warm_start": Arg(hc["warm_start"], ("hypergrad.warm_start",)),
             "damping": Arg(hc["damping"], ("hypergrad.damping",))}, keys=("hypergrad.estimator",))
 
