@@ -148,7 +148,9 @@ def solver_classes() -> dict[str, type[Solver]]:
 
 
 def dynamics_classes() -> dict[str, type[Dynamics]]:
-    return _subclasses(inner, Dynamics)
+    # proximal dynamics (ISTA, FISTA) need a prox callable, which a config cannot give; leaving
+    # them out keeps "fista" the alias of Nesterov's FISTA schedule
+    return {k: c for k, c in _subclasses(inner, Dynamics).items() if not hasattr(c, "_set_prox")}
 
 
 def _accepted(cls: type) -> tuple[set[str], set[str], bool]:

@@ -56,6 +56,7 @@ from .. import linalg
 from .. import oracles as O
 from .._trace import require, scalar, tracing
 from ..errors import (
+    ConfigError,
     LinearSolveError,
     LinearSolveWarning,
     StartIndependenceWarning,
@@ -104,6 +105,12 @@ class Implicit(Estimator):
         strict: bool = False,
         damping: float = 0.0,
     ):
+        if getattr(inner, "prox", None) is not None:  # bilevel.inner.ISTA / FISTA
+            raise ConfigError(
+                f"{type(self).__name__} linearizes the smooth lower objective only, but "
+                f"{type(inner).__name__} also minimizes the non-smooth term of its prox, which the "
+                "implicit derivative would silently ignore; differentiate the unrolled dynamics "
+                "(Reverse / Forward) instead")
         self.inner = inner
         self.warm_start = warm_start
         self.strict = strict
