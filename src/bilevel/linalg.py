@@ -66,6 +66,14 @@ def _eps(b: T.Leaves) -> float:
     return float(torch.finfo(b[0].dtype).eps)
 
 
+def _start(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None) -> tuple[T.Leaves, T.Leaves]:
+    """(x, r = b − A x) at the start x0 (None: x = 0, r = b, no product)."""
+    if x0 is None:
+        return T.zeros_like(b), tuple(b)
+    x = tuple(x0)
+    return x, T.sub(b, matvec(x))
+
+
 def damped(matvec: MatVec, damping: float) -> MatVec:
     """The operator v -> A v + λ v (λ = ``damping``); ``damping=0`` returns ``matvec`` itself."""
     lam = float(damping)
@@ -133,11 +141,7 @@ def cg(
     if tracing() or every == 0:
         return _cg_masked(matvec, b, x0, iters=iters, tol=tol)
     eps = _eps(b)
-    if x0 is None:
-        x, r = T.zeros_like(b), tuple(b)
-    else:
-        x = tuple(x0)
-        r = T.sub(b, matvec(x))
+    x, r = _start(matvec, b, x0)
     p, rs = r, T.sq_norm(r)
     rs_f, bnorm = torch.stack([rs, T.norm(b)]).tolist()  # one synchronisation
     stop = (tol * bnorm) ** 2
@@ -191,11 +195,7 @@ def _cg_masked(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None, *, iters: int, 
     """:func:`cg` with ``check_every=0``: the fixed-iteration, mask-frozen loop (also traced mode)."""
     bnorm = T.norm(b)
     thr = 10.0 * _eps(b)
-    if x0 is None:
-        x, r = T.zeros_like(b), tuple(b)
-    else:
-        x = tuple(x0)
-        r = T.sub(b, matvec(x))
+    x, r = _start(matvec, b, x0)
     p, rs = r, T.sq_norm(r)
     stop = (tol * bnorm) ** 2
     active = torch.isfinite(rs) & (rs > stop)
@@ -270,8 +270,7 @@ def minres(
     _not_traced("minres")
     bnorm = float(T.norm(b))
     eps = _eps(b)
-    x = T.zeros_like(b) if x0 is None else x0
-    r = b if x0 is None else T.sub(b, matvec(x0))
+    x, r = _start(matvec, b, x0)
     beta1 = T.norm(r)
     res = float(beta1)
     sqrt_eps = math.sqrt(eps)
@@ -352,8 +351,7 @@ def normal_cg(
     _not_traced("normal_cg")
     at = matvec if rmatvec is None else rmatvec
     bnorm = float(T.norm(b))
-    x = T.zeros_like(b) if x0 is None else x0
-    r = b if x0 is None else T.sub(b, matvec(x0))
+    x, r = _start(matvec, b, x0)
     s = at(r)
     p = s
     gam = T.sq_norm(s)

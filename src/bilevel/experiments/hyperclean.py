@@ -39,23 +39,8 @@ from .factory import Arg, Built, Lazy, build, build_estimator, find_solver
 __all__ = ["HyperClean", "HypercleanData", "load_data", "make_model", "kept_scores"]
 
 
-def load_data(
-    dataset: str = "mnist5k",
-    n_train: int = 2000,
-    n_val: int = 1000,
-    n_test: int = 2000,
-    corruption: float = 0.5,
-    seed: int = 0,
-    *,
-    center: bool = True,
-    root: str = "",
-    download: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> HypercleanData:
-    """The experiment's data: :func:`bilevel.problems.hyperclean.hyperclean_data` (the one
-    hyper-cleaning pipeline) with the training mean subtracted (``center``) or raw [0, 1] pixels."""
-    return hyperclean_data(dataset, n_train, n_val, n_test, corruption, seed,
-                           scale="center" if center else "none", root=root, download=download, dtype=dtype)
+#: the experiment's data loader is the one hyper-cleaning pipeline (centred pixels by default)
+load_data = hyperclean_data
 
 
 def make_model(kind: str, d_in: int, n_classes: int, hidden: int = 300,
@@ -169,8 +154,9 @@ class HyperClean(Experiment):
         if mc["l2"] < 0:
             raise ConfigError(f"model.l2 must be >= 0, got {mc['l2']}")
         seed = int(cfg["seed"])
-        data = load_data(dc["dataset"], dc["n_train"], dc["n_val"], dc["n_test"], dc["corruption"], seed,
-                         center=dc["center"], root=dc["root"], download=dc["download"])
+        data = hyperclean_data(dc["dataset"], dc["n_train"], dc["n_val"], dc["n_test"], dc["corruption"],
+                               seed, scale="center" if dc["center"] else "none", root=dc["root"],
+                               download=dc["download"])
         dev, dt = run_device(cfg), run_dtype(cfg, torch.float32)
         data = data.to(dev, dt)
         model = make_model(mc["kind"], data.X_train.shape[1], data.n_classes, mc["hidden"],
