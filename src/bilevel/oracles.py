@@ -71,6 +71,7 @@ __all__ = [
     "rank_mean",
     "implicit_products",
     "MapLinearization",
+    "grads_at",
 ]
 
 Fn = Callable[[T.Leaves, T.Leaves], Tensor]
@@ -643,3 +644,50 @@ class MapLinearization:
 
     def vjp_x(self, w: T.Leaves) -> T.Leaves:
         return _grad(self.out, self.xs, w, retain_graph=True)
+
+
+# --- many points at once (proxy estimators: hypergrad.proxy, hypergrad.evograd) -----------------
+
+
+def grads_at(
+    fn: Fn,
+    xs: T.Leaves,
+    ys: T.Leaves,
+    X: Tensor | None,
+    Y: Tensor,
+    *,
+    batched: bool = True,
+    chunk: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(values (S,), ∇_x fn (S, dim x), ∇_y fn (S, dim y)) at S points given as the rows of flat
+    matrices: ``X`` (S, dim x), or ``None`` for x = ``xs`` at every row, and ``Y`` (S, dim y);
+    ``xs`` / ``ys`` give the leaf shapes. ``batched``: one ``torch.func.vmap`` of the pure form
+    (``chunk`` rows at a time, default all); otherwise a loop of :func:`grads` (also used for
+    data-parallel objectives). Counted as S gradients either way."""
+    S = Y.shape[0]
+
+    def at(i: int) -> tuple[T.Leaves, T.Leaves]:
+        return (xs if X is None else T.from_vector(X[i], xs)), T.from_vector(Y[i], ys)
+
+    if not batched or _reducing(fn) or S == 0:
+        out = [grads(fn, *at(i)) for i in range(S)]
+        return (torch.stack([v for v, _, _ in out]),
+                torch.stack([T.to_vector(gx) for _, gx, _ in out]),
+                torch.stack([T.to_vector(gy) for _, _, gy in out]))
+    _record(fn, "grad", times=S)
+    xd = T.detach(xs)
+    size = S if chunk is None else int(chunk)
+    parts = []
+    for lo in range(0, S, size):
+        Yc = Y[lo : lo + size].detach()
+
+        def one(xrow: Tensor | None, yrow: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            a = xd if xrow is None else T.from_vector(xrow, xs)
+            val, gx, gy = f_grads(fn, a, T.from_vector(yrow, ys))
+            return val, T.to_vector(gx), T.to_vector(gy)
+
+        if X is None:
+            parts.append(torch.func.vmap(lambda yrow: one(None, yrow))(Yc))
+        else:
+            parts.append(torch.func.vmap(one)(X[lo : lo + size].detach(), Yc))
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]

@@ -2,10 +2,12 @@
 
 from .analytic import ClosedForm
 from .base import Estimator, HypergradResult, solve_lower
+from .evograd import EvoGrad
 from .finite_difference import FiniteDifference
 from .first_order import FirstOrder
 from .forward import Forward
 from .implicit import CG, MINRES, Exact, FixedPoint, Implicit, Neumann, NormalCG
+from .proxy import STN, Hypernetwork
 from .reverse import Reverse
 from .vmap import vmap
 from .zeroth_order import ZerothOrder
@@ -27,5 +29,8 @@ __all__ = [
     "Implicit",
     "ClosedForm",
     "ZerothOrder",
+    "Hypernetwork",
+    "STN",
+    "EvoGrad",
     "vmap",
 ]

@@ -37,12 +37,36 @@ __all__ += ["DartsToy", "darts_toy"]
 
 
 # --- distill: data distillation + KIP (13.2) ---
+from .distillation import (  # noqa: E402
+    Distillation,
+    KernelDistillation,
+    RandomInitDescent,
+    distillation,
+    kernel_distillation,
+)
+
+__all__ += ["Distillation", "KernelDistillation", "RandomInitDescent", "distillation", "kernel_distillation"]
 
 
 # --- labels: label learning, Meta-Weight-Net (13.4), surrogate loss (13.9) ---
+from .labels import LabelData, LabelProblem, label_data, label_learning, meta_weight_net  # noqa: E402
+
+__all__ += ["LabelData", "LabelProblem", "label_data", "label_learning", "meta_weight_net"]
+from .surrogate import F1Data, SurrogateProblem, f1_data, surrogate_loss  # noqa: E402
+
+__all__ += ["F1Data", "SurrogateProblem", "f1_data", "surrogate_loss"]
 
 
 # --- sparse-implicit: dictionary learning (13.7), implicit layers (13.8) ---
+from .dictionary import DictionaryToy, atom_match, dictionary_learning, normalize_columns  # noqa: E402
+
+__all__ += ["DictionaryToy", "dictionary_learning", "atom_match", "normalize_columns"]
+from .implicit_layers import DEQToy, Equilibrium, NeuralODEToy, deq_regression, map_step, neural_ode  # noqa: E402
+
+__all__ += ["DEQToy", "Equilibrium", "deq_regression", "map_step", "NeuralODEToy", "neural_ode"]
 
 
 # --- proxy: best-response proxies (13.10) ---
+from .proxy import ProxyRidge, proxy_ridge  # noqa: E402
+
+__all__ += ["ProxyRidge", "proxy_ridge"]
