@@ -76,3 +76,18 @@ def test_cg_hypergradient_syncs_do_not_grow_with_iterations():
     assert _cg_syncs(40, check_every=0) == fixed
     assert all(_cg_syncs(n, check_every=10) == fixed + 1 for n in (5, 10, 40))
     assert _cg_syncs(40, check_every=1) == _cg_syncs(40) == fixed + 10
+
+
+def test_fixed_point_and_neumann_read_once_per_block():
+    A = torch.diag(torch.linspace(1.0, 2.0, 6, dtype=torch.float64))
+    b = (torch.ones(6, dtype=torch.float64),)
+
+    def reads(fn, **kw):
+        with hostsync.count() as c:
+            fn(lambda v: (A @ v[0],), b, alpha=0.3, **kw)
+        return c.calls
+
+    for fn in (bl.linalg.fixed_point, bl.linalg.neumann):
+        assert reads(fn, iters=5, check_every=0) == reads(fn, iters=40, check_every=0) == 1
+        assert reads(fn, iters=40, check_every=10) == 4  # no tolerance: the full budget runs
+        assert reads(fn, iters=40, check_every=1) == 40

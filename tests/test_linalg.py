@@ -329,3 +329,24 @@ def test_cg_check_every_forms_agree(gen, case):
             assert info[key] == ref[key], (every, key)
         torch.testing.assert_close(x[0], ref_x[0], rtol=1e-12, atol=0, equal_nan=True)
         assert info["residual"] == pytest.approx(ref["residual"], rel=1e-9, abs=1e-300, nan_ok=True)
+
+
+@pytest.mark.parametrize("case", ["converges (tol)", "budget", "warm start", "diverging", "nan operator"])
+def test_fixed_point_check_every_forms_agree(gen, case):
+    """fixed_point (and so neumann) in blocks of 1 / 3 / 10 and in the masked form: same stop
+    iteration, iterate and reason (diverging returns the best iterate in every form)."""
+    A, _ = _spd(gen, n=8, lo=0.5, hi=4.0)
+    b = (torch.randn(8, generator=gen, dtype=F64),)
+    mv = (lambda v: (v[0] * float("nan"),)) if case == "nan operator" else (lambda v: (A @ v[0],))
+    kw = {"converges (tol)": dict(iters=200, alpha=0.4, tol=1e-6),
+          "budget": dict(iters=7, alpha=0.4), "warm start": dict(iters=30, alpha=0.4, tol=1e-8),
+          "diverging": dict(iters=40, alpha=0.7, growth=2.0), "nan operator": dict(iters=5)}[case]
+    x0 = (torch.ones(8, dtype=F64),) if case == "warm start" else None
+    ref_x, ref = linalg.fixed_point(mv, b, x0, check_every=1, **kw)
+    assert ref["breakdown"] == {"diverging": "diverging", "nan operator": "nonfinite"}.get(case)
+    for every in (3, 10, 0):
+        x, info = linalg.fixed_point(mv, b, x0, check_every=every, **kw)
+        for key in ("iterations", "breakdown", "converged"):
+            assert info[key] == ref[key], (every, key)
+        torch.testing.assert_close(x[0], ref_x[0], rtol=1e-12, atol=0, equal_nan=True)
+        assert info["residual"] == pytest.approx(ref["residual"], rel=1e-9, nan_ok=True)

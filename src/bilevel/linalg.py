@@ -26,11 +26,11 @@ Which solver for which Hessian:
   proximal / Tikhonov system of iMAML, Rajeswaran et al. 2019, Eq. 6: (I + H/λ) v = b is
   (H + λI) v = λ b).
 
-Host synchronisations: :func:`cg` reads no value per iteration — its tests are replayed on the host
-once per block of ``check_every`` iterations, or (``check_every=0``, and always in traced mode) run
-as device masks with one read at the end (the fixed-iteration form, usable under
-``torch.func.vmap``). :func:`minres`, :func:`normal_cg` and :func:`fixed_point` still read one or
-two scalars per iteration (their stopping and breakdown tests).
+Host synchronisations: :func:`cg`, :func:`fixed_point` and :func:`neumann` read no value per
+iteration — their tests are replayed on the host once per block of ``check_every`` iterations, or
+(``check_every=0``, and always in traced mode) run as device masks with one read at the end (the
+fixed-iteration form, usable under ``torch.func.vmap``). :func:`minres` and :func:`normal_cg`
+still read one or two scalars per iteration (their stopping and breakdown tests).
 """
 
 from __future__ import annotations
@@ -394,6 +394,7 @@ def fixed_point(
     alpha: float = 1.0,
     tol: float = 0.0,
     growth: float = 1e3,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Richardson / fixed-point iteration v ← v − α (A v − b) = (I − αA) v + α b.
 
@@ -404,28 +405,43 @@ def fixed_point(
     r_{k+1} = (I − αA) r_k never grow, so ``growth=2`` already proves that (I − αA) has an
     eigenvalue outside [−1, 1] (α too large, or A indefinite); the lenient default suits noisy
     (stochastic) products.
+
+    Host reads as in :func:`cg`: one per block of ``check_every`` iterations (default 1 on the
+    CPU, :data:`CHECK_EVERY` elsewhere), whose residual norms are read at once and the tests
+    replayed on them; ``check_every=0`` (and traced mode) runs all ``iters`` with masks.
     """
-    if tracing():
-        return _fixed_point_traced(matvec, b, x0, iters=iters, alpha=alpha, tol=tol, growth=growth)
-    bnorm = float(T.norm(b))
-    x = T.zeros_like(b) if x0 is None else x0
+    every = check_every_for(b, check_every)
+    if tracing() or every == 0:
+        return _fixed_point_masked(matvec, b, x0, iters=iters, alpha=alpha, tol=tol, growth=growth)
+    bnorm_t = T.norm(b)
+    x = T.zeros_like(b) if x0 is None else tuple(x0)
     x_best = x
-    res, best, k, breakdown = float("nan"), float("inf"), 0, None
-    while k < iters:
-        r = T.sub(matvec(x), b)
-        res = float(T.norm(r))
-        if not math.isfinite(res):
-            breakdown = "nonfinite"
+    res, best, k, breakdown, done, bnorm = float("nan"), float("inf"), 0, None, False, None
+    while not done and k < iters:
+        block_x, norms = [], []
+        for _ in range(min(every, iters - k)):  # a block: no read
+            r = T.sub(matvec(x), b)
+            block_x.append(x)
+            norms.append(T.norm(r))
+            x = T.axpy(-alpha, r, x)
+        vals = torch.stack(norms if bnorm is not None else [bnorm_t, *norms]).tolist()  # one sync
+        if bnorm is None:
+            bnorm = vals.pop(0)
+        for j, res in enumerate(vals):
+            if not math.isfinite(res):
+                breakdown = "nonfinite"
+            elif res > growth * max(best, bnorm) and k > 0:
+                breakdown = "diverging"
+            else:
+                if res <= best:  # best residual so far: slow geometric growth is caught too
+                    best, x_best = res, block_x[j]
+                if not (tol > 0 and res <= tol * bnorm):
+                    k += 1
+                    continue
+            x, done = block_x[j], True  # stopped at the j-th iterate of the block
             break
-        if res > growth * max(best, bnorm) and k > 0:
-            breakdown = "diverging"
-            break
-        if res <= best:  # best residual so far: slow geometric growth is caught too
-            best, x_best = res, x
-        if tol > 0 and res <= tol * bnorm:
-            break
-        x = T.axpy(-alpha, r, x)
-        k += 1
+    if bnorm is None:
+        bnorm = float(bnorm_t)
     if breakdown is not None and k > 0:
         x, res = x_best, best
     converged = breakdown is None and (res <= tol * bnorm if tol > 0 else True)
@@ -433,14 +449,16 @@ def fixed_point(
 
 
 def neumann(
-    matvec: MatVec, b: T.Leaves, *, iters: int = 10, alpha: float = 1.0, growth: float = 1e3
+    matvec: MatVec, b: T.Leaves, *, iters: int = 10, alpha: float = 1.0, growth: float = 1e3,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Truncated Neumann series  α Σ_{q=0}^{Q} (I − αA)^q b  with Q = ``iters`` products.
 
     Identical to :func:`fixed_point` started at v₁ = α b (its iterates are the partial sums), so
     it is implemented as exactly that — one mechanism, two names.
     """
-    return fixed_point(matvec, b, T.scale(b, alpha), iters=iters, alpha=alpha, growth=growth)
+    return fixed_point(matvec, b, T.scale(b, alpha), iters=iters, alpha=alpha, growth=growth,
+                       check_every=check_every)
 
 
 def dense_solve(A: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Any]]:
@@ -492,25 +510,25 @@ def _traced_info(k: Tensor, res: Tensor, bnorm: Tensor, converged: Tensor, broke
             "breakdown": None, "broke_down": broke}
 
 
-def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol, growth):
-    """:func:`fixed_point` with masks: stops (freezes) at ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a
-    non-finite or growing residual (then returns the best iterate), as the eager solver does."""
+def _fixed_point_masked(matvec, b, x0, *, iters, alpha, tol, growth):
+    """:func:`fixed_point` with masks (``check_every=0``, traced mode): stops (freezes) at
+    ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a non-finite or growing residual (then returns the best
+    iterate), as the block form does."""
     bnorm = T.norm(b)
     x = T.zeros_like(b) if x0 is None else tuple(x0)
     x_best = x
     res = torch.full_like(bnorm, float("nan"))
     best = torch.full_like(bnorm, float("inf"))
-    broke = torch.zeros_like(bnorm, dtype=torch.bool)
-    active = torch.ones_like(broke)
+    nonfinite = diverging = torch.zeros_like(bnorm, dtype=torch.bool)
+    active = torch.ones_like(nonfinite)
     k = torch.zeros((), dtype=torch.int64, device=bnorm.device)
     for i in range(iters):
         r = T.sub(matvec(x), b)
         rn = T.norm(r)
         res = torch.where(active, rn, res)
-        bad = active & ~torch.isfinite(rn)
-        if i > 0:
-            bad = bad | (active & (rn > growth * torch.maximum(best, bnorm)))
-        run = active & ~bad
+        nf = active & ~torch.isfinite(rn)
+        dv = active & ~nf & (rn > growth * torch.maximum(best, bnorm)) if i > 0 else torch.zeros_like(nf)
+        run = active & ~nf & ~dv
         improve = run & (rn <= best)
         best = torch.where(improve, rn, best)
         x_best = _where(improve, x, x_best)
@@ -518,12 +536,18 @@ def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol, growth):
             run = run & ~(rn <= tol * bnorm)
         x = _where(run, T.axpy(-alpha, r, x), x)
         k = k + run.to(k.dtype)
-        broke = broke | bad
+        nonfinite, diverging = nonfinite | nf, diverging | dv
         active = run
+    broke = nonfinite | diverging
     use_best = broke & (k > 0)
     x, res = _where(use_best, x_best, x), torch.where(use_best, best, res)
     converged = ~broke & ((res <= tol * bnorm) if tol > 0 else torch.ones_like(broke))
-    return x, _traced_info(k, res, bnorm, converged, broke)
+    if tracing():
+        return x, _traced_info(k, res, bnorm, converged, broke)
+    code = torch.where(nonfinite, 3, torch.where(diverging, 4, 0))
+    k_f, res_f, bn_f, code_f, conv_f = torch.stack(
+        [t.to(torch.float64) for t in (k, res, bnorm, code, converged)]).tolist()  # one sync
+    return x, _info(int(k_f), res_f, bn_f, bool(conv_f), _REASONS[int(code_f)])
 
 
 def _dense_solve_traced(A: Tensor, b: Tensor):
