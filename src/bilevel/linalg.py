@@ -66,6 +66,11 @@ def _eps(b: T.Leaves) -> float:
     return float(torch.finfo(b[0].dtype).eps)
 
 
+def _read(values: list[Tensor]) -> list[Any]:
+    """The values of a list of same-shape tensors in one host read (``tolist`` of their stack)."""
+    return [values[0].tolist()] if len(values) == 1 else torch.stack(values).tolist()
+
+
 def _start(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None) -> tuple[T.Leaves, T.Leaves]:
     """(x, r = b − A x) at the start x0 (None: x = 0, r = b, no product)."""
     if x0 is None:
@@ -164,7 +169,7 @@ def cg(
             block_x.append(x)
             scalars.append(torch.stack([pAp, pp, rs_new]))
         kept = None  # index of the last accepted iterate of the block
-        for j, (pAp_f, pp_f, rs_new_f) in enumerate(torch.stack(scalars).tolist()):  # one sync
+        for j, (pAp_f, pp_f, rs_new_f) in enumerate(_read(scalars)):  # one sync
             if rs_f <= stop:
                 done = True
                 break
@@ -424,7 +429,7 @@ def fixed_point(
             block_x.append(x)
             norms.append(T.norm(r))
             x = T.axpy(-alpha, r, x)
-        vals = torch.stack(norms if bnorm is not None else [bnorm_t, *norms]).tolist()  # one sync
+        vals = _read(norms if bnorm is not None else [bnorm_t, *norms])  # one sync
         if bnorm is None:
             bnorm = vals.pop(0)
         for j, res in enumerate(vals):
