@@ -34,6 +34,12 @@ __all__ += ["DartsToy", "darts_toy"]
 
 
 # --- lr-poison: learning-rate learning (13.1), data poisoning (13.3) ---
+from .lr_learning import LRLearning, lr_learning  # noqa: E402
+
+__all__ += ["LRLearning", "lr_learning"]
+from .poisoning import Poisoning, poisoning  # noqa: E402
+
+__all__ += ["Poisoning", "poisoning"]
 
 
 # --- distill: data distillation + KIP (13.2) ---
