@@ -21,6 +21,7 @@ import torch
 import bilevel as bl
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import STN, EvoGrad, Exact, Hypernetwork
+from bilevel.hypergrad.proxy import units
 
 from ..reference_problems import rel_err, ridge
 
@@ -86,6 +87,39 @@ def test_stn_local_fit_approaches_the_nonlinear_best_response_near_x():
     assert rel_err(g1, rp.hypergrad) < 0.05 and cos(g1, rp.hypergrad) > 0.99
 
 
+def test_structured_stn_fits_per_unit_hyperparameters_with_fewer_parameters():
+    """Multi-output ridge, one weight decay e^{x_i} per output unit (row W_i of W): row i of
+    W*(x) depends on x_i only, dW_i/dx_i = −e^{x_i}(G + e^{x_i}I)⁻¹W*_i — exactly STN's per-unit
+    structure a + b ⊙ E V(x − c) to first order. Closed forms written out here."""
+    gen = torch.Generator().manual_seed(7)
+    n, m, d, k = 30, 40, 4, 3
+    X, Xv = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(m, d, generator=gen, dtype=F64)
+    Wt = torch.randn(k, d, generator=gen, dtype=F64)
+    T = X @ Wt.T + 0.3 * torch.randn(n, k, generator=gen, dtype=F64)
+    Tv = Xv @ Wt.T + 0.3 * torch.randn(m, k, generator=gen, dtype=F64)
+    G, eye = X.T @ X / n, torch.eye(d, dtype=F64)
+
+    def f(x, W):
+        return 0.5 * ((Xv @ W.T - Tv) ** 2).mean(0).sum()
+
+    def g(x, W):
+        return 0.5 * ((X @ W.T - T) ** 2).mean(0).sum() + 0.5 * (torch.exp(x)[:, None] * W**2).sum()
+
+    x = 0.3 * torch.randn(k, generator=gen, dtype=F64)
+    A = [G + torch.exp(x[i]) * eye for i in range(k)]
+    Ws = torch.stack([torch.linalg.solve(A[i], X.T @ T[:, i] / n) for i in range(k)])
+    fW = (Xv @ Ws.T - Tv).T @ Xv / m
+    hg = torch.stack([-torch.exp(x[i]) * fW[i] @ torch.linalg.solve(A[i], Ws[i]) for i in range(k)])
+    res = STN("structured", radius=0.05, samples=8, steps=0, warmup=150, lr=0.02)(bl.Problem(f, g), x, Ws)
+    a, b, V = res.state["phi"]
+    # 2kd + k² = 33 parameters (the linear proxy: kd + kd·k = 48)
+    assert V.shape == (k, k) and a.numel() == b.numel() == k * d
+    assert rel_err(res.grad, hg) < 0.05 and cos(res.grad, hg) > 0.999
+    assert rel_err(res.y, Ws) < 5e-3
+    leaves = (torch.zeros(3, 4), torch.zeros(3), torch.zeros(()))
+    assert units(leaves).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3, 4, 5, 6]
+
+
 def _ridge_data():
     from ..reference_problems import ridge_data
 
@@ -127,6 +161,7 @@ def test_evograd_batched_equals_loop_and_small_tau_approaches_the_exact_hypergra
 @pytest.mark.parametrize("make", [
     lambda: Hypernetwork("mlp", "global", box=(-1.0, 1.0), samples=3, steps=2, warmup=3, hidden=4),
     lambda: STN(samples=3, steps=2),
+    lambda: STN("structured", samples=3, steps=2, batched=False),
     lambda: EvoGrad(bl.inner.GD(lr=0.3, steps=2), samples=5, sigma=0.1, tau=0.01),
 ])
 def test_state_round_trips_and_a_resumed_run_is_exact(make):
