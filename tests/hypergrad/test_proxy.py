@@ -219,3 +219,37 @@ def test_bad_settings_are_rejected():
         STN()(rp.problem, rp.x, rp.y0, state=state)
     with pytest.raises(ConfigError, match="lacks"):
         EvoGrad(None)(rp.problem, rp.x, rp.y0, state={})
+
+
+def test_under_hypergrad_vmap_equal_to_the_loop_over_tasks():
+    """3 ridge tasks sharing x; EvoGrad from the default state, STN (structured) from per-task
+    initial states (vmap's default initial state is task 0's, so a = task 0's y0), two calls."""
+    gen = torch.Generator().manual_seed(11)
+    B, N, D = 3, 8, 4
+    X, t = torch.randn(B, N, D, generator=gen, dtype=F64), torch.randn(B, N, generator=gen, dtype=F64)
+    Xv, tv = torch.randn(B, N, D, generator=gen, dtype=F64), torch.randn(B, N, generator=gen, dtype=F64)
+    x, y = 0.3 * torch.randn(D, generator=gen, dtype=F64), 0.1 * torch.randn(B, D, generator=gen, dtype=F64)
+
+    def f(x, y, batch):
+        return 0.5 * ((batch[0] @ y - batch[1]) ** 2).mean()
+
+    def g(x, y, batch):
+        return 0.5 * ((batch[0] @ y - batch[1]) ** 2).mean() + 0.5 * (torch.exp(x) * y**2).sum()
+
+    problem = bl.Problem(f, g)
+    task = lambda i: {"upper_batch": (Xv[i], tv[i]), "lower_batch": (X[i], t[i])}  # noqa: E731
+    for est, per_task in [(EvoGrad(bl.inner.GD(lr=0.3, steps=4), samples=6, sigma=0.1, tau=0.01), False),
+                          (STN("structured", samples=3, steps=2), True)]:
+        states = [est.init(problem, x, y[i], **task(i)) for i in range(B)]
+        stacked = None
+        if per_task:
+            stacked = {k: (tuple(torch.stack(p) for p in zip(*[s[k] for s in states])) if isinstance(v, tuple)
+                           else v if k in est.shared_state or not isinstance(v, torch.Tensor)
+                           else torch.stack([s[k] for s in states])) for k, v in states[0].items()}
+        res = bl.hypergrad.vmap(est, problem, x, y, upper_batch=(Xv, tv), lower_batch=(X, t), state=stacked)
+        loop = [est(problem, x, y[i], state=states[i], **task(i)) for i in range(B)]
+        torch.testing.assert_close(res.grad, torch.stack([r.grad for r in loop]), rtol=1e-10, atol=1e-12)
+        res2 = bl.hypergrad.vmap(est, problem, x, res.y, upper_batch=(Xv, tv), lower_batch=(X, t),
+                                 state=res.state)
+        loop2 = [est(problem, x, loop[i].y, state=loop[i].state, **task(i)) for i in range(B)]
+        torch.testing.assert_close(res2.grad, torch.stack([r.grad for r in loop2]), rtol=1e-10, atol=1e-12)

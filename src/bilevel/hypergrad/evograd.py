@@ -115,5 +115,5 @@ class EvoGrad(Estimator):
         c = (D - shift) @ T.to_vector(gy)                      # c_k − c̄ (no cancellation)
         hg = T.to_vector(gx) - ((w * c) @ GX) / self.tau
         info.update({"samples": self.samples, "weights": w.detach(),
-                     "ess": float(1.0 / (w * w).sum()), "proxy_shift": float(shift.norm())})
+                     "ess": (1.0 / (w * w).sum()).detach(), "proxy_shift": shift.norm().detach()})
         return T.from_vector(hg, xs), ys, info, state

@@ -209,7 +209,7 @@ class Hypernetwork(Estimator):
         return X.to(dtype=x.dtype, device=x.device)
 
     def fit_step(self, bound: Bound, phi: T.Leaves, opt: T.Leaves, center: Tensor, X: Tensor,
-                 k: int, unit: Tensor | None = None) -> tuple[T.Leaves, T.Leaves, float]:
+                 k: int, unit: Tensor | None = None) -> tuple[T.Leaves, T.Leaves, Tensor]:
         """One Adam step on φ for the mean of g(x̃_s, y_φ(x̃_s)) over the rows x̃_s of X; returns
         (φ, optimiser moments, the mean lower value before the step)."""
         xs, ys = bound.xs, bound.ys0
@@ -220,7 +220,7 @@ class Hypernetwork(Estimator):
         gphi = O.vjp(lambda p: (proxy_apply(self.arch, p, center, X, unit),), phi, (cot,))
         new = self._opt.update(tuple(phi) + tuple(opt), gphi, k)
         n = len(phi)
-        return tuple(new[:n]), tuple(new[n:]), float(vals.mean())
+        return tuple(new[:n]), tuple(new[n:]), vals.mean().detach()
 
     def compute(self, bound: Bound, state: dict[str, Any]):
         xs = bound.xs
@@ -234,7 +234,7 @@ class Hypernetwork(Estimator):
         gen = torch.Generator().set_state(state["rng"])
         k0 = int(state["fit_steps"])
         n = self.steps + (self.warmup if k0 == 0 else 0)
-        fit_loss = float("nan")
+        fit_loss = torch.full((), float("nan"))
         for k in range(k0, k0 + n):
             X = self.draw(x, center, gen)
             phi, opt, fit_loss = self.fit_step(bound, phi, opt, center, X, k, unit)
@@ -249,7 +249,7 @@ class Hypernetwork(Estimator):
         _, gx, gy = O.grads(bound.F, xs, yp)
         hg = T.add(gx, O.vjp(response, xs, gy))
         info = {"fit_loss": fit_loss, "fit_steps": n, "fit_steps_total": k0 + n,
-                "proxy_grad_norm": float(T.norm(O.grad_y(bound.G, xs, yp)))}
+                "proxy_grad_norm": T.norm(O.grad_y(bound.G, xs, yp)).detach()}
         new_state = {"phi": T.detach(phi), "opt": T.detach(opt), "center": center,
                      "rng": gen.get_state(), "fit_steps": k0 + n}
         return hg, T.detach(yp), info, new_state
