@@ -142,6 +142,22 @@ def test_evograd_converges_to_the_damped_implicit_hypergradient_as_K_grows():
     assert res.info["ess"] > 100
 
 
+def test_evograd_away_from_the_minimiser_converges_to_the_damped_hypergradient_at_a_proximal_step():
+    """g quadratic in y with ∇_x g affine in y (prior-mean ridge): the K → ∞ limit holds at any y
+    and σ — ∇_x f(x, y') − ∇²_xy g (H + λI)⁻¹ ∇_y f(x, y'), y' = y − (H + λI)⁻¹ ∇_y g(x, y)."""
+    problem, x, ystar, _, _ = prior_ridge()
+    y = ystar + 0.2 * torch.randn(ystar.numel(), generator=torch.Generator().manual_seed(0), dtype=F64)
+    sigma, lam = 0.3, 1.0
+    H = torch.autograd.functional.hessian(lambda w: problem.lower(x, w), y)
+    yr = y.clone().requires_grad_(True)
+    gy = torch.autograd.grad(problem.lower(x, yr), yr)[0]
+    yprox = y - torch.linalg.solve(H + lam * torch.eye(y.numel(), dtype=F64), gy)
+    ref = Exact(None, damping=lam)(problem, x, yprox).grad
+    evo = lambda K: EvoGrad(None, samples=K, sigma=sigma, tau=lam * sigma**2, seed=2)  # noqa: E731
+    errs = [rel_err(evo(K)(problem, x, y).grad, ref) for K in (1000, 20000)]
+    assert errs[1] < 0.5 * errs[0] and errs[1] < 0.08
+
+
 def test_evograd_batched_equals_loop_and_small_tau_approaches_the_exact_hypergradient():
     rp = ridge()
     kw = {"samples": 64, "sigma": 0.05, "tau": 0.05 * 0.05**2, "seed": 3}
