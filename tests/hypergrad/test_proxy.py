@@ -233,6 +233,8 @@ def test_bad_settings_are_rejected():
     state = STN().init(other, rp.x[:4], rp.y0[:4])
     with pytest.raises(ConfigError, match="state was made for"):
         STN()(rp.problem, rp.x, rp.y0, state=state)
+    with pytest.raises(ConfigError, match="box bounds"):
+        Hypernetwork(box=(torch.zeros(3), 1.0)).init(rp.problem, rp.x, rp.y0)
     with pytest.raises(ConfigError, match="lacks"):
         EvoGrad(None)(rp.problem, rp.x, rp.y0, state={})
 

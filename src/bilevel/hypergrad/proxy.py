@@ -26,6 +26,10 @@ Architectures (on the flattened variables, m = dim x, d = dim y, c the center):
 * ``"mlp"``: y_φ(x) = a + W₂ tanh(W₁ (x − c) + b₁) with ``hidden`` units; W₁ ~ N(0, 1/m)
   (from the seed), b₁ = 0, W₂ = 0 (so it starts as the constant a = y0).
 
+Global fitting only teaches the proxy the box (or the Gaussian's bulk): an x outside it gets an
+extrapolation. The proxy replaces the lower solve, so a lower-level projection (``y_projection``
+of :func:`bilevel.solve`) is not applied to y_φ(x).
+
 State is data: φ, the Adam moments of its optimiser, the center, the generator state and the
 number of fitting steps so far live in the estimator state (``torch.save``-able), so a resumed
 run is exact. The start ``y`` passed to a call is only used by :meth:`init` (a = y0); every
@@ -182,6 +186,9 @@ class Hypernetwork(Estimator):
         x = T.to_vector(bound.xs).detach()
         y0 = T.to_vector(T.detach(bound.init(bound.xs))).detach()
         m, d = x.numel(), y0.numel()
+        if self.box is not None and any(torch.as_tensor(b).numel() not in (1, m) for b in self.box):
+            raise ConfigError(f"{type(self).__name__}: box bounds must be numbers or have dim x = {m} "
+                              "entries (the flattened upper variable)")
         like = {"dtype": y0.dtype, "device": y0.device}
         if self.arch == "linear":
             phi = (y0.clone(), torch.zeros(d, m, **like))
