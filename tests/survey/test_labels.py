@@ -98,7 +98,7 @@ def _train(lp, est, steps, lr):
 
 def test_both_methods_beat_plain_training_on_a_noisy_split(noisy):
     base = noisy.accuracy(label_learning(noisy, reg=1e-2).baseline())
-    chance_f1 = 2 * 0.4 / 1.4  # flagging a random 40% of the samples: precision = recall = 0.4
+    chance_f1 = 0.4  # flagging a random 40% of the samples: precision = recall = F1 = 0.4
     for lp, est, steps, lr in (
         (label_learning(noisy, reg=1e-2), Reverse(GD(lr=1.0, steps=5)), 40, 0.1),
         (meta_weight_net(noisy, hidden=8, reg=1e-2), Reverse(GD(lr=1.0, steps=1)), 80, 0.02),
@@ -108,7 +108,7 @@ def test_both_methods_beat_plain_training_on_a_noisy_split(noisy):
         det = detection_scores(lp.scores(res.x, res.y), noisy.noisy, 0.5)
         # measured on this split (seed 0): 0.760 / 0.721 vs 0.663; seeds 1, 2: margins ≥ 0.035
         assert acc > base + 0.04, (lp.method, acc, base)
-        assert det["det_f1"] > chance_f1 + 0.25, (lp.method, det)
+        assert det["det_f1"] > chance_f1 + 0.3, (lp.method, det)  # measured 0.89 / 0.83
 
 
 def test_label_learning_beats_plain_training_on_a_long_tailed_split():

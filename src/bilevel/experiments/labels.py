@@ -36,7 +36,18 @@ from ..problems.labels import (
     weight_net,
 )
 from ..solvers import HypergradientDescent
-from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register, run_dtype
+from .base import (
+    Experiment,
+    Setup,
+    SubResult,
+    SubRun,
+    Table,
+    fmt,
+    markdown_table,
+    register,
+    run_device,
+    run_dtype,
+)
 
 __all__ = ["LabelLearning", "MetaWeightNet", "Labels", "labels_figure"]
 
@@ -88,6 +99,7 @@ class _LabelExperiment(Experiment):
             pool=d["pool"],
             seed=cfg["seed"],
             dtype=dtype,
+            device=run_device(cfg),
         )
         lp = self.make(cfg, data)
         inner = GD(lr=cfg["inner"]["lr"], steps=cfg["inner"]["steps"])
@@ -153,7 +165,7 @@ class LabelLearning(_LabelExperiment):
     name = "label-learning"
     description = "soft training labels as the upper variable (noisy / long-tailed MNIST sample)"
     reference = (
-        "survey 2207.11719, Table 2 (label learning); cf. Algan & Ulusoy 2021 (meta soft label correction)"
+        "survey 2207.11719, Table 2 (label learning: soft labels as the upper variable)"
     )
     defaults = {**_COMMON, "init_logit": 3.0, "inner": {"lr": 1.0, "steps": 5}, "upper": {"lr": 0.1}}
 
@@ -181,7 +193,7 @@ class MetaWeightNet(_LabelExperiment):
 
     def extra_metrics(self, lp: LabelProblem, x: Any, y: torch.Tensor) -> dict[str, float]:
         with torch.no_grad():
-            v = weight_net(x, torch.tensor(LOSS_GRID, dtype=y.dtype))
+            v = weight_net(x, torch.tensor(LOSS_GRID, dtype=y.dtype, device=y.device))
         return {f"V_{ell:g}": float(w) for ell, w in zip(LOSS_GRID, v)}
 
 
@@ -222,6 +234,8 @@ def labels_figure(results: list[SubResult], out: Path) -> Path:
             ax.plot([t["step"] for t in tr], [t["test_acc"] for t in tr], color=c, label=m)
         if rs:
             ax.axhline(rs[0].extras["plain_test_acc"], color="k", ls="--", lw=1, label="plain training")
+            # the step-0 point (Z = 0, accuracy 0.1) is left off
+            ax.set_ylim(max(0.0, rs[0].extras["plain_test_acc"] - 0.2), None)
             if "oracle_test_acc" in rs[0].extras:
                 ax.axhline(
                     rs[0].extras["oracle_test_acc"], color="0.5", ls=":", lw=1, label="clean samples only"

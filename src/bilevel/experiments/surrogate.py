@@ -23,7 +23,18 @@ from ..hypergrad import CG, Reverse
 from ..inner import GD, Adam
 from ..problems.surrogate import f1_data, f1_score, surrogate_loss, surrogate_value
 from ..solvers import HypergradientDescent
-from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register, run_dtype
+from .base import (
+    Experiment,
+    Setup,
+    SubResult,
+    SubRun,
+    Table,
+    fmt,
+    markdown_table,
+    register,
+    run_device,
+    run_dtype,
+)
 
 __all__ = ["SurrogateLoss", "Surrogate", "surrogate_figure"]
 
@@ -71,6 +82,7 @@ class SurrogateLoss(Experiment):
             pool=d["pool"],
             seed=cfg["seed"],
             dtype=run_dtype(cfg, torch.float64),
+            device=run_device(cfg),
         )
         sp = surrogate_loss(data, reg=cfg["reg"], temperature=cfg["temperature"])
         inner = GD(lr=cfg["inner"]["lr"], steps=cfg["inner"]["steps"])
@@ -224,6 +236,8 @@ class Surrogate(Table):
             )
         table_dir = results[0].path.parent.parent if results else Path(".")
         fig = surrogate_figure(results, table_dir / "plots")
-        note = (f"## Surrogate-loss learning for F1 ({cfg['steps']} outer steps, "
-                f"{cfg['seeds']} seeds = splits)\n\n")
+        note = (
+            f"## Surrogate-loss learning for F1 ({cfg['steps']} outer steps, "
+            f"{cfg['seeds']} seeds = splits)\n\n"
+        )
         return note + markdown_table(head, rows) + "\n" + "; ".join(means) + f"\n\nfigure: {fig}\n"

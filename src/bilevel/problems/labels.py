@@ -122,6 +122,7 @@ def label_data(
     pool: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
 ) -> LabelData:
     """The noisy (``kind="noise"``) or long-tailed (``"imbalance"``) split of the module docstring.
 
@@ -169,16 +170,16 @@ def label_data(
 
     def prep(rows: np.ndarray) -> Tensor:
         Z = (X[rows] - mean) / std
-        return torch.from_numpy(np.hstack([Z, np.ones((len(rows), 1))])).to(dtype)
+        return torch.from_numpy(np.hstack([Z, np.ones((len(rows), 1))])).to(device=device, dtype=dtype)
 
     def lab(v: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.asarray(v, dtype=np.int64))
+        return torch.from_numpy(np.asarray(v, dtype=np.int64)).to(device)
 
     return LabelData(
         A=prep(tr),
         labels=lab(y_tr),
         clean=lab(y_tr_clean),
-        noisy=torch.from_numpy(mask),
+        noisy=torch.from_numpy(mask).to(device),
         A_val=prep(va),
         labels_val=lab(y[va]),
         A_test=prep(te),
@@ -252,7 +253,7 @@ class LabelProblem:
     def sample_weights(self, x: Any, Z: Tensor) -> Tensor:
         """The per-sample weights of the lower loss (label learning: all 1)."""
         if self.method == "label-learning":
-            return torch.ones(self.data.n, dtype=self.y0.dtype)
+            return torch.ones_like(self.data.labels, dtype=self.y0.dtype)
         with torch.no_grad():
             v = weight_net(x, _hard_ce(Z, self.data.A, self.data.labels))
         return v / v.mean()
@@ -279,14 +280,14 @@ class LabelProblem:
         def g(Zv: Tensor) -> Tensor:
             return torch.dot(w, soft_cross_entropy(Zv, A, t)) / d.n + self.reg * (Zv * Zv).sum()
 
-        z0 = torch.zeros(d.dim, d.n_classes, dtype=torch.float64)
+        z0 = torch.zeros(d.dim, d.n_classes, dtype=torch.float64, device=A.device)
         return lbfgs_lower(g, z0, tol=1e-7).to(self.y0.dtype)
 
     def baseline(self) -> Tensor:
         """Plain training on the observed labels, uniform weights (the uninformed baseline)."""
         d = self.data
         hard = torch.nn.functional.one_hot(d.labels, d.n_classes).to(self.y0.dtype)
-        return self.refit(None, weights=torch.ones(d.n, dtype=self.y0.dtype), targets=hard)
+        return self.refit(None, weights=torch.ones_like(d.labels, dtype=self.y0.dtype), targets=hard)
 
 
 def _upper(data: LabelData):
@@ -313,7 +314,7 @@ def label_learning(
         "label-learning",
         Problem(upper=_upper(data), lower=g, name="label-learning"),
         x0,
-        torch.zeros(data.dim, C, dtype=A.dtype),
+        torch.zeros(data.dim, C, dtype=A.dtype, device=A.device),
         data,
         reg_f,
         float(threshold),
@@ -335,7 +336,8 @@ def meta_weight_net(
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(*shape: int, bound: float) -> Tensor:
-        return (2 * torch.rand(*shape, generator=gen, dtype=torch.float64) - 1).mul(bound).to(A.dtype)
+        u = 2 * torch.rand(*shape, generator=gen, dtype=torch.float64) - 1
+        return u.mul(bound).to(device=A.device, dtype=A.dtype)
 
     x0 = {
         "w1": uniform(hidden, bound=1.0),
@@ -353,7 +355,7 @@ def meta_weight_net(
         "meta-weight-net",
         Problem(upper=_upper(data), lower=g, name="meta-weight-net"),
         x0,
-        torch.zeros(data.dim, C, dtype=A.dtype),
+        torch.zeros(data.dim, C, dtype=A.dtype, device=A.device),
         data,
         reg_f,
         float(threshold),

@@ -67,15 +67,16 @@ def soft_f1(scores: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def f1_data(
-    positive: int = 8,
+    positive: int = 3,
     *,
-    pos_fraction: float = 0.05,
-    n_train: int = 1500,
-    n_val: int = 500,
+    pos_fraction: float = 0.03,
+    n_train: int = 2000,
+    n_val: int = 1500,
     n_test: int = 1500,
     pool: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
 ) -> F1Data:
     """ "Digit ``positive``" vs the rest; each split keeps all negatives and enough positives for a
     positive fraction ``pos_fraction`` (n_* are the sizes before subsampling the positives)."""
@@ -96,7 +97,7 @@ def f1_data(
         k = max(1, int(round(pos_fraction * len(neg) / (1 - pos_fraction))))
         keep = np.sort(np.concatenate([neg, rng.permutation(pos)[:k]]))
         idx = torch.from_numpy(keep)
-        return A[idx], (lab[idx] == positive).to(dtype)
+        return A[idx].to(device), (lab[idx] == positive).to(device=device, dtype=dtype)
 
     (A, y), (Av, yv), (At, yt) = (
         split(d.A, d.labels),
@@ -137,7 +138,7 @@ class SurrogateProblem:
     def fit(self, theta: Tensor) -> Tensor:
         th = theta.detach().double()
         A, y = self.data.A.double(), self.data.y.double()
-        z0 = torch.zeros(A.shape[1], dtype=torch.float64)
+        z0 = torch.zeros(A.shape[1], dtype=torch.float64, device=A.device)
         w = lbfgs_lower(lambda w: surrogate_value(th, A @ w, y) + self.reg * (w * w).sum(), z0, tol=1e-8)
         return w.to(self.y0.dtype)
 
@@ -175,8 +176,8 @@ def surrogate_loss(data: F1Data, *, reg: float = 1e-2, temperature: float = 1.0)
     dtype = data.A.dtype
     return SurrogateProblem(
         Problem(upper=f, lower=g, name="surrogate-loss"),
-        torch.zeros(4, dtype=dtype),
-        torch.zeros(data.A.shape[1], dtype=dtype),
+        torch.zeros(4, dtype=dtype, device=data.A.device),
+        torch.zeros(data.A.shape[1], dtype=dtype, device=data.A.device),
         data,
         reg_f,
         tau,
