@@ -85,6 +85,11 @@ def test_bad_settings_raise():
         lr_learning(5, momentum0=1.0, **SMALL)
     with pytest.raises(ConfigError, match="split"):
         lr_learning(5, n_train=10_000)
+    table = bl.experiments.get("lr-learning")
+    with pytest.raises(ConfigError, match="forward_steps"):
+        table.runs(table.resolve(overrides={"steps": 10, "forward_steps": 3}))
+    assert [r.label for r in table.runs(table.resolve(overrides={"steps": 8, "forward_steps": 4}))] == [
+        "reverse", "forward"]
 
 
 def test_lr_learning_experiment(tmp_path):

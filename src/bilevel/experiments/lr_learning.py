@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..hypergrad import Forward, Reverse
 from ..inner import Adam
 from ..problems.lr_learning import MOMENTUM_MODES, lr_learning
@@ -189,14 +190,17 @@ class LRLearningTable(Table):
     name = "lr-learning"
     description = "learned per-step learning-rate/momentum schedule vs the best constant rate of a grid"
     reference = "Franceschi, Donini, Frasconi & Pontil 2017 (ICML), Sec. 2, 5.2"
-    defaults = {"seed": 0, "steps": 200, "forward_steps": 3, "momentum": "per-step", "inner_steps": 20,
+    defaults = {"seed": 0, "steps": 200, "forward_steps": 4, "momentum": "per-step", "inner_steps": 20,
                 "hypergrad_timing": True}
     columns = ("val_loss", "test_loss", "test_err")
 
     def runs(self, cfg: dict[str, Any]) -> list[SubRun]:
         base = {"momentum": cfg["momentum"], "inner.steps": cfg["inner_steps"]}
         fs = int(cfg["forward_steps"])
-        every = fs if fs and cfg["steps"] % fs == 0 else 10  # a record at the forward run's last step
+        if fs < 0 or (fs and cfg["steps"] % fs):
+            raise ConfigError(f"forward_steps must be 0 or divide steps={cfg['steps']} (the reverse run "
+                              f"is evaluated every forward_steps to compare the two), got {fs}")
+        every = fs if fs else 10  # a reverse record at the forward run's last step
         out = [SubRun(label="reverse", experiment="lr-learning-run", seed=cfg["seed"],
                       overrides={**base, "estimator": "reverse", "steps": cfg["steps"], "eval_every": every})]
         if fs:
@@ -215,6 +219,12 @@ class LRLearningTable(Table):
         text = (f"## Learning-rate schedule learning (T = {cfg['inner_steps']} heavy-ball steps, "
                 f"momentum {cfg['momentum']}, {cfg['steps']} Adam hyper-steps)\n\n")
         text += _table(learned, extras, cfg)
+        if rev and isinstance(extras.get("const_test_loss"), (int, float)):
+            d_val = rev[0].final["val_loss"] - extras["const_val_loss"]
+            d_test = rev[0].final["test_loss"] - extras["const_test_loss"]
+            verdict = "beats" if d_val < 0 and d_test < 0 else "does NOT beat"
+            text += (f"\nThe learned schedule {verdict} the best constant of the grid: validation loss "
+                     f"{d_val:+.4f}, held-out test loss {d_test:+.4f}.\n")
         if rev and fwd:
             fs = int(fwd[0].info["steps"])
             at = {t["step"]: t for t in load_trace(rev[0].path)}.get(fs)

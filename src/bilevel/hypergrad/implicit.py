@@ -142,7 +142,7 @@ class Implicit(Estimator):
             _warn_start(self)
             state["start_warned"] = True
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
-        fval, gx, b = O.grads(bound.F, xs, ys)
+        fval, gx, b = O.grads(bound.upper_with(info), xs, ys)  # (f with the carried buffers)
         lin = O.Linearization(bound.G, xs, ys)
         check_finite_groups([
             ("upper", "f, ∇_x f or ∇_y f at the lower point", (fval, *gx, *b)),
