@@ -230,6 +230,10 @@ class Hypernetwork(Estimator):
         return tuple(new[:n]), tuple(new[n:]), vals.mean().detach()
 
     def compute(self, bound: Bound, state: dict[str, Any]):
+        if bound.carries:
+            raise ConfigError(f"{type(self).__name__}: the problem carries buffers (running "
+                              "statistics) through the lower dynamics, but a proxy runs none; use "
+                              "an estimator with inner dynamics (Reverse, CG, EvoGrad, ...)")
         xs = bound.xs
         x = T.to_vector(xs)
         phi, opt, center = tuple(state["phi"]), tuple(state["opt"]), state["center"]
