@@ -27,6 +27,7 @@ Adding an experiment is one file in this package (it is found automatically)::
                          info={"solver": solver.describe()},            # shown in the summary
                          unused={"inner.lr", "inner.steps"} - solver.used,  # set explicitly -> error
                          lower_star=None,                                # (x, y) -> min_y g, if known
+                         lower_prox=None,                 # prox of a non-smooth lower term (ISTA/FISTA)
                          evaluate=lambda x, y: {"x_err": ...},      # metrics, outside the clock
                          x_projection=None, y_projection=None,       # optional
                          lower_data=None, upper_data=None,           # samplers (bilevel.sampling)

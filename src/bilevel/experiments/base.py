@@ -136,6 +136,10 @@ class Setup:
     lower_star: Callable[[Any, Any], float] | None = None
     #: compute ``lower_star`` only at the final evaluation (expensive solves)
     lower_star_final_only: bool = False
+    #: the prox of the lower level's non-smooth part h at step 1 (proximal inner dynamics: the
+    #: problem's g is the smooth part); ``lower_grad_norm`` is then ‖y − prox_h(y − ∇_y g)‖, zero
+    #: exactly at a minimiser of g + h
+    lower_prox: Callable[[Any], Any] | None = None
 
 
 class Experiment:

@@ -288,7 +288,9 @@ def lower_optimality(setup: Setup, x: Any, y: Any, lower_star: bool = True) -> d
     with O.counting():  # diagnostics: not part of the run's oracle counts
         gy = O.grad_y(b.G, b.xs, b.ys0)
         out: dict[str, float] = {}
-        if setup.y_projection is not None:
+        if setup.lower_prox is not None:  # proximal lower level: the prox-gradient mapping
+            step = tuple(t - setup.lower_prox(t - g) for t, g in zip(b.ys0, gy))
+        elif setup.y_projection is not None:
             step = tuple(t - setup.y_projection(t - g) for t, g in zip(b.ys0, gy))
         else:
             step = gy

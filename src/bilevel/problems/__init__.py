@@ -34,6 +34,12 @@ __all__ += ["DartsToy", "darts_toy"]
 
 
 # --- lr-poison: learning-rate learning (13.1), data poisoning (13.3) ---
+from .lr_learning import LRLearning, lr_learning  # noqa: E402
+
+__all__ += ["LRLearning", "lr_learning"]
+from .poisoning import Poisoning, poisoning  # noqa: E402
+
+__all__ += ["Poisoning", "poisoning"]
 
 
 # --- distill: data distillation + KIP (13.2) ---
@@ -58,6 +64,12 @@ __all__ += ["F1Data", "SurrogateProblem", "f1_data", "surrogate_loss"]
 
 
 # --- sparse-implicit: dictionary learning (13.7), implicit layers (13.8) ---
+from .dictionary import DictionaryToy, atom_match, dictionary_learning, normalize_columns  # noqa: E402
+
+__all__ += ["DictionaryToy", "dictionary_learning", "atom_match", "normalize_columns"]
+from .implicit_layers import DEQToy, Equilibrium, NeuralODEToy, deq_regression, map_step, neural_ode  # noqa: E402
+
+__all__ += ["DEQToy", "Equilibrium", "deq_regression", "map_step", "NeuralODEToy", "neural_ode"]
 
 
 # --- proxy: best-response proxies (13.10) ---
