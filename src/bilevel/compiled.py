@@ -150,7 +150,7 @@ class _Uncompiled:
 
 def oracle_kernel(kind: str, fn: O.Fn) -> Callable[..., Any]:
     """The compiled ``kind`` oracle of ``fn`` as a callable ``(xs, ys[, v])`` (cached)."""
-    if not isinstance(fn, Objective):
+    if not isinstance(fn, Objective) or fn.buffers is not None:  # carried buffers: eager
         return _Uncompiled(kind, fn)
     per_problem = _CACHE.setdefault(fn.problem, {})
     key = (kind, fn.level, fn.xspec, fn.yspec, settings["backend"], settings["mode"])

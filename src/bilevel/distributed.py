@@ -62,6 +62,7 @@ __all__ = [
     "shard",
     "rank_seed",
     "all_mean",
+    "sum_counts",
     "barrier",
     "DistributedError",
     "spawn",
@@ -271,6 +272,26 @@ def all_mean(leaves: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """Mean over ranks of replicated-variable derivatives computed outside the oracle layer
     (see :func:`bilevel.oracles.rank_mean`)."""
     return O.rank_mean(tuple(leaves))
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Oracle-call counts (``OracleCounts.flat()``) summed over the ranks: each rank counts the
+    per-sample evaluations on its own shard, so the sum is the union's count — what a single
+    process on the union would report. Identity without an active process group; a collective
+    (every rank must call it at the same point), so the runner calls it once per trace record."""
+    if not is_active():
+        return dict(counts)
+    box: list[Any] = [None] * world_size()
+    try:
+        dist.all_gather_object(box, dict(counts))
+    except RuntimeError as e:  # a dead or hung peer
+        raise DistributedError(f"gathering oracle counts failed on rank {rank()}: a peer rank died "
+                               f"or hung past the process-group timeout ({str(e)[:300]})") from e
+    out: dict[str, int] = {}
+    for part in box:
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
 
 
 def barrier(timeout: float = DEFAULT_TIMEOUT) -> None:

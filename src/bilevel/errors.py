@@ -46,6 +46,12 @@ class LinearSolveWarning(BilevelWarning, RuntimeWarning):
     safeguard was used instead of its result; issued once per estimator run."""
 
 
+class InexactResumeWarning(BilevelWarning):
+    """A run was resumed with a data loader whose batch order is not reproducible (it shuffles
+    with the global RNG): the resumed run continues at the right position, but with other
+    batches than the uninterrupted run would have drawn. Issued once per resumed run."""
+
+
 class StartIndependenceWarning(BilevelWarning):
     """An implicit estimator was given a start y0(x) that depends on x: the implicit
     hypergradient ignores that dependence (y* is a function of x alone)."""

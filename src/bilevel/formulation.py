@@ -11,10 +11,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import _tree as T
-from .errors import StructureMismatchError
+from .errors import ConfigError, StructureMismatchError
 from .validation import (
     check_batch,
     check_compatible,
@@ -55,46 +56,84 @@ def batch_size(batch: Any) -> int:
     return int(leaves[0].shape[0])
 
 
+def _takes_buffers(fn: Callable) -> bool:
+    try:
+        return "buffers" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class Problem:
     """A bilevel problem: ``upper`` is f(x, y[, batch]), ``lower`` is g(x, y[, batch]).
 
     Both must return a scalar tensor. ``x`` and ``y`` are pytrees of tensors (a Tensor, tuple,
     list or dict — e.g. ``bl.params(module)``).
+
+    ``buffers``: state carried through the lower dynamics beside y — BatchNorm running
+    statistics — as a :class:`bilevel.modules.Buffers` (e.g. ``net.running_stats()`` of a
+    :class:`bilevel.Functional`): every inner step's train-mode forward pass at the iterate
+    produces the next buffers (functionally, never written into the module), and the estimators
+    return the final ones (``res.buffers``). They are state, not variables: nothing is
+    differentiated through them. An upper objective with a ``buffers`` parameter,
+    ``f(x, y, batch, *, buffers)``, is evaluated with the buffers at the end of the lower
+    dynamics (e.g. in eval mode: ``net(y, X, buffers=buffers, train=False)``); the lower
+    objective cannot take them (g is a function of (x, y, batch)).
     """
 
-    def __init__(self, upper: Callable[..., Tensor], lower: Callable[..., Tensor], *, name: str = ""):
+    def __init__(self, upper: Callable[..., Tensor], lower: Callable[..., Tensor], *, name: str = "",
+                 buffers: Any = None):
         if not callable(upper) or not callable(lower):
             raise TypeError("Problem(upper=f, lower=g) needs two callables")
         self.upper = upper
         self.lower = lower
         self.name = name
         self._arity = {"upper": _batch_arity(upper), "lower": _batch_arity(lower)}
+        if _takes_buffers(lower):
+            raise ConfigError(
+                "the lower objective takes a `buffers` parameter, but g must be a function of "
+                "(x, y[, batch]): running statistics are state produced by its train-mode forward "
+                "passes (Problem(buffers=...)), not an input; read them in the upper objective")
+        from .modules import Buffers
+
+        if buffers is not None and not isinstance(buffers, Buffers):
+            raise ConfigError(
+                "Problem(buffers=...) must be a bilevel.modules.Buffers (init + update), e.g. "
+                f"bl.Functional(module).running_stats(); got {type(buffers).__name__}")
+        self.buffers = buffers
+        self._upper_buffers = _takes_buffers(upper)
+        if self._upper_buffers and buffers is None:
+            raise ConfigError(
+                "the upper objective takes `buffers`, but the problem carries none: pass "
+                "Problem(f, g, buffers=net.running_stats()) (bl.Functional)")
 
     def __repr__(self) -> str:
         return f"Problem({self.name or getattr(self.upper, '__name__', 'f')})"
 
-    def _call(self, level: str, x: Any, y: Any, batch: Any) -> Tensor:
+    def _call(self, level: str, x: Any, y: Any, batch: Any, buffers: Any = None) -> Tensor:
         fn = self.upper if level == "upper" else self.lower
         arity = self._arity[level]
+        kw = {"buffers": self.buffers.init if buffers is None else buffers} if (
+            level == "upper" and self._upper_buffers) else {}
         if batch is None:
             if arity == "required":
                 raise TypeError(
                     f"the {level}-level objective needs a batch argument but no data was given "
                     f"(pass {level}_batch=... / {level}_data=...)"
                 )
-            out = fn(x, y)
+            out = fn(x, y, **kw)
         else:
             if arity == "none":
                 raise TypeError(
                     f"data was given for the {level} level but its objective takes only (x, y); "
                     "add a third `batch` parameter"
                 )
-            out = fn(x, y, batch)
+            out = fn(x, y, batch, **kw)
         return check_scalar(out, level)
 
-    def f(self, x: Any, y: Any, batch: Any = None) -> Tensor:
-        """Upper objective value (validated scalar)."""
-        return self._call("upper", x, y, batch)
+    def f(self, x: Any, y: Any, batch: Any = None, *, buffers: Any = None) -> Tensor:
+        """Upper objective value (validated scalar); ``buffers`` for an f that reads them
+        (default: the problem's initial buffers)."""
+        return self._call("upper", x, y, batch, buffers)
 
     def g(self, x: Any, y: Any, batch: Any = None) -> Tensor:
         """Lower objective value (validated scalar)."""
@@ -107,10 +146,12 @@ class Objective:
     ``level`` and ``n`` (samples in the batch) let the oracle layer count sample-gradient calls.
     """
 
-    __slots__ = ("problem", "level", "batch", "xspec", "yspec", "n", "_xleaf", "_yleaf")
+    __slots__ = ("problem", "level", "batch", "xspec", "yspec", "n", "_xleaf", "_yleaf", "buffers")
 
-    def __init__(self, problem: Problem, level: str, batch: Any, xspec: T.Spec, yspec: T.Spec):
+    def __init__(self, problem: Problem, level: str, batch: Any, xspec: T.Spec, yspec: T.Spec,
+                 buffers: Any = None):
         self.problem, self.level, self.batch = problem, level, batch
+        self.buffers = buffers  # carried state read by an upper objective (see Problem)
         self.xspec, self.yspec = xspec, yspec
         self.n = batch_size(batch)
         check_batch(batch, self.n, level)
@@ -121,10 +162,14 @@ class Objective:
     def __call__(self, xs: T.Leaves, ys: T.Leaves) -> Tensor:
         x = xs[0] if self._xleaf else T.unflatten(xs, self.xspec)
         y = ys[0] if self._yleaf else T.unflatten(ys, self.yspec)
-        return self.problem._call(self.level, x, y, self.batch)
+        return self.problem._call(self.level, x, y, self.batch, self.buffers)
 
     def with_batch(self, batch: Any) -> Objective:
-        return Objective(self.problem, self.level, batch, self.xspec, self.yspec)
+        return Objective(self.problem, self.level, batch, self.xspec, self.yspec, self.buffers)
+
+    def with_buffers(self, buffers: Any) -> Objective:
+        """The same objective reading ``buffers`` (an upper objective that takes them)."""
+        return Objective(self.problem, self.level, self.batch, self.xspec, self.yspec, buffers)
 
 
 class Bound:
@@ -143,6 +188,7 @@ class Bound:
         *,
         upper_batch: Any = None,
         lower_batch: Any = None,
+        buffers: Any = None,
     ):
         if not isinstance(problem, Problem):
             raise TypeError(f"expected a bilevel.Problem, got {type(problem).__name__}")
@@ -158,8 +204,45 @@ class Bound:
         check_finite_groups([("upper", "the upper variable x", self.xs),
                              ("lower", "the lower start y0", ys)])
         self.ys0 = T.detach(ys)
-        self.F = Objective(problem, "upper", upper_batch, self.xspec, self.yspec)
+        self._set_buffers(buffers)
+        self.F = Objective(problem, "upper", upper_batch, self.xspec, self.yspec, self.buffers0)
         self.G = Objective(problem, "lower", lower_batch, self.xspec, self.yspec)
+
+    def _set_buffers(self, buffers: Any) -> None:
+        spec = self.problem.buffers
+        if buffers is not None and spec is None:
+            raise ConfigError("buffers were given, but the problem carries none "
+                              "(bl.Problem(f, g, buffers=...))")
+        self.buffers0 = None if spec is None else spec.check(
+            spec.init if buffers is None else buffers, "buffers")
+
+    @property
+    def carries(self) -> bool:
+        """Does the problem carry buffers through the lower dynamics?"""
+        return self.problem.buffers is not None
+
+    def carry(self, xs: T.Leaves) -> Any:
+        """``(k, point, buffers) -> buffers``: one train-mode step of the problem's buffers at
+        the lower iterate ``point`` (flat leaves) on the lower batch, without a graph (for
+        :func:`bilevel.inner.unroll`); ``None`` when the problem carries no buffers."""
+        spec = self.problem.buffers
+        if spec is None:
+            return None
+        x = self.x_tree(T.detach(xs))
+        batch = self.G.batch
+
+        def step(k: int, point: T.Leaves, buffers: Any) -> Any:
+            with torch.no_grad():
+                new = spec.update(x, self.y_tree(T.detach(point)), buffers, batch)
+            return spec.check(new, f"the buffers after inner step {k + 1}")
+
+        return step
+
+    def upper_with(self, info: dict[str, Any]) -> Objective:
+        """The upper objective reading the buffers at the end of the lower dynamics
+        (``info["buffers"]``, as :func:`bilevel.inner.unroll` returns them), else :attr:`F`."""
+        b = info.get("buffers")
+        return self.F if b is None else self.F.with_buffers(b)
 
     @classmethod
     def from_leaves(
@@ -173,11 +256,13 @@ class Bound:
         upper_batch: Any = None,
         lower_batch: Any = None,
         y_fn: Any = None,
+        buffers: Any = None,
     ) -> Bound:
         """Fast constructor for solvers that already hold validated flat leaves."""
         b = cls.__new__(cls)
         b.problem, b.xs, b.xspec, b.ys0, b.yspec, b.y_fn = problem, xs, xspec, ys, yspec, y_fn
-        b.F = Objective(problem, "upper", upper_batch, xspec, yspec)
+        b._set_buffers(buffers)
+        b.F = Objective(problem, "upper", upper_batch, xspec, yspec, b.buffers0)
         b.G = Objective(problem, "lower", lower_batch, xspec, yspec)
         return b
 

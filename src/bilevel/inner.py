@@ -18,7 +18,15 @@ Hyperparameters (``lr``, ``weight_decay``, ``momentum``, Adam's ``betas``) may b
   (a pytree shaped like y, or a bare tensor when y is a single tensor) for per-parameter rates;
 * a callable of the upper variable, ``lambda x: ...`` (e.g. ``lr=lambda x: x["log_lr"].exp()``,
   learning-rate learning; ``lr=lambda x: x["alpha"]`` with per-leaf values, Meta-SGD), or a per-step
-  callable ``lambda x, k: ...`` (e.g. ``lambda x, k: x["lrs"][k]``, a learned schedule).
+  callable ``lambda x, k: ...`` (e.g. ``lambda x, k: x["lrs"][k]``, a learned schedule);
+* a fixed per-step schedule (not learned): :class:`PerStep` — ``PerStep([0.3, 0.2, 0.1])`` (one
+  value per inner step k = 0 .. steps−1, a sequence or 1-D tensor of length ``steps``) or
+  ``PerStep(lambda k: 0.5 / (k + 1))`` (a callable of the step index) — or a
+  :class:`bilevel.estimates.Schedule` (c / (k + t0)^e). The step index restarts at 0 with each
+  unroll (each hypergradient / lower solve).
+
+These are one mechanism: every hyperparameter value is resolved per step by :meth:`Dynamics.hp`
+(constants, per-step schedules and, after :meth:`Dynamics.bind`, callables of x and of (x, k)).
 
 Estimators call ``dyn = dyn.bind(x, y)`` with their differentiable copy of x before unrolling, so
 derivatives flow to x through the hyperparameters (a no-op returning ``dyn`` itself when nothing
@@ -45,8 +53,8 @@ from .errors import ConfigError, NonFiniteError, StructureMismatchError
 from .validation import first_nonfinite
 
 __all__ = [
-    "Dynamics", "GD", "Momentum", "Nesterov", "Adam", "unroll", "fista_momentum", "with_projection",
-    "ISTA", "FISTA", "L1", "soft_threshold",
+    "Dynamics", "GD", "Momentum", "Nesterov", "Adam", "PerStep", "unroll", "fista_momentum",
+    "with_projection", "ISTA", "FISTA", "L1", "soft_threshold",
 ]
 
 GradFn = Callable[[T.Leaves, int], T.Leaves]
@@ -155,6 +163,59 @@ def _normalize(value: Any, where: str, y: T.Leaves | None = None, yspec: Any = N
     return out
 
 
+class PerStep:
+    """A fixed per-step hyperparameter: value k at inner step k (a learning-rate schedule).
+
+    ``PerStep(values)``: a sequence of numbers or 0-dim tensors, or a 1-D tensor, with one entry
+    per inner step (its length must equal the dynamics' ``steps``); ``PerStep(fn)``: ``fn(k)``
+    returns the value (a number or 0-dim tensor) at step k. Tensors must not require grad (a
+    learned schedule is a callable of the upper variable, ``lambda x, k: x["lrs"][k]``).
+    """
+
+    def __init__(self, values: Any):
+        self.fn: Callable[[int], Any] | None = None
+        self.values: list[Any] | None = None
+        if callable(values) and not isinstance(values, Tensor):
+            self.fn = values
+            return
+        if isinstance(values, Tensor):
+            if values.dim() != 1:
+                raise ConfigError(f"PerStep: a tensor of values must be 1-D (one per step), got "
+                                  f"shape {tuple(values.shape)}")
+            vals: list[Any] = list(values.unbind(0))
+        elif isinstance(values, (list, tuple)):
+            vals = list(values)
+        else:
+            raise ConfigError(f"PerStep takes a sequence / 1-D tensor of per-step values or a "
+                              f"callable of the step index, got {type(values).__name__}")
+        if not vals:
+            raise ConfigError("PerStep: no values given")
+        for i, v in enumerate(vals):
+            if isinstance(v, bool) or not (isinstance(v, (int, float))
+                                           or (isinstance(v, Tensor) and v.dim() == 0)):
+                raise ConfigError(f"PerStep: value {i} is {type(v).__name__}, expected a number or "
+                                  "a 0-dim tensor")
+        _check_no_grad(vals, "PerStep")
+        self.values = [float(v) if isinstance(v, (int, float)) else v for v in vals]
+
+    def __len__(self) -> int:
+        if self.values is None:
+            raise TypeError("PerStep(fn) has no length")
+        return len(self.values)
+
+    def __call__(self, k: int) -> Any:
+        if self.fn is not None:
+            return self.fn(k)
+        assert self.values is not None
+        if not 0 <= k < len(self.values):
+            raise ConfigError(f"PerStep has {len(self.values)} values, but inner step {k} was "
+                              "requested: give one value per step")
+        return self.values[k]
+
+    def __repr__(self) -> str:
+        return f"PerStep({self.fn if self.fn is not None else self.values})"
+
+
 def _leaf(value: Any, i: int) -> Any:
     return value[i] if isinstance(value, tuple) else value
 
@@ -209,17 +270,51 @@ class Dynamics:
     def _declare(self, name: str, value: Hyper) -> None:
         """Record a hyperparameter: constant (validated now) or a callable of x / (x, k)."""
         where = f"{type(self).__name__}.{name}"
+        from .estimates import Schedule  # (estimates imports this module)
+
+        if isinstance(value, (PerStep, Schedule)):  # a fixed function of the step index
+            self._raw[name] = value
+            self._hp[name] = ("sched", self._checked_schedule(name, value, where))
+            return
         if callable(value) and not isinstance(value, Tensor):
             self._hp[name] = ("x" if _callable_arity(value, where) == 1 else "xk", value)
             return
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            low, inclusive = self._ranges.get(name, (-math.inf, True))
-            if not (value >= low if inclusive else value > low) or not math.isfinite(value):
-                what = f">= {low:g}" if inclusive else ("positive" if low == 0 else f"> {low:g}")
-                raise ValueError(f"{name} must be {what} (and finite), got {value}")
+            self._check_range(name, value, name)
         _check_no_grad(value, where)
         self._raw[name] = value
         self._hp[name] = ("const", _normalize(value, where))
+
+    def _checked_schedule(self, name: str, value: Any, where: str) -> Callable[[int], Any]:
+        """k -> the value at step k, range-checked (numbers); a PerStep of fixed values must
+        have one value per step."""
+        if isinstance(value, PerStep) and value.values is not None:
+            if len(value) != self.steps:
+                raise ConfigError(f"{where}: PerStep has {len(value)} values but steps={self.steps}; "
+                                  "give one value per inner step")
+            for i, v in enumerate(value.values):
+                self._check_range(name, v, f"{where} at step {i}")
+
+        def at(k: int) -> Any:
+            v = value(k)
+            if isinstance(v, bool) or not (isinstance(v, (int, float))
+                                           or (isinstance(v, Tensor) and v.dim() == 0)):
+                raise ConfigError(f"{where} at step {k} is {type(v).__name__}, expected a number "
+                                  "or a 0-dim tensor")
+            if isinstance(v, (int, float)):
+                self._check_range(name, v, f"{where} at step {k}")
+                return float(v)
+            return v
+
+        return at
+
+    def _check_range(self, name: str, value: Any, where: str) -> None:
+        if not isinstance(value, (int, float)):
+            return
+        low, inclusive = self._ranges.get(name, (-math.inf, True))
+        if not (value >= low if inclusive else value > low) or not math.isfinite(value):
+            what = f">= {low:g}" if inclusive else ("positive" if low == 0 else f"> {low:g}")
+            raise ValueError(f"{where} must be {what} (and finite), got {value}")
 
     def hp(self, name: str, k: int) -> Any:
         """Value of hyperparameter ``name`` at inner step ``k``: a float, a 0-dim tensor, or a
@@ -463,6 +558,8 @@ def unroll(
     start: int = 0,
     level: str = "lower",
     track: bool = True,
+    carry: Callable[[int, T.Leaves, Any], Any] | None = None,
+    buffers: Any = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Run ``steps`` updates from ``state`` (step counter starting at ``start``).
 
@@ -470,11 +567,19 @@ def unroll(
     by ``grad_fn``. Non-finite iterates raise :class:`NonFiniteError` naming the first bad step
     (checked with a single synchronisation after the loop). ``track=False`` skips that check and
     every host synchronisation, so the loop runs under ``torch.func.vmap`` / ``grad``.
+
+    ``carry(k, point, buffers) -> buffers`` (with the starting ``buffers``) carries state beside
+    the iterate — BatchNorm running statistics, see :class:`bilevel.modules.Buffers` — updated at
+    the same point as the gradient of step k, outside any graph; the final value is returned as
+    ``info["buffers"]``.
     """
     sums: list[Tensor] = []
     last_grad: T.Leaves | None = None
     for k in range(start, start + steps):
-        last_grad = grad_fn(dyn.point(state), k)
+        point = dyn.point(state)
+        last_grad = grad_fn(point, k)
+        if carry is not None:
+            buffers = carry(k, point, buffers)
         state = dyn.update(state, last_grad, k)
         if track:
             sums.append(sum(t.detach().sum() for t in state[: len(state) // dyn.slots]))
@@ -496,6 +601,8 @@ def unroll(
             step=step,
         )
     info: dict[str, Any] = {"steps": steps}
+    if carry is not None:
+        info["buffers"] = buffers
     # track=False or inside a plain vmap: no host synchronisation (traced: a tensor)
     if last_grad is not None and (tracing() or (track and not _batched(last_grad[0]))):
         info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))

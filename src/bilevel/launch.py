@@ -28,7 +28,8 @@ from . import distributed as D
 from .errors import ConfigError
 from .sampling import FixedBatches, FullBatch, Minibatches, Sampler
 
-__all__ = ["shard_sampler", "shard_setup", "in_launch", "launch_cli", "run_rank", "strip_nproc"]
+__all__ = ["shard_sampler", "shard_setup", "in_launch", "launch_cli", "run_rank", "strip_nproc",
+           "resume_command"]
 
 
 def in_launch() -> bool:
@@ -67,6 +68,13 @@ def shard_setup(setup: Any) -> Any:
     r, w = D.rank(), D.world_size()
     return dataclasses.replace(setup, lower_data=shard_sampler(setup.lower_data, r, w),
                                upper_data=shard_sampler(setup.upper_data, r, w))
+
+
+def resume_command(name: str, path: Any) -> str:
+    """The command that continues run ``path``: with ``--nproc N`` inside an N-process launch
+    (every rank resumes from its own checkpoint, so the run must be resumed on as many)."""
+    cmd = f"bilevel run {name} --resume {path}"
+    return f"{cmd} --nproc {D.world_size()}" if D.is_active() else cmd
 
 
 def strip_nproc(argv: list[str]) -> tuple[list[str], int]:

@@ -21,13 +21,18 @@ alone gets wrong inside bilevel algorithms:
   deterministic function during an unroll or a linear solve, and the global RNG is untouched.
 * **Frozen parameters** (``requires_grad=False``) cannot be lower variables silently: they are an
   error unless ``frozen="constant"``, which keeps them fixed at the module's values.
+* **Running statistics inside the unroll.** ``bl.Problem(f, g, buffers=net.running_stats())``
+  carries the buffers as state through the lower dynamics (:class:`Buffers`): at each inner step
+  the train-mode forward pass at the iterate y_k on the lower batch gives the next statistics —
+  exactly what K steps of ordinary training would have left in the module, without touching it —
+  and an upper objective ``f(x, y, batch, *, buffers)`` can evaluate in eval mode with them.
 * :func:`load_into` writes results (``res.y``, updated buffers) back into the module.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,7 +40,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, StructureMismatchError
 
-__all__ = ["Functional", "load_into", "module_params"]
+__all__ = ["Functional", "Buffers", "load_into", "module_params"]
 
 
 def _trainable(module: nn.Module, name: str, frozen: str) -> dict[str, Tensor]:
@@ -72,6 +77,64 @@ def _mode(module: nn.Module, train: bool) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+class Buffers:
+    """State carried through the lower dynamics beside y (``bl.Problem(f, g, buffers=...)``).
+
+    Args:
+        init: the buffers before the first inner step (a dict ``{name: tensor}`` or any pytree
+            of tensors), e.g. ``net.buffers()``.
+        update: ``(x, y, buffers, batch) -> buffers``: the buffers after one train-mode step at
+            the lower iterate y on the lower batch (called without a graph, never
+            differentiated; it must not modify its arguments in place).
+        name: how errors refer to these buffers.
+
+    With s_0 = ``init``, the lower dynamics y_{k+1} = Φ_k(x, y_k) carry s_{k+1} = update(x, y_k,
+    s_k, batch) (y_k: the point where step k evaluates ∇_y g — Nesterov's extrapolated point); the
+    estimators return s_K as ``res.buffers`` and evaluate an upper objective with a ``buffers``
+    parameter at s_K. The hypergradient treats s_K as a constant (running statistics are not
+    differentiated, as in PyTorch training). A structure or shape change is an error naming
+    the step.
+    """
+
+    def __init__(self, init: Any, update: Callable[[Any, Any, Any, Any], Any], *,
+                 name: str = "buffers"):
+        if not callable(update):
+            raise ConfigError(f"{name}: update must be a callable (x, y, buffers, batch) -> buffers")
+        self.name, self.update = name, update
+        self._leaves, self._spec = torch.utils._pytree.tree_flatten(init)
+        if not all(isinstance(t, Tensor) for t in self._leaves):
+            raise StructureMismatchError(f"{name}: init must be a pytree of tensors")
+        self.init = torch.utils._pytree.tree_map(lambda t: t.detach().clone(), init)
+
+    def check(self, buffers: Any, what: str) -> Any:
+        """``buffers`` if it has the structure and leaf shapes of ``init`` (else an error)."""
+        leaves, spec = torch.utils._pytree.tree_flatten(buffers)
+        if spec != self._spec:
+            raise StructureMismatchError(f"{self.name}: {what} do not have the structure of the "
+                                         f"initial buffers ({spec} vs {self._spec})")
+        for i, (a, b) in enumerate(zip(leaves, self._leaves)):
+            if not isinstance(a, Tensor) or a.shape != b.shape:
+                got = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                raise StructureMismatchError(f"{self.name}: {what}: leaf {i} is {got}, the initial "
+                                             f"buffer has shape {tuple(b.shape)}; buffers cannot "
+                                             "change shape")
+        return buffers
+
+    def __repr__(self) -> str:
+        return f"Buffers({self.name}, {len(self._leaves)} tensors)"
+
+
+def _first_input(batch: Any) -> tuple[Any, ...]:
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)
+    if isinstance(batch, Tensor):
+        return (batch,)
+    raise ConfigError(
+        "running_stats(): cannot tell the module's input from the lower batch "
+        f"({type(batch).__name__}); pass inputs=lambda batch: (images,) (and for a lower objective "
+        "without a batch, the tensors it closes over)")
 
 
 class Functional:
@@ -166,6 +229,31 @@ class Functional:
         device = next(iter(params.values())).device if params else torch.device("cpu")
         with _mode(self.module, train), self._rng(seed if train else False, device):
             return torch.func.functional_call(self.module, tensors, inputs)
+
+    def running_stats(self, inputs: Callable[[Any], Any] | None = None,
+                      params: Callable[[Any], dict[str, Tensor]] | None = None,
+                      init: dict[str, Tensor] | None = None,
+                      seed: int | bool | None = None) -> Buffers:
+        """The module's buffers as state carried through the lower dynamics:
+        ``bl.Problem(f, g, buffers=net.running_stats())``.
+
+        Each inner step applies :meth:`update_buffers` at the iterate on the lower batch.
+        ``inputs(batch)``: the module's input(s) in a lower batch (default: ``batch[0]`` of a
+        tuple/list batch, or the batch itself if it is a tensor); ``params(y)``: this module's
+        parameters in the lower variable (default: y itself, as from :meth:`params`); ``init``:
+        the starting buffers (default: the module's current ones, copied); ``seed``: the
+        dropout seed of those forward passes (default: the constructor's, as in g).
+        """
+        get_inputs = _first_input if inputs is None else inputs
+        get_params = (lambda y: y) if params is None else params
+
+        def update(x: Any, y: Any, buffers: Any, batch: Any) -> dict[str, Tensor]:
+            xs = get_inputs(batch)
+            xs = xs if isinstance(xs, tuple) else (xs,)
+            return self.update_buffers(get_params(y), buffers, *xs, seed=seed)
+
+        return Buffers(self.buffers() if init is None else init, update,
+                       name=f"{self.name} running statistics")
 
     def update_buffers(self, params: dict[str, Tensor], buffers: dict[str, Tensor], *inputs: Any,
                        seed: int | bool | None = None) -> dict[str, Tensor]:

@@ -468,7 +468,8 @@ def grad_y_tangents(
         def tangent(u: T.Leaves, z: T.Leaves) -> T.Leaves:
             return torch.func.jvp(lambda a, b: f_grad_y(fn, a, b), (xs, ys), (u, z))[1]
 
-        return _reduce(fn, gy, tuple(torch.func.vmap(tangent)(tuple(U), tuple(Z))))
+        # randomness="same": a random op (dropout) draws one mask for all tangents, the primal's
+        return _reduce(fn, gy, tuple(torch.func.vmap(tangent, randomness="same")(tuple(U), tuple(Z))))
     with torch.enable_grad():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         g = _grad(fn(xs_, ys_), xs_ + ys_, create_graph=True)

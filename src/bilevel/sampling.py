@@ -184,6 +184,30 @@ def _generators(iterable: Any) -> list[torch.Generator]:
     return out
 
 
+def _shuffles(iterable: Any) -> bool:
+    """True when a DataLoader draws a random order (or random subset) per epoch."""
+    samplers = (getattr(iterable, "sampler", None),
+                getattr(getattr(iterable, "batch_sampler", None), "sampler", None))
+    random = (torch.utils.data.RandomSampler, torch.utils.data.SubsetRandomSampler,
+              torch.utils.data.WeightedRandomSampler)
+    return any(isinstance(s, random) for s in samplers)
+
+
+def _in_order(iterable: Any) -> Any:
+    """For :meth:`IterableSampler.full`: a DataLoader that shuffles a permutation of its whole
+    data set, re-made to read it in index order (same dataset, batch size, collate, workers), so
+    the full-data pass does not depend on where the generator stands; anything else as is."""
+    s = getattr(iterable, "sampler", None)
+    if not (isinstance(iterable, torch.utils.data.DataLoader)
+            and isinstance(s, torch.utils.data.RandomSampler) and not s.replacement
+            and s.num_samples == len(s.data_source)):
+        return iterable
+    return torch.utils.data.DataLoader(
+        iterable.dataset, batch_size=iterable.batch_size, shuffle=False,
+        collate_fn=iterable.collate_fn, num_workers=iterable.num_workers,
+        pin_memory=iterable.pin_memory)
+
+
 class IterableSampler(Sampler):
     """Any re-iterable of batches — a ``torch.utils.data.DataLoader`` (with its own workers and
     pin-memory), a list of tuples of tensors, ... — behind the sampler interface.
@@ -192,12 +216,15 @@ class IterableSampler(Sampler):
       (``epoch`` counts completed passes); batches are moved to ``device`` (the device of the
       variables when built by :func:`bilevel.solve`).
     * :meth:`full` concatenates one whole pass along dim 0 (used for tracking/evaluation). It is
-      computed once and cached, from a separate pass that does not disturb the batch order.
+      computed once and cached, from a separate pass that does not disturb the batch order (a
+      loader that shuffles its whole data set is read in index order there, so ``full()`` is the
+      same tensor whenever it is first called — e.g. after a resume).
     * :meth:`state_dict` records the epoch, the position inside it and the state of the loader's
       torch generators at the start of the epoch (``DataLoader(generator=...)`` or a sampler with a
       ``generator``). Resuming is exact when the loader's order is decided by such a seeded
       generator (or the loader does not shuffle); a loader that shuffles with the global RNG
-      resumes at the right position but in a different order — approximate.
+      resumes at the right position but in a different order — approximate
+      (:attr:`exact_resume` is False; ``bl.solve(state=...)`` then warns once).
 
     A single-pass iterator (``iter(it) is it``, e.g. a generator) is rejected: it cannot be
     re-iterated per epoch. ``name`` (e.g. ``"lower_data"``) appears in every error message.
@@ -222,6 +249,12 @@ class IterableSampler(Sampler):
             self.n = len(iterable.dataset) if hasattr(iterable, "dataset") else 0
         except TypeError:
             self.n = 0
+
+    @property
+    def exact_resume(self) -> bool:
+        """False for a loader that shuffles without a torch generator of its own (its order
+        comes from the global RNG, so a resumed run draws other batches)."""
+        return not (_shuffles(self.iterable) and not _generators(self.iterable))
 
     def _start_epoch(self) -> None:
         gens = _generators(self.iterable)
@@ -257,7 +290,7 @@ class IterableSampler(Sampler):
         if self._full is None:
             gens = _generators(self.iterable)
             saved = [g.get_state() for g in gens]
-            batches = list(self.iterable)
+            batches = list(_in_order(self.iterable))  # the same data whatever the epoch
             for g, s in zip(gens, saved):
                 g.set_state(s)
             if not batches:
@@ -352,6 +385,10 @@ class _PairedHalf(Sampler):
 
     def full(self) -> Any:
         return self.pairs.source.full()[self.index]
+
+    @property
+    def exact_resume(self) -> bool:
+        return self.pairs.source.exact_resume
 
     def state_dict(self) -> dict[str, Any]:
         if self.index == 1:  # the lower half carries the shared state

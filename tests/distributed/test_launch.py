@@ -21,19 +21,24 @@ CFG = {**{k: v for k, v in TINY_HC.items() if k not in ("lower.steps", "hypergra
 
 
 def _rank(out, resume, stop_after):
+    said: list[str] = []
     res = launch.run_rank("hyperclean", overrides=None if resume else CFG, out=out, resume=resume,
-                          stop_after=stop_after, progress=False, plots=False, echo=None)
-    return str(res.path), res.completed
+                          stop_after=stop_after, progress=False, plots=False, echo=said.append)
+    return str(res.path), res.completed, said
 
 
 def test_resume_and_rank0_files(tmp_path):
     # single process first: the forked ranks then inherit its lazily imported modules (fast)
     one = run("hyperclean", overrides=CFG, out=tmp_path / "one", plots=False, progress=False, echo=None)
     full = bl.distributed.spawn(_rank, 2, (tmp_path / "full", None, None), timeout=60)
-    assert full[0] == (str(tmp_path / "full"), True)
-    assert full[1] == (str(tmp_path / "full" / "ranks" / "1"), True)  # rank 1: its own record
+    assert full[0][:2] == (str(tmp_path / "full"), True)
+    assert full[1] == (str(tmp_path / "full" / "ranks" / "1"), True, [])  # rank 1: its own record
     part = bl.distributed.spawn(_rank, 2, (tmp_path / "part", None, 3), timeout=60)
     assert not part[0][1]
+    # the resume hint names --nproc: every rank resumes from its own checkpoint
+    hint = f"continue with: bilevel run hyperclean --resume {tmp_path / 'part'} --nproc 2"
+    assert any(line.endswith(hint) for line in part[0][2]), part[0][2]
+    assert launch.resume_command("hyperclean", "R") == "bilevel run hyperclean --resume R"
     bl.distributed.spawn(_rank, 2, (None, tmp_path / "part", None), timeout=60)
     a, b = load_trace(tmp_path / "full"), load_trace(tmp_path / "part")
     assert [r["step"] for r in b] == list(range(7))
@@ -58,6 +63,11 @@ def test_fullbatch_trace_equals_single_process(tmp_path):
         for k in ("upper_loss", "lower_loss", "test_accuracy"):
             if k in ra:
                 assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (k, ra[k], rb[k])
+        # oracle counts are summed over the ranks: the union's, as one process counts them
+        counts = [k for k in ra if k.startswith(("upper_", "lower_")) and isinstance(ra[k], int)]
+        assert {k: ra[k] for k in counts + ["calls"]} == {k: rb[k] for k in counts + ["calls"]}
+    assert a[-1]["calls"] > 0 and any(k.startswith("lower_") and isinstance(v, int)
+                                      for k, v in a[-1].items())
 
 
 def test_strip_nproc_and_sampler_shards():

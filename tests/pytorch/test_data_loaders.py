@@ -127,3 +127,69 @@ def test_paired_batches_come_from_the_same_task_whatever_the_call_order():
     torch.testing.assert_close(up.full()[0], torch.tensor([10.0, 11.0, 12.0]))
     with pytest.raises(TypeError, match="pairs"):
         paired([(torch.ones(1),)])[0].next()
+
+
+def _resume_problem():
+    X, t = _data(14, seed=5)
+    prob = bl.Problem(
+        upper=lambda x, y, b: ((b[0] @ y - b[1]) ** 2).mean(),
+        lower=lambda x, y, b: ((b[0] @ y - b[1]) ** 2).mean() + x.exp() * (y ** 2).sum(),
+    )
+    return X, t, prob
+
+
+def _shuffled(X, t, seed, batch_size):
+    return DataLoader(TensorDataset(X, t), batch_size=batch_size, shuffle=True,
+                      generator=None if seed is None else torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("solver", ["hgd", "soba"])
+def test_solve_resume_with_fresh_seeded_dataloaders_is_bitwise_exact(solver, tmp_path):
+    """Stop after 5 of 12 outer steps (inside the 2nd epoch of the lower loader: 3 batches per
+    epoch), save the state with torch.save, resume in a new solve call with freshly built loaders
+    (new generators with the same seeds): x, y and the history equal the uninterrupted run's
+    bit for bit (float64)."""
+    import warnings
+
+    X, t, prob = _resume_problem()
+    make = {"hgd": lambda: bl.solvers.HypergradientDescent(
+                bl.hypergrad.CG(bl.inner.GD(lr=0.2, steps=5), iters=5), upper=0.3),
+            "soba": lambda: bl.solvers.SOBA(lr_x=0.05, lr_y=0.1)}[solver]
+    x0, y0 = torch.tensor(0.0, dtype=F64), torch.zeros(3, dtype=F64)
+
+    def run(steps, state=None, callback=None):
+        return bl.solve(prob, x0, y0, solver=make(), steps=steps, state=state, callback=callback,
+                        lower_data=_shuffled(X, t, 1, 5), upper_data=_shuffled(X, t, 2, 4), track=2)
+
+    ref = run(12)
+    part = run(12, callback=lambda k, x, y, rec: k == 5)
+    assert part.state["t"] == 5 and part.state["data"]["lower"]["epoch"] == 1
+    torch.save(part.state, tmp_path / "ck.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.errors.InexactResumeWarning)  # seeded: no warning
+        res = run(12, state=torch.load(tmp_path / "ck.pt", weights_only=False))
+    assert torch.equal(res.x, ref.x) and torch.equal(res.y, ref.y)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
+    assert strip(part.history + res.history) == strip(ref.history)
+    # the batches really differ between epochs (a shuffling loader), so the position mattered
+    other = bl.solve(prob, x0, y0, solver=make(), steps=7, state=None,
+                     lower_data=_shuffled(X, t, 1, 5), upper_data=_shuffled(X, t, 2, 4))
+    assert not torch.equal(other.x, ref.x)
+
+
+def test_resume_with_a_loader_on_the_global_rng_warns_once_and_keeps_the_position():
+    X, t, prob = _resume_problem()
+    solver = bl.solvers.SOBA(lr_x=0.05, lr_y=0.1)
+    x0, y0 = torch.tensor(0.0, dtype=F64), torch.zeros(3, dtype=F64)
+    part = bl.solve(prob, x0, y0, solver=solver, steps=4, track=False,
+                    lower_data=_shuffled(X, t, None, 5), upper_data=_shuffled(X, t, None, 4))
+    assert not as_sampler(_shuffled(X, t, None, 5)).exact_resume
+    assert as_sampler(_shuffled(X, t, 0, 5)).exact_resume and as_sampler([(X,)]).exact_resume
+    with pytest.warns(bl.errors.InexactResumeWarning, match="lower_data and upper_data") as rec:
+        res = bl.solve(prob, x0, y0, solver=solver, steps=6, state=part.state, track=False,
+                       lower_data=_shuffled(X, t, None, 5), upper_data=_shuffled(X, t, None, 4))
+    assert len([w for w in rec if issubclass(w.category, bl.errors.InexactResumeWarning)]) == 1
+    assert res.state["t"] == 6 and res.state["data"]["lower"]["pos"] == 3  # 6 batches of 3 per epoch
+    with pytest.raises(bl.ConfigError, match="position of upper_data, but no upper_data"):
+        bl.solve(prob, x0, y0, solver=solver, steps=6, state=part.state, track=False,
+                 lower_data=_shuffled(X, t, None, 5))

@@ -79,7 +79,7 @@ def test_implicit_estimators_on_the_cnn_match_the_dense_reference(cnn_problem, e
     if est == "neumann":
         est = H.Neumann(None, iters=int(40 * P["L"] / P["mu"]), alpha=1 / P["L"])
     elif est == "fixed_point":
-        est = H.FixedPoint(None, iters=int(40 * P["L"] / P["mu"]), lr=1 / P["L"])
+        est = H.FixedPoint(None, iters=int(40 * P["L"] / P["mu"]), alpha=1 / P["L"])
     res = est(P["problem"], P["x"], P["y_star"])
     # CG / Exact: solve to round-off; Neumann / FixedPoint: (1 − μ/L)^iters ≈ e^-40
     assert rel_err(res.grad, P["hg"]) < 1e-8
@@ -259,3 +259,247 @@ def test_upper_variable_from_another_module_and_load_into():
     assert set(cg.grad) == {"log_wd"} and rel_err(cg.grad, ex.grad) < 1e-10
     bl.load_into(hyper, {"log_wd": x0["log_wd"] - 0.1 * cg.grad["log_wd"]})
     torch.testing.assert_close(hyper.log_wd.detach(), x0["log_wd"] - 0.1 * cg.grad["log_wd"])
+
+
+def test_forward_equals_reverse_and_finite_differences_with_dropout_on():
+    """Dropout (p=0.5) in the CNN: each train-mode call draws its masks from the Functional's
+    seed, so g is one deterministic function and Forward (its vmapped jvps run with
+    randomness="same": one mask per pass, the primal's) differentiates the same unroll as Reverse.
+    Both products paths, the func backend and a start y0(x) are compared with Reverse (1e-10);
+    Reverse with central differences of the unroll (1e-6)."""
+    module = _cnn(dropout=0.5)
+    net = bl.Functional(module, seed=7)
+    (X, t), (Xv, tv) = _data(12, 3), _data(6, 4)
+
+    def g(x, y):
+        return F.cross_entropy(net(y, X), t) + 0.5 * x[0].exp() * sum(
+            (p**2).sum() for p in y.values()) + x[1] * y["5.bias"].sum()
+
+    def f(x, y):
+        return F.cross_entropy(net(y, Xv), tv)
+
+    prob, x = bl.Problem(f, g), torch.tensor([-0.5, 0.1], dtype=F64)
+    dyn = bl.inner.GD(lr=0.2, steps=6)
+    y0 = net.params()
+    rev = H.Reverse(dyn)(prob, x, y0).grad
+    for est in (H.Forward(dyn), H.Forward(dyn, products="jvp"), H.Forward(dyn, chunk=1)):
+        assert rel_err(est(prob, x, y0).grad, rev) < 1e-10, est
+    with bl.oracles.backend("func"):
+        assert rel_err(H.Forward(dyn)(prob, x, y0).grad, rev) < 1e-10
+
+    def y0_of_x(x):
+        return {k: v * (1 + 0.1 * x[1]) for k, v in y0.items()}
+
+    rev_fn = H.Reverse(dyn)(prob, x, y0_of_x).grad
+    assert rel_err(H.Forward(dyn, products="jvp")(prob, x, y0_of_x).grad, rev_fn) < 1e-10
+
+    def h(xv):  # f(x, y_6(x)) by a textbook GD loop
+        y = dict(y0)
+        with torch.enable_grad():
+            for _ in range(6):
+                yr = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+                gr = torch.autograd.grad(g(xv, yr), list(yr.values()))
+                y = {k: v - 0.2 * gk for (k, v), gk in zip(y.items(), gr)}
+        return f(xv, y)
+
+    assert rel_err(rev, fd_grad(h, x)) < 1e-6
+    # the masks are really active: another seed gives another function (and hypergradient)
+    other = bl.Functional(module, seed=8)
+    g8 = bl.Problem(f, lambda x, y: F.cross_entropy(other(y, X), t) + 0.5 * x[0].exp() * sum(
+        (p**2).sum() for p in y.values()) + x[1] * y["5.bias"].sum())
+    assert rel_err(H.Reverse(dyn)(g8, x, y0).grad, rev) > 1e-3
+
+
+# --- running statistics carried through the unroll (Problem(buffers=net.running_stats())) -------
+
+def _carried(P, eval_upper: bool):
+    """The CNN problem with the BatchNorm buffers carried through the lower dynamics; f in eval
+    mode with the carried statistics (eval_upper) or in train mode (does not read them)."""
+    net = P["net"]
+    train, val = P["data"]
+
+    def f_eval(x, y, *, buffers):
+        return F.cross_entropy(net(y, val[0], buffers=buffers, train=False), val[1])
+
+    return bl.Problem(f_eval if eval_upper else P["f"], P["g"],
+                      buffers=net.running_stats(inputs=lambda batch: (train[0],)))
+
+
+def _manual_stats(P, dyn, K):
+    """K ordinary train-mode forward passes of a copy of the module at the iterates y_0..y_{K-1}
+    of ``dyn`` (each y_k from running the dynamics k steps): what training leaves in the module."""
+    ref = copy.deepcopy(P["module"])
+    ref.train()
+    bound = bl.formulation.Bound(bl.Problem(P["f"], P["g"]), P["x"], P["y0"])
+    for k in range(K):
+        yk, _ = bl.hypergrad.base.solve_lower(bound, dyn, bound.xs, bound.ys0, steps=k)
+        bl.load_into(ref, bound.y_tree(yk))
+        with torch.no_grad():
+            ref(P["data"][0][0])
+    return dict(ref.named_buffers())
+
+
+def test_running_stats_inside_the_unroll_equal_k_manual_train_mode_forwards(cnn_problem):
+    """Every estimator that runs the lower dynamics steps the buffers at each iterate: after K
+    steps they equal, bit for bit, those of K train-mode forwards of a copy of the module at the
+    same iterates (Forward(products="jvp"), whose iterates come from torch.func, to rounding);
+    the module itself is untouched and num_batches_tracked counts K."""
+    P = cnn_problem
+    K = 6
+    dyn = bl.inner.GD(lr=1 / P["L"], steps=K)
+    want = _manual_stats(P, dyn, K)
+    assert int(want["1.num_batches_tracked"]) == K and not torch.equal(
+        want["1.running_mean"], P["buffers"]["1.running_mean"])
+    prob = _carried(P, eval_upper=False)
+    ests = [H.Reverse(dyn), H.Reverse(dyn, truncate=3), H.Reverse(dyn, checkpoint=2),
+            H.Forward(dyn), H.Forward(dyn, products="jvp"), H.CG(dyn, iters=5), H.Exact(dyn),
+            H.Neumann(dyn, iters=5, alpha=1 / P["L"]), H.FixedPoint(dyn, iters=5, lr=1 / P["L"]),
+            H.FirstOrder(dyn), H.FiniteDifference(dyn),
+            H.ZerothOrder(dyn, samples=2, mu=1e-6, seed=0, batched=False), H.EvoGrad(dyn)]
+    for est in ests:
+        res = est(prob, P["x"], P["y0"])
+        assert set(res.buffers) == set(want), est
+        for k, b in want.items():
+            if getattr(est, "products", None) == "jvp":  # its primal comes from torch.func: the
+                torch.testing.assert_close(res.buffers[k], b, rtol=1e-13, atol=1e-15)  # iterates
+            else:                                                   # differ by rounding only
+                assert torch.equal(res.buffers[k], b), (est, k)
+    _buffers_untouched(P)
+    # continued from given buffers: K more steps from y_K count 2K batches
+    res = H.Reverse(dyn)(prob, P["x"], P["y0"], buffers=res.buffers)
+    assert int(res.buffers["1.num_batches_tracked"]) == 2 * K
+    # ClosedForm runs no dynamics: the buffers come back unchanged
+    cf = H.ClosedForm(lambda x_: P["y_star"])(prob, P["x"], P["y0"])
+    assert all(torch.equal(cf.buffers[k], P["buffers"][k]) for k in want)
+
+
+def test_eval_mode_upper_with_carried_stats_reverse_matches_finite_differences(cnn_problem):
+    """f(x, y_K; s_K) in eval mode with the carried statistics s_K, which the hypergradient treats
+    as constants (running statistics are not differentiated): Reverse equals central
+    differences of x -> f_eval(x, y_K(x); s_K(x0)) by a textbook GD loop (1e-6), and Forward,
+    checkpointed and truncated-to-all Reverse equal it (1e-10)."""
+    P = cnn_problem
+    K = 8
+    dyn = bl.inner.GD(lr=1 / P["L"], steps=K)
+    prob = _carried(P, eval_upper=True)
+    rev = H.Reverse(dyn)(prob, P["x"], P["y0"])
+    s_K = rev.buffers
+    val = P["data"][1]
+
+    def h(xv):
+        y = dict(P["y0"])
+        with torch.enable_grad():
+            for _ in range(K):
+                yr = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+                gr = torch.autograd.grad(P["g"](xv.reshape(()), yr), list(yr.values()))
+                y = {k: v - dyn.lr * gk for (k, v), gk in zip(y.items(), gr)}
+        return F.cross_entropy(P["net"](y, val[0], buffers=s_K, train=False), val[1])
+
+    assert rel_err(rev.grad, fd_grad(h, P["x"].reshape(1)).reshape(())) < 1e-6
+    for est in (H.Forward(dyn), H.Reverse(dyn, checkpoint=3), H.Reverse(dyn, truncate=K)):
+        assert rel_err(est(prob, P["x"], P["y0"]).grad, rev.grad) < 1e-10, est
+    # eval mode really differs from train mode here (the statistics matter)
+    assert rel_err(H.Reverse(dyn)(P["problem"], P["x"], P["y0"]).grad, rev.grad) > 1e-3
+    _buffers_untouched(P)
+
+
+def test_implicit_estimators_with_eval_mode_upper_match_the_dense_reference(cnn_problem):
+    """From y*, the lower steps stay at y* and step the statistics there; CG / Exact then match
+    the dense implicit-function hypergradient of f_eval(·; s_K) (s_K constant), 1e-8."""
+    P = cnn_problem
+    dyn = bl.inner.GD(lr=1 / P["L"], steps=3)
+    prob = _carried(P, eval_upper=True)
+    cg = H.CG(dyn, iters=200, tol=1e-14)(prob, P["x"], P["y_star"])
+    ex = H.Exact(dyn)(prob, P["x"], P["y_star"])
+    net, val = P["net"], P["data"][1]
+    y0 = P["y_star"]
+    names, shapes = list(y0), [p.shape for p in y0.values()]
+    sizes = [p.numel() for p in y0.values()]
+
+    def unflat(v):
+        return {k: t.reshape(s) for k, t, s in zip(names, torch.split(v, sizes), shapes)}
+
+    v = torch.cat([p.reshape(-1) for p in cg.y.values()])
+    ref, _, _ = dense_ift(
+        lambda xv, w: F.cross_entropy(net(unflat(w), val[0], buffers=cg.buffers, train=False), val[1]),
+        lambda xv, w: P["g"](xv.reshape(()), unflat(w)), P["x"].reshape(1), v)
+    assert rel_err(cg.grad, ref.reshape(())) < 1e-8 and rel_err(ex.grad, ref.reshape(())) < 1e-8
+    assert int(cg.buffers["1.num_batches_tracked"]) == 3
+
+
+@pytest.mark.filterwarnings("ignore::bilevel.LinearSolveWarning")
+def test_hypergradient_descent_carries_the_stats_across_outer_steps(cnn_problem):
+    P = cnn_problem
+    prob = _carried(P, eval_upper=True)
+    K, T_ = 4, 3
+    est = H.CG(bl.inner.GD(lr=0.5, steps=K), iters=5)
+    res = bl.solve(prob, P["x"], P["y0"], solver=bl.solvers.HypergradientDescent(est, upper=0.1),
+                   steps=T_, track=True)
+    s = res.state["buffers"]
+    assert int(s["1.num_batches_tracked"]) == K * T_
+    # the same chain by hand: each outer step continues from the previous buffers and y
+    x, y, b = P["x"], P["y0"], None
+    for _ in range(T_):
+        r = est(prob, x, y, buffers=b)
+        x, y, b = x - 0.1 * r.grad, r.y, r.buffers
+    assert all(torch.equal(s[k], b[k]) for k in s) and torch.equal(res.x, x)
+    # tracking evaluated the eval-mode f with the carried statistics of the last step
+    want = float(prob.f(res.x, res.y, buffers=s))
+    assert res.history[-1]["upper_loss"] == pytest.approx(want, rel=1e-12)
+    _buffers_untouched(P)
+    with pytest.raises(bl.ConfigError, match="SOBA does not step them"):
+        bl.solve(prob, P["x"], P["y0"], solver=bl.solvers.SOBA(), steps=1)
+
+
+def test_carried_buffers_bad_input(cnn_problem):
+    P = cnn_problem
+    net = P["net"]
+    with pytest.raises(bl.ConfigError, match="lower objective takes a `buffers` parameter"):
+        bl.Problem(P["f"], lambda x, y, *, buffers: P["g"](x, y), buffers=net.running_stats())
+    with pytest.raises(bl.ConfigError, match="upper objective takes `buffers`, but the problem"):
+        bl.Problem(lambda x, y, *, buffers: P["f"](x, y), P["g"])
+    with pytest.raises(bl.ConfigError, match="must be a bilevel.modules.Buffers"):
+        bl.Problem(P["f"], P["g"], buffers=net.buffers())
+    prob = _carried(P, eval_upper=False)
+    with pytest.raises(bl.ConfigError, match="batched=True"):
+        H.ZerothOrder(bl.inner.GD(lr=0.1, steps=2), samples=2)(prob, P["x"], P["y0"])
+    with pytest.raises(bl.ConfigError, match="Hypernetwork fits a best-response proxy"):
+        H.Hypernetwork()(prob, P["x"], P["y0"])
+    with pytest.raises(bl.ConfigError, match="carries none"):
+        H.Reverse(bl.inner.GD(lr=0.1, steps=2))(P["problem"], P["x"], P["y0"], buffers={})
+    with pytest.raises(bl.ConfigError, match="cannot tell the module's input"):
+        H.Reverse(bl.inner.GD(lr=0.1, steps=2))(
+            bl.Problem(P["f"], P["g"], buffers=net.running_stats()), P["x"], P["y0"])
+    grow = bl.modules.Buffers({"n": torch.zeros(1)}, lambda x, y, b, batch: {"n": torch.zeros(2)})
+    with pytest.raises(bl.StructureMismatchError, match="after inner step 1: leaf 0 is \\(2,\\)"):
+        H.Reverse(bl.inner.GD(lr=0.1, steps=2))(bl.Problem(P["f"], P["g"], buffers=grow),
+                                                 P["x"], P["y0"])
+
+
+def test_nesterov_steps_the_stats_at_the_extrapolated_point(cnn_problem):
+    """The statistics of step k come from the forward pass where step k evaluates ∇_y g — for
+    Nesterov the extrapolated point w_k, not the output z_k."""
+    P = cnn_problem
+    dyn = bl.inner.Nesterov(lr=0.5 / P["L"], steps=4)
+    res = H.Reverse(dyn)(_carried(P, eval_upper=False), P["x"], P["y0"])
+    bound = bl.formulation.Bound(P["problem"], P["x"], P["y0"])
+    gfn = bl.hypergrad.base.lower_grad_fn(bound, bound.xs, create_graph=False)
+    ref = copy.deepcopy(P["module"]).train()
+    s, outputs = dyn.init(bound.ys0), []
+    for k in range(4):
+        w = dyn.point(s)
+        bl.load_into(ref, bound.y_tree(w))
+        with torch.no_grad():
+            ref(P["data"][0][0])
+        outputs.append(dyn.output(s))
+        s = dyn.update(s, gfn(w, k), k)
+    assert not all(torch.equal(a, b) for a, b in zip(dyn.point(s), dyn.output(s)))
+    for k, b in ref.named_buffers():
+        torch.testing.assert_close(res.buffers[k], b, rtol=1e-13, atol=1e-15)
+    at_z = copy.deepcopy(P["module"]).train()  # the same passes at the outputs z_k differ
+    for z in outputs:
+        bl.load_into(at_z, bound.y_tree(z))
+        with torch.no_grad():
+            at_z(P["data"][0][0])
+    assert not torch.allclose(dict(at_z.named_buffers())["1.running_var"],
+                              res.buffers["1.running_var"], rtol=1e-9, atol=0)

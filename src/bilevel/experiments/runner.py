@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree as T
+from .. import distributed as D
 from .. import oracles as O
 from ..errors import BilevelError, ConfigError
 from ..solvers.base import solve
@@ -464,7 +465,8 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
         star = record["step"] == steps or not setup.lower_star_final_only
         metrics.update(lower_optimality(setup, x, y, lower_star=star))
         session["eval_time"] += time.perf_counter() - t0
-        counts = dict(live["state"]["counts"].flat())
+        # data-parallel: every rank counts its shard's evaluations; the trace has the union's
+        counts = D.sum_counts(dict(live["state"]["counts"].flat()))
         diag = {k: v for k, v in record.items()
                 if k not in ("step", "time") and k not in counts and k not in metrics}
         rec = {"step": record["step"], "time": record["time"], **metrics, **diag, **counts,
@@ -537,7 +539,9 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
             "baseline_time_s": session["baseline_time"], "wall_time_s": session["wall_time"]}
     if done < steps:
         if echo:
-            echo(f"stopped at step {done}/{steps}; continue with: bilevel run {exp.name} --resume {path}")
+            from ..launch import resume_command
+
+            echo(f"stopped at step {done}/{steps}; continue with: {resume_command(exp.name, path)}")
         return RunResult(path, False, last, extras, info)
     trace = load_trace(path)
     final = trace[-1] if trace else {}
@@ -608,7 +612,10 @@ def _run_table(
                         label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}", callbacks=callbacks)
         if not r.completed:
             if echo:
-                echo(f"stopped in sub-run {sr.folder}; continue with: bilevel run {exp.name} --resume {path}")
+                from ..launch import resume_command
+
+                echo(f"stopped in sub-run {sr.folder}; continue with: "
+                     f"{resume_command(exp.name, path)}")
             return RunResult(path, False, info={"wall_time_s": time.perf_counter() - wall0})
         results.append(SubResult(sr, sub_dir, r.final, r.extras, r.info))
         if echo:

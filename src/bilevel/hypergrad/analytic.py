@@ -46,4 +46,5 @@ class ClosedForm(Estimator):
             return O.objective(bound.F, xs, ys), T.detach(ys)  # the union's f when data are sharded
 
         gx, (_, ys) = O.value_and_grad(objective, bound.xs, has_aux=True)
-        return O.rank_mean(gx), ys, {}, state
+        info = {"buffers": bound.buffers0} if bound.carries else {}  # no dynamics: unchanged
+        return O.rank_mean(gx), ys, info, state

@@ -40,12 +40,16 @@ __all__ = ["HypergradResult", "Estimator", "solve_lower", "lower_grad_fn"]
 @dataclass
 class HypergradResult:
     """``grad``: d f(x, y(x)) / dx shaped like x; ``y``: lower point used (detached); ``info``:
-    diagnostics; ``state``: the estimator's new state (pass it as ``state=`` to the next call)."""
+    diagnostics; ``state``: the estimator's new state (pass it as ``state=`` to the next call);
+    ``buffers``: with ``Problem(buffers=...)``, the carried buffers (running statistics) at the end
+    of the lower dynamics — pass them as ``buffers=`` to the next call to continue them; else
+    None."""
 
     grad: Any
     y: Any
     info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    buffers: Any = None
 
 
 def lower_grad_fn(bound: Bound, xs: T.Leaves, *, create_graph: bool):
@@ -59,15 +63,23 @@ def lower_grad_fn(bound: Bound, xs: T.Leaves, *, create_graph: bool):
 
 
 def solve_lower(
-    bound: Bound, dyn: Dynamics | None, xs: T.Leaves, ys0: T.Leaves, steps: int | None = None
+    bound: Bound, dyn: Dynamics | None, xs: T.Leaves, ys0: T.Leaves, steps: int | None = None,
+    *, carry: bool = True,
 ) -> tuple[T.Leaves, dict[str, Any]]:
-    """Run the inner dynamics without a graph; returns the final iterate (detached)."""
+    """Run the inner dynamics without a graph; returns the final iterate (detached) and info.
+
+    When the problem carries buffers (``Problem(buffers=...)``) and ``carry`` is true, they are
+    stepped along (``info["buffers"]``: the final ones; without dynamics: the starting ones)."""
     if dyn is None:
-        return T.detach(ys0), {"steps": 0}
+        info: dict[str, Any] = {"steps": 0}
+        if carry and bound.carries:
+            info["buffers"] = bound.buffers0
+        return T.detach(ys0), info
     n = dyn.steps if steps is None else steps
     dyn = dyn.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))  # hyperparameters may depend on x
     with torch.no_grad():
-        state, info = unroll(dyn, lower_grad_fn(bound, xs, create_graph=False), dyn.init(ys0), n)
+        state, info = unroll(dyn, lower_grad_fn(bound, xs, create_graph=False), dyn.init(ys0), n,
+                             carry=bound.carry(xs) if carry else None, buffers=bound.buffers0)
     return T.detach(dyn.output(state)), info
 
 
@@ -87,13 +99,15 @@ class Estimator:
     shared_state: tuple[str, ...] = ()
 
     @staticmethod
-    def _bound(problem: Problem, x: Any, y: Any, batch: Any, upper_batch: Any, lower_batch: Any):
+    def _bound(problem: Problem, x: Any, y: Any, batch: Any, upper_batch: Any, lower_batch: Any,
+               buffers: Any = None):
         return Bound(
             problem,
             x,
             y,
             upper_batch=batch if upper_batch is None else upper_batch,
             lower_batch=batch if lower_batch is None else lower_batch,
+            buffers=buffers,
         )
 
     def init(
@@ -123,11 +137,14 @@ class Estimator:
         batch: Any = None,
         upper_batch: Any = None,
         lower_batch: Any = None,
+        buffers: Any = None,
     ) -> HypergradResult:
-        """Hypergradient at ``x`` from the lower start ``y``; ``state`` from a previous result."""
-        bound = self._bound(problem, x, y, batch, upper_batch, lower_batch)
+        """Hypergradient at ``x`` from the lower start ``y``; ``state`` from a previous result;
+        ``buffers``: the starting carried buffers (default: the problem's ``buffers.init``)."""
+        bound = self._bound(problem, x, y, batch, upper_batch, lower_batch, buffers)
         gx, ys, info, new_state = self.apply(bound, state)
-        return HypergradResult(grad=bound.x_tree(gx), y=bound.y_tree(ys), info=info, state=new_state)
+        return HypergradResult(grad=bound.x_tree(gx), y=bound.y_tree(ys), info=info, state=new_state,
+                               buffers=info.get("buffers"))
 
     def apply(
         self, bound: Bound, state: dict[str, Any] | None = None

@@ -52,7 +52,7 @@ class FiniteDifference(Estimator):
         xs = bound.xs
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
         y_virtual = T.axpy(-self.xi, O.grad_y(bound.G, xs, ys), ys)
-        _, gx, v = O.grads(bound.F, xs, y_virtual)
+        _, gx, v = O.grads(bound.upper_with(info), xs, y_virtual)
         if tracing():  # no branch on a value: v = 0 gives g+ = g− and a zero mixed term anyway
             vn = T.norm(v)
             eps = self.eps / torch.where(vn > 0, vn, torch.ones_like(vn))

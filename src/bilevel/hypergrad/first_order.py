@@ -35,7 +35,7 @@ class FirstOrder(Estimator):
 
     def compute(self, bound: Bound, state: dict):
         ys, info = solve_lower(bound, self.inner, bound.xs, bound.init(bound.xs))
-        fval, gx, gy = O.grads(bound.F, bound.xs, ys)
+        fval, gx, gy = O.grads(bound.upper_with(info), bound.xs, ys)
         check_finite([fval, *gx, *gy], "upper", "f, ∇_x f or ∇_y f at the lower point")
         if bound.y_fn is not None:
             gx = T.add(gx, O.vjp(bound.init, bound.xs, gy))

@@ -54,8 +54,10 @@ class Forward(Estimator):
         chunk: directions propagated together (default: all dim(x) at once).
 
     Returns: ``res.grad`` (exact derivative of f(x, y_T(x))), ``res.y`` = y_T, ``res.info`` with
-    ``directions`` and ``chunk``. Objectives must be ``vmap``-able (no random ops: see
-    docs/pytorch.md on dropout).
+    ``directions`` and ``chunk``. Objectives must be ``vmap``-able; random operations (dropout)
+    run with ``randomness="same"``: every tangent of a pass sees the one mask of the primal, so
+    with seeded masks (:class:`bilevel.Functional`) Forward differentiates the same function as
+    Reverse (tested equal; see docs/pytorch.md on dropout).
 
     Reference: Franceschi, Donini, Frasconi & Pontil 2017, Sec. 2.2.
     """
@@ -79,20 +81,24 @@ class Forward(Estimator):
         eye = torch.eye(n, dtype=xs[0].dtype, device=xs[0].device)
         jac_rows = []  # rows: d y_T / dx along basis directions, as (n_dir, *y) leaves
         dstate = None  # the lower dynamics' final state (not the estimator state)
+        carried: dict = {}  # buffers carried along the first chunk's primal (the same in every chunk)
         for lo in range(0, n, chunk):
             U = T.from_vector(eye[lo : lo + chunk], xs)  # batched directions shaped like x
-            dstate, Z = self._tangents(bound, xs, U)
+            dstate, Z = self._tangents(bound, xs, U, carried if lo == 0 else None)
             jac_rows.append(Z)
         ys = T.detach(dyn.output(dstate))
-        _, gx, gy = O.grads(bound.F, xs, ys)
+        _, gx, gy = O.grads(bound.upper_with(carried), xs, ys)
         b = T.to_vector(gy)
         dirs = torch.cat([T.to_vector_batched(Z) for Z in jac_rows])
         indirect = dirs @ b  # (n,)
         hg = T.add(gx, T.from_vector(indirect, xs))
-        return hg, ys, {"directions": n, "chunk": chunk, "products": self.products}, state
+        info = {"directions": n, "chunk": chunk, "products": self.products, **carried}
+        return hg, ys, info, state
 
-    def _tangents(self, bound: Bound, xs, U):
+    def _tangents(self, bound: Bound, xs, U, carried: dict | None = None):
         """Propagate a batch of tangents through the unrolled map; return (final state, Z_T).
+        With ``carried`` (a dict) and a problem that carries buffers, the buffers are stepped
+        along the primal and stored in ``carried["buffers"]``.
 
         ``products="reverse"`` (default): the tangent of the gradient, J u + H z, comes from
         :func:`bilevel.oracles.grad_y_tangents` (one gradient with graph and one reverse pass
@@ -104,7 +110,8 @@ class Forward(Estimator):
         def init(xs_):
             return dyn.init(bound.init(xs_))
 
-        s, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(_pd(), 0))(U) if bound.y_fn \
+        s, Z = vmap(lambda u: jvp(init, (xs,), (u,)), out_dims=(_pd(), 0),
+                    randomness="same")(U) if bound.y_fn \
             else (dyn.init(bound.ys0), None)
         s = _primal(s) if bound.y_fn else s
         if Z is None:
@@ -113,14 +120,18 @@ class Forward(Estimator):
         if self.products == "jvp":
             gfun = O.grad_y_fn(bound.G)
         sums = []  # per-step summaries: the first non-finite step is found with one sync
+        carry = bound.carry(xs) if carried is not None else None
+        buffers = bound.buffers0
         for k in range(dyn.steps):
+            if carry is not None:  # at the point where step k evaluates ∇_y g
+                buffers = carry(k, dyn.point(s), buffers)
             if self.products == "jvp":
                 def step(xs_, s_, k=k):  # hyperparameters bound at xs_: tangents through hp(x)
                     d = dyn.bind(bound.x_tree(xs_), bound.y_tree(bound.ys0))
                     return d.update(s_, gfun(xs_, d.point(s_)), k)
 
                 s, Z = vmap(lambda u, z, s0=s, st=step: jvp(st, (xs, s0), (u, z)),
-                            out_dims=(_pd(), 0))(U, Z)
+                            out_dims=(_pd(), 0), randomness="same")(U, Z)
                 s = _primal(s)
                 sums.append(sum(t.detach().sum() for t in dyn.output(s)))
                 continue
@@ -142,6 +153,8 @@ class Forward(Estimator):
                         out_dims=(_pd(), 0))(Z, dg)
             s = _primal(s)
             sums.append(sum(t.detach().sum() for t in dyn.output(s)))
+        if carry is not None:
+            carried["buffers"] = buffers
         if tracing():  # under vmap: checked per task after the transform
             if sums:
                 require(torch.isfinite(torch.stack(sums)).all(), lambda: NonFiniteError(

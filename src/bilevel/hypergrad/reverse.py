@@ -90,11 +90,15 @@ class Reverse(Estimator):
         nx = len(xs)
         dyn = self._bind(bound, xs)  # hyperparameters(x), for the passes without a derivative
         s_trunc = None
+        carry = bound.carry(xs)  # carried buffers (running statistics), or None
+        b_start = bound.buffers0
         if steps > K:  # T-RHG: the first T-K steps carry no derivative
             with torch.no_grad():
-                s_trunc, _ = unroll(dyn, self._direction(bound, xs, create_graph=False),
-                                    dyn.init(bound.init(xs)), steps - K)
+                s_trunc, tinfo = unroll(dyn, self._direction(bound, xs, create_graph=False),
+                                        dyn.init(bound.init(xs)), steps - K, carry=carry,
+                                        buffers=b_start)
             s_trunc = T.detach(s_trunc)
+            b_start = tinfo.get("buffers")
         if self.wrt_init and bound.y_fn is not None:
             raise ValueError("wrt_init=True needs a fixed starting point, not y0(x)")
         # differentiate with respect to w = x (+ y0 with wrt_init)
@@ -107,13 +111,15 @@ class Reverse(Estimator):
 
         if self.checkpoint:
             seg = int(self.checkpoint) if not isinstance(self.checkpoint, bool) else 0
-            gw, s_T, info = self._checkpointed(bound, w0, start_state, K, steps - K, seg)
+            gw, s_T, info = self._checkpointed(bound, w0, start_state, K, steps - K, seg,
+                                               carry, b_start)
         else:
             def loss(w: T.Leaves):  # f at the end of the unrolled graph (the union's f, sharded)
                 s_T, info = unroll(self._bind(bound, w[:nx]),
                                    self._direction(bound, w[:nx], create_graph=True),
-                                   start_state(w), K, start=steps - K)
-                return O.objective(bound.F, w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
+                                   start_state(w), K, start=steps - K, carry=carry, buffers=b_start)
+                F = bound.upper_with(info)  # f reading the buffers after the last step
+                return O.objective(F, w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
 
             gw, (_, (s_T, info)) = O.value_and_grad(loss, w0, has_aux=True)
         gw = O.rank_mean(gw)  # data-parallel: per-rank shares -> derivative (else identity)
@@ -125,8 +131,9 @@ class Reverse(Estimator):
         info.update(steps=steps, truncate=K, checkpoint=bool(self.checkpoint))
         return T.detach(gx), T.detach(dyn.output(s_T)), info, state
 
-    def _checkpointed(self, bound, w0, start_state, K, start, seg):
-        """Segmented reverse sweep: store ⌈K/c⌉ states, recompute each segment with a graph."""
+    def _checkpointed(self, bound, w0, start_state, K, start, seg, carry=None, buffers=None):
+        """Segmented reverse sweep: store ⌈K/c⌉ states, recompute each segment with a graph
+        (the buffers are carried in the forward sweep only: recomputation never steps them)."""
         dyn = self._bind(bound, bound.xs)
         xs = bound.xs
         nx = len(xs)
@@ -140,11 +147,14 @@ class Reverse(Estimator):
         with torch.no_grad():
             for a, b in zip(bounds[:-1], bounds[1:]):
                 saved.append(s)
-                s, info = unroll(dyn, nograd, s, b - a, start=start + a)
+                s, info = unroll(dyn, nograd, s, b - a, start=start + a, carry=carry,
+                                 buffers=buffers)
+                buffers = info.get("buffers")
         s_T = s
         ns = len(s_T)
+        F = bound.upper_with(info)
         # adjoint at the end: a_T = ∂F/∂state
-        g, _ = O.value_and_grad(lambda w: O.objective(bound.F, w[:nx], dyn.output(w[nx:])), xs + s_T)
+        g, _ = O.value_and_grad(lambda w: O.objective(F, w[:nx], dyn.output(w[nx:])), xs + s_T)
         gx, adj = g[:nx], g[nx:]
         for i in range(len(saved) - 1, -1, -1):
             a, b = bounds[i], bounds[i + 1]

@@ -27,7 +27,7 @@ import torch
 from .. import _tree as T
 from .. import oracles as O
 from .._trace import require, traced, tracing
-from ..errors import NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 from ..formulation import Bound
 from ..inner import Dynamics
 from .base import Estimator, solve_lower
@@ -75,16 +75,21 @@ class ZerothOrder(Estimator):
         U = gaussian_directions(self.samples, xs, gen)
         state["rng"] = gen.get_state()
 
-        def run(x_pert: T.Leaves) -> T.Leaves:
-            return solve_lower(bound, self.inner, x_pert, bound.init(x_pert))[0]
+        def run(x_pert: T.Leaves) -> T.Leaves:  # (perturbed runs carry no buffers)
+            return solve_lower(bound, self.inner, x_pert, bound.init(x_pert), carry=False)[0]
 
+        if self.batched and bound.carries:
+            raise ConfigError(
+                "ZerothOrder(batched=True) runs the perturbed trajectories under vmap, where the "
+                "problem's carried buffers cannot follow; pass batched=False")
         if self.batched:
             hg, ys = zeroth_order_estimate(bound.F, run, xs, U, self.mu, bound.ys0,
                                            chunk=self.chunk)
             info = {"steps": self.inner.steps}
         else:
             ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
-            hg = zeroth_order_hypergradient(bound.F, run, xs, ys, U, self.mu, batched=False)
+            hg = zeroth_order_hypergradient(bound.upper_with(info), run, xs, ys, U, self.mu,
+                                            batched=False)
         info["samples"] = self.samples
         info["directions"] = U
         return hg, ys, info, state

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from .. import _tree as T
 from .. import oracles as O
-from ..errors import BilevelError, ConfigError
+from ..errors import BilevelError, ConfigError, InexactResumeWarning
 from ..formulation import Bound, Problem
 from ..inner import Dynamics, with_projection
 from ..sampling import Sampler, as_sampler
@@ -77,9 +78,12 @@ class Context:
 
     # objectives ---------------------------------------------------------------------------
     def bound(self, xs: T.Leaves, ys: T.Leaves, upper_batch: Any = None,
-              lower_batch: Any = None) -> Bound:
+              lower_batch: Any = None, buffers: Any = None) -> Bound:
+        """The problem bound to (x, y) and batches; ``buffers``: the carried buffers to start the
+        lower dynamics from (``Problem(buffers=...)``; default its ``init``)."""
         return Bound.from_leaves(self.problem, xs, self.xspec, ys, self.yspec,
-                                 upper_batch=upper_batch, lower_batch=lower_batch, y_fn=self.y_fn)
+                                 upper_batch=upper_batch, lower_batch=lower_batch, y_fn=self.y_fn,
+                                 buffers=buffers)
 
     def fresh_G(self):
         """The lower objective on a freshly drawn lower batch (full data without a sampler)."""
@@ -89,8 +93,8 @@ class Context:
         """The upper objective on a freshly drawn upper batch (full data without a sampler)."""
         return self.F(self.upper_batch())
 
-    def F(self, batch: Any = None):
-        return self.bound((), (), upper_batch=batch).F
+    def F(self, batch: Any = None, buffers: Any = None):
+        return self.bound((), (), upper_batch=batch, buffers=buffers).F
 
     def G(self, batch: Any = None):
         return self.bound((), (), lower_batch=batch).G
@@ -145,6 +149,9 @@ class Solver:
     """Base class of all bilevel solvers."""
 
     reference: str = ""
+    #: does the solver carry ``Problem(buffers=...)`` through its lower dynamics and from one
+    #: outer step to the next (``state["buffers"]``)? Others reject such a problem.
+    carries_buffers: bool = False
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         """Fresh state (not called when resuming)."""
@@ -247,6 +254,49 @@ def _check_resume(solver: Solver, state: Any, xs: T.Leaves, ys: T.Leaves) -> Non
             )
 
 
+_LEVELS = ("lower", "upper")
+
+
+def _data_state(ctx: Context) -> dict[str, Any]:
+    """The position (and random state) of each level's sampler — for a DataLoader: epoch,
+    batches consumed, the state of its generators at the start of the epoch — kept in the solver
+    state as ``state["data"]`` so that ``bl.solve(state=...)`` resumes the data exactly."""
+    out: dict[str, Any] = {}
+    for level in _LEVELS:
+        s = getattr(ctx, f"{level}_data")
+        if s is not None and callable(getattr(s, "state_dict", None)):
+            out[level] = s.state_dict()
+    return out
+
+
+def _restore_data(ctx: Context, saved: Any) -> None:
+    """Load the positions of ``state["data"]`` into this run's samplers (a fresh DataLoader
+    adapter, or the sampler object of the interrupted run); warn once if a loader cannot
+    reproduce its order (:class:`~bilevel.errors.InexactResumeWarning`)."""
+    if not saved:
+        return
+    for level in _LEVELS:
+        if level not in saved:
+            continue
+        s = getattr(ctx, f"{level}_data")
+        if s is None:
+            raise ConfigError(
+                f"cannot resume: the state holds the position of {level}_data, but no {level}_data "
+                "was given; pass the same data as the interrupted run"
+            )
+        if callable(getattr(s, "load_state_dict", None)):
+            s.load_state_dict(saved[level])
+    inexact = [f"{lv}_data" for lv in _LEVELS if lv in saved
+               and getattr(getattr(ctx, f"{lv}_data"), "exact_resume", True) is False]
+    if inexact:
+        warnings.warn(
+            f"resuming with {' and '.join(inexact)}: the DataLoader shuffles with the global RNG "
+            "(no generator of its own), so the run continues at the right position but with "
+            "other batches than the uninterrupted run (approximate resume); for an exact resume "
+            "pass DataLoader(..., generator=torch.Generator().manual_seed(SEED))",
+            InexactResumeWarning, stacklevel=3)
+
+
 def _takes_state(fn: Callable) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -270,11 +320,12 @@ def _fail(exc: BaseException, t: int, solver: Solver, partial: SolveResult) -> N
         exc.add_note(f"bilevel: raised at {where}; the partial result is attached as .partial")
 
 
-def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, float]:
-    """Upper value and lower gradient norm on the full data (not timed, not counted)."""
+def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves, buffers: Any = None) -> dict[str, float]:
+    """Upper value and lower gradient norm on the full data (not timed, not counted); an upper
+    objective that reads buffers gets the solver's carried ones (``state["buffers"]``)."""
     up, lo = ctx.full_batches()
     with O.counting():  # keep evaluation out of the caller's oracle counts
-        F = ctx.F(up)
+        F = ctx.F(up, buffers)
         G = ctx.G(lo)
         fval = float(O.value(F, xs, ys))
         gnorm = float(T.norm(O.grad_y(G, xs, ys)))
@@ -334,7 +385,12 @@ def solve(
 
     ``state`` (from a previous :class:`SolveResult`) resumes a run: it is copied first (never
     mutated, so the same state can seed several resumes) and must come from the same solver class
-    with x0 / y0 of the same shapes (:class:`~bilevel.errors.ConfigError` otherwise).
+    with x0 / y0 of the same shapes (:class:`~bilevel.errors.ConfigError` otherwise). The state
+    holds the data position too (``state["data"]``: each sampler's ``state_dict``; for a
+    DataLoader the epoch, the batches consumed and its generators' state), loaded into the
+    samplers of the resumed call, so a run resumed with a freshly built, seeded DataLoader (or
+    sampler) draws exactly the batches of the uninterrupted run; a loader that shuffles with the
+    global RNG resumes approximately (:class:`~bilevel.errors.InexactResumeWarning`, once).
     ``y0`` may be a callable x -> y0 (solvers that learn the initialization use it).
     ``compile=True`` runs every oracle as a compiled kernel (:mod:`bilevel.compiled`).
 
@@ -348,6 +404,11 @@ def solve(
     ys, yspec = T.flatten(y_fn(x0) if y_fn is not None else y0)
     check_variables(ys, "y0")
     check_compatible(xs, ys)
+    if getattr(problem, "buffers", None) is not None and not getattr(solver, "carries_buffers", False):
+        raise ConfigError(
+            f"the problem carries buffers (Problem(buffers=...)), but {solver_name(solver)} does not "
+            "step them through its lower updates; use HypergradientDescent (or RHG / AID / BA / "
+            "BDA) with an estimator, or carry the statistics yourself (Functional.update_buffers)")
     ctx = Context(problem, xspec, yspec, x_projection=x_projection, y_projection=y_projection,
                   lower_data=lower_data, upper_data=upper_data, y_fn=y_fn, device=xs[0].device)
     if state is None:
@@ -356,9 +417,11 @@ def solve(
         state.setdefault("time", 0.0)
         state.setdefault("counts", O.OracleCounts())
         state.setdefault("solver", solver_name(solver))
+        state["data"] = _data_state(ctx)
     else:
         _check_resume(solver, state, xs, ys)
         state = copy_state(state)
+        _restore_data(ctx, state.get("data"))
     solver.setup(ctx, state)
     history: list[dict[str, Any]] = []
     pass_state = callback is not None and _takes_state(callback)
@@ -375,6 +438,7 @@ def solve(
                     metrics = solver.step(ctx, state, t)
                 state["time"] += time.perf_counter() - t0
                 state["t"] = t + 1
+                state["data"] = _data_state(ctx)  # the samplers' positions: an exact resume
                 x_out, y_out = solver.output(state)
                 pending.append(_finite_summary(x_out, y_out))
                 tracked = bool(every) and (t + 1) % every == 0
@@ -388,7 +452,7 @@ def solve(
             record = {"step": t + 1, "time": state["time"], **metrics,
                       **state["counts"].flat()}
             if tracked:
-                record.update(_track(ctx, x_out, y_out))
+                record.update(_track(ctx, x_out, y_out, state.get("buffers")))
             history.append(record)
             extra = {"state": state} if pass_state else {}
             if callback is not None and callback(

@@ -27,10 +27,13 @@ class HypergradientDescent(Solver):
         upper: the upper step (:mod:`bilevel.solvers.upper`): a step size, a Schedule, a
             :mod:`bilevel.inner` rule, or a ``torch.optim`` optimizer class / factory /
             ``(class, kwargs)`` / :class:`~bilevel.solvers.TorchOptimizer` (with an lr scheduler).
-        warm_start: start each lower solve from the previous lower point (else from y0).
+        warm_start: start each lower solve from the previous lower point (else from y0); with
+            ``Problem(buffers=...)`` the carried buffers (running statistics) follow: continued
+            from the previous outer step (``state["buffers"]``), else restarted.
     """
 
     reference = "generic hypergradient descent (Franceschi et al. 2017; Ji et al. 2021)"
+    carries_buffers = True
 
     def __init__(self, estimator: Estimator, upper: Any = 0.1, warm_start: bool = True):
         if not (isinstance(estimator, Estimator) or (hasattr(estimator, "apply")
@@ -49,9 +52,14 @@ class HypergradientDescent(Solver):
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         ystart = state["y"] if self.warm_start else state["y0"]
-        bound = ctx.bound(state["x"], ystart, ctx.upper_batch(), ctx.lower_batch())
+        # carried buffers (running statistics) follow the lower iterate: continued with the warm
+        # start, else restarted from the problem's initial ones with y0
+        buffers = state.get("buffers") if self.warm_start else None
+        bound = ctx.bound(state["x"], ystart, ctx.upper_batch(), ctx.lower_batch(), buffers)
         est = ctx.estimator(self.estimator)  # with the problem's y-projection attached
         grad, ys, info, state["est"] = est.apply(bound, state["est"])
+        if info.get("buffers") is not None:
+            state["buffers"] = info["buffers"]
         state["x"], state["upper"] = descend(self.upper, state["upper"], grad, t, ctx.project_x)
         state["y"] = ctx.project_y(ys)
         out = {"hypergrad_norm": float(T.norm(grad))}
