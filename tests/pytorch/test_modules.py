@@ -79,7 +79,7 @@ def test_implicit_estimators_on_the_cnn_match_the_dense_reference(cnn_problem, e
     if est == "neumann":
         est = H.Neumann(None, iters=int(40 * P["L"] / P["mu"]), alpha=1 / P["L"])
     elif est == "fixed_point":
-        est = H.FixedPoint(None, iters=int(40 * P["L"] / P["mu"]), lr=1 / P["L"])
+        est = H.FixedPoint(None, iters=int(40 * P["L"] / P["mu"]), alpha=1 / P["L"])
     res = est(P["problem"], P["x"], P["y_star"])
     # CG / Exact: solve to round-off; Neumann / FixedPoint: (1 − μ/L)^iters ≈ e^-40
     assert rel_err(res.grad, P["hg"]) < 1e-8
@@ -355,7 +355,7 @@ def test_running_stats_inside_the_unroll_equal_k_manual_train_mode_forwards(cnn_
             H.Forward(dyn), H.Forward(dyn, products="jvp"), H.CG(dyn, iters=5), H.Exact(dyn),
             H.Neumann(dyn, iters=5, alpha=1 / P["L"]), H.FixedPoint(dyn, iters=5, lr=1 / P["L"]),
             H.FirstOrder(dyn), H.FiniteDifference(dyn),
-            H.ZerothOrder(dyn, samples=2, mu=1e-6, seed=0, batched=False)]
+            H.ZerothOrder(dyn, samples=2, mu=1e-6, seed=0, batched=False), H.EvoGrad(dyn)]
     for est in ests:
         res = est(prob, P["x"], P["y0"])
         assert set(res.buffers) == set(want), est
@@ -463,6 +463,8 @@ def test_carried_buffers_bad_input(cnn_problem):
     prob = _carried(P, eval_upper=False)
     with pytest.raises(bl.ConfigError, match="batched=True"):
         H.ZerothOrder(bl.inner.GD(lr=0.1, steps=2), samples=2)(prob, P["x"], P["y0"])
+    with pytest.raises(bl.ConfigError, match="Hypernetwork fits a best-response proxy"):
+        H.Hypernetwork()(prob, P["x"], P["y0"])
     with pytest.raises(bl.ConfigError, match="carries none"):
         H.Reverse(bl.inner.GD(lr=0.1, steps=2))(P["problem"], P["x"], P["y0"], buffers={})
     with pytest.raises(bl.ConfigError, match="cannot tell the module's input"):
@@ -472,3 +474,32 @@ def test_carried_buffers_bad_input(cnn_problem):
     with pytest.raises(bl.StructureMismatchError, match="after inner step 1: leaf 0 is \\(2,\\)"):
         H.Reverse(bl.inner.GD(lr=0.1, steps=2))(bl.Problem(P["f"], P["g"], buffers=grow),
                                                  P["x"], P["y0"])
+
+
+def test_nesterov_steps_the_stats_at_the_extrapolated_point(cnn_problem):
+    """The statistics of step k come from the forward pass where step k evaluates ∇_y g — for
+    Nesterov the extrapolated point w_k, not the output z_k."""
+    P = cnn_problem
+    dyn = bl.inner.Nesterov(lr=0.5 / P["L"], steps=4)
+    res = H.Reverse(dyn)(_carried(P, eval_upper=False), P["x"], P["y0"])
+    bound = bl.formulation.Bound(P["problem"], P["x"], P["y0"])
+    gfn = bl.hypergrad.base.lower_grad_fn(bound, bound.xs, create_graph=False)
+    ref = copy.deepcopy(P["module"]).train()
+    s, outputs = dyn.init(bound.ys0), []
+    for k in range(4):
+        w = dyn.point(s)
+        bl.load_into(ref, bound.y_tree(w))
+        with torch.no_grad():
+            ref(P["data"][0][0])
+        outputs.append(dyn.output(s))
+        s = dyn.update(s, gfn(w, k), k)
+    assert not all(torch.equal(a, b) for a, b in zip(dyn.point(s), dyn.output(s)))
+    for k, b in ref.named_buffers():
+        torch.testing.assert_close(res.buffers[k], b, rtol=1e-13, atol=1e-15)
+    at_z = copy.deepcopy(P["module"]).train()  # the same passes at the outputs z_k differ
+    for z in outputs:
+        bl.load_into(at_z, bound.y_tree(z))
+        with torch.no_grad():
+            at_z(P["data"][0][0])
+    assert not torch.allclose(dict(at_z.named_buffers())["1.running_var"],
+                              res.buffers["1.running_var"], rtol=1e-9, atol=0)

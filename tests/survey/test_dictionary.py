@@ -83,3 +83,10 @@ def test_dictionary_experiment(tmp_path):
     with pytest.raises(ConfigError):
         bl.experiments.run("dictionary-learning", overrides={"method": "alternating", "upper.lr": 1.0},
                            out=tmp_path / "b", progress=False, plots=False, echo=None)
+
+
+def test_dictionary_table(tmp_path):
+    over = {"seeds": 1, "steps": 2, "warmup": 1, "alternating_steps": 3}
+    r = bl.experiments.run("dictionary", overrides=over, out=tmp_path, progress=False, plots=False, echo=None)
+    assert r.completed and r.summary.count("| hybrid ") == 1
+    assert (tmp_path / "plots" / "dictionary_match.png").is_file()

@@ -110,3 +110,15 @@ def test_implicit_layer_experiments(tmp_path):
                                                           "data.n_train": 8, "data.n_test": 8},
                            out=tmp_path / "o", progress=False, plots=False, echo=None)
     assert r.completed and r.final["test_mse"] > 0
+
+
+def test_deq_and_neural_ode_tables(tmp_path):
+    r = bl.experiments.run("deq", overrides={"steps": 2, "check_steps": [2]}, out=tmp_path / "deq",
+                           progress=False, plots=False, echo=None)
+    assert r.completed and "| implicit (fixed_point)" in r.summary
+    assert (tmp_path / "deq" / "plots" / "deq.png").is_file()
+    r = bl.experiments.run("neural-ode", overrides={"steps": 2, "ode_steps": 4, "memory_T": [4, 16]},
+                           out=tmp_path / "ode", progress=False, plots=False, echo=None)
+    assert r.completed and (tmp_path / "ode" / "plots" / "neural_ode.png").is_file()
+    rows = [line for line in r.summary.splitlines() if line.startswith("| 16 ")]
+    assert len(rows) == 1 and float(rows[0].split("|")[4]) == pytest.approx(4.0, rel=0.05)  # ratio = √16

@@ -1,5 +1,5 @@
 """``bilevel run lr-learning`` / ``lr-learning-run``: learn the per-step learning rate and momentum
-of T training steps (Franceschi, Donini, Frasconi & Pontil 2017, Sec. 2 and 5.2).
+of T training steps (Franceschi, Donini, Frasconi & Pontil 2017, Sec. 2; Maclaurin et al. 2015).
 
 The upper variable of :func:`bilevel.problems.lr_learning.lr_learning` is the schedule
 (log η_k, logit β_k) of T heavy-ball steps on a logistic-regression training loss, the upper
@@ -61,7 +61,7 @@ def _build_problem(cfg: dict[str, Any]):
 class LRLearningRun(Experiment):
     name = "lr-learning-run"
     description = "learn a per-step learning-rate / momentum schedule (forward or reverse mode)"
-    reference = "Franceschi, Donini, Frasconi & Pontil 2017 (ICML), Sec. 2, 5.2"
+    reference = "Franceschi, Donini, Frasconi & Pontil 2017 (ICML), Sec. 2; Maclaurin et al. 2015"
     defaults = {
         "seed": 0, "steps": 200, "eval_every": 10, "checkpoint_every": 0,
         "estimator": "reverse",
@@ -189,7 +189,7 @@ def schedule_figure(results: list[SubResult], extras: dict[str, Any], out: Path)
 class LRLearningTable(Table):
     name = "lr-learning"
     description = "learned per-step learning-rate/momentum schedule vs the best constant rate of a grid"
-    reference = "Franceschi, Donini, Frasconi & Pontil 2017 (ICML), Sec. 2, 5.2"
+    reference = "Franceschi, Donini, Frasconi & Pontil 2017 (ICML), Sec. 2; Maclaurin et al. 2015"
     defaults = {"seed": 0, "steps": 200, "forward_steps": 4, "momentum": "per-step", "inner_steps": 20,
                 "hypergrad_timing": True}
     columns = ("val_loss", "test_loss", "test_err")

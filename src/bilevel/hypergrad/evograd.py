@@ -111,7 +111,7 @@ class EvoGrad(Estimator):
         w = torch.softmax(-(l - l.min()) / self.tau, dim=0)
         shift = w @ D                                          # y' − y
         yp = T.from_vector(y + shift, ys)
-        _, gx, gy = O.grads(bound.upper_with(info), xs, yp)  # (carried buffers: the inner run's)
+        _, gx, gy = O.grads(bound.upper_with(info), xs, yp)  # (f with any carried buffers)
         c = (D - shift) @ T.to_vector(gy)                      # c_k − c̄ (no cancellation)
         hg = T.to_vector(gx) - ((w * c) @ GX) / self.tau
         info.update({"samples": self.samples, "weights": w.detach(),

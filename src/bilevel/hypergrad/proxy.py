@@ -230,10 +230,11 @@ class Hypernetwork(Estimator):
         return tuple(new[:n]), tuple(new[n:]), vals.mean().detach()
 
     def compute(self, bound: Bound, state: dict[str, Any]):
-        if bound.carries:
-            raise ConfigError(f"{type(self).__name__}: the problem carries buffers (running "
-                              "statistics) through the lower dynamics, but a proxy runs none; use "
-                              "an estimator with inner dynamics (Reverse, CG, EvoGrad, ...)")
+        if bound.carries:  # no lower trajectory to step running statistics along
+            raise ConfigError(
+                f"{type(self).__name__} fits a best-response proxy instead of running lower "
+                "dynamics, so it cannot carry the problem's buffers (Problem(buffers=...)); use an "
+                "estimator with inner dynamics")
         xs = bound.xs
         x = T.to_vector(xs)
         phi, opt, center = tuple(state["phi"]), tuple(state["opt"]), state["center"]

@@ -1,8 +1,10 @@
 """Learning-rate (and momentum) schedule learning by hypergradients (Franceschi et al. 2017).
 
 Franceschi, Donini, Frasconi & Pontil 2017, "Forward and reverse gradient-based hyperparameter
-optimization" (ICML), Sec. 2 and Sec. 5.2 (learning the learning-rate and momentum schedule of the
-training dynamics); survey 2207.11719, Table 2 (hyperparameters as the upper variable).
+optimization" (ICML), Sec. 2 (the hypergradient of the validation loss after T steps of the training
+dynamics, in forward and reverse mode; their experiments tune the learning rate and momentum);
+per-step learning-rate and momentum schedules as in Maclaurin, Duvenaud & Adams 2015 (ICML);
+survey 2207.11719, Table 2 (hyperparameters as the upper variable).
 
 The lower level is T steps of heavy-ball momentum on a training loss, started at a fixed y_0 = 0,
 with a per-step learning rate η_k and momentum β_k read from the upper variable x:

@@ -1,10 +1,12 @@
 """Data poisoning by bounded perturbations of training points (Biggio, Nelson & Laskov 2012).
 
 Biggio, Nelson & Laskov 2012, "Poisoning attacks against support vector machines" (ICML), Sec. 2–3:
-the attacker moves training points (keeping their labels) by gradient ascent on the validation
-loss of the classifier retrained on the poisoned set, the retrained classifier being a function
-of the points through its optimality conditions (here: implicit differentiation). Survey
-2207.11719, Table 2 (data as the upper variable; Mei & Zhu 2015 cast it as a bilevel problem).
+the attacker adds a point with a fixed label and moves it, within a feasible box, by gradient
+ascent on the validation (hinge) loss of the SVM retrained with it, differentiating the retrained
+classifier through its optimality conditions. Survey 2207.11719, Table 2 (data as the upper
+variable; Mei & Zhu 2015 cast poisoning as a bilevel problem). The variant here moves m existing
+training points (labels kept) within per-point L2 balls, all at once, against a logistic
+regression, differentiated implicitly.
 
 The upper variable x = (δ_1, ..., δ_m) perturbs the first m training points (the split is
 random, so these are m random training points), each within an L2 ball, ‖δ_i‖₂ ≤ ε:
@@ -13,11 +15,12 @@ random, so these are m random training points), each within an L2 ball, ‖δ_i�
     w*(δ) = argmin_w g(δ, w) = (1/n) Σ_i ℓ(t_i ⟨w, a_i + δ_i⟩ + t_i b) + (λ/2)‖w‖²,
 
 with δ_i = 0 for i > m, ℓ(z) = log(1 + e^{−z}) (logistic loss), labels t_i = ±1, y = (w, b).
-g is λ-strongly convex in w (and convex in b), so w*(δ) is unique and ∇h(δ) = ∇_δ f −
-∇²_{δw} g · (∇²_{ww} g)⁻¹ ∇_w f (CG). The constraint is the projection onto the product of balls,
-:meth:`Poisoning.project` (``x_projection``).
+g is λ-strongly convex in w and strictly convex in b (the logistic curvature σ'(z) is positive),
+so ∇²_yy g ≻ 0, y*(δ) is unique and ∇h(δ) = ∇_δ f − ∇²_{δy} g · (∇²_{yy} g)⁻¹ ∇_y f (CG).
+The constraint is the projection onto the product of balls, :meth:`Poisoning.project`
+(``x_projection``).
 
-Data: two digit classes of the bundled MNIST sample (default 7 vs 1, Biggio et al.'s first pair),
+Data: two digit classes of the bundled MNIST sample (default 7 vs 1),
 pixels in [0, 1] (mean image norm ≈ 8), split at random into train / validation (the attacker's
 objective) / test (held out: how much the attack transfers).
 """
@@ -77,7 +80,8 @@ class Poisoning:
 
     @property
     def condition(self) -> float:
-        """κ = L / λ of the lower objective in w."""
+        """κ = L / λ: the condition number of the lower objective in w (nominal: along b the
+        curvature comes from the data term alone and may be smaller than λ on separable data)."""
         return self.smoothness / self.ridge
 
     def retrain(self, x: Tensor, y: dict[str, Tensor] | None = None, tol: float = 1e-9,
