@@ -50,3 +50,15 @@ def test_bench_metalearning_smoke(capsys):
     out = capsys.readouterr().out
     for needle in ("torch.func vmap", "Reverse per task", "plain PyTorch loop", "tasks/s"):
         assert needle in out
+
+
+def test_fewshot_and_sinusoid_honour_dtype(tmp_path):
+    """dtype=float64 reaches data, tasks and meta-parameters (the runner rejects a run whose
+    variables do not follow it); also runs IAPTT-GM's few-shot variant and vmapped iMAML."""
+    res = run("fewshot", overrides={**TINY, "steps": 1, "eval_every": 1, "method": "iaptt",
+                                    "dtype": "float64"}, out=tmp_path / "f", **QUIET)
+    assert res.completed and 0.0 <= res.final["test_acc"] <= 1.0
+    res = run("sinusoid", overrides={"steps": 1, "eval_every": 1, "meta_batch": 2, "hidden": 4,
+                                     "method": "imaml", "imaml_inner_steps": 2, "cg_iters": 2,
+                                     "dtype": "float64"}, out=tmp_path / "s", **QUIET)
+    assert res.completed and res.final["mse_1step"] > 0 and "inner_grad_norm" in res.final

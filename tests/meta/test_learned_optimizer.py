@@ -3,6 +3,7 @@ inside the vmapped truncated-BPTT window and inside ``bl.hypergrad.Reverse``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import bilevel as bl
@@ -19,18 +20,23 @@ def _hand_unroll(net, task, theta, m, steps, beta=0.9, s=0.1):
         g = 2 * task["W"].T @ (task["W"] @ theta - task["b"])
         m = beta * m + (1 - beta) * g
         h = torch.cat([LO.preprocess(g), LO.preprocess(m), 0.1 * g[..., None], 0.1 * m[..., None]], -1)
+        h0 = h
         for i in range(3):
             h = h @ net[f"{i}.weight"].T + net[f"{i}.bias"]
             if i < 2:
                 h = torch.tanh(h)
-        theta = theta + s * h[..., 0]
+        out = h[..., 0] + (h0 @ net["skip"] if "skip" in net else 0.0)  # linear skip connection
+        theta = theta + s * out
         losses.append(LO.quadratic_loss(task, theta))
     return losses, theta
 
 
-def test_window_meta_gradient_equals_hand_written_autograd():
-    net = LO.init_net(6, torch.Generator().manual_seed(0), F64)
+@pytest.mark.parametrize("skip", [False, True])
+def test_window_meta_gradient_equals_hand_written_autograd(skip):
+    net = LO.init_net(6, torch.Generator().manual_seed(0), F64, skip=skip)
     net["2.bias"] = torch.tensor([0.05], dtype=F64)
+    if skip:
+        net["skip"] = torch.linspace(-0.2, 0.3, LO.FEATURES, dtype=F64)
     tasks = LO.quadratic_tasks(3, dim=4, seed=1, dtype=F64)
     dyn = LO.LearnedUpdate(steps=4)
 

@@ -156,7 +156,7 @@ def test_imaml_equals_dense_implicit_function_theorem():
     refs = []
     for i in range(2):
         task = {k: v[i] for k, v in tasks.items()}
-        res = L.task_estimator(task)(L.problem(task), x, L.start(x))
+        res = L.estimator()(L.problem(task), x, L.start(x))
         ys = T.flatten(res.y)[0]
         v = T.to_vector(ys)
 
@@ -176,10 +176,12 @@ def test_imaml_equals_dense_implicit_function_theorem():
         dense = torch.linalg.solve(torch.eye(len(v), dtype=F64) + H / lam, gq)
         torch.testing.assert_close(T.to_vector(T.flatten(res.grad)[0]), dense, rtol=1e-9, atol=1e-11)
         refs.append(dense)
-    g, info = L.meta_grad(x, tasks)
-    assert info["vmapped"] is False
-    torch.testing.assert_close(T.to_vector(T.flatten(g)[0]), (refs[0] + refs[1]) / 2, rtol=1e-9,
-                               atol=1e-11)
+    for vmap in (True, False):  # bl.hypergrad.vmap (masked CG) and the loop
+        g, info = L.meta_grad(x, tasks, vmap=vmap)
+        assert info["vmapped"] is vmap and info["breakdowns"] == 0
+        assert info["inner_grad_norm"] < 1e-9  # the adaptation reached the proximal solution
+        torch.testing.assert_close(T.to_vector(T.flatten(g)[0]), (refs[0] + refs[1]) / 2,
+                                   rtol=1e-9, atol=1e-11)
 
 
 def test_r2d2_woodbury_equals_dense_solve_and_meta_gradient():
@@ -229,13 +231,15 @@ def test_protonet_logits_are_negative_squared_distances_to_prototypes():
     _close(L.meta_grad(x, tasks, vmap=True)[0], L.meta_grad(x, tasks, vmap=False)[0])
 
 
-@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "r2d2", "protonet"])
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "imaml", "r2d2", "protonet"])
 def test_vmap_equals_loop(name):
     ways = 3
     model = M.MLPModel([4, 5], ways)
     kw = {"ways": ways}
     if name in ("maml", "fomaml", "anil"):
         kw.update(lr=0.2, steps=2)
+    if name == "imaml":  # CG stops at different iterations per task: the masks must match the loop
+        kw.update(lam=0.5, inner=M.maml.GD(lr=0.3, steps=4), cg_iters=6, cg_tol=1e-3)
     L = M.METHODS[name](model, **kw)
     tasks = _cls_tasks(n=4, ways=ways, seed=2)
     x = _x(L, seed=4)
@@ -243,3 +247,39 @@ def test_vmap_equals_loop(name):
     b, ib = L.meta_grad(x, tasks, vmap=False)
     _close(a, b)
     assert abs(ia["loss"] - ib["loss"]) < 1e-12
+
+
+def test_iaptt_fewshot_equals_hand_written_pessimistic_truncation():
+    """IAPTT-GM few-shot: per task k* = first argmax of the query loss along the head's K steps,
+    meta-gradient of L(y_{k*}; query) w.r.t. body φ and head init z (autograd, float64)."""
+    alpha, K, ways = 1.5, 4, 3  # a large step: the query loss is not monotone, so k* varies
+    model = M.MLPModel([4, 5], ways)
+    tasks = _cls_tasks(n=4, ways=ways, seed=5)
+    for key in ("x", "y"):  # tasks 0, 1: query = support, so their query loss falls (k* = 1)
+        tasks[f"query_{key}"][:2] = tasks[f"support_{key}"][:2]
+    L = M.IAPTTFewShot(model, lr=alpha, steps=K, ways=ways)
+    x = _x(L, seed=1)
+    xs, spec = _leaves_rg(x)
+    xt = T.unflatten(xs, spec)
+    total, k_stars = 0.0, []
+    for i in range(4):
+        head, vals = xt["head"], []
+        for _ in range(K):
+            out = linear(head, features(xt["body"], tasks["support_x"][i]))
+            loss = Fn.cross_entropy(out, tasks["support_y"][i])
+            gw, gb = torch.autograd.grad(loss, (head["weight"], head["bias"]), create_graph=True)
+            head = {"weight": head["weight"] - alpha * gw, "bias": head["bias"] - alpha * gb}
+            vals.append(Fn.cross_entropy(linear(head, features(xt["body"], tasks["query_x"][i])),
+                                         tasks["query_y"][i]))
+        k = max(range(K), key=lambda j: (float(vals[j].detach()), -j))  # first maximiser
+        k_stars.append(k + 1)
+        total = total + vals[k]
+    assert len(set(k_stars)) > 1, k_stars  # the truncation point differs between tasks
+    ref = T.unflatten(torch.autograd.grad(total / 4, xs), spec)
+    for vmap in (True, False):
+        g, info = L.meta_grad(x, tasks, vmap=vmap)
+        _close(g, ref)
+        if not vmap:
+            assert info["k_star_mean"] == sum(k_stars) / 4
+    anil, _ = M.ANIL(model, lr=alpha, steps=K, ways=ways).meta_grad(x, tasks)  # no truncation
+    assert max(float((u - v).abs().max()) for u, v in zip(T.flatten(anil)[0], T.flatten(ref)[0])) > 1e-4

@@ -112,5 +112,8 @@ def test_head_and_labels_must_match_the_ways():
     with pytest.raises(StructureMismatchError, match="task 0: field 'support_y' has no example of "
                                                      "class 2"):
         P.meta_grad(P.init(dtype=F64), M.stack_tasks([_task(ways=2)]))
-    with pytest.raises(ConfigError, match="cannot be vmapped"):
-        M.IMAML(M.MLPModel([2, 4], 2), ways=2).meta_grad(x, M.stack_tasks([_task()]), vmap=True)
+    class Unbatchable(M.MAML):
+        vmappable = False
+
+    with pytest.raises(ConfigError, match="Unbatchable cannot be vmapped"):
+        Unbatchable(M.MLPModel([2, 4], 2), ways=2).meta_grad(x, M.stack_tasks([_task()]), vmap=True)

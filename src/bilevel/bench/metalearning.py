@@ -4,8 +4,8 @@ Sinusoid regression (Finn et al. 2017, Sec. 5.1), MLP 1-40-40-1, K inner GD step
 (defaults 5 and 32), float32, one thread. Three ways to compute the same second-order
 meta-gradient:
 
-* ``vmapped`` — ``bl.meta.MAML.meta_grad(vmap=True)``: ``torch.func.grad`` of the mean query loss
-  with the tasks batched by ``torch.func.vmap``;
+* ``vmapped`` — ``bl.meta.MAML.meta_grad(vmap=True)``: ``bl.hypergrad.Reverse`` under
+  ``bl.hypergrad.vmap`` (the tasks batched by ``torch.func.vmap``);
 * ``loop`` — ``meta_grad(vmap=False)``: a Python loop calling ``bl.hypergrad.Reverse`` per task;
 * ``plain`` — MAML written the usual way in PyTorch: per task, K steps of
   ``torch.autograd.grad(create_graph=True)``, the query losses summed, one ``backward()``.
@@ -13,6 +13,11 @@ meta-gradient:
 Time: medians of interleaved rounds (each round runs the three once, in rotating order), reported
 as tasks per second. Memory: peak resident memory of one meta-step above the post-warm-up level,
 each variant in a fresh process, divided by B. All three gradients are checked to agree first.
+
+``--task-parallel``: meta-batch scaling of task-parallel meta-learning (issue 12) — the vmapped
+MAML meta-step for B in ``--batches`` on one process vs sharded over 2 local gloo processes
+(:func:`bilevel.meta.train.sharded_meta_grad`: each rank its block of tasks, one all-reduce per
+step); rounds alternate between the two, medians of rank 0's per-step times.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .. import _tree as T
 from ..meta import MAML, MLPModel, SinusoidTasks
 from ._timing import MB, median, one_thread, peak_rss, run_isolated
 
-__all__ = ["main", "setup", "plain_maml_grad"]
+__all__ = ["main", "setup", "plain_maml_grad", "task_parallel_times"]
 
 
 def setup(tasks: int, steps: int, hidden: int = 40, seed: int = 0):
@@ -74,13 +79,70 @@ def _memory_child(payload: dict[str, Any]) -> dict[str, Any]:
     return {"peak": peak, "method": how}
 
 
+def task_parallel_times(batches: list[int], steps: int, reps: int) -> dict[int, float]:
+    """Median seconds per meta-step (``reps`` steps after one warm-up) of the vmapped MAML
+    meta-gradient for each meta-batch size; sharded over the ranks when a process group is active."""
+    import time
+
+    from .. import distributed as D
+    from ..meta.train import sharded_meta_grad
+
+    one_thread()
+    out = {}
+    for B in batches:
+        _, learner, x, batch = setup(B, steps)
+
+        def step(learner=learner, x=x, batch=batch):
+            if D.is_active():
+                return sharded_meta_grad(learner, x, batch)
+            return learner.meta_grad(x, batch)
+
+        step()
+        ts = []
+        for _ in range(reps):
+            D.barrier()
+            t0 = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t0)
+        out[B] = median(ts)
+    return out
+
+
+def _task_parallel(a: argparse.Namespace) -> int:
+    from .. import distributed as D
+
+    single: dict[int, list[float]] = {B: [] for B in a.batches}
+    two: dict[int, list[float]] = {B: [] for B in a.batches}
+    for _ in range(a.rounds):
+        for B, t in task_parallel_times(a.batches, a.steps, a.reps).items():
+            single[B].append(t)
+        ranks = D.spawn(task_parallel_times, 2, args=(a.batches, a.steps, a.reps), timeout=300)
+        for B, t in ranks[0].items():
+            two[B].append(t)
+    print(f"Task-parallel MAML meta-step (sinusoid MLP 1-40-40-1, K = {a.steps}, float32, 1 thread "
+          f"per process, gloo); medians over {a.rounds} alternating rounds of {a.reps} steps\n")
+    print("| meta-batch B | 1 process (ms) | 2 processes (ms) | speed-up | efficiency |")
+    print("|---|---|---|---|---|")
+    for B in a.batches:
+        t1, t2 = median(single[B]), median(two[B])
+        print(f"| {B} | {1e3 * t1:.1f} | {1e3 * t2:.1f} | {t1 / t2:.2f}× | {t1 / t2 / 2:.0%} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bilevel bench metalearning", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=int, default=32, help="meta-batch size B")
     p.add_argument("--steps", type=int, default=5, help="inner GD steps K")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
+    p.add_argument("--task-parallel", action="store_true",
+                   help="meta-batch scaling on 1 vs 2 processes (sharded tasks) instead")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128],
+                   help="meta-batch sizes for --task-parallel")
+    p.add_argument("--reps", type=int, default=5, help="meta-steps per round for --task-parallel")
     a = p.parse_args(argv)
+    if a.task_parallel:
+        return _task_parallel(a)
     one_thread()
     fns = _variants(a.tasks, a.steps)
     ref = fns["plain"]()

@@ -3,11 +3,20 @@
 Episodes are drawn from disjoint class splits of an offline data set (``dataset``: the bundled
 MNIST sample ``mnist5k`` or scikit-learn ``digits``; meta-train classes {0..4}, meta-test classes
 {5..9} with ``split = "low-high"``). The model is an MLP body ``d → hidden → hidden`` with a linear
-head to ``ways`` outputs; ``method`` picks MAML, FOMAML, ANIL, iMAML, Meta-SGD, R2D2 or ProtoNet
-(:mod:`bilevel.meta`). Meta-training: ``steps`` outer Adam steps on meta-batches of
-``meta_batch`` tasks (vmapped over tasks where the method supports it). Evaluation: mean query
+head to ``ways`` outputs; ``method`` picks MAML, FOMAML, ANIL, iMAML, Meta-SGD, R2D2, ProtoNet or
+IAPTT-GM's few-shot variant ``iaptt`` (:mod:`bilevel.meta`). Meta-training: ``steps`` outer Adam
+steps on meta-batches of ``meta_batch`` tasks (vmapped over tasks). Evaluation: mean query
 accuracy with a 95% confidence interval over ``test_episodes`` (≥ 600) meta-test episodes, with
 ``test_inner_steps`` adaptation steps.
+
+iMAML adapts by solving its proximal problem L(y; support) + λ/2‖y − x‖² (``imaml_lam``) with
+``imaml_inner_steps`` GD steps of ``imaml_inner_lr`` — at meta-training and at meta-test time
+(``inner_lr`` / ``inner_steps`` / ``test_inner_steps`` are the step-based methods' settings), and
+``cg_iters`` CG iterations for (I + H/λ)^{-1}. Its implicit meta-gradient is exact only at the
+proximal solution, so that solve must converge (see docs/metalearning.md, "Why iMAML did not
+train"); ``inner_grad_norm`` in the trace is the largest ‖∇_y g_i‖ of the meta-batch.
+
+``device`` / ``dtype``: where and in which precision data, tasks and meta-parameters live.
 
 ``bilevel run fewshot-table`` runs every method on 5-way 1-shot and 5-shot for both data sets.
 """
@@ -23,11 +32,22 @@ from ..errors import ConfigError
 from ..inner import GD, Adam
 from ..meta import METHODS, Episodes, MLPModel, class_split
 from ..meta.train import MetaTraining, evaluate_episodes, meta_problem
-from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register
+from .base import (
+    Experiment,
+    Setup,
+    SubResult,
+    SubRun,
+    Table,
+    fmt,
+    markdown_table,
+    register,
+    run_device,
+    run_dtype,
+)
 
 __all__ = ["FewShot", "FewShotTable", "make_learner"]
 
-FEWSHOT_METHODS = ("maml", "fomaml", "anil", "imaml", "metasgd", "r2d2", "protonet")
+FEWSHOT_METHODS = ("maml", "fomaml", "anil", "imaml", "metasgd", "r2d2", "protonet", "iaptt")
 
 
 def make_learner(method: str, model: MLPModel, cfg: dict[str, Any], *, loss: str, ways: int | None):
@@ -36,12 +56,13 @@ def make_learner(method: str, model: MLPModel, cfg: dict[str, Any], *, loss: str
     if m not in METHODS:
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     lr, k = float(cfg["inner_lr"]), int(cfg["inner_steps"])
-    if m in ("maml", "fomaml", "anil"):
+    if m in ("maml", "fomaml", "anil", "iaptt"):
         return METHODS[m](model, lr=lr, steps=k, loss=loss, ways=ways)
     if m == "metasgd":
         return METHODS[m](model, lr0=lr, steps=k, loss=loss, ways=ways)
     if m == "imaml":
-        return METHODS[m](model, lam=float(cfg["imaml_lam"]), inner=GD(lr=lr, steps=k),
+        inner = GD(lr=float(cfg["imaml_inner_lr"]), steps=int(cfg["imaml_inner_steps"]))
+        return METHODS[m](model, lam=float(cfg["imaml_lam"]), inner=inner,
                           cg_iters=int(cfg["cg_iters"]), loss=loss, ways=ways)
     if loss != "ce":
         raise ConfigError(f"method {method!r} is for classification only")
@@ -51,7 +72,11 @@ def make_learner(method: str, model: MLPModel, cfg: dict[str, Any], *, loss: str
 
 
 def _test_learner(learner, steps: int):
-    return learner.with_steps(steps) if getattr(learner, "inner", None) is not None else learner
+    """The learner used at meta-test time: ``steps`` adaptation steps for the step-based methods;
+    iMAML solves the same proximal problem as in training; R2D2 / ProtoNet have no steps."""
+    if getattr(learner, "inner", None) is None or isinstance(learner, METHODS["imaml"]):
+        return learner
+    return learner.with_steps(steps)
 
 
 @register
@@ -65,7 +90,8 @@ class FewShot(Experiment):
         "method": "maml", "dataset": "digits", "split": "low-high",
         "ways": 5, "shots": 1, "queries": 15, "meta_batch": 8,
         "hidden": 64, "inner_lr": 0.5, "inner_steps": 5, "test_inner_steps": 10,
-        "outer_lr": 0.001, "imaml_lam": 1.0, "cg_iters": 5, "r2d2_lam": 1.0,
+        "outer_lr": 0.001, "imaml_lam": 0.5, "imaml_inner_lr": 0.1, "imaml_inner_steps": 30,
+        "cg_iters": 10, "r2d2_lam": 1.0,
         "test_episodes": 600, "monitor_tasks": 32,
     }
     choices = {"method": FEWSHOT_METHODS, "dataset": ("mnist5k", "digits"),
@@ -73,12 +99,14 @@ class FewShot(Experiment):
 
     def build(self, cfg: dict[str, Any]) -> Setup:
         for key, lo in (("test_episodes", 600), ("meta_batch", 1), ("hidden", 1), ("queries", 1),
-                        ("monitor_tasks", 1), ("inner_steps", 1), ("test_inner_steps", 1)):
+                        ("monitor_tasks", 1), ("inner_steps", 1), ("test_inner_steps", 1),
+                        ("imaml_inner_steps", 1), ("cg_iters", 1)):
             if int(cfg[key]) < lo:
                 raise ConfigError(f"{key} must be >= {lo}, got {cfg[key]}")
         seed = int(cfg["seed"])
+        dev, dt = run_device(cfg), run_dtype(cfg, torch.float32)
         data = datasets.load(cfg["dataset"])
-        X = data.features(torch.float32)
+        X = data.features(torch.float32).to(device=dev, dtype=dt)
         train_cls, test_cls = class_split(data.labels, cfg["split"])
         ways, shots, queries = int(cfg["ways"]), int(cfg["shots"]), int(cfg["queries"])
 
@@ -91,7 +119,7 @@ class FewShot(Experiment):
         model = MLPModel([X.shape[1], int(cfg["hidden"]), int(cfg["hidden"])], ways)
         learner = make_learner(cfg["method"], model, cfg, loss="ce", ways=ways)
         tester = _test_learner(learner, int(cfg["test_inner_steps"]))
-        x0 = learner.init(torch.Generator().manual_seed(seed), torch.float32)
+        x0 = learner.init(torch.Generator().manual_seed(seed), dt, dev)
         monitor = episodes(train_cls, seed + 1, "monitor").next(int(cfg["monitor_tasks"]))
         solver = MetaTraining(learner, train, int(cfg["meta_batch"]), Adam(lr=float(cfg["outer_lr"])))
 
@@ -102,7 +130,8 @@ class FewShot(Experiment):
             return {"test_acc": res["accuracy"], "test_acc_ci95": res["accuracy_ci95"],
                     "test_loss": res["loss"]}
 
-        return Setup(problem=meta_problem(learner, monitor), x0=x0, y0=torch.zeros(1), solver=solver,
+        return Setup(problem=meta_problem(learner, monitor), x0=x0,
+                     y0=torch.zeros(1, dtype=dt, device=dev), solver=solver,
                      evaluate=evaluate, progress=("test_acc",), plot_metrics=("test_acc", "upper_loss"),
                      stateful={"tasks": train},
                      info={"train_classes": train_cls, "test_classes": test_cls,

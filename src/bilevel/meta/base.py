@@ -1,4 +1,4 @@
-"""The meta-learner interface and the one place where tasks are batched with ``torch.func``.
+"""The meta-learner interface and the one place where meta-batches of tasks are batched.
 
 Meta-learning as multi-task bilevel optimization (survey 2207.11719, Sec. 3.2): the upper variable
 x is meta-knowledge shared by all tasks (an initialization, a feature extractor, learning rates),
@@ -12,12 +12,16 @@ A :class:`MetaLearner` describes one task's lower and upper objectives (:meth:`l
 :meth:`upper`), the start of the lower problem as a function of x (:meth:`start`) and a
 :mod:`bilevel.hypergrad` estimator (:meth:`estimator`). Two ways to get the meta-gradient:
 
-* ``vmap=True`` (default where supported): :meth:`query_outputs` is a pure function of
-  (x, task) — the adaptation runs :func:`bilevel.inner.unroll` with ``torch.func`` gradients — and
-  the mean query loss over the task batch is differentiated by ``torch.func.grad`` of a
-  ``torch.func.vmap`` over tasks (:func:`batched_mean_grad`);
-* ``vmap=False``: a Python loop over tasks calling the estimator on each task's
-  :class:`bilevel.Problem` (the same mathematics; the tests check both agree to 1e-10 in float64).
+* ``vmap=True`` (default): the estimator on :meth:`batched_problem` (support set = lower batch,
+  query set = upper batch) under :func:`bilevel.hypergrad.vmap` over the tasks;
+* ``vmap=False``: the same estimator called task by task (the tests check both agree to 1e-10
+  in float64).
+
+Methods without a lower problem (ProtoNet) differentiate the vmapped query loss
+(:func:`batched_mean_grad`). For evaluation, :meth:`query_outputs` is a pure function of
+(x, task) — the adaptation runs :func:`bilevel.inner.unroll` with ``torch.func`` gradients —
+vmapped over the tasks in chunks. :meth:`task_sum_grad` returns the *sum* over a batch, which is
+what task-parallel training (:mod:`bilevel.meta.train`) adds up across ranks.
 """
 
 from __future__ import annotations
@@ -31,17 +35,42 @@ import torch.nn.functional as Fn
 from torch import Tensor
 from torch.func import grad as func_grad
 from torch.func import vmap
+from torch.utils import _pytree as pytree
 
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import ConfigError, StructureMismatchError
 from ..formulation import Problem
 from ..hypergrad.base import Estimator
+from ..hypergrad.vmap import vmap as hypergrad_vmap
 from ..inner import Dynamics, unroll
 from ..validation import check_finite
-from .tasks import check_tasks, index_tasks, num_tasks
+from .tasks import FIELDS, check_tasks, index_tasks, num_tasks
 
-__all__ = ["MetaLearner", "batched_mean_grad", "task_loss", "adapt", "LOSSES"]
+SUPPORT, QUERY = FIELDS[:2], FIELDS[2:]
+
+
+def split_tasks(tasks: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(support set, query set) of a task or task batch: the lower and upper batches."""
+    return {k: tasks[k] for k in SUPPORT}, {k: tasks[k] for k in QUERY}
+
+
+def _diagnostics(info: Mapping[str, Any], *, batched: bool) -> dict[str, Any]:
+    """``inner_grad_norm`` (largest over tasks) and ``breakdowns`` (count) from estimator info."""
+    out: dict[str, Any] = {}
+    if "inner_grad_norm" in info:
+        v = info["inner_grad_norm"]
+        out["inner_grad_norm"] = float(torch.as_tensor(v).max()) if batched else float(v)
+    ls = info.get("linear_solve")
+    if isinstance(ls, Mapping):
+        if batched and isinstance(ls.get("broke_down"), Tensor):
+            out["breakdowns"] = int(ls["broke_down"].sum())
+        elif not batched:
+            out["breakdowns"] = int(ls.get("breakdown") is not None)
+    return out
+
+
+__all__ = ["MetaLearner", "batched_mean_grad", "task_loss", "adapt", "split_tasks", "LOSSES"]
 
 LOSSES = ("ce", "mse")
 
@@ -87,7 +116,7 @@ class MetaLearner:
     classes every task must have (checked against labels; None for regression)."""
 
     reference: str = ""
-    #: False where the meta-gradient needs a solver that cannot be vmapped yet (iMAML's CG)
+    #: False where the estimator cannot run under bilevel.hypergrad.vmap
     vmappable: bool = True
 
     def __init__(self, model: Any, *, loss: str = "ce", ways: int | None = None):
@@ -101,7 +130,7 @@ class MetaLearner:
 
     #: whether the model's linear head is part of the method (False: R2D2, ProtoNet)
     uses_head = True
-    #: the loop path passes the start as a function of x (its derivative counts: MAML) or as a
+    #: the estimator gets the start as a function of x (its derivative counts: MAML) or as a
     #: fixed point (iMAML: the implicit meta-gradient does not depend on the start)
     differentiate_start = True
 
@@ -118,7 +147,7 @@ class MetaLearner:
     def query_loss(self, x: Any, task: Mapping[str, Tensor]) -> Tensor:
         return task_loss(self.loss, self.query_outputs(x, task), task["query_y"])
 
-    # bilevel description, used by the loop path
+    # bilevel description (one task), used by the estimators
     def lower(self, task: Mapping[str, Tensor]) -> Callable[[Any, Any], Tensor]:
         raise NotImplementedError
 
@@ -129,10 +158,13 @@ class MetaLearner:
         """The lower problem's starting point as a function of x."""
         raise NotImplementedError
 
-    def estimator(self) -> Estimator:
+    def estimator(self) -> Estimator | None:
+        """The per-task meta-gradient estimator (the same for every task, so it can be vmapped);
+        None: no lower problem (the query loss is differentiated directly)."""
         raise NotImplementedError
 
     def problem(self, task: Mapping[str, Tensor]) -> Problem:
+        """One task's bilevel problem with its data bound (no batches)."""
         return Problem(self.upper(task), self.lower(task), name=type(self).__name__)
 
     # -- batches of tasks ----------------------------------------------------------------
@@ -156,47 +188,77 @@ class MetaLearner:
         return tasks
 
     def meta_grad(self, x: Any, tasks: Any, *, vmap: bool | None = None) -> tuple[Any, dict[str, Any]]:
-        """Mean meta-gradient over a task batch and ``{"loss": mean query loss, "vmapped": ...}``.
+        """Mean meta-gradient over a task batch and ``{"loss": mean query loss, "vmapped": ...,
+        "tasks": B}`` plus, where the estimator reports them, ``inner_grad_norm`` (the largest
+        ‖∇_y g_i‖ at the lower points: how far the adaptation is from a stationary point, which
+        implicit meta-gradients assume) and ``breakdowns`` (tasks whose linear solve broke down).
 
-        ``vmap=None`` batches with ``torch.func.vmap`` where the method supports it."""
+        ``vmap=True`` (default where supported): the method's estimator under
+        :func:`bilevel.hypergrad.vmap` over the tasks (support sets as lower batches, query sets
+        as upper batches); ``vmap=False``: the same estimator called task by task."""
         tasks = self.check(tasks)
         use_vmap = self.vmappable if vmap is None else bool(vmap)
         if use_vmap and not self.vmappable:
-            raise ConfigError(f"{type(self).__name__} cannot be vmapped yet (its linear solver "
-                              "synchronises with the host); use vmap=False")
-        if use_vmap:
-            g, per_task = batched_mean_grad(self.query_loss, x, tasks)
-        else:
-            g, per_task = self.loop_meta_grad(x, tasks)
-        check_finite(T.flatten(g)[0], "upper", f"the {type(self).__name__} meta-gradient")
-        return g, {"loss": float(per_task.mean()), "vmapped": use_vmap}
-
-    def task_estimator(self, task: Mapping[str, Tensor]) -> Estimator | None:
-        """The estimator for one task (default :meth:`estimator`); None: no lower problem (the
-        loop differentiates :meth:`query_loss` of that task alone)."""
-        return self.estimator()
-
-    def loop_meta_grad(self, x: Any, tasks: Mapping[str, Tensor]) -> tuple[Any, Tensor]:
-        """The same meta-gradient as a Python loop: the estimator on each task's problem."""
-        total, losses = None, []
+            raise ConfigError(f"{type(self).__name__} cannot be vmapped; use vmap=False")
+        g, per_task, diag = self.task_sum_grad(x, tasks, vmap=use_vmap)
         B = num_tasks(tasks)
-        for i in range(B):
-            task = index_tasks(tasks, i)
-            est = self.task_estimator(task)
-            if est is None:
-                g, loss = batched_mean_grad(self.query_loss, x, {k: v[None] for k, v in task.items()})
-                loss = loss[0]
+        g = T.unflatten(T.scale(T.flatten(g)[0], 1.0 / B), T.flatten(x)[1])
+        check_finite(T.flatten(g)[0], "upper", f"the {type(self).__name__} meta-gradient")
+        return g, {"loss": float(per_task.mean()), "vmapped": use_vmap, "tasks": B, **diag}
+
+    def batched_problem(self) -> Problem:
+        """One task's bilevel problem with the task's data as batches: the lower batch is the
+        support set ``{"support_x", "support_y"}``, the upper batch the query set."""
+        return Problem(lambda x, y, q: self.upper(q)(x, y), lambda x, y, s: self.lower(s)(x, y),
+                       name=type(self).__name__)
+
+    def task_sum_grad(self, x: Any, tasks: Mapping[str, Tensor], *, vmap: bool = True
+                      ) -> tuple[Any, Tensor, dict[str, Any]]:
+        """(Σ_i ∇h_i(x) over the batch, the per-task query losses, diagnostics): the sum, so that
+        shards of a meta-batch on several processes add up (:class:`MetaTraining`)."""
+        est = self.estimator()
+        B = num_tasks(tasks)
+        if est is None:  # no lower problem (ProtoNet): differentiate the query loss itself
+            if vmap:
+                g, per_task = batched_mean_grad(self.query_loss, x, tasks)
+                return T.unflatten(T.scale(T.flatten(g)[0], float(B)), T.flatten(x)[1]), per_task, {}
+            total, losses = None, []
+            for i in range(B):
+                g, loss = batched_mean_grad(self.query_loss, x, index_tasks(tasks, slice(i, i + 1)))
+                gl = T.flatten(g)[0]
+                total = gl if total is None else T.add(total, gl)
+                losses.append(loss[0])
+            return T.unflatten(total, T.flatten(x)[1]), torch.stack(losses), {}
+        support, query = split_tasks(tasks)
+        problem = self.batched_problem()
+        if vmap:
+            if self.differentiate_start:
+                y0: Any = self.start
             else:
-                y0 = self.start if self.differentiate_start else self.start(x)
-                res = est(self.problem(task), x, y0)
-                g = res.grad
-                with torch.no_grad():
-                    loss = self.upper(task)(x, res.y)
-            gl = T.flatten(g)[0]
+                y0 = pytree.tree_map(lambda t: t.detach().expand(B, *t.shape), self.start(x))
+            res = hypergrad_vmap(est, problem, x, y0, upper_batch=query, lower_batch=support)
+            gl = tuple(t.sum(0) for t in T.flatten(res.grad)[0])
+            with torch.no_grad():
+                per_task = torch.func.vmap(lambda y, q: self.upper(q)(x, y),
+                                           in_dims=(0, 0))(res.y, query)
+            diag = _diagnostics(res.info, batched=True)
+            return T.unflatten(gl, T.flatten(x)[1]), per_task.detach(), diag
+        total, losses, infos = None, [], []
+        for i in range(B):
+            s_i, q_i = index_tasks(support, i), index_tasks(query, i)
+            y0 = self.start if self.differentiate_start else self.start(x)
+            res = est(problem, x, y0, upper_batch=q_i, lower_batch=s_i)
+            gl = T.flatten(res.grad)[0]
             total = gl if total is None else T.add(total, gl)
-            losses.append(loss)
-        spec = T.flatten(x)[1]
-        return T.unflatten(T.scale(total, 1.0 / B), spec), torch.stack(losses).detach()
+            with torch.no_grad():
+                losses.append(self.upper(q_i)(x, res.y))
+            infos.append(_diagnostics(res.info, batched=False))
+        diag: dict[str, Any] = {}
+        for key, red in (("inner_grad_norm", max), ("breakdowns", sum)):
+            vals = [d[key] for d in infos if key in d]
+            if vals:
+                diag[key] = red(vals)
+        return T.unflatten(total, T.flatten(x)[1]), torch.stack(losses).detach(), diag
 
     @torch.no_grad()
     def evaluate(self, x: Any, tasks: Any, chunk: int = 100) -> dict[str, Tensor]:

@@ -35,8 +35,6 @@ class IMAML(MetaLearner):
     problem, ``cg_iters`` conjugate-gradient iterations for Eq. 6."""
 
     reference = "Rajeswaran, Finn, Kakade & Levine 2019, Eq. 3-7, Alg. 2"
-    #: bl.linalg.cg synchronises with the host (tolerance tests): the meta-gradient loops over tasks
-    vmappable = False
     differentiate_start = False
 
     def __init__(self, model, *, lam: float = 1.0, inner: Dynamics | None = None, cg_iters: int = 10,

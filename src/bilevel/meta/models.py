@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MLPModel", "linear_init", "features", "linear"]
+__all__ = ["MLPModel", "linear_init", "features", "linear", "one_hot"]
 
 
 def linear_init(
@@ -28,6 +28,13 @@ def linear_init(
     w = (torch.rand(fan_out, fan_in, generator=generator, dtype=torch.float64) * 2 - 1) * b
     c = (torch.rand(fan_out, generator=generator, dtype=torch.float64) * 2 - 1) * b
     return {"weight": w.to(dtype=dtype, device=device), "bias": c.to(dtype=dtype, device=device)}
+
+
+def one_hot(labels: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """One-hot rows of integer labels, without the range check of ``F.one_hot`` (which reads the
+    labels on the host and so cannot run under ``torch.func.vmap``; labels are checked up front
+    by :meth:`bilevel.meta.MetaLearner.check`)."""
+    return (labels[..., None] == torch.arange(classes, device=labels.device)).to(dtype)
 
 
 def linear(p: dict[str, Tensor], h: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ targets Y (n × N), the ridge head
 
 the second (Woodbury) form solving an n × n system — cheaper in the few-shot regime n = N·K < d
 (Eq. 5). Query logits are α Φ_q W* + β with learned scale α and bias β (Eq. 6); the meta-gradient
-differentiates through the solve (``bl.hypergrad.ClosedForm`` in the loop path). λ is learned too
+differentiates through the solve (``bl.hypergrad.ClosedForm``). λ is learned too
 (as log λ), as in the paper.
 """
 
@@ -17,12 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as Fn
 from torch import Tensor
 
 from ..hypergrad import ClosedForm
 from .base import MetaLearner, task_loss
-from .models import features
+from .models import features, one_hot
 
 __all__ = ["R2D2", "ridge_head"]
 
@@ -62,7 +61,7 @@ class R2D2(MetaLearner):
     def solve(self, x: Any, task) -> Tensor:
         """The ridge head W*(x) on the task's support set (differentiable in x)."""
         phi = features(x["body"], task["support_x"])
-        Y = Fn.one_hot(task["support_y"], self.ways).to(phi.dtype)
+        Y = one_hot(task["support_y"], self.ways, phi.dtype)
         return ridge_head(phi, Y, x["log_lam"].exp(), self.woodbury)
 
     def _logits(self, x, W, inputs):
@@ -75,7 +74,7 @@ class R2D2(MetaLearner):
     def lower(self, task):
         def g(x, W):
             phi = features(x["body"], task["support_x"])
-            Y = Fn.one_hot(task["support_y"], self.ways).to(phi.dtype)
+            Y = one_hot(task["support_y"], self.ways, phi.dtype)
             return ((phi @ W - Y) ** 2).sum() + x["log_lam"].exp() * (W ** 2).sum()
 
         return g
@@ -88,5 +87,6 @@ class R2D2(MetaLearner):
         t = x["scale"]
         return torch.zeros(d, self.ways, dtype=t.dtype, device=t.device)
 
-    def task_estimator(self, task):
-        return ClosedForm(lambda x_: self.solve(x_, task))
+    def estimator(self):
+        """Backpropagation through the ridge solve on the task's support set (the lower batch)."""
+        return ClosedForm(lambda x_, support: self.solve(x_, support))

@@ -101,8 +101,8 @@ def num_tasks(tasks: Mapping[str, Tensor]) -> int:
 
 
 def index_tasks(tasks: Mapping[str, Tensor], i: int | slice) -> dict[str, Tensor]:
-    """Task i (or a slice of the batch)."""
-    return {k: tasks[k][i] for k in FIELDS}
+    """Task i (or a slice of the batch), for all fields given (e.g. only the support set)."""
+    return {k: v[i] for k, v in tasks.items()}
 
 
 class _Seeded:
@@ -127,18 +127,20 @@ class _Seeded:
 
 class SinusoidTasks(_Seeded):
     """Sinusoid regression tasks (Finn et al. 2017, Sec. 5.1): A ~ U[0.1, 5], φ ~ U[0, π],
-    inputs x ~ U[−5, 5], targets A sin(x − φ); ``shots`` support and ``queries`` query points."""
+    inputs x ~ U[−5, 5], targets A sin(x − φ); ``shots`` support and ``queries`` query points;
+    tensors of ``dtype`` on ``device`` (drawn on the CPU, so the tasks do not depend on the device)."""
 
     amplitude = (0.1, 5.0)
     phase = (0.0, math.pi)
     inputs = (-5.0, 5.0)
 
     def __init__(self, shots: int = 10, queries: int = 10, seed: int = 0,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: Any = None):
         if int(shots) < 1 or int(queries) < 1:
             raise ConfigError(f"shots and queries must be >= 1, got {shots}, {queries}")
         super().__init__(seed)
         self.shots, self.queries, self.dtype = int(shots), int(queries), dtype
+        self.device = device
         self.last_params: np.ndarray | None = None
 
     def next(self, n: int) -> dict[str, Tensor]:
@@ -147,8 +149,8 @@ class SinusoidTasks(_Seeded):
         ph = rng.uniform(*self.phase, size=(n, 1))
         x = rng.uniform(*self.inputs, size=(n, self.shots + self.queries))
         y = amp * np.sin(x - ph)
-        X = torch.from_numpy(x[..., None]).to(self.dtype)
-        Y = torch.from_numpy(y[..., None]).to(self.dtype)
+        X = torch.from_numpy(x[..., None]).to(dtype=self.dtype, device=self.device)
+        Y = torch.from_numpy(y[..., None]).to(dtype=self.dtype, device=self.device)
         s = self.shots
         return {"support_x": X[:, :s], "support_y": Y[:, :s], "query_x": X[:, s:], "query_y": Y[:, s:]}
 
@@ -167,7 +169,8 @@ def class_split(labels: np.ndarray, split: str = "low-high") -> tuple[list[int],
 
 class Episodes(_Seeded):
     """N-way K-shot episodes: each task draws ``ways`` of ``classes`` (labels relabelled 0..N−1 in
-    random order), ``shots`` support and ``queries`` query examples per class, without overlap."""
+    random order), ``shots`` support and ``queries`` query examples per class, without overlap.
+    Tasks live on the device of ``inputs`` (the draws are made on the CPU)."""
 
     def __init__(self, inputs: Tensor, labels: Tensor | np.ndarray, classes: Sequence[int],
                  ways: int, shots: int, queries: int = 15, seed: int = 0, name: str = "data"):
@@ -206,9 +209,10 @@ class Episodes(_Seeded):
                 s_idx.append(pick[:K])
                 q_idx.append(pick[K:])
             s_idx, q_idx = np.concatenate(s_idx), np.concatenate(q_idx)
-            sx.append(self.inputs[torch.from_numpy(s_idx)])
-            qx.append(self.inputs[torch.from_numpy(q_idx)])
-            sy.append(torch.arange(N).repeat_interleave(K))
-            qy.append(torch.arange(N).repeat_interleave(Q))
+            dev = self.inputs.device
+            sx.append(self.inputs[torch.from_numpy(s_idx).to(dev)])
+            qx.append(self.inputs[torch.from_numpy(q_idx).to(dev)])
+            sy.append(torch.arange(N, device=dev).repeat_interleave(K))
+            qy.append(torch.arange(N, device=dev).repeat_interleave(Q))
         return {"support_x": torch.stack(sx), "support_y": torch.stack(sy),
                 "query_x": torch.stack(qx), "query_y": torch.stack(qy)}

@@ -5,40 +5,57 @@ the experiment runner (progress bar, run folder, checkpoints, exact resume) driv
 
 with U an update rule of :mod:`bilevel.inner` (default Adam, as in Finn et al. 2017). The task
 sampler's draw counter is part of the checkpoint (it has ``state_dict``), so resuming is exact.
+
+Task parallel (issue 12): with a ``torch.distributed`` process group of R > 1 ranks, every rank
+draws the same meta-batch (same sampler seed), keeps its contiguous block of B_r tasks
+(Σ_r B_r = B), computes Σ_{i ∈ block} ∇h_i locally (vmapped), and one flat all-reduce of
+(the block's mean meta-gradient, its mean loss) weighted by B_r gives the mean over all B tasks —
+the single-process meta-gradient, to rounding. Per-task oracles are never reduced (a task's lower
+problem lives on one rank), also when the step runs inside ``bl.distributed()``.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from .. import _tree as T
+from .. import oracles as O
 from ..errors import ConfigError
 from ..formulation import Problem
 from ..inner import Adam, Dynamics
 from ..solvers.base import Context, Solver, descend, solve
+from ..validation import check_finite
 from .base import MetaLearner
 from .tasks import check_tasks
 
-__all__ = ["MetaTraining", "meta_train", "mean_ci95", "evaluate_episodes"]
+__all__ = ["MetaTraining", "meta_train", "mean_ci95", "evaluate_episodes", "sharded_meta_grad"]
 
 
 class MetaTraining(Solver):
     """``learner`` (a :class:`MetaLearner`), ``sampler`` (``next(n)`` -> task batch),
     ``meta_batch`` tasks per step, ``outer`` update rule for x, ``vmap`` as in
-    :meth:`MetaLearner.meta_grad`."""
+    :meth:`MetaLearner.meta_grad`; ``task_parallel``: shard each meta-batch over the ranks of the
+    active process group (None: whenever one with more than one rank is active).
+
+    History records: ``meta_loss``, ``meta_grad_norm``, and where the method reports them
+    ``inner_grad_norm`` / ``breakdowns`` (see :meth:`MetaLearner.meta_grad`); task parallel also
+    ``collectives`` (1 per step) and ``local_tasks``."""
 
     reference = "meta-training outer loop (Finn et al. 2017, Alg. 2 lines 3-10)"
 
     def __init__(self, learner: MetaLearner, sampler: Any, meta_batch: int = 16,
-                 outer: Dynamics | None = None, vmap: bool | None = None):
+                 outer: Dynamics | None = None, vmap: bool | None = None,
+                 task_parallel: bool | None = None):
         if int(meta_batch) < 1:
             raise ConfigError(f"meta_batch must be >= 1, got {meta_batch}")
         self.learner, self.sampler, self.meta_batch = learner, sampler, int(meta_batch)
         self.outer = outer if outer is not None else Adam(lr=1e-3)
         self.vmap = vmap
+        self.task_parallel = task_parallel
 
     def init(self, ctx: Context, xs, ys) -> dict[str, Any]:
         return {"x": xs, "y": ys, "upper": self.outer.init(xs)}
@@ -46,10 +63,55 @@ class MetaTraining(Solver):
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         x = T.unflatten(state["x"], ctx.xspec)
         tasks = self.sampler.next(self.meta_batch)
-        g, info = self.learner.meta_grad(x, tasks, vmap=self.vmap)
+        with O.reducing(None):  # per-task oracles stay local (inside bl.distributed() too)
+            if self._parallel():
+                g, info = sharded_meta_grad(self.learner, x, tasks, vmap=self.vmap)
+            else:
+                g, info = self.learner.meta_grad(x, tasks, vmap=self.vmap)
         gl = T.flatten(g)[0]
         state["x"], state["upper"] = descend(self.outer, state["upper"], gl, t, ctx.project_x)
-        return {"meta_loss": info["loss"], "meta_grad_norm": float(T.norm(gl))}
+        rec = {"meta_loss": info["loss"], "meta_grad_norm": float(T.norm(gl))}
+        for key in ("inner_grad_norm", "breakdowns", "collectives", "local_tasks"):
+            if key in info:
+                rec[key] = info[key]
+        return rec
+
+    def _parallel(self) -> bool:
+        from .. import distributed as D
+
+        active = D.is_active()
+        if self.task_parallel and not active:
+            raise ConfigError("task_parallel=True needs an initialized process group with more than "
+                              "one rank (torchrun / bl.distributed.spawn)")
+        return active if self.task_parallel is None else bool(self.task_parallel)
+
+
+def sharded_meta_grad(learner: MetaLearner, x: Any, tasks: Any, *, vmap: bool | None = None,
+                      group: Any = None) -> tuple[Any, dict[str, Any]]:
+    """:meth:`MetaLearner.meta_grad` with the task batch sharded over the ranks of ``group``
+    (every rank passes the same batch; rank r computes its contiguous block of tasks) and one
+    flat all-reduce of the blocks' mean meta-gradients and losses, weighted by block size."""
+    from .. import distributed as D
+
+    tasks = learner.check(tasks)
+    red = D.Reducer(group)
+    n_tasks = int(tasks["support_x"].shape[0])
+    if red.world > n_tasks:
+        raise ConfigError(f"meta_batch {n_tasks} is smaller than the {red.world} ranks: every rank needs "
+                          "at least one task")
+    local = {k: v.tensor_split(red.world)[red.rank] for k, v in tasks.items()}
+    use_vmap = learner.vmappable if vmap is None else bool(vmap)
+    gsum, per_task, diag = learner.task_sum_grad(x, local, vmap=use_vmap)
+    n = int(per_task.shape[0])
+    leaves = [t / n for t in T.flatten(gsum)[0]] + [per_task.mean().reshape(1)]
+    out = red.reduce(SimpleNamespace(n=n), [t.detach() for t in leaves])
+    g = T.unflatten(tuple(out[:-1]), T.flatten(x)[1])
+    check_finite(T.flatten(g)[0], "upper", f"the {type(learner).__name__} meta-gradient")
+    info = {"loss": float(out[-1]), "vmapped": use_vmap, "tasks": n_tasks, "local_tasks": n,
+            "collectives": red.stats["collectives"]}
+    for key, v in diag.items():  # rank-local diagnostics (this rank's tasks)
+        info[key] = v
+    return g, info
 
 
 def meta_problem(learner: MetaLearner, tasks: Any) -> Problem:
@@ -72,7 +134,8 @@ def meta_train(learner: MetaLearner, x0: Any, sampler: Any, steps: int, *, meta_
     if monitor is None:
         monitor = sampler.next(meta_batch)
     solver = MetaTraining(learner, sampler, meta_batch, outer, vmap)
-    dummy = torch.zeros(1, dtype=T.flatten(x0)[0][0].dtype)
+    ref = T.flatten(x0)[0][0]
+    dummy = torch.zeros(1, dtype=ref.dtype, device=ref.device)
     return solve(meta_problem(learner, monitor), x0, dummy, solver=solver, steps=steps,
                  callback=callback)
 

@@ -69,7 +69,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # --- data -----------------------------------------------------------------------------------------
 def load_distillation_data(
     n_train: int = 4000, n_test: int = 1000, *, downsample: int = 1, seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, device: Any = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """A stratified train / test split of the bundled 5000-image MNIST sample, standardized
     ((p − 0.1307)/0.3081 on [0, 1] pixels), optionally average-pooled by ``downsample`` (28/s px)."""
@@ -89,7 +89,7 @@ def load_distillation_data(
         if downsample > 1:
             s = 28 // downsample
             X = X.view(-1, s, downsample, s, downsample).mean((2, 4)).reshape(-1, s * s)
-        out[name] = (X.to(dtype), sub.targets())
+        out[name] = (X.to(device=device, dtype=dtype), sub.targets().to(device))
     return out
 
 
@@ -111,8 +111,8 @@ def random_real(X: Tensor, t: Tensor, ipc: int, n_classes: int, generator: torch
 
 def class_centroids(X: Tensor, t: Tensor, ipc: int, n_classes: int, *, iters: int = 25,
                     seed: int = 0) -> Tensor:
-    """Per-class means: k-means centroids (Lloyd, k = ipc, k-means++-free random start) of each
-    class; for ipc = 1 the class mean."""
+    """Per-class means: k-means centroids (Lloyd iterations, k = ipc, started at random members)
+    of each class; for ipc = 1 the class mean."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for c in range(n_classes):
@@ -222,12 +222,9 @@ class Distillation:
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def lr(self, x: dict[str, Tensor], k: int = 0) -> Tensor:
-        """η_k = exp(x["log_lr"][k]) (per step) or exp(x["log_lr"])."""
-        return x["log_lr"][k].exp() if self.per_step_lr else x["log_lr"].exp()
-
     def inner(self, steps: int | None = None) -> GD:
-        """The lower dynamics: ``steps`` (default T) GD steps with the learned rate."""
+        """The lower dynamics: ``steps`` (default T) GD steps with the learned rate η = exp(log_lr)
+        (per step: η_k = exp(log_lr[k]), the last rate beyond T)."""
         last = self.steps - 1
 
         def per_step(x: dict[str, Tensor], k: int) -> Tensor:
@@ -314,6 +311,7 @@ def distillation(
     init: str = "noise",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: Any = None,
 ) -> Distillation:
     """Wang et al.'s distillation problem on the bundled MNIST sample (or ``data``: a dict with
     ``train`` and ``test`` pairs (X (n, d), labels (n,))). x0: N(0, 1) images, log η = log lr0.
@@ -324,7 +322,7 @@ def distillation(
     if ipc < 1 or steps < 1 or n_inits < 1 or lr0 <= 0:
         raise ConfigError(f"need ipc, steps, n_inits ≥ 1 and lr0 > 0; got {ipc}, {steps}, {n_inits}, {lr0}")
     data = data if data is not None else load_distillation_data(n_train, n_test, downsample=downsample,
-                                                               seed=seed, dtype=dtype)
+                                                               seed=seed, dtype=dtype, device=device)
     Xtr, ttr = data["train"]
     n_classes = int(ttr.max()) + 1
     net = StackedModel(model, Xtr.shape[1], n_classes, hidden)
@@ -412,13 +410,14 @@ def kernel_distillation(
     init: str = "noise",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: Any = None,
 ) -> KernelDistillation:
     """KIP on the bundled MNIST sample: x0 = N(0, 1) (or random real, ``init``) images and
     log λ = log reg0; y = α (n_s, C)."""
     if ipc < 1 or gamma <= 0 or reg0 <= 0:
         raise ConfigError(f"need ipc ≥ 1, gamma > 0, reg0 > 0; got {ipc}, {gamma}, {reg0}")
     data = data if data is not None else load_distillation_data(n_train, n_test, downsample=downsample,
-                                                               seed=seed, dtype=dtype)
+                                                               seed=seed, dtype=dtype, device=device)
     Xtr, ttr = data["train"]
     n_classes = int(ttr.max()) + 1
     labels = _support_labels(n_classes, ipc).to(Xtr.device)
