@@ -91,3 +91,18 @@ def test_fixed_point_and_neumann_read_once_per_block():
         assert reads(fn, iters=5, check_every=0) == reads(fn, iters=40, check_every=0) == 1
         assert reads(fn, iters=40, check_every=10) == 4  # no tolerance: the full budget runs
         assert reads(fn, iters=40, check_every=1) == 40
+
+
+def test_implicit_estimators_pass_check_every_to_linalg():
+    lo, up = W.data()
+
+    def reads(est):
+        with hostsync.count() as c:
+            est(W.PROBLEM, *W.start(), lower_batch=lo, upper_batch=up)
+        return c.calls
+
+    gd = bl.inner.GD(lr=0.5, steps=20)
+    for make in (lambda n, e: bl.hypergrad.Neumann(gd, iters=n, check_every=e),
+                 lambda n, e: bl.hypergrad.FixedPoint(gd, iters=n, check_every=e)):
+        assert reads(make(4, 0)) == reads(make(30, 0))  # fixed iterations: one read per solve
+        assert reads(make(30, 1)) - reads(make(30, 0)) == 30 - 1  # a read per iteration instead

@@ -289,9 +289,7 @@ class CG(_Krylov):
     def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, *,
                  check_every: int | None = None, **kw):
         super().__init__(inner, iters, tol, **kw)
-        if check_every is not None and int(check_every) < 0:
-            raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {check_every}")
-        self.check_every = None if check_every is None else int(check_every)
+        self.check_every = _check_every(check_every)
 
     def solve(self, lin, b, x0, bound):
         return linalg.cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol,
@@ -331,6 +329,13 @@ class NormalCG(_Krylov):
     method = staticmethod(linalg.normal_cg)
 
 
+def _check_every(value: int | None) -> int | None:
+    """``check_every`` of CG / Neumann / FixedPoint: None (the device default) or an int ≥ 0."""
+    if value is not None and int(value) < 0:
+        raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {value}")
+    return None if value is None else int(value)
+
+
 def _step_size(alpha: float | None, inner: Dynamics | None, name: str) -> float:
     if alpha is not None:
         return float(alpha)
@@ -361,6 +366,7 @@ class Neumann(Implicit):
         inner: lower-level dynamics, or ``None`` (the given y is y*).
         iters: Q, the number of Hessian-vector products.
         alpha: the step α; default the inner learning rate (an error if there is none).
+        check_every: host reads once per block of this many terms (as for :class:`CG`).
 
     Reference: Lorraine, Vicol & Duvenaud 2020, Eq. 6; Ji, Yang & Liang 2021 (Alg. 3).
     """
@@ -369,13 +375,16 @@ class Neumann(Implicit):
 
     method = staticmethod(linalg.neumann)
 
-    def __init__(self, inner: Dynamics | None, iters: int = 20, alpha: float | None = None, **kw):
+    def __init__(self, inner: Dynamics | None, iters: int = 20, alpha: float | None = None, *,
+                 check_every: int | None = None, **kw):
         super().__init__(inner, **kw)
         self.iters = int(iters)
         self.alpha = _step_size(alpha, inner, "Neumann")
+        self.check_every = _check_every(check_every)
 
     def solve(self, lin, b, x0, bound):
-        return linalg.neumann(self.operator(lin), b, iters=self.iters, alpha=self.alpha, growth=2.0)
+        return linalg.neumann(self.operator(lin), b, iters=self.iters, alpha=self.alpha, growth=2.0,
+                              check_every=self.check_every)
 
 
 class FixedPoint(Implicit):
@@ -389,6 +398,7 @@ class FixedPoint(Implicit):
         alpha: the step α; default the inner learning rate (an error if there is none).
             (``lr=`` is its deprecated former name: it still works, with a DeprecationWarning.)
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖ (0: never early).
+        check_every: host reads once per block of this many iterations (as for :class:`CG`).
 
     Reference: Grazzi, Franceschi, Pontil & Salzo 2020 (AID-FP); Ji, Yang & Liang 2021.
     """
@@ -399,12 +409,13 @@ class FixedPoint(Implicit):
 
     def __init__(
         self, inner: Dynamics | None, iters: int = 50, alpha: float | None = None, tol: float = 0.0,
-        **kw,
+        *, check_every: int | None = None, **kw,
     ):
         alpha = _renamed_lr("FixedPoint", alpha, kw)
         super().__init__(inner, **kw)
         self.iters, self.tol = int(iters), float(tol)
         self.alpha = _step_size(alpha, inner, "FixedPoint")
+        self.check_every = _check_every(check_every)
 
     @property
     def lr(self) -> float:
@@ -415,7 +426,7 @@ class FixedPoint(Implicit):
 
     def solve(self, lin, b, x0, bound):
         return linalg.fixed_point(self.operator(lin), b, x0, iters=self.iters, alpha=self.alpha,
-                                  tol=self.tol, growth=2.0)
+                                  tol=self.tol, growth=2.0, check_every=self.check_every)
 
 
 class Exact(Implicit):
