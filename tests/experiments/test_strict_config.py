@@ -136,3 +136,16 @@ def test_toy_defaults_are_the_papers():
     assert (cfg["inner"]["steps"], cfg["inner"]["lr"], cfg["upper"]["lr"]) == (40, 5e-4, 0.1)
     t = get("iaptt-toy").resolve()
     assert (t["inner_steps"], t["inner_lr"], t["upper_lr"]) == (40, 5e-4, 0.1)
+
+
+def test_lower_level_by_design_gets_no_verdict():
+    """Setup.lower_by_design (e.g. T unrolled training steps): the stationarity is recorded, no
+    solved / NOT SOLVED verdict is given, and the summary states the reason."""
+    from bilevel.experiments.runner import lower_line, lower_verdict
+
+    trace = [{"lower_grad_norm": 1.0}]
+    assert lower_verdict(trace, {"lower_grad_norm": 0.5}, 1e-2)["solved"] is False
+    v = lower_verdict(trace, {"lower_grad_norm": 0.5}, 1e-2, by_design="T steps, not an argmin")
+    assert v["solved"] is None and v["grad_norm"] == 0.5
+    line = lower_line(v)
+    assert "not judged: T steps, not an argmin" in line and "SOLVED" not in line and "solved" not in line

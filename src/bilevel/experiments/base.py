@@ -140,6 +140,10 @@ class Setup:
     #: problem's g is the smooth part); ``lower_grad_norm`` is then ‖y − prox_h(y − ∇_y g)‖, zero
     #: exactly at a minimiser of g + h
     lower_prox: Callable[[Any], Any] | None = None
+    #: a lower level that is *not* an argmin by design (e.g. "T training steps": the upper objective
+    #: is the loss of the T-th iterate): the runner still records ``lower_grad_norm`` but gives no
+    #: solved / NOT SOLVED verdict; the summary states this reason instead
+    lower_by_design: str = ""
 
 
 class Experiment:

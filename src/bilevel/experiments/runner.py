@@ -303,10 +303,17 @@ def lower_optimality(setup: Setup, x: Any, y: Any, lower_star: bool = True) -> d
 
 
 def lower_verdict(trace: Sequence[dict[str, Any]], final: dict[str, Any], tol: float,
-                  g_star: float | None = None) -> dict[str, Any]:
+                  g_star: float | None = None, by_design: str = "") -> dict[str, Any]:
     """Is the lower level solved at the end? By the gap to g* where known (gap ≤ tol·max(1, |g*|)),
-    else by the stationarity measure relative to the start (‖∇_y g‖ ≤ tol·max(1, ‖∇_y g‖ at step 0))."""
+    else by the stationarity measure relative to the start (‖∇_y g‖ ≤ tol·max(1, ‖∇_y g‖ at step 0)).
+    ``by_design``: the lower level is not an argmin (the reason); ``solved`` is then None."""
     out: dict[str, Any] = {"tol": tol}
+    if by_design:
+        gn = final.get("lower_grad_norm")
+        out.update(solved=None, criterion=f"not judged: {by_design}")
+        if isinstance(gn, (int, float)):
+            out["grad_norm"] = gn
+        return out
     gn = final.get("lower_grad_norm")
     g0 = trace[0].get("lower_grad_norm") if trace else None
     if isinstance(gn, (int, float)):
@@ -333,6 +340,8 @@ def lower_line(v: Mapping[str, Any]) -> str:
     parts = [f"‖∇_y g‖ = {fmt(v.get('grad_norm'))}"]
     if "gap" in v:
         parts.append(f"g − g* = {fmt(v['gap'])}")
+    if v["solved"] is None:
+        return f"\nlower level at the end: {', '.join(parts)} — {v['criterion']}\n"
     flag = "solved" if v["solved"] else "**NOT SOLVED**"
     return f"\nlower level at the end: {', '.join(parts)} — {flag} ({v['criterion']})\n"
 
@@ -550,7 +559,7 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
     g_star = None
     if setup.lower_star is not None and isinstance(final.get("lower_gap"), (int, float)):
         g_star = float(final["lower_loss"]) - float(final["lower_gap"])
-    verdict = lower_verdict(trace, final, float(cfg.get("lower_tol", 1e-2)), g_star)
+    verdict = lower_verdict(trace, final, float(cfg.get("lower_tol", 1e-2)), g_star, setup.lower_by_design)
     info["lower"] = verdict
     if "solver" in setup.info:
         info["solver"] = setup.info["solver"]
