@@ -46,9 +46,6 @@ __all__ = ["LearnedUpdate", "init_net", "preprocess", "quadratic_tasks", "quadra
 
 #: per coordinate: P(g) (2), P(m) (2), and the raw g, m (scaled by ``raw_scale``)
 FEATURES = 6
-#: the skip connection's output is multiplied by this: with Adam's bounded per-step movement of the
-#: weights, a few hundred meta-steps then reach momentum-sized coefficients (a reparametrization)
-SKIP_SCALE = 10.0
 
 
 def preprocess(v: Tensor, p: float = 10.0) -> Tensor:
@@ -62,9 +59,9 @@ def preprocess(v: Tensor, p: float = 10.0) -> Tensor:
 def init_net(hidden: int = 20, generator: torch.Generator | None = None,
              dtype: torch.dtype = torch.float32, skip: bool = False) -> dict[str, Tensor]:
     """Weights of the coordinate-wise MLP 6 → hidden → hidden → 1 (tanh); ``skip=True`` adds a
-    linear skip connection from the 6 inputs to the output (``"skip"``, times :data:`SKIP_SCALE`,
-    initialized to zero, so the initial rule is unchanged: a direct path to SGD / heavy-ball-like
-    steps on the raw inputs)."""
+    linear skip connection from the 6 inputs to the output (``"skip"``, initialized to zero, so
+    the initial rule is unchanged: a direct path to SGD / heavy-ball-like steps on the raw
+    inputs)."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     sizes = [FEATURES, hidden, hidden, 1]
     net = {}
@@ -86,7 +83,7 @@ def _mlp(net: dict[str, Tensor], h: Tensor) -> Tensor:
             h = torch.tanh(h)
     out = h[..., 0]
     if "skip" in net:
-        out = out + SKIP_SCALE * (h0 @ net["skip"])
+        out = out + h0 @ net["skip"]
     return out
 
 
@@ -226,7 +223,7 @@ def tuned_sgd(train: dict[str, Tensor], steps: int,
 
 def compare(meta_steps: int = 40, meta_batch: int = 16, horizon: int = 100, unroll_steps: int = 20,
             hidden: int = 20, outer_lr: float = 1e-2, seed: int = 0, test_tasks: int = 500,
-            skip: bool = True, callback: Callable[[int, float], None] | None = None
+            skip: bool = False, callback: Callable[[int, float], None] | None = None
             ) -> dict[str, Any]:
     """Meta-train on random quadratics, tune SGD on other training quadratics (once for the
     median and once for the mean final loss; and heavy-ball SGD, momentum 0.9, for the median),
