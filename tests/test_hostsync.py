@@ -58,16 +58,51 @@ def test_batched_finiteness_check_names_the_first_bad_step(check_every):
     assert e.value.step == 4 and e.value.level == "upper"  # 1e300 is finite, 1e400 is not
 
 
-@pytest.mark.xfail(strict=True, reason="linalg.cg reads float(pᵀAp) and float(rᵀr) every "
-                   "iteration (linalg.py, owned by linalg-reliability): keep breakdown checks as "
-                   "device flags and sync once per solve; then remove this marker")
+def _cg_syncs(iters: int, **kw) -> int:
+    lo, up = W.data()
+    est = bl.hypergrad.CG(bl.inner.GD(lr=0.5, steps=20), iters=iters, tol=1e-30, **kw)
+    with hostsync.count() as c:
+        est(W.PROBLEM, *W.start(), lower_batch=lo, upper_batch=up)
+    return c.calls
+
+
 def test_cg_hypergradient_syncs_do_not_grow_with_iterations():
+    """linalg.cg never needs a read per iteration: ``check_every=0`` (fixed iterations, masks)
+    reads once per solve whatever the budget; ``check_every=10`` (the accelerator default) once
+    at the start and once per block of 10 iterations. Here CG reaches r ≈ 0 at iteration 10
+    (5 unknowns, tol=1e-30), so budgets 5, 10 and 40 all cost one block, and ``check_every=1``
+    (the CPU default, where a read is no synchronisation) one read per iteration."""
+    fixed = _cg_syncs(3, check_every=0)
+    assert _cg_syncs(40, check_every=0) == fixed
+    assert all(_cg_syncs(n, check_every=10) == fixed + 1 for n in (5, 10, 40))
+    assert _cg_syncs(40, check_every=1) == _cg_syncs(40) == fixed + 10
+
+
+def test_fixed_point_and_neumann_read_once_per_block():
+    A = torch.diag(torch.linspace(1.0, 2.0, 6, dtype=torch.float64))
+    b = (torch.ones(6, dtype=torch.float64),)
+
+    def reads(fn, **kw):
+        with hostsync.count() as c:
+            fn(lambda v: (A @ v[0],), b, alpha=0.3, **kw)
+        return c.calls
+
+    for fn in (bl.linalg.fixed_point, bl.linalg.neumann):
+        assert reads(fn, iters=5, check_every=0) == reads(fn, iters=40, check_every=0) == 1
+        assert reads(fn, iters=40, check_every=10) == 4  # no tolerance: the full budget runs
+        assert reads(fn, iters=40, check_every=1) == 40
+
+
+def test_implicit_estimators_pass_check_every_to_linalg():
     lo, up = W.data()
 
-    def syncs(iters):
-        est = bl.hypergrad.CG(bl.inner.GD(lr=0.5, steps=20), iters=iters, tol=1e-30)
+    def reads(est):
         with hostsync.count() as c:
             est(W.PROBLEM, *W.start(), lower_batch=lo, upper_batch=up)
         return c.calls
 
-    assert syncs(10) == syncs(5)
+    gd = bl.inner.GD(lr=0.5, steps=20)
+    for make in (lambda n, e: bl.hypergrad.Neumann(gd, iters=n, check_every=e),
+                 lambda n, e: bl.hypergrad.FixedPoint(gd, iters=n, check_every=e)):
+        assert reads(make(4, 0)) == reads(make(30, 0))  # fixed iterations: one read per solve
+        assert reads(make(30, 1)) - reads(make(30, 0)) == 30 - 1  # a read per iteration instead

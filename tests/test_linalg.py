@@ -286,3 +286,67 @@ def test_damped_operator_makes_an_indefinite_system_solvable_by_cg(gen):
                                rtol=1e-10, atol=0)
     plain = lambda v: (A @ v[0],)  # noqa: E731
     assert linalg.damped(plain, 0.0) is plain
+
+
+# ------------------------------------------------------------------------------------------------
+# CG without per-iteration host reads (issue 12): block-replayed and mask-frozen forms agree
+# ------------------------------------------------------------------------------------------------
+def _cg_cases(gen):
+    spd, indef, sing = _spd(gen)[0], _sym(gen, INDEFINITE), _sym(gen, SINGULAR)
+    f32 = torch.diag(torch.tensor([1.0, 2.0, 3.0, 1.5, 2.5, 1.2]))
+
+    def op(A):
+        return lambda v: (A @ v[0],)
+
+    def rnd(n):
+        return (torch.randn(n, generator=gen, dtype=F64),)
+
+    ones = (torch.ones(12, dtype=F64),)
+    return {  # name: (matvec, b, x0, iters, tol, expected breakdown)
+        "spd, early stop": (op(spd), rnd(12), None, 100, 1e-9, None),
+        "spd, budget": (op(spd), rnd(12), None, 7, 0.0, None),
+        "spd, warm start": (op(spd), ones, rnd(12), 40, 1e-12, None),
+        "float32, r underflows": (op(f32), (torch.ones(6),), None, 50, 0.0, None),
+        "indefinite": (op(indef), rnd(10), None, 50, 1e-12, "negative_curvature"),
+        "singular": (op(sing), rnd(8), None, 100, 1e-12, "singular"),
+        "nan operator": (lambda v: (v[0] * float("nan"),), (torch.ones(3, dtype=F64),), None, 10,
+                         1e-10, "nonfinite"),
+    }
+
+
+@pytest.mark.parametrize("case", ["spd, early stop", "spd, budget", "spd, warm start",
+                                  "float32, r underflows", "indefinite", "singular", "nan operator"])
+def test_cg_check_every_forms_agree(gen, case):
+    """check_every = 1 (a read per iteration: the old behaviour), 3, 10 (blocks replayed on the
+    host) and 0 (fixed iterations, masks: the traced / vmap loop) stop at the same iteration with
+    the same iterate and the same reason."""
+    mv, b, x0, iters, tol, why = _cg_cases(gen)[case]
+    ref_x, ref = linalg.cg(mv, b, x0, iters=iters, tol=tol, check_every=1)
+    assert ref["breakdown"] == why
+    for every in (3, 10, 0):
+        x, info = linalg.cg(mv, b, x0, iters=iters, tol=tol, check_every=every)
+        for key in ("iterations", "breakdown", "converged"):
+            assert info[key] == ref[key], (every, key)
+        torch.testing.assert_close(x[0], ref_x[0], rtol=1e-12, atol=0, equal_nan=True)
+        assert info["residual"] == pytest.approx(ref["residual"], rel=1e-9, abs=1e-300, nan_ok=True)
+
+
+@pytest.mark.parametrize("case", ["converges (tol)", "budget", "warm start", "diverging", "nan operator"])
+def test_fixed_point_check_every_forms_agree(gen, case):
+    """fixed_point (and so neumann) in blocks of 1 / 3 / 10 and in the masked form: same stop
+    iteration, iterate and reason (diverging returns the best iterate in every form)."""
+    A, _ = _spd(gen, n=8, lo=0.5, hi=4.0)
+    b = (torch.randn(8, generator=gen, dtype=F64),)
+    mv = (lambda v: (v[0] * float("nan"),)) if case == "nan operator" else (lambda v: (A @ v[0],))
+    kw = {"converges (tol)": dict(iters=200, alpha=0.4, tol=1e-6),
+          "budget": dict(iters=7, alpha=0.4), "warm start": dict(iters=30, alpha=0.4, tol=1e-8),
+          "diverging": dict(iters=40, alpha=0.7, growth=2.0), "nan operator": dict(iters=5)}[case]
+    x0 = (torch.ones(8, dtype=F64),) if case == "warm start" else None
+    ref_x, ref = linalg.fixed_point(mv, b, x0, check_every=1, **kw)
+    assert ref["breakdown"] == {"diverging": "diverging", "nan operator": "nonfinite"}.get(case)
+    for every in (3, 10, 0):
+        x, info = linalg.fixed_point(mv, b, x0, check_every=every, **kw)
+        for key in ("iterations", "breakdown", "converged"):
+            assert info[key] == ref[key], (every, key)
+        torch.testing.assert_close(x[0], ref_x[0], rtol=1e-12, atol=0, equal_nan=True)
+        assert info["residual"] == pytest.approx(ref["residual"], rel=1e-9, nan_ok=True)

@@ -26,8 +26,11 @@ Which solver for which Hessian:
   proximal / Tikhonov system of iMAML, Rajeswaran et al. 2019, Eq. 6: (I + H/λ) v = b is
   (H + λI) v = λ b).
 
-Host synchronisations: every iterative solver reads one or two scalars per iteration (its stopping
-and breakdown tests), never more.
+Host synchronisations: :func:`cg`, :func:`fixed_point` and :func:`neumann` read no value per
+iteration — their tests are replayed on the host once per block of ``check_every`` iterations, or
+(``check_every=0``, and always in traced mode) run as device masks with one read at the end (the
+fixed-iteration form, usable under ``torch.func.vmap``). :func:`minres` and :func:`normal_cg`
+still read one or two scalars per iteration (their stopping and breakdown tests).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from torch import Tensor
 from . import _tree as T
 from ._trace import tracing
 
-__all__ = ["cg", "minres", "normal_cg", "damped", "fixed_point", "neumann", "dense_solve"]
+__all__ = ["cg", "minres", "normal_cg", "damped", "fixed_point", "neumann", "dense_solve", "SOLVERS",
+           "ALIASES", "solver"]
 
 MatVec = Callable[[T.Leaves], T.Leaves]
 
@@ -62,12 +66,44 @@ def _eps(b: T.Leaves) -> float:
     return float(torch.finfo(b[0].dtype).eps)
 
 
+def _read(values: list[Tensor]) -> list[Any]:
+    """The values of a list of same-shape tensors in one host read (``tolist`` of their stack)."""
+    return [values[0].tolist()] if len(values) == 1 else torch.stack(values).tolist()
+
+
+def _start(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None) -> tuple[T.Leaves, T.Leaves]:
+    """(x, r = b − A x) at the start x0 (None: x = 0, r = b, no product)."""
+    if x0 is None:
+        return T.zeros_like(b), tuple(b)
+    x = tuple(x0)
+    return x, T.sub(b, matvec(x))
+
+
 def damped(matvec: MatVec, damping: float) -> MatVec:
     """The operator v -> A v + λ v (λ = ``damping``); ``damping=0`` returns ``matvec`` itself."""
     lam = float(damping)
     if lam == 0.0:
         return matvec
     return lambda v: T.axpy(lam, v, matvec(v))
+
+
+#: CG's default block of iterations between host reads on an accelerator (:func:`cg`)
+CHECK_EVERY = 10
+
+
+def check_every_for(b: T.Leaves, check_every: int | None) -> int:
+    """The block size :func:`cg` uses: ``check_every``, or by default 1 for CPU tensors (a read
+    is no synchronisation there) and :data:`CHECK_EVERY` elsewhere; ≥ 0."""
+    if check_every is None:
+        return 1 if b[0].device.type == "cpu" else CHECK_EVERY
+    every = int(check_every)
+    if every < 0:
+        raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {check_every}")
+    return every
+
+
+#: breakdown reasons of the masked solvers, by code (0 = none); one place for eager and traced mode
+_REASONS = (None, "negative_curvature", "singular", "nonfinite", "diverging")
 
 
 def cg(
@@ -77,6 +113,7 @@ def cg(
     *,
     iters: int = 100,
     tol: float = 1e-10,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Conjugate gradient for A x = b with A symmetric positive definite (Hestenes & Stiefel 1952).
 
@@ -85,57 +122,131 @@ def cg(
     convergence. Otherwise, if pᵀAp < 0 the operator is indefinite along p
     (``breakdown="negative_curvature"``), and if |pᵀAp|/pᵀp ≤ 10u·max_k p_kᵀAp_k/p_kᵀp_k it is
     singular in this dtype along p (``"singular"``: the step would overflow; the sign of such a
-    curvature is rounding noise). Both stop with the
-    last iterate, which minimises the quadratic over the directions explored so far (the point a
-    truncated-Newton method keeps, Steihaug 1983). Two synchronisations per iteration.
+    curvature is rounding noise). Both stop with the last iterate, which minimises the quadratic
+    over the directions explored so far (the point a truncated-Newton method keeps, Steihaug 1983).
+
+    Host synchronisation — never one per iteration:
+
+    * ``check_every=k ≥ 1``: the iterations run in blocks of k without reading anything; their
+      scalars (pᵀAp, pᵀp, rᵀr) are read in one synchronisation per block and the tests above are
+      replayed on them, so the solver stops exactly where a per-iteration test would have (at
+      most k − 1 products are computed past that point and discarded; the k iterates of a block
+      are kept until it is read). One more read at the start. The default ``None`` is
+      :data:`CHECK_EVERY` (10) on an accelerator and 1 on the CPU, where reading a value costs no
+      synchronisation and stopping at once saves the products.
+    * ``check_every=0``: the fixed-iteration form. All ``iters`` iterations run; a system that
+      stops is frozen by masks (``torch.where``) with its iterate, count and reason, and the
+      results are read once at the end. No data-dependent Python control flow, O(1) iterates in
+      memory: this is the loop that runs, with no read at all, in traced mode
+      (:func:`bilevel.hypergrad.vmap`, ``torch.func.vmap``), where ``info`` holds tensors.
+
+    Both forms return the same iterate and ``info`` (tested).
     """
-    if tracing():
-        return _cg_traced(matvec, b, x0, iters=iters, tol=tol)
-    bnorm = float(T.norm(b))
+    every = check_every_for(b, check_every)
+    if tracing() or every == 0:
+        return _cg_masked(matvec, b, x0, iters=iters, tol=tol)
     eps = _eps(b)
-    if x0 is None:
-        x = T.zeros_like(b)
-        r = b
-    else:
-        x = x0
-        r = T.sub(b, matvec(x0))
-    p = r
-    rs = T.sq_norm(r)
-    rs_f = float(rs)
-    k, breakdown = 0, None
+    x, r = _start(matvec, b, x0)
+    p, rs = r, T.sq_norm(r)
+    rs_f, bnorm = torch.stack([rs, T.norm(b)]).tolist()  # one synchronisation
     stop = (tol * bnorm) ** 2
-    kappa_max = 0.0
-    res = math.sqrt(rs_f) if math.isfinite(rs_f) else rs_f
+    k, breakdown, done, kappa_max = 0, None, False, 0.0
     if not math.isfinite(rs_f):
         breakdown = "nonfinite"
-    while breakdown is None and k < iters and rs_f > stop:
-        Ap = matvec(p)
-        pAp, pp = torch.stack([T.dot(p, Ap), T.sq_norm(p)]).tolist()  # one synchronisation
-        if not math.isfinite(pAp):
-            breakdown = "nonfinite"
-            break
-        kappa = pAp / pp if pp > 0.0 else 0.0
-        if pAp <= 0.0 or kappa <= 10.0 * eps * kappa_max:
-            if res > eps * bnorm:  # else: solved to rounding, pᵀAp underflowed with r
-                singular = abs(kappa) <= 10.0 * eps * kappa_max or pAp == 0.0
-                breakdown = "singular" if singular else "negative_curvature"
-            break
-        kappa_max = max(kappa_max, kappa)
-        alpha = rs / pAp
-        x_new = T.axpy(alpha, p, x)
-        r = T.axpy(-alpha, Ap, r)
-        rs_new = T.sq_norm(r)
-        rs_new_f = float(rs_new)
-        if not math.isfinite(rs_new_f):
-            breakdown = "nonfinite"  # overflow: keep the last finite iterate
-            break
-        x = x_new
-        p = T.axpy(rs_new / rs, p, r)
-        rs, rs_f = rs_new, rs_new_f
-        res = math.sqrt(rs_f)
-        k += 1
+    res = math.sqrt(rs_f) if math.isfinite(rs_f) else rs_f
+    x_block_start = x
+    while breakdown is None and not done and k < iters and rs_f > stop:
+        block_x, scalars = [], []
+        for _ in range(min(every, iters - k)):  # a block: no read
+            Ap = matvec(p)
+            pAp, pp = T.dot(p, Ap), T.sq_norm(p)
+            alpha = rs / pAp
+            x = T.axpy(alpha, p, x)
+            r = T.axpy(-alpha, Ap, r)
+            rs_new = T.sq_norm(r)
+            p = T.axpy(rs_new / rs, p, r)
+            rs = rs_new
+            block_x.append(x)
+            scalars.append(torch.stack([pAp, pp, rs_new]))
+        kept = None  # index of the last accepted iterate of the block
+        for j, (pAp_f, pp_f, rs_new_f) in enumerate(_read(scalars)):  # one sync
+            if rs_f <= stop:
+                done = True
+                break
+            if not math.isfinite(pAp_f):
+                breakdown = "nonfinite"
+                break
+            kappa = pAp_f / pp_f if pp_f > 0.0 else 0.0
+            if pAp_f <= 0.0 or kappa <= 10.0 * eps * kappa_max:
+                if res > eps * bnorm:  # else: solved to rounding, pᵀAp underflowed with r
+                    singular = abs(kappa) <= 10.0 * eps * kappa_max or pAp_f == 0.0
+                    breakdown = "singular" if singular else "negative_curvature"
+                done = True
+                break
+            kappa_max = max(kappa_max, kappa)
+            if not math.isfinite(rs_new_f):
+                breakdown = "nonfinite"  # overflow: keep the last finite iterate
+                break
+            kept, rs_f, res = j, rs_new_f, math.sqrt(rs_new_f)
+            k += 1
+        if breakdown is not None or done:  # stopped inside the block: its later work is discarded
+            x = block_x[kept] if kept is not None else x_block_start
+        x_block_start = x
     converged = breakdown is None and (res <= tol * bnorm if tol > 0 else True)
     return x, _info(k, res, bnorm, converged, breakdown)
+
+
+def _cg_masked(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None, *, iters: int, tol: float):
+    """:func:`cg` with ``check_every=0``: the fixed-iteration, mask-frozen loop (also traced mode)."""
+    bnorm = T.norm(b)
+    thr = 10.0 * _eps(b)
+    x, r = _start(matvec, b, x0)
+    p, rs = r, T.sq_norm(r)
+    stop = (tol * bnorm) ** 2
+    active = torch.isfinite(rs) & (rs > stop)
+    k = torch.zeros((), dtype=torch.int64, device=rs.device)
+    kappa_max = torch.zeros_like(rs)
+    halted = overflow = torch.zeros_like(active)
+    at_halt = torch.ones(2, dtype=rs.dtype, device=rs.device)  # (pᵀAp, pᵀp) where it halted
+    # Only x and the scalars are frozen once a system stops: r and p of a stopped system are
+    # never read again (their garbage never reaches x), which keeps the loop at one mask per leaf.
+    for _ in range(iters):
+        Ap = matvec(p)
+        curv = torch.stack([T.dot(p, Ap), T.sq_norm(p)])
+        pAp = curv[0]
+        kappa = pAp / curv[1]
+        halt = active & ((pAp <= 0) | (kappa <= thr * kappa_max) | ~torch.isfinite(pAp))
+        run = active & ~halt
+        halted = halted | halt
+        at_halt = torch.where(halt, curv, at_halt)
+        kappa_max = torch.where(run, torch.maximum(kappa_max, kappa), kappa_max)
+        alpha = rs / pAp
+        x_new, r = T.axpy(alpha, p, x), T.axpy(-alpha, Ap, r)
+        rs_new = T.sq_norm(r)
+        bad = run & ~torch.isfinite(rs_new)  # overflow: keep the last finite iterate
+        overflow = overflow | bad
+        run = run & ~bad
+        p = T.axpy(rs_new / rs, p, r)
+        x = _where(run, x_new, x)
+        rs = torch.where(run, rs_new, rs)
+        k = k + run
+        active = run & (rs > stop)
+    res = rs.sqrt()
+    # why it stopped (the eager tests): a non-finite start or product, an overflow, or a flat
+    # direction — convergence if the residual is at the rounding level u·‖b‖, "singular" for zero
+    # or rounding-level curvature, else "negative_curvature"
+    pAp, pp = at_halt[0], at_halt[1]
+    nonfinite = ~torch.isfinite(rs) | overflow | (halted & ~torch.isfinite(pAp))
+    flat = halted & ~nonfinite & (res > 0.1 * thr * bnorm)
+    singular = flat & ((pAp == 0) | ((pAp / pp).abs() <= thr * kappa_max))
+    code = torch.where(nonfinite, 3, torch.where(singular, 2, torch.where(flat, 1, 0)))
+    ok = code == 0
+    converged = ok & (res <= tol * bnorm) if tol > 0 else ok
+    if tracing():
+        return x, _traced_info(k, res, bnorm, converged, ~ok)
+    k_f, res_f, bn_f, code_f, conv_f = torch.stack(
+        [t.to(torch.float64) for t in (k, res, bnorm, code, converged)]).tolist()  # one sync
+    return x, _info(int(k_f), res_f, bn_f, bool(conv_f), _REASONS[int(code_f)])
 
 
 def minres(
@@ -164,8 +275,7 @@ def minres(
     _not_traced("minres")
     bnorm = float(T.norm(b))
     eps = _eps(b)
-    x = T.zeros_like(b) if x0 is None else x0
-    r = b if x0 is None else T.sub(b, matvec(x0))
+    x, r = _start(matvec, b, x0)
     beta1 = T.norm(r)
     res = float(beta1)
     sqrt_eps = math.sqrt(eps)
@@ -246,8 +356,7 @@ def normal_cg(
     _not_traced("normal_cg")
     at = matvec if rmatvec is None else rmatvec
     bnorm = float(T.norm(b))
-    x = T.zeros_like(b) if x0 is None else x0
-    r = b if x0 is None else T.sub(b, matvec(x0))
+    x, r = _start(matvec, b, x0)
     s = at(r)
     p = s
     gam = T.sq_norm(s)
@@ -290,6 +399,7 @@ def fixed_point(
     alpha: float = 1.0,
     tol: float = 0.0,
     growth: float = 1e3,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Richardson / fixed-point iteration v ← v − α (A v − b) = (I − αA) v + α b.
 
@@ -300,28 +410,43 @@ def fixed_point(
     r_{k+1} = (I − αA) r_k never grow, so ``growth=2`` already proves that (I − αA) has an
     eigenvalue outside [−1, 1] (α too large, or A indefinite); the lenient default suits noisy
     (stochastic) products.
+
+    Host reads as in :func:`cg`: one per block of ``check_every`` iterations (default 1 on the
+    CPU, :data:`CHECK_EVERY` elsewhere), whose residual norms are read at once and the tests
+    replayed on them; ``check_every=0`` (and traced mode) runs all ``iters`` with masks.
     """
-    if tracing():
-        return _fixed_point_traced(matvec, b, x0, iters=iters, alpha=alpha, tol=tol, growth=growth)
-    bnorm = float(T.norm(b))
-    x = T.zeros_like(b) if x0 is None else x0
+    every = check_every_for(b, check_every)
+    if tracing() or every == 0:
+        return _fixed_point_masked(matvec, b, x0, iters=iters, alpha=alpha, tol=tol, growth=growth)
+    bnorm_t = T.norm(b)
+    x = T.zeros_like(b) if x0 is None else tuple(x0)
     x_best = x
-    res, best, k, breakdown = float("nan"), float("inf"), 0, None
-    while k < iters:
-        r = T.sub(matvec(x), b)
-        res = float(T.norm(r))
-        if not math.isfinite(res):
-            breakdown = "nonfinite"
+    res, best, k, breakdown, done, bnorm = float("nan"), float("inf"), 0, None, False, None
+    while not done and k < iters:
+        block_x, norms = [], []
+        for _ in range(min(every, iters - k)):  # a block: no read
+            r = T.sub(matvec(x), b)
+            block_x.append(x)
+            norms.append(T.norm(r))
+            x = T.axpy(-alpha, r, x)
+        vals = _read(norms if bnorm is not None else [bnorm_t, *norms])  # one sync
+        if bnorm is None:
+            bnorm = vals.pop(0)
+        for j, res in enumerate(vals):
+            if not math.isfinite(res):
+                breakdown = "nonfinite"
+            elif res > growth * max(best, bnorm) and k > 0:
+                breakdown = "diverging"
+            else:
+                if res <= best:  # best residual so far: slow geometric growth is caught too
+                    best, x_best = res, block_x[j]
+                if not (tol > 0 and res <= tol * bnorm):
+                    k += 1
+                    continue
+            x, done = block_x[j], True  # stopped at the j-th iterate of the block
             break
-        if res > growth * max(best, bnorm) and k > 0:
-            breakdown = "diverging"
-            break
-        if res <= best:  # best residual so far: slow geometric growth is caught too
-            best, x_best = res, x
-        if tol > 0 and res <= tol * bnorm:
-            break
-        x = T.axpy(-alpha, r, x)
-        k += 1
+    if bnorm is None:
+        bnorm = float(bnorm_t)
     if breakdown is not None and k > 0:
         x, res = x_best, best
     converged = breakdown is None and (res <= tol * bnorm if tol > 0 else True)
@@ -329,14 +454,16 @@ def fixed_point(
 
 
 def neumann(
-    matvec: MatVec, b: T.Leaves, *, iters: int = 10, alpha: float = 1.0, growth: float = 1e3
+    matvec: MatVec, b: T.Leaves, *, iters: int = 10, alpha: float = 1.0, growth: float = 1e3,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Truncated Neumann series  α Σ_{q=0}^{Q} (I − αA)^q b  with Q = ``iters`` products.
 
     Identical to :func:`fixed_point` started at v₁ = α b (its iterates are the partial sums), so
     it is implemented as exactly that — one mechanism, two names.
     """
-    return fixed_point(matvec, b, T.scale(b, alpha), iters=iters, alpha=alpha, growth=growth)
+    return fixed_point(matvec, b, T.scale(b, alpha), iters=iters, alpha=alpha, growth=growth,
+                       check_every=check_every)
 
 
 def dense_solve(A: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Any]]:
@@ -388,59 +515,25 @@ def _traced_info(k: Tensor, res: Tensor, bnorm: Tensor, converged: Tensor, broke
             "breakdown": None, "broke_down": broke}
 
 
-def _cg_traced(matvec, b, x0, *, iters, tol):
-    """:func:`cg` with masks: stops (freezes) at ‖r‖ ≤ tol·‖b‖ (tol = 0: at r = 0), and on
-    non-positive or non-finite curvature pᵀAp (the eager solver's breakdowns)."""
-    bnorm = T.norm(b)
-    x = T.zeros_like(b) if x0 is None else tuple(x0)
-    r = tuple(b) if x0 is None else T.sub(b, matvec(x))
-    p, rs = r, T.sq_norm(r)
-    stop = (tol * bnorm) ** 2
-    broke = ~torch.isfinite(rs)
-    active = (rs > stop) & ~broke
-    k = torch.zeros((), dtype=torch.int64, device=rs.device)
-    for _ in range(iters):
-        Ap = matvec(p)
-        pAp = T.dot(p, Ap)
-        bad = active & (~torch.isfinite(pAp) | (pAp <= 0))
-        run = active & ~bad
-        alpha = rs / torch.where(run, pAp, torch.ones_like(pAp))
-        x_new = T.axpy(alpha, p, x)
-        r_new = T.axpy(-alpha, Ap, r)
-        rs_new = T.sq_norm(r_new)
-        bad2 = run & ~torch.isfinite(rs_new)
-        run = run & ~bad2
-        beta = rs_new / torch.where(run, rs, torch.ones_like(rs))
-        x, r = _where(run, x_new, x), _where(run, r_new, r)
-        p = _where(run, T.axpy(beta, p, r_new), p)
-        rs = torch.where(run, rs_new, rs)
-        k = k + run.to(k.dtype)
-        broke = broke | bad | bad2
-        active = run & (rs > stop)
-    res = rs.clamp_min(0).sqrt()
-    converged = ~broke & ((res <= tol * bnorm) if tol > 0 else torch.ones_like(broke))
-    return x, _traced_info(k, res, bnorm, converged, broke)
-
-
-def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol, growth):
-    """:func:`fixed_point` with masks: stops (freezes) at ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a
-    non-finite or growing residual (then returns the best iterate), as the eager solver does."""
+def _fixed_point_masked(matvec, b, x0, *, iters, alpha, tol, growth):
+    """:func:`fixed_point` with masks (``check_every=0``, traced mode): stops (freezes) at
+    ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a non-finite or growing residual (then returns the best
+    iterate), as the block form does."""
     bnorm = T.norm(b)
     x = T.zeros_like(b) if x0 is None else tuple(x0)
     x_best = x
     res = torch.full_like(bnorm, float("nan"))
     best = torch.full_like(bnorm, float("inf"))
-    broke = torch.zeros_like(bnorm, dtype=torch.bool)
-    active = torch.ones_like(broke)
+    nonfinite = diverging = torch.zeros_like(bnorm, dtype=torch.bool)
+    active = torch.ones_like(nonfinite)
     k = torch.zeros((), dtype=torch.int64, device=bnorm.device)
     for i in range(iters):
         r = T.sub(matvec(x), b)
         rn = T.norm(r)
         res = torch.where(active, rn, res)
-        bad = active & ~torch.isfinite(rn)
-        if i > 0:
-            bad = bad | (active & (rn > growth * torch.maximum(best, bnorm)))
-        run = active & ~bad
+        nf = active & ~torch.isfinite(rn)
+        dv = active & ~nf & (rn > growth * torch.maximum(best, bnorm)) if i > 0 else torch.zeros_like(nf)
+        run = active & ~nf & ~dv
         improve = run & (rn <= best)
         best = torch.where(improve, rn, best)
         x_best = _where(improve, x, x_best)
@@ -448,12 +541,18 @@ def _fixed_point_traced(matvec, b, x0, *, iters, alpha, tol, growth):
             run = run & ~(rn <= tol * bnorm)
         x = _where(run, T.axpy(-alpha, r, x), x)
         k = k + run.to(k.dtype)
-        broke = broke | bad
+        nonfinite, diverging = nonfinite | nf, diverging | dv
         active = run
+    broke = nonfinite | diverging
     use_best = broke & (k > 0)
     x, res = _where(use_best, x_best, x), torch.where(use_best, best, res)
     converged = ~broke & ((res <= tol * bnorm) if tol > 0 else torch.ones_like(broke))
-    return x, _traced_info(k, res, bnorm, converged, broke)
+    if tracing():
+        return x, _traced_info(k, res, bnorm, converged, broke)
+    code = torch.where(nonfinite, 3, torch.where(diverging, 4, 0))
+    k_f, res_f, bn_f, code_f, conv_f = torch.stack(
+        [t.to(torch.float64) for t in (k, res, bnorm, code, converged)]).tolist()  # one sync
+    return x, _info(int(k_f), res_f, bn_f, bool(conv_f), _REASONS[int(code_f)])
 
 
 def _dense_solve_traced(A: Tensor, b: Tensor):
@@ -467,3 +566,28 @@ def _dense_solve_traced(A: Tensor, b: Tensor):
     bnorm = torch.linalg.vector_norm(b)
     one = torch.ones((), dtype=torch.int64, device=b.device)
     return x, _traced_info(one, res, bnorm, ok, ~ok)
+
+
+# --- the registry: every iterative solver by name, its other names listed once, here ---------------
+#: name -> solver (each takes ``(matvec, b, ...)`` and returns ``(x, info)``)
+SOLVERS: dict[str, Callable[..., tuple[T.Leaves, dict[str, Any]]]] = {
+    "cg": cg, "minres": minres, "normal_cg": normal_cg, "fixed_point": fixed_point, "neumann": neumann,
+}
+#: other accepted name -> name in :data:`SOLVERS` (``ls`` / ``ns`` as in Liu et al. 2021, "LS"/"NS")
+ALIASES: dict[str, str] = {
+    "ls": "cg", "normalcg": "normal_cg", "cgls": "normal_cg", "fp": "fixed_point", "fixedpoint":
+    "fixed_point", "ns": "neumann",
+}
+
+
+def solver(name: str) -> tuple[str, Callable[..., tuple[T.Leaves, dict[str, Any]]]]:
+    """``(canonical name, function)`` of the solver called ``name`` (case-insensitive, an alias
+    of :data:`ALIASES` allowed); an unknown name raises ``ValueError`` listing the valid ones."""
+    key = str(name).lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in SOLVERS:
+        valid = ", ".join(sorted(SOLVERS)) + "; aliases " + ", ".join(
+            f"{a}={c}" for a, c in sorted(ALIASES.items()))
+        raise ValueError(f"unknown linear solver {name!r}; valid: {valid}")
+    return key, SOLVERS[key]
+

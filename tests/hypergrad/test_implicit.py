@@ -65,18 +65,47 @@ def test_neumann_and_fixed_point_converge_geometrically(ref: RefProblem, cls):
 
 def test_fixed_point_from_zero_is_the_neumann_series(ref: RefProblem):
     y = ref.y_star.reshape(ref.y0.shape)
-    fp = FixedPoint(inner=None, iters=6, lr=ref.lr)(ref.problem, ref.x, y)
+    fp = FixedPoint(inner=None, iters=6, alpha=ref.lr)(ref.problem, ref.x, y)
     nm = Neumann(inner=None, iters=5, alpha=ref.lr)(ref.problem, ref.x, y)
     torch.testing.assert_close(fp.grad, nm.grad, rtol=1e-13, atol=1e-15)
 
 
 def test_implicit_defaults_take_alpha_from_inner_lr():
     inner = bl.inner.GD(lr=0.25, steps=3)
-    assert Neumann(inner=inner).alpha == 0.25 and FixedPoint(inner=inner).lr == 0.25
+    assert Neumann(inner=inner).alpha == 0.25 and FixedPoint(inner=inner).alpha == 0.25
     with pytest.raises(ValueError, match="alpha"):
         Neumann(inner=None)
     with pytest.raises(ValueError, match="alpha"):
         FixedPoint(inner=None)
+
+
+def test_fixed_point_lr_is_a_deprecated_name_of_alpha():
+    """Issue 8.12: one name (alpha) for the step of Neumann / FixedPoint / AID / linalg."""
+    with pytest.warns(DeprecationWarning, match="alpha"):
+        est = FixedPoint(inner=None, lr=0.3)
+    assert est.alpha == 0.3
+    with pytest.warns(DeprecationWarning, match="alpha"):
+        assert est.lr == 0.3
+    with pytest.raises(TypeError, match="alpha= only"):
+        FixedPoint(inner=None, alpha=0.3, lr=0.3)
+    with pytest.raises(TypeError):
+        Neumann(inner=None, lr=0.3)  # never had it: rejected, not silently taken
+
+
+def test_aid_uses_the_linalg_registry():
+    from bilevel import linalg
+    from bilevel.hypergrad.implicit import MINRES, NormalCG, estimator_for
+
+    gd = bl.inner.GD(lr=0.25, steps=3)
+    for name, cls in (("ls", CG), ("cg", CG), ("minres", MINRES), ("cgls", NormalCG),
+                      ("normal_cg", NormalCG), ("ns", Neumann), ("fp", FixedPoint),
+                      ("fixed_point", FixedPoint)):
+        aid = bl.solvers.AID(gd, linear_solver=name)
+        assert type(aid.estimator) is cls and aid.linear_solver == linalg.solver(name)[0]
+        assert estimator_for(linalg.solver(name)[1]) is cls
+    assert bl.solvers.AID(gd, linear_solver="fp", alpha=0.1).estimator.alpha == 0.1
+    with pytest.raises(bl.ConfigError, match="alpha"):
+        bl.solvers.AID(gd, linear_solver="cg", alpha=0.1)  # CG has no step: used or rejected
 
 
 def test_warm_start_reuses_the_previous_solution():

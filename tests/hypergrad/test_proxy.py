@@ -21,6 +21,7 @@ import torch
 import bilevel as bl
 from bilevel.errors import ConfigError
 from bilevel.hypergrad import STN, EvoGrad, Exact, Hypernetwork
+from bilevel.hypergrad.proxy import units
 
 from ..reference_problems import rel_err, ridge
 
@@ -86,6 +87,39 @@ def test_stn_local_fit_approaches_the_nonlinear_best_response_near_x():
     assert rel_err(g1, rp.hypergrad) < 0.05 and cos(g1, rp.hypergrad) > 0.99
 
 
+def test_structured_stn_fits_per_unit_hyperparameters_with_fewer_parameters():
+    """Multi-output ridge, one weight decay e^{x_i} per output unit (row W_i of W): row i of
+    W*(x) depends on x_i only, dW_i/dx_i = −e^{x_i}(G + e^{x_i}I)⁻¹W*_i — exactly STN's per-unit
+    structure a + b ⊙ E V(x − c) to first order. Closed forms written out here."""
+    gen = torch.Generator().manual_seed(7)
+    n, m, d, k = 30, 40, 4, 3
+    X, Xv = torch.randn(n, d, generator=gen, dtype=F64), torch.randn(m, d, generator=gen, dtype=F64)
+    Wt = torch.randn(k, d, generator=gen, dtype=F64)
+    T = X @ Wt.T + 0.3 * torch.randn(n, k, generator=gen, dtype=F64)
+    Tv = Xv @ Wt.T + 0.3 * torch.randn(m, k, generator=gen, dtype=F64)
+    G, eye = X.T @ X / n, torch.eye(d, dtype=F64)
+
+    def f(x, W):
+        return 0.5 * ((Xv @ W.T - Tv) ** 2).mean(0).sum()
+
+    def g(x, W):
+        return 0.5 * ((X @ W.T - T) ** 2).mean(0).sum() + 0.5 * (torch.exp(x)[:, None] * W**2).sum()
+
+    x = 0.3 * torch.randn(k, generator=gen, dtype=F64)
+    A = [G + torch.exp(x[i]) * eye for i in range(k)]
+    Ws = torch.stack([torch.linalg.solve(A[i], X.T @ T[:, i] / n) for i in range(k)])
+    fW = (Xv @ Ws.T - Tv).T @ Xv / m
+    hg = torch.stack([-torch.exp(x[i]) * fW[i] @ torch.linalg.solve(A[i], Ws[i]) for i in range(k)])
+    res = STN("structured", radius=0.05, samples=8, steps=0, warmup=150, lr=0.02)(bl.Problem(f, g), x, Ws)
+    a, b, V = res.state["phi"]
+    # 2kd + k² = 33 parameters (the linear proxy: kd + kd·k = 48)
+    assert V.shape == (k, k) and a.numel() == b.numel() == k * d
+    assert rel_err(res.grad, hg) < 0.05 and cos(res.grad, hg) > 0.999
+    assert rel_err(res.y, Ws) < 5e-3
+    leaves = (torch.zeros(3, 4), torch.zeros(3), torch.zeros(()))
+    assert units(leaves).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3, 4, 5, 6]
+
+
 def _ridge_data():
     from ..reference_problems import ridge_data
 
@@ -108,6 +142,22 @@ def test_evograd_converges_to_the_damped_implicit_hypergradient_as_K_grows():
     assert res.info["ess"] > 100
 
 
+def test_evograd_away_from_the_minimiser_converges_to_the_damped_hypergradient_at_a_proximal_step():
+    """g quadratic in y with ∇_x g affine in y (prior-mean ridge): the K → ∞ limit holds at any y
+    and σ — ∇_x f(x, y') − ∇²_xy g (H + λI)⁻¹ ∇_y f(x, y'), y' = y − (H + λI)⁻¹ ∇_y g(x, y)."""
+    problem, x, ystar, _, _ = prior_ridge()
+    y = ystar + 0.2 * torch.randn(ystar.numel(), generator=torch.Generator().manual_seed(0), dtype=F64)
+    sigma, lam = 0.3, 1.0
+    H = torch.autograd.functional.hessian(lambda w: problem.lower(x, w), y)
+    yr = y.clone().requires_grad_(True)
+    gy = torch.autograd.grad(problem.lower(x, yr), yr)[0]
+    yprox = y - torch.linalg.solve(H + lam * torch.eye(y.numel(), dtype=F64), gy)
+    ref = Exact(None, damping=lam)(problem, x, yprox).grad
+    evo = lambda K: EvoGrad(None, samples=K, sigma=sigma, tau=lam * sigma**2, seed=2)  # noqa: E731
+    errs = [rel_err(evo(K)(problem, x, y).grad, ref) for K in (1000, 20000)]
+    assert errs[1] < 0.5 * errs[0] and errs[1] < 0.08
+
+
 def test_evograd_batched_equals_loop_and_small_tau_approaches_the_exact_hypergradient():
     rp = ridge()
     kw = {"samples": 64, "sigma": 0.05, "tau": 0.05 * 0.05**2, "seed": 3}
@@ -127,6 +177,7 @@ def test_evograd_batched_equals_loop_and_small_tau_approaches_the_exact_hypergra
 @pytest.mark.parametrize("make", [
     lambda: Hypernetwork("mlp", "global", box=(-1.0, 1.0), samples=3, steps=2, warmup=3, hidden=4),
     lambda: STN(samples=3, steps=2),
+    lambda: STN("structured", samples=3, steps=2, batched=False),
     lambda: EvoGrad(bl.inner.GD(lr=0.3, steps=2), samples=5, sigma=0.1, tau=0.01),
 ])
 def test_state_round_trips_and_a_resumed_run_is_exact(make):
@@ -182,5 +233,41 @@ def test_bad_settings_are_rejected():
     state = STN().init(other, rp.x[:4], rp.y0[:4])
     with pytest.raises(ConfigError, match="state was made for"):
         STN()(rp.problem, rp.x, rp.y0, state=state)
+    with pytest.raises(ConfigError, match="box bounds"):
+        Hypernetwork(box=(torch.zeros(3), 1.0)).init(rp.problem, rp.x, rp.y0)
     with pytest.raises(ConfigError, match="lacks"):
         EvoGrad(None)(rp.problem, rp.x, rp.y0, state={})
+
+
+def test_under_hypergrad_vmap_equal_to_the_loop_over_tasks():
+    """3 ridge tasks sharing x; EvoGrad from the default state, STN (structured) from per-task
+    initial states (vmap's default initial state is task 0's, so a = task 0's y0), two calls."""
+    gen = torch.Generator().manual_seed(11)
+    B, N, D = 3, 8, 4
+    X, t = torch.randn(B, N, D, generator=gen, dtype=F64), torch.randn(B, N, generator=gen, dtype=F64)
+    Xv, tv = torch.randn(B, N, D, generator=gen, dtype=F64), torch.randn(B, N, generator=gen, dtype=F64)
+    x, y = 0.3 * torch.randn(D, generator=gen, dtype=F64), 0.1 * torch.randn(B, D, generator=gen, dtype=F64)
+
+    def f(x, y, batch):
+        return 0.5 * ((batch[0] @ y - batch[1]) ** 2).mean()
+
+    def g(x, y, batch):
+        return 0.5 * ((batch[0] @ y - batch[1]) ** 2).mean() + 0.5 * (torch.exp(x) * y**2).sum()
+
+    problem = bl.Problem(f, g)
+    task = lambda i: {"upper_batch": (Xv[i], tv[i]), "lower_batch": (X[i], t[i])}  # noqa: E731
+    for est, per_task in [(EvoGrad(bl.inner.GD(lr=0.3, steps=4), samples=6, sigma=0.1, tau=0.01), False),
+                          (STN("structured", samples=3, steps=2), True)]:
+        states = [est.init(problem, x, y[i], **task(i)) for i in range(B)]
+        stacked = None
+        if per_task:
+            stacked = {k: (tuple(torch.stack(p) for p in zip(*[s[k] for s in states])) if isinstance(v, tuple)
+                           else v if k in est.shared_state or not isinstance(v, torch.Tensor)
+                           else torch.stack([s[k] for s in states])) for k, v in states[0].items()}
+        res = bl.hypergrad.vmap(est, problem, x, y, upper_batch=(Xv, tv), lower_batch=(X, t), state=stacked)
+        loop = [est(problem, x, y[i], state=states[i], **task(i)) for i in range(B)]
+        torch.testing.assert_close(res.grad, torch.stack([r.grad for r in loop]), rtol=1e-10, atol=1e-12)
+        res2 = bl.hypergrad.vmap(est, problem, x, res.y, upper_batch=(Xv, tv), lower_batch=(X, t),
+                                 state=res.state)
+        loop2 = [est(problem, x, loop[i].y, state=loop[i].state, **task(i)) for i in range(B)]
+        torch.testing.assert_close(res2.grad, torch.stack([r.grad for r in loop2]), rtol=1e-10, atol=1e-12)

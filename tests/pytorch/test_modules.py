@@ -79,7 +79,7 @@ def test_implicit_estimators_on_the_cnn_match_the_dense_reference(cnn_problem, e
     if est == "neumann":
         est = H.Neumann(None, iters=int(40 * P["L"] / P["mu"]), alpha=1 / P["L"])
     elif est == "fixed_point":
-        est = H.FixedPoint(None, iters=int(40 * P["L"] / P["mu"]), lr=1 / P["L"])
+        est = H.FixedPoint(None, iters=int(40 * P["L"] / P["mu"]), alpha=1 / P["L"])
     res = est(P["problem"], P["x"], P["y_star"])
     # CG / Exact: solve to round-off; Neumann / FixedPoint: (1 − μ/L)^iters ≈ e^-40
     assert rel_err(res.grad, P["hg"]) < 1e-8

@@ -153,3 +153,13 @@ def test_distillation_experiment_and_bad_settings(tmp_path):
     with pytest.raises(ConfigError):
         bl.experiments.run("distillation-run", overrides={**small, "method": "gradient-matching"},
                            out=tmp_path / "bad2", progress=False, plots=False, echo=None)
+
+
+def test_distillation_table_runs_the_grid_and_passes_the_model_to_the_unrolled_runs_only():
+    exp = bl.experiments.get("distillation")
+    runs = exp.runs(exp.resolve(overrides={"model": "mlp", "ipc": [1, 10]}))
+    assert [r.label for r in runs] == ["unrolled-ipc1-mlp", "kip-ipc1", "unrolled-ipc10-mlp", "kip-ipc10"]
+    assert runs[0].overrides["model.kind"] == "mlp" and runs[0].overrides["model.hidden"] == 64
+    assert not any(k.startswith("model.") for k in runs[1].overrides)  # kip would reject them
+    with pytest.raises(ConfigError, match="methods"):
+        exp.runs(exp.resolve(overrides={"methods": ["unrolled", "dc"]}))

@@ -33,13 +33,13 @@ def test_cross_entropy_at_zero_and_soft_f1_limit():
     s = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)
     y = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(s, y)
-    assert float(surrogate_value(torch.zeros(4, dtype=s.dtype), s, y)) == pytest.approx(float(bce), rel=1e-14)
+    assert float(surrogate_value(torch.zeros(3, dtype=s.dtype), s, y)) == pytest.approx(float(bce), rel=1e-14)
     assert f1_score(s, y) == 1.0 and float(soft_f1(s, y, 1e-3)) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_reverse_matches_finite_differences_of_the_unrolled_map(data):
     sp = surrogate_loss(data)
-    theta = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64)
+    theta = torch.tensor([0.3, 0.5, 0.1], dtype=torch.float64)
     got = Reverse(GD(lr=1.0, steps=10))(sp.problem, theta, sp.y0).grad
     eps = 1e-5
     fd = torch.stack(
@@ -49,7 +49,7 @@ def test_reverse_matches_finite_differences_of_the_unrolled_map(data):
                 / (2 * eps),
                 dtype=torch.float64,
             )
-            for e in torch.eye(4, dtype=torch.float64)
+            for e in torch.eye(3, dtype=torch.float64)
         ]
     )
     assert torch.allclose(got, fd, rtol=1e-6, atol=1e-9)
@@ -57,7 +57,7 @@ def test_reverse_matches_finite_differences_of_the_unrolled_map(data):
 
 def test_cg_matches_the_dense_implicit_reference(data):
     sp = surrogate_loss(data)
-    theta = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64)
+    theta = torch.tensor([0.3, 0.5, 0.1], dtype=torch.float64)
     w = sp.fit(theta)
     ref = Exact(None)(sp.problem, theta, w).grad
     got = CG(None, iters=300, tol=1e-13)(sp.problem, theta, w).grad
@@ -67,12 +67,13 @@ def test_cg_matches_the_dense_implicit_reference(data):
 def test_learned_surrogate_beats_cross_entropy_on_f1(data):
     sp = surrogate_loss(data)
     w_ce = sp.fit(sp.x0)
-    solver = bl.solvers.HypergradientDescent(Reverse(GD(lr=1.0, steps=10)), upper=Adam(lr=0.05))
-    res = bl.solve(sp.problem, *sp.start(), solver=solver, steps=20, track=False)
+    solver = bl.solvers.HypergradientDescent(Reverse(GD(lr=0.5, steps=10)), upper=Adam(lr=0.05))
+    res = bl.solve(sp.problem, *sp.start(), solver=solver, steps=40, track=False)
     ce, learned = sp.metrics(w_ce)["test_f1"], sp.metrics(res.y)["test_f1"]
-    # measured: 0.822 vs 0.735 (the learned loss up-weights and widens the margin of the positives)
+    # measured: 0.811 vs 0.735 (seeds 1, 2: +0.090, +0.022): the positives get more weight (b > 0)
+    # and a larger margin (m_pos > m_neg)
     assert learned > ce + 0.05, (learned, ce)
-    assert float(res.x[1]) > float(res.x[0])  # a_pos > a_neg
+    assert float(res.x[0]) > 0  # b > 0: the positives weigh more than the negatives
 
 
 def test_bad_settings(tmp_path):
@@ -105,7 +106,7 @@ def test_surrogate_experiment(tmp_path):
         "surrogate-loss", overrides=over, out=tmp_path, progress=False, plots=False, echo=None
     )
     assert r.completed and {"ce_test_f1", "ce_thr_test_f1"} <= set(r.extras)
-    assert 0 <= r.final["test_f1"] <= 1 and "a_pos" in r.final
+    assert 0 <= r.final["test_f1"] <= 1 and "m_pos" in r.final
 
 
 def test_surrogate_table_runs():

@@ -249,14 +249,20 @@ class Distillation(Table):
     name = "distillation"
     description = "dataset distillation on MNIST (1 and 10 images/class; unrolled and KIP) vs real images"
     reference = "Wang et al. 2018 (dataset distillation); Nguyen, Chen & Lee 2021 (KIP)"
-    defaults = {"seed": 0, "ipc": [1, 10], "methods": list(METHODS), "steps": 300}
+    #: ``model``: the classifier of the unrolled sub-runs ("mlp": 64 hidden units; other widths via
+    #: ``distillation-run --set model.hidden=...``)
+    defaults = {"seed": 0, "ipc": [1, 10], "methods": list(METHODS), "steps": 300, "model": "linear"}
+    choices = {"model": MODELS}
 
     def runs(self, cfg: dict[str, Any]) -> list[SubRun]:
         bad = [m for m in cfg["methods"] if m not in METHODS]
         if bad or any(int(k) < 1 for k in cfg["ipc"]):
             raise ConfigError(f"methods must be in {METHODS} and ipc ≥ 1; got {cfg['methods']}, {cfg['ipc']}")
-        return [SubRun(label=f"{m}-ipc{k}", experiment="distillation-run", seed=cfg["seed"],
-                       overrides={"method": m, "ipc": int(k), "steps": cfg["steps"]})
+        model = {"model.kind": cfg["model"], "model.hidden": 64 if cfg["model"] == "mlp" else 0}
+        return [SubRun(label=f"{m}-ipc{k}" + (f"-{cfg['model']}" if m == "unrolled" else ""),
+                       experiment="distillation-run", seed=cfg["seed"],
+                       overrides={"method": m, "ipc": int(k), "steps": cfg["steps"],
+                                  **(model if m == "unrolled" else {})})
                 for k in cfg["ipc"] for m in cfg["methods"]]
 
     def summarize_table(self, cfg: dict[str, Any], results: list[SubResult]) -> str:
@@ -265,6 +271,8 @@ class Distillation(Table):
         for r in results:
             f, e = r.final, r.extras
             method, ipc = r.run.overrides["method"], r.run.overrides["ipc"]
+            if r.run.overrides.get("model.kind", "linear") != "linear":
+                method += "-" + r.run.overrides["model.kind"]
             dist = f"{100 * f['test_acc']:.1f}"
             if "test_acc_std" in f:
                 dist += f" ± {100 * f['test_acc_std']:.1f}"

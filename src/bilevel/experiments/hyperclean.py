@@ -5,8 +5,11 @@ A fraction of the training labels is corrupted; one logit x_i per training sampl
     min_x  f(x, w*(x)) = CE(w*(x); D_val)                                  (clean validation)
     w*(x) ∈ argmin_w  (1/n) Σ_i σ(x_i) CE(w; a_i, ỹ_i) + (λ/2) ||w||²      (noisy training set)
 
-The lower model is softmax regression (784x10, convex follower) or a two-layer MLP (non-convex
-follower), called with ``torch.func.functional_call`` on ``bl.params(model)``. Any estimator of
+The data come from the one hyper-cleaning pipeline,
+:func:`bilevel.problems.hyperclean.hyperclean_data` (stratified splits, seeded corruption among the
+wrong classes, pixels centred by the training mean). The lower model is softmax regression (784x10,
+convex follower) or a two-layer MLP (non-convex follower), called with
+``torch.func.functional_call`` on ``bl.params(model)``. Any estimator of
 :mod:`bilevel.hypergrad` can be chosen (``hypergrad.estimator``) with an upper update rule from
 :mod:`bilevel.inner` (``upper.optimizer``); the lower level is warm-started across outer steps.
 
@@ -18,7 +21,6 @@ L-BFGS): all samples with weight 1 (noisy) and the clean samples only (oracle).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,10 +28,10 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .. import datasets
 from ..errors import ConfigError
 from ..estimates import Schedule
 from ..formulation import Problem, params
+from ..problems.hyperclean import HypercleanData, hyperclean_data
 from ..sampling import FullBatch, Minibatches
 from .base import Experiment, Setup, fmt, markdown_table, register, run_device, run_dtype
 from .factory import Arg, Built, Lazy, build, build_estimator, find_solver
@@ -37,56 +39,8 @@ from .factory import Arg, Built, Lazy, build, build_estimator, find_solver
 __all__ = ["HyperClean", "HypercleanData", "load_data", "make_model", "kept_scores"]
 
 
-@dataclass
-class HypercleanData:
-    """Disjoint train / validation / test splits; ``corrupted`` marks the flipped training labels."""
-
-    X_train: Tensor
-    y_train: Tensor  # noisy labels (what the lower level sees)
-    y_train_true: Tensor
-    corrupted: Tensor  # bool
-    X_val: Tensor
-    y_val: Tensor
-    X_test: Tensor
-    y_test: Tensor
-    n_classes: int
-
-
-def load_data(
-    dataset: str = "mnist5k",
-    n_train: int = 2000,
-    n_val: int = 1000,
-    n_test: int = 2000,
-    corruption: float = 0.5,
-    seed: int = 0,
-    *,
-    center: bool = True,
-    root: str = "",
-    download: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> HypercleanData:
-    """Stratified disjoint splits of ``dataset`` and a seeded corruption of the training labels."""
-    kw = {"root": root or None, "download": download} if dataset in ("mnist", "fashion-mnist") else {}
-    ds = datasets.load(dataset, **kw)
-    need = n_train + n_val + n_test
-    if min(n_train, n_val, n_test) < 1 or need > len(ds):
-        raise ConfigError(f"data.n_train + n_val + n_test = {need} must be in [3, {len(ds)}] "
-                          f"(size of {dataset}), each >= 1")
-    tr, va, te = datasets.split_indices(ds.labels, [n_train, n_val, n_test], seed=seed)
-    noisy, mask = datasets.corrupt_labels(ds.labels[tr], corruption, ds.n_classes, seed=seed)
-    X = ds.features(dtype)
-    mean = X[torch.from_numpy(tr)].mean(0) if center else torch.zeros(X.shape[1], dtype=dtype)
-    y = ds.targets()
-
-    def part(idx):
-        i = torch.from_numpy(idx)
-        return X[i] - mean, y[i]
-
-    Xtr, ytr_true = part(tr)
-    Xva, yva = part(va)
-    Xte, yte = part(te)
-    return HypercleanData(Xtr, torch.from_numpy(noisy), ytr_true, torch.from_numpy(mask), Xva, yva, Xte, yte,
-                          ds.n_classes)
+#: the experiment's data loader is the one hyper-cleaning pipeline (centred pixels by default)
+load_data = hyperclean_data
 
 
 def make_model(kind: str, d_in: int, n_classes: int, hidden: int = 300,
@@ -139,7 +93,6 @@ def build_solver(cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> Bu
             "iters": Arg(hc["iters"], ("hypergrad.iters",)),
             "truncate": Arg(hc["truncate"] or None, ("hypergrad.truncate",)),
             "alpha": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
-            "lr": Arg(hc["alpha"] or None, ("hypergrad.alpha",)),
             "warm_start": Arg(hc["warm_start"], ("hypergrad.warm_start",)),
             "damping": Arg(hc["damping"], ("hypergrad.damping",))}, keys=("hypergrad.estimator",))
 
@@ -201,12 +154,11 @@ class HyperClean(Experiment):
         if mc["l2"] < 0:
             raise ConfigError(f"model.l2 must be >= 0, got {mc['l2']}")
         seed = int(cfg["seed"])
-        data = load_data(dc["dataset"], dc["n_train"], dc["n_val"], dc["n_test"], dc["corruption"], seed,
-                         center=dc["center"], root=dc["root"], download=dc["download"])
+        data = hyperclean_data(dc["dataset"], dc["n_train"], dc["n_val"], dc["n_test"], dc["corruption"],
+                               seed, scale="center" if dc["center"] else "none", root=dc["root"],
+                               download=dc["download"])
         dev, dt = run_device(cfg), run_dtype(cfg, torch.float32)
-        data = HypercleanData(*(v.to(dev) if isinstance(v, Tensor) else v for v in (
-            data.X_train.to(dt), data.y_train, data.y_train_true, data.corrupted, data.X_val.to(dt),
-            data.y_val, data.X_test.to(dt), data.y_test, data.n_classes)))
+        data = data.to(dev, dt)
         model = make_model(mc["kind"], data.X_train.shape[1], data.n_classes, mc["hidden"],
                            mc["activation"]).to(device=dev, dtype=dt)
         w0 = params(model)

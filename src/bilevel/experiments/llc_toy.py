@@ -56,6 +56,8 @@ class LlcToy(Table):
         "truncate": 5,
         "iters": 10,
         "tol": 1e-3,
+        "x0": 0.0,               # start: every entry of x (and of y, z: y0); docs/deterministic.md
+        "y0": 0.0,               # lists the results from other starts
     }
     columns = ("x_err",)
 
@@ -65,7 +67,8 @@ class LlcToy(Table):
             if s.upper() not in TOY_SOLVERS:
                 raise ConfigError(f"unknown solver {s!r} in solvers; valid: {', '.join(TOY_SOLVERS)}")
             for lr in cfg["inner_lrs"]:
-                over = {"toy": "llc", "solver": s, "x0": 0.0, "y0": 0.0, "steps": cfg["steps"],
+                over = {"toy": "llc", "solver": s, "x0": float(cfg["x0"]), "y0": float(cfg["y0"]),
+                        "steps": cfg["steps"],
                         "inner.lr": lr, "inner.steps": cfg["inner_steps"], "upper.optimizer": "adam",
                         "upper.lr": cfg["upper_lr"], "upper.beta2": cfg["beta2"], "method.mu": cfg["mu"],
                         "method.s_u": cfg["s_u"], "method.truncate": cfg["truncate"],
@@ -97,7 +100,8 @@ class LlcToy(Table):
                            kstar=False)
         note = (f"## Convex non-singleton follower (n = 50), {cfg['steps']} upper iterations\n\n"
                 f"K = {cfg['inner_steps']} lower steps (GD; FISTA for IAGMA), Adam(lr {cfg['upper_lr']}, "
-                f"β2 {cfg['beta2']}) on x and on z, start x0 = 0, y0 = z0 = 0; BDA mu = {cfg['mu']}, "
+                f"β2 {cfg['beta2']}) on x and on z, start x0 = {cfg['x0']:g}, y0 = z0 = {cfg['y0']:g}; "
+                f"BDA mu = {cfg['mu']}, "
                 f"s_u = {cfg['s_u']}, "
                 f"T-RHG truncation {cfg['truncate']}, AID {cfg['iters']} linear-solver iterations.\n\n")
         return note + markdown_table(head, rows) + "\nfigures: " + ", ".join(str(p) for p in figs) + "\n"

@@ -59,7 +59,10 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class ScoredDescent(HypergradientDescent):
     """:class:`~bilevel.solvers.HypergradientDescent` (warm start) that also records, per step,
-    ``cos_exact`` = cos(∇̂h(x_t), ∇h(x_t)) against a closed form ``exact(x)`` and ``est_time``."""
+    ``cos_exact`` = cos(∇̂h(x_t), ∇h(x_t)) against a closed form ``exact(x)`` and ``est_time``
+    (problems without carried buffers only)."""
+
+    carries_buffers = False
 
     def __init__(self, estimator: Any, upper: Any, exact: Any):
         super().__init__(estimator, upper=upper, warm_start=True)

@@ -8,8 +8,8 @@ lower loss and averaged:
     ∇̂h(x) = d/dx f(x, y'(x)) = ∇_x f(x, y') − (1/τ) Σ_k w_k (c_k − c̄) ∇_x g(x, y_k),
 
 with c_k = <y_k − y', ∇_y f(x, y')> and c̄ = Σ_k w_k c_k (the y_k are constants: the derivative
-runs through the weights only). One value and ∇_x of g per copy and one gradient of f: no second
-derivatives and no graph across steps.
+runs through the weights only; a start y0(x) that depends on x contributes nothing). One value
+and ∇_x of g per copy and one gradient of f: no second derivatives and no graph across steps.
 
 What it converges to (our derivation, tested in tests/hypergrad/test_proxy.py): near a minimiser
 g(x, y + σε) ≈ g + σ<∇_y g, ε> + (σ²/2) εᵀHε, so for K → ∞ the weights tilt N(0, I) into the
@@ -115,5 +115,5 @@ class EvoGrad(Estimator):
         c = (D - shift) @ T.to_vector(gy)                      # c_k − c̄ (no cancellation)
         hg = T.to_vector(gx) - ((w * c) @ GX) / self.tau
         info.update({"samples": self.samples, "weights": w.detach(),
-                     "ess": float(1.0 / (w * w).sum()), "proxy_shift": float(shift.norm())})
+                     "ess": (1.0 / (w * w).sum()).detach(), "proxy_shift": shift.norm().detach()})
         return T.from_vector(hg, xs), ys, info, state

@@ -192,6 +192,20 @@ class Implicit(Estimator):
         return v, sinfo
 
 
+def estimator_for(solver: Any) -> type[Implicit]:
+    """The implicit estimator of this module whose linear solver is ``solver`` (a function of
+    :data:`bilevel.linalg.SOLVERS`): CG for ``linalg.cg``, Neumann for ``linalg.neumann``, ..."""
+    todo, found = list(Implicit.__subclasses__()), []
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__ == __name__ and getattr(cls, "method", None) is solver:
+            found.append(cls)
+    if len(found) != 1:
+        raise ValueError(f"no implicit estimator uses the linear solver {solver!r}")
+    return found[0]
+
+
 def _advice(reason: str) -> str:
     if reason in ("negative_curvature", "not_positive_definite"):
         return ("the lower Hessian is indefinite (a non-convex lower level); use MINRES, NormalCG "
@@ -260,6 +274,9 @@ class CG(_Krylov):
             (no graph), or ``None`` to use the given y as y*.
         iters: at most this many Hessian-vector products.
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
+        check_every: read the stopping / breakdown tests on the host once per block of this
+            many iterations (default: 1 on the CPU, 10 on an accelerator); 0: all ``iters``
+            iterations with device masks and one read at the end (see :func:`bilevel.linalg.cg`).
 
     Reference: Pedregosa 2016 (HOAG, Alg. 1); Rajeswaran et al. 2019 (iMAML, Sec. 3.2).
     H must be positive definite (else ``breakdown="negative_curvature"``: use MINRES or damping).
@@ -268,6 +285,15 @@ class CG(_Krylov):
     reference = "Pedregosa 2016 (HOAG); Rajeswaran et al. 2019 (iMAML) — AID with CG"
 
     method = staticmethod(linalg.cg)
+
+    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, *,
+                 check_every: int | None = None, **kw):
+        super().__init__(inner, iters, tol, **kw)
+        self.check_every = _check_every(check_every)
+
+    def solve(self, lin, b, x0, bound):
+        return linalg.cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol,
+                         check_every=self.check_every)
 
 
 class MINRES(_Krylov):
@@ -303,12 +329,32 @@ class NormalCG(_Krylov):
     method = staticmethod(linalg.normal_cg)
 
 
+def _check_every(value: int | None) -> int | None:
+    """``check_every`` of CG / Neumann / FixedPoint: None (the device default) or an int ≥ 0."""
+    if value is not None and int(value) < 0:
+        raise ValueError(f"check_every must be >= 0 (0: fixed iterations), got {value}")
+    return None if value is None else int(value)
+
+
 def _step_size(alpha: float | None, inner: Dynamics | None, name: str) -> float:
     if alpha is not None:
         return float(alpha)
     if inner is not None and isinstance(inner.lr, (int, float)):
         return float(inner.lr)
     raise ValueError(f"{name} needs alpha= (no numeric inner learning rate to default to)")
+
+
+def _renamed_lr(cls: str, alpha: float | None, kw: dict[str, Any]) -> float | None:
+    """``lr=`` was FixedPoint's name for the step α (issue 8.12: one name, ``alpha``, as in Neumann,
+    AID and :mod:`bilevel.linalg`); still taken, with a ``DeprecationWarning``."""
+    if "lr" not in kw:
+        return alpha
+    lr = kw.pop("lr")
+    if alpha is not None:
+        raise TypeError(f"{cls}: pass the step size as alpha= only (lr= is its deprecated name)")
+    warnings.warn(f"{cls}(lr=...) is deprecated: the step size is called alpha (as in Neumann and AID)",
+                  DeprecationWarning, stacklevel=3)
+    return lr
 
 
 class Neumann(Implicit):
@@ -320,19 +366,25 @@ class Neumann(Implicit):
         inner: lower-level dynamics, or ``None`` (the given y is y*).
         iters: Q, the number of Hessian-vector products.
         alpha: the step α; default the inner learning rate (an error if there is none).
+        check_every: host reads once per block of this many terms (as for :class:`CG`).
 
     Reference: Lorraine, Vicol & Duvenaud 2020, Eq. 6; Ji, Yang & Liang 2021 (Alg. 3).
     """
 
     reference = "Lorraine, Vicol & Duvenaud 2020, Eq. 6; Ji, Yang & Liang 2021 (stocBiO, Alg. 3)"
 
-    def __init__(self, inner: Dynamics | None, iters: int = 20, alpha: float | None = None, **kw):
+    method = staticmethod(linalg.neumann)
+
+    def __init__(self, inner: Dynamics | None, iters: int = 20, alpha: float | None = None, *,
+                 check_every: int | None = None, **kw):
         super().__init__(inner, **kw)
         self.iters = int(iters)
         self.alpha = _step_size(alpha, inner, "Neumann")
+        self.check_every = _check_every(check_every)
 
     def solve(self, lin, b, x0, bound):
-        return linalg.neumann(self.operator(lin), b, iters=self.iters, alpha=self.alpha, growth=2.0)
+        return linalg.neumann(self.operator(lin), b, iters=self.iters, alpha=self.alpha, growth=2.0,
+                              check_every=self.check_every)
 
 
 class FixedPoint(Implicit):
@@ -343,25 +395,38 @@ class FixedPoint(Implicit):
     Args:
         inner: lower-level dynamics, or ``None`` (the given y is y*).
         iters: at most this many Hessian-vector products.
-        lr: the step α; default the inner learning rate (an error if there is none).
+        alpha: the step α; default the inner learning rate (an error if there is none).
+            (``lr=`` is its deprecated former name: it still works, with a DeprecationWarning.)
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖ (0: never early).
+        check_every: host reads once per block of this many iterations (as for :class:`CG`).
 
     Reference: Grazzi, Franceschi, Pontil & Salzo 2020 (AID-FP); Ji, Yang & Liang 2021.
     """
 
     reference = "Grazzi et al. 2020 (AID-FP); Ji, Yang & Liang 2021"
 
+    method = staticmethod(linalg.fixed_point)
+
     def __init__(
-        self, inner: Dynamics | None, iters: int = 50, lr: float | None = None, tol: float = 0.0,
-        **kw,
+        self, inner: Dynamics | None, iters: int = 50, alpha: float | None = None, tol: float = 0.0,
+        *, check_every: int | None = None, **kw,
     ):
+        alpha = _renamed_lr("FixedPoint", alpha, kw)
         super().__init__(inner, **kw)
         self.iters, self.tol = int(iters), float(tol)
-        self.lr = _step_size(lr, inner, "FixedPoint")
+        self.alpha = _step_size(alpha, inner, "FixedPoint")
+        self.check_every = _check_every(check_every)
+
+    @property
+    def lr(self) -> float:
+        """Deprecated name of :attr:`alpha`."""
+        warnings.warn("FixedPoint.lr is deprecated: use FixedPoint.alpha", DeprecationWarning,
+                      stacklevel=2)
+        return self.alpha
 
     def solve(self, lin, b, x0, bound):
-        return linalg.fixed_point(self.operator(lin), b, x0, iters=self.iters, alpha=self.lr,
-                                  tol=self.tol, growth=2.0)
+        return linalg.fixed_point(self.operator(lin), b, x0, iters=self.iters, alpha=self.alpha,
+                                  tol=self.tol, growth=2.0, check_every=self.check_every)
 
 
 class Exact(Implicit):

@@ -11,14 +11,24 @@ P_φ(x) ≈ y*(x) by minimising the lower objective along it, and take the hyper
 * local fitting (self-tuning networks, MacKay et al. 2019, Alg. 1; Lorraine & Duvenaud 2018,
   Alg. 2): x̃ = x + radius·N(0, I) around the current x, a few φ steps per call, so the proxy
   tracks the best response near the iterate. A linear-in-x proxy is STN's best-response
-  approximation (without their per-layer structure): locally, y*(x̃) ≈ y*(x) + (dy*/dx)(x̃ − x).
+  approximation: locally, y*(x̃) ≈ y*(x) + (dy*/dx)(x̃ − x); ``"structured"`` adds their
+  per-unit structure.
 
 Architectures (on the flattened variables, m = dim x, d = dim y, c the center):
 
 * ``"linear"``: y_φ(x) = a + U (x − c), φ = (a ∈ R^d, U ∈ R^{d×m}); a starts at y0, U at 0.
   When y*(x) is affine in x (a ridge problem with a learned prior mean) it is exact everywhere.
+* ``"structured"``: STN's structured best response (MacKay et al. 2019, Sec. 4.2: each unit's
+  weights scaled by a linear function of x), y_φ(x) = a + b ⊙ E V(x − c), where V ∈ R^{u×m}
+  gives one scale per unit (row of a weight leaf, entry of a bias; :func:`units`) and E copies it
+  to the unit's entries; φ = (a, b ∈ R^d, V), O(d + u·m) parameters instead of O(d·m);
+  a = y0, b = 1, V = 0 at the start;
 * ``"mlp"``: y_φ(x) = a + W₂ tanh(W₁ (x − c) + b₁) with ``hidden`` units; W₁ ~ N(0, 1/m)
   (from the seed), b₁ = 0, W₂ = 0 (so it starts as the constant a = y0).
+
+Global fitting only teaches the proxy the box (or the Gaussian's bulk): an x outside it gets an
+extrapolation. The proxy replaces the lower solve, so a lower-level projection (``y_projection``
+of :func:`bilevel.solve`) is not applied to y_φ(x).
 
 State is data: φ, the Adam moments of its optimiser, the center, the generator state and the
 number of fitting steps so far live in the estimator state (``torch.save``-able), so a resumed
@@ -44,18 +54,34 @@ from ..inner import Adam
 from ..validation import check_finite
 from .base import Estimator
 
-__all__ = ["Hypernetwork", "STN", "proxy_apply"]
+__all__ = ["Hypernetwork", "STN", "proxy_apply", "units"]
 
-ARCHS = ("linear", "mlp")
+ARCHS = ("linear", "structured", "mlp")
 FITS = ("global", "local")
 
 
-def proxy_apply(arch: str, phi: T.Leaves, center: Tensor, X: Tensor) -> Tensor:
-    """y_φ at the rows of ``X`` ((S, m) flat upper points) as an (S, d) matrix."""
+def units(ys: T.Leaves) -> Tensor:
+    """For each entry of the flat lower variable, the index of its unit (the row of its leaf:
+    an output unit of a weight matrix (out, ...), one entry of a bias; a 0-dim leaf is one unit)."""
+    idx, base = [], 0
+    for t in ys:
+        rows = t.shape[0] if t.dim() >= 1 else 1
+        per = t.numel() // max(rows, 1)
+        idx.append(base + torch.arange(rows, device=t.device).repeat_interleave(per))
+        base += rows
+    return torch.cat(idx)
+
+
+def proxy_apply(arch: str, phi: T.Leaves, center: Tensor, X: Tensor, unit: Tensor | None = None) -> Tensor:
+    """y_φ at the rows of ``X`` ((S, m) flat upper points) as an (S, d) matrix (``unit``: the
+    entry -> unit map of :func:`units`, for ``"structured"``)."""
     Z = X - center
     if arch == "linear":
         a, U = phi
         return a + Z @ U.T
+    if arch == "structured":
+        a, b, V = phi
+        return a + b * (Z @ V.T)[..., unit]
     a, W1, b1, W2 = phi
     return a + torch.tanh(Z @ W1.T + b1) @ W2.T
 
@@ -64,7 +90,8 @@ class Hypernetwork(Estimator):
     """Best-response hypernetwork (see the module docstring).
 
     Args:
-        arch: ``"linear"`` or ``"mlp"``; ``hidden``: units of the MLP (default 16; MLP only).
+        arch: ``"linear"``, ``"structured"`` or ``"mlp"``; ``hidden``: units of the MLP (default 16;
+            MLP only).
         fit: ``"global"`` (x̃ over the domain) or ``"local"`` (x̃ around the current x; :class:`STN`).
         radius: standard deviation of the Gaussian x̃ (default 0.5 global, 0.1 local); not with ``box``.
         box: ``(low, high)`` (numbers or tensors shaped like the flat x): global fitting draws x̃
@@ -159,9 +186,15 @@ class Hypernetwork(Estimator):
         x = T.to_vector(bound.xs).detach()
         y0 = T.to_vector(T.detach(bound.init(bound.xs))).detach()
         m, d = x.numel(), y0.numel()
+        if self.box is not None and any(torch.as_tensor(b).numel() not in (1, m) for b in self.box):
+            raise ConfigError(f"{type(self).__name__}: box bounds must be numbers or have dim x = {m} "
+                              "entries (the flattened upper variable)")
         like = {"dtype": y0.dtype, "device": y0.device}
         if self.arch == "linear":
             phi = (y0.clone(), torch.zeros(d, m, **like))
+        elif self.arch == "structured":
+            u = int(units(bound.ys0).max()) + 1
+            phi = (y0.clone(), torch.ones(d, **like), torch.zeros(u, m, **like))
         else:
             h = self.hidden
             W1 = torch.randn(h, m, generator=gen, dtype=torch.float64) / math.sqrt(m)
@@ -183,18 +216,18 @@ class Hypernetwork(Estimator):
         return X.to(dtype=x.dtype, device=x.device)
 
     def fit_step(self, bound: Bound, phi: T.Leaves, opt: T.Leaves, center: Tensor, X: Tensor,
-                 k: int) -> tuple[T.Leaves, T.Leaves, float]:
+                 k: int, unit: Tensor | None = None) -> tuple[T.Leaves, T.Leaves, Tensor]:
         """One Adam step on φ for the mean of g(x̃_s, y_φ(x̃_s)) over the rows x̃_s of X; returns
         (φ, optimiser moments, the mean lower value before the step)."""
         xs, ys = bound.xs, bound.ys0
         with torch.no_grad():
-            Y = proxy_apply(self.arch, phi, center, X)
+            Y = proxy_apply(self.arch, phi, center, X, unit)
         vals, _, GY = O.grads_at(bound.G, xs, ys, X, Y, batched=self.batched)
         cot = GY / X.shape[0]
-        gphi = O.vjp(lambda p: (proxy_apply(self.arch, p, center, X),), phi, (cot,))
+        gphi = O.vjp(lambda p: (proxy_apply(self.arch, p, center, X, unit),), phi, (cot,))
         new = self._opt.update(tuple(phi) + tuple(opt), gphi, k)
         n = len(phi)
-        return tuple(new[:n]), tuple(new[n:]), float(vals.mean())
+        return tuple(new[:n]), tuple(new[n:]), vals.mean().detach()
 
     def compute(self, bound: Bound, state: dict[str, Any]):
         if bound.carries:  # no lower trajectory to step running statistics along
@@ -209,17 +242,18 @@ class Hypernetwork(Estimator):
             raise ConfigError(f"{type(self).__name__}: the state was made for dim x = "
                               f"{center.numel()}, dim y = {phi[0].numel()}; this problem has "
                               f"{x.numel()}, {T.numel(bound.ys0)}")
+        unit = units(bound.ys0) if self.arch == "structured" else None
         gen = torch.Generator().set_state(state["rng"])
         k0 = int(state["fit_steps"])
         n = self.steps + (self.warmup if k0 == 0 else 0)
-        fit_loss = float("nan")
+        fit_loss = torch.full((), float("nan"))
         for k in range(k0, k0 + n):
             X = self.draw(x, center, gen)
-            phi, opt, fit_loss = self.fit_step(bound, phi, opt, center, X, k)
+            phi, opt, fit_loss = self.fit_step(bound, phi, opt, center, X, k, unit)
         check_finite(phi, "lower", "the proxy's parameters φ after fitting (reduce lr)")
 
         def response(a: T.Leaves) -> T.Leaves:
-            return T.from_vector(proxy_apply(self.arch, phi, center, T.to_vector(a)[None])[0],
+            return T.from_vector(proxy_apply(self.arch, phi, center, T.to_vector(a)[None], unit)[0],
                                  bound.ys0)
 
         with torch.no_grad():
@@ -227,7 +261,7 @@ class Hypernetwork(Estimator):
         _, gx, gy = O.grads(bound.F, xs, yp)
         hg = T.add(gx, O.vjp(response, xs, gy))
         info = {"fit_loss": fit_loss, "fit_steps": n, "fit_steps_total": k0 + n,
-                "proxy_grad_norm": float(T.norm(O.grad_y(bound.G, xs, yp)))}
+                "proxy_grad_norm": T.norm(O.grad_y(bound.G, xs, yp)).detach()}
         new_state = {"phi": T.detach(phi), "opt": T.detach(opt), "center": center,
                      "rng": gen.get_state(), "fit_steps": k0 + n}
         return hg, T.detach(yp), info, new_state
@@ -237,8 +271,9 @@ class STN(Hypernetwork):
     """Self-tuning network's local best-response fitting (MacKay et al. 2019, Alg. 1): a
     :class:`Hypernetwork` with ``fit="local"`` — x̃ = x + radius·N(0, I) around the current x,
     ``steps`` Adam steps on φ per call (default 5; ``warmup`` extra at the first call), then the
-    hypergradient through y_φ. Default arch ``"linear"``: STN's linear-in-x best response.
-    (STN's per-layer structure and its learned perturbation scale are not modelled.)
+    hypergradient through y_φ. Default arch ``"linear"``: a linear-in-x best response;
+    ``arch="structured"``: STN's per-unit structure (see the module docstring). STN's learned
+    perturbation scale (its entropy term) is not modelled: ``radius`` is fixed.
     """
 
     reference = "MacKay et al. 2019 (self-tuning networks), Alg. 1; survey 2207.11719 Eq. 33"

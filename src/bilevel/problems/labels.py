@@ -31,9 +31,9 @@ hidden ReLU layer, mapping a sample's current loss to its weight,
 
 with sg = stop-gradient: the loss enters the weight net as data, as in the authors' code
 (``vnet(cost.data)``), so ∇_Z g = (1/n) Σ ŵ_i ∇CE_i + 2 reg Z is MW-Net's weighted step. The
-weights are normalised to mean 1 (the authors' imbalance code normalises the batch weights the
-same way), so the loss scale cannot drift against reg. One warm-started GD step differentiated
-in reverse mode (``Reverse(GD(lr=α, steps=1))``) is Alg. 1's look-ahead ŵ(Θ) exactly; more steps
+weights are normalised to mean 1, so the loss scale cannot drift against reg. One warm-started
+GD step differentiated in reverse mode (``Reverse(GD(lr=α, steps=1))``) is Alg. 1's look-ahead
+ŵ(Θ) exactly; more steps
 and implicit estimators differentiate the same dynamics with the weights' loss input held fixed
 (sg): an approximation beyond one step, stated in docs/survey.md. A sample is detected as noisy
 when ŵ_i < ``threshold`` (1/2).

@@ -6,14 +6,17 @@ non-decomposable) metric on mini-batches of predictions, and train the model on 
 the two fits. Here the same idea is posed as one bilevel problem with an explicit metric
 relaxation in the upper level (our choice, stated in docs/survey.md):
 
-    x = θ = (a_0, a_1, m_0, m_1),   ℓ_θ(s, y) = e^{a_y} · softplus(m_y − σ_y s),   σ_y = 2y − 1,
+    x = θ = (b, m_0, m_1),   ℓ_θ(s, y) = c_y(b) · softplus(m_y − σ_y s),   σ_y = 2y − 1,
+    c_1 = 2 sigmoid(b),  c_0 = 2 − c_1 = 2 sigmoid(−b),
     y*(θ) = argmin_w g(θ, w) = (1/n) Σ_i ℓ_θ(a_iᵀw, y_i) + reg‖w‖²          (train),
     f(θ, w) = 1 − F̃1(w) = 1 − 2 Σ_k p_k y_k / (Σ_k p_k + Σ_k y_k),  p_k = sigmoid(a_kᵀw / τ)   (validation).
 
 ℓ_θ is a per-class weighted, margin-shifted logistic loss: θ = 0 is the binary cross-entropy, so the
-search starts at the baseline; e^{a_y} trades false positives against false negatives and m_y sets
-the margin each class must clear. F̃1 is the usual soft-F1 relaxation (counts of a threshold-0
-classifier replaced by probabilities), → F1 as τ → 0. g is strongly convex in w for every θ, so
+search starts at the baseline; the class weights c_y ∈ (0, 2) trade false positives against false
+negatives (their sum is fixed, so θ cannot simply rescale the loss against the ridge, and the lower
+curvature stays within twice the cross-entropy's) and m_y sets the margin each class must clear.
+F̃1 is the usual soft-F1 relaxation (counts of a threshold-0 classifier replaced by probabilities),
+→ F1 as τ → 0. g is strongly convex in w for every θ, so
 implicit differentiation applies; the model is linear with a bias (the last feature is 1).
 
 Data (:func:`f1_data`): the bundled MNIST sample via :func:`bilevel.problems.labels.label_data`
@@ -153,13 +156,14 @@ class SurrogateProblem:
 
 
 def surrogate_value(theta: Tensor, scores: Tensor, y: Tensor) -> Tensor:
-    """(1/n) Σ_i e^{a_{y_i}} softplus(m_{y_i} − σ_i s_i), θ = (a_0, a_1, m_0, m_1)."""
-    a = theta[0] + (theta[1] - theta[0]) * y
-    m = theta[2] + (theta[3] - theta[2]) * y
-    return (torch.exp(a) * softplus(m - (2 * y - 1) * scores)).mean()
+    """(1/n) Σ_i c_{y_i} softplus(m_{y_i} − σ_i s_i), c_y = 2 sigmoid(σ_y b), θ = (b, m_0, m_1)."""
+    sign = 2 * y - 1
+    c = 2 * torch.sigmoid(sign * theta[0])
+    m = theta[1] + (theta[2] - theta[1]) * y
+    return (c * softplus(m - sign * scores)).mean()
 
 
-def surrogate_loss(data: F1Data, *, reg: float = 1e-2, temperature: float = 1.0) -> SurrogateProblem:
+def surrogate_loss(data: F1Data, *, reg: float = 1e-2, temperature: float = 0.3) -> SurrogateProblem:
     """The bilevel problem of the module docstring, θ0 = 0 (cross-entropy), w0 = 0."""
     if not reg > 0:
         raise ConfigError(f"reg must be positive (strongly convex lower level), got {reg}")
@@ -176,7 +180,7 @@ def surrogate_loss(data: F1Data, *, reg: float = 1e-2, temperature: float = 1.0)
     dtype = data.A.dtype
     return SurrogateProblem(
         Problem(upper=f, lower=g, name="surrogate-loss"),
-        torch.zeros(4, dtype=dtype, device=data.A.device),
+        torch.zeros(3, dtype=dtype, device=data.A.device),
         torch.zeros(data.A.shape[1], dtype=dtype, device=data.A.device),
         data,
         reg_f,
