@@ -59,23 +59,14 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class ScoredDescent(HypergradientDescent):
     """:class:`~bilevel.solvers.HypergradientDescent` (warm start) that also records, per step,
-    ``cos_exact`` = cos(∇̂h(x_t), ∇h(x_t)) against a closed form ``exact(x)`` and ``est_time``
-    (problems without carried buffers only)."""
-
-    carries_buffers = False
+    ``cos_exact`` = cos(∇̂h(x_t), ∇h(x_t)) against a closed form ``exact(x)`` and ``est_time``."""
 
     def __init__(self, estimator: Any, upper: Any, exact: Any):
         super().__init__(estimator, upper=upper, warm_start=True)
         self.exact = exact
 
-    def step(self, ctx: Any, state: dict[str, Any], t: int) -> dict[str, Any]:
-        x = state["x"]
-        bound = ctx.bound(x, state["y"], ctx.upper_batch(), ctx.lower_batch())
-        grad, ys, info, state["est"] = ctx.estimator(self.estimator).apply(bound, state["est"])
-        state["x"], state["upper"] = descend(self.upper, state["upper"], grad, t, ctx.project_x)
-        state["y"] = ctx.project_y(ys)
-        return {"hypergrad_norm": float(T.norm(grad)), "est_time": info["time"],
-                "cos_exact": _cos(T.to_vector(grad), self.exact(T.to_vector(x)))}
+    def metrics(self, x: Any, grad: Any, info: dict[str, Any]) -> dict[str, Any]:
+        return {"est_time": info["time"], "cos_exact": _cos(T.to_vector(grad), self.exact(T.to_vector(x)))}
 
 
 def make_estimator(name: str, cfg: dict[str, Any], pr: ProxyRidge, *, batched: bool = True) -> Any:

@@ -41,6 +41,7 @@ from .. import _tree as T
 from .. import distributed as D
 from .. import oracles as O
 from ..errors import BilevelError, ConfigError
+from ..formulation import Bound
 from ..solvers.base import solve
 from . import checkpoint as CK
 from . import config as C
@@ -282,8 +283,6 @@ def lower_optimality(setup: Setup, x: Any, y: Any, lower_star: bool = True) -> d
     """``lower_grad_norm`` ‖∇_y g(x, y)‖ on the full lower data (with a y-projection P the norm of
     the projected-gradient step y − P(y − ∇_y g), zero exactly at a constrained stationary point)
     and, where the setup knows the best lower value g*(x), ``lower_gap`` = g(x, y) − g*(x)."""
-    from ..formulation import Bound
-
     lo = None if setup.lower_data is None else setup.lower_data.full()
     b = Bound(setup.problem, x, y, lower_batch=lo)
     with O.counting():  # diagnostics: not part of the run's oracle counts
@@ -458,12 +457,17 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
     for cb in cbs:
         cb.on_start(path, cfg, load_trace(path))
 
+    tree = Bound(setup.problem, setup.x0, setup.y0)
+
     def evaluate(x: Any, y: Any, record: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         with torch.no_grad():
             metrics = {**_losses(setup, x, y), **(setup.evaluate(x, y) if setup.evaluate else {})}
         star = record["step"] == steps or not setup.lower_star_final_only
-        metrics.update(lower_optimality(setup, x, y, lower_star=star))
+        # the lower level is judged at the x it was solved for (hypergradient descent: (x_t, y_t),
+        # not the reported (x_{t+1}, y_t))
+        lx, ly = setup.solver.lower_pair(live["state"])
+        metrics.update(lower_optimality(setup, tree.x_tree(lx), tree.y_tree(ly), lower_star=star))
         session["eval_time"] += time.perf_counter() - t0
         # data-parallel: every rank counts its shard's evaluations; the trace has the union's
         counts = D.sum_counts(dict(live["state"]["counts"].flat()))
@@ -491,12 +495,10 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
         }
         CK.save(ckpt_dir, blob)
 
-    from ..formulation import Bound  # local: only to unflatten the start point for the step-0 record
 
     if fresh:
-        b = Bound(setup.problem, setup.x0, setup.y0)
         xs, ys = setup.solver.output(state)
-        evaluate(b.x_tree(xs), b.y_tree(ys), {"step": 0, "time": 0.0})
+        evaluate(tree.x_tree(xs), tree.y_tree(ys), {"step": 0, "time": 0.0})
     bar = _progress_bar(steps, start_t, label or exp.name, progress and start_t < steps)
     shown = list(setup.progress)
     last: dict[str, Any] = {}

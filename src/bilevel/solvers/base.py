@@ -181,6 +181,12 @@ class Solver:
         """The (x, y) pair the solver reports (e.g. an average or the last iterate)."""
         return state["x"], state["y"]
 
+    def lower_pair(self, state: dict[str, Any]) -> tuple[T.Leaves, T.Leaves]:
+        """The (x, y) pair at which y was computed as the lower solution — where "is the lower level
+        solved?" is asked. The reported pair by default; a solver that moves x after solving the
+        lower level at it (hypergradient descent: y_t ≈ y*(x_t), then x_{t+1}) returns (x_t, y_t)."""
+        return self.output(state)
+
     def __repr__(self) -> str:
         keys = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({keys})"

@@ -57,7 +57,9 @@ class HypergradientDescent(Solver):
         buffers = state.get("buffers") if self.warm_start else None
         bound = ctx.bound(state["x"], ystart, ctx.upper_batch(), ctx.lower_batch(), buffers)
         est = ctx.estimator(self.estimator)  # with the problem's y-projection attached
+        x = state["x"]
         grad, ys, info, state["est"] = est.apply(bound, state["est"])
+        state["x_lower"] = x  # y below solves the lower level at this x, not at the updated one
         if info.get("buffers") is not None:
             state["buffers"] = info["buffers"]
         state["x"], state["upper"] = descend(self.upper, state["upper"], grad, t, ctx.project_x)
@@ -68,4 +70,13 @@ class HypergradientDescent(Solver):
             out["linear_residual"] = sinfo["residual"]
             out["breakdown"] = sinfo["breakdown"]  # None, or why the solve broke down this step
             out["breakdowns"] = sinfo.get("breakdowns", 0)  # in this run so far
+        out.update(self.metrics(x, grad, info))
         return out
+
+    def lower_pair(self, state: dict[str, Any]) -> tuple[Any, Any]:
+        return state.get("x_lower", state["x"]), state["y"]
+
+    def metrics(self, x: Any, grad: Any, info: dict[str, Any]) -> dict[str, Any]:
+        """Extra per-step record entries from the step's x_t, ∇̂h(x_t) and the estimator's info
+        (none here; a subclass that scores the hypergradient overrides this, not :meth:`step`)."""
+        return {}
