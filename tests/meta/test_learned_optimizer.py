@@ -25,7 +25,7 @@ def _hand_unroll(net, task, theta, m, steps, beta=0.9, s=0.1):
             h = h @ net[f"{i}.weight"].T + net[f"{i}.bias"]
             if i < 2:
                 h = torch.tanh(h)
-        out = h[..., 0] + (h0 @ net["skip"] if "skip" in net else 0.0)  # linear skip connection
+        out = h[..., 0] + (h0 @ net["skip"] if "skip" in net else 0.0)  # skip
         theta = theta + s * out
         losses.append(LO.quadratic_loss(task, theta))
     return losses, theta

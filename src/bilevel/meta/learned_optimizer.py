@@ -60,7 +60,8 @@ def init_net(hidden: int = 20, generator: torch.Generator | None = None,
              dtype: torch.dtype = torch.float32, skip: bool = False) -> dict[str, Tensor]:
     """Weights of the coordinate-wise MLP 6 → hidden → hidden → 1 (tanh); ``skip=True`` adds a
     linear skip connection from the 6 inputs to the output (``"skip"``, initialized to zero, so
-    the initial rule is unchanged: a direct path to SGD / momentum-like steps on the raw inputs)."""
+    the initial rule is unchanged: a direct path to SGD / heavy-ball-like steps on the raw
+    inputs)."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     sizes = [FEATURES, hidden, hidden, 1]
     net = {}
@@ -203,16 +204,18 @@ def meta_train_optimizer(x: dict[str, Any], dyn: LearnedUpdate, *, meta_steps: i
 
 def tuned_sgd(train: dict[str, Tensor], steps: int,
               lrs: tuple[float, ...] = (1e-3, 2e-3, 5e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 5e-2),
-              criterion: str = "median") -> tuple[float, dict]:
+              criterion: str = "median", momentum: float = 0.0) -> tuple[float, dict]:
     """The SGD step size with the lowest ``criterion`` ("median" or "mean") of the final loss on
-    ``train`` tasks (grid search): tuned for the statistic it is compared on."""
-    from ..inner import GD
+    ``train`` tasks (grid search): tuned for the statistic it is compared on. ``momentum > 0``:
+    heavy-ball SGD (``bl.inner.Momentum``) with that momentum."""
+    from ..inner import GD, Momentum
 
     if criterion not in ("median", "mean"):
         raise ConfigError(f"criterion must be 'median' or 'mean', got {criterion!r}")
     scores = {}
     for lr in lrs:
-        last = run_optimizer(GD(lr=lr, steps=steps), train, steps)[:, -1]
+        dyn = Momentum(lr=lr, momentum=momentum, steps=steps) if momentum else GD(lr=lr, steps=steps)
+        last = run_optimizer(dyn, train, steps)[:, -1]
         final = last.median() if criterion == "median" else last.mean()
         scores[lr] = float(final) if torch.isfinite(final) else math.inf
     return min(scores, key=scores.get), scores
@@ -220,10 +223,11 @@ def tuned_sgd(train: dict[str, Tensor], steps: int,
 
 def compare(meta_steps: int = 40, meta_batch: int = 16, horizon: int = 100, unroll_steps: int = 20,
             hidden: int = 20, outer_lr: float = 1e-2, seed: int = 0, test_tasks: int = 500,
-            skip: bool = True, callback: Callable[[int, float], None] | None = None
+            skip: bool = False, callback: Callable[[int, float], None] | None = None
             ) -> dict[str, Any]:
     """Meta-train on random quadratics, tune SGD on other training quadratics (once for the
-    median and once for the mean final loss), and compare on ``test_tasks`` held-out quadratics
+    median and once for the mean final loss; and heavy-ball SGD, momentum 0.9, for the median),
+    and compare on ``test_tasks`` held-out quadratics
     (final loss after ``horizon`` steps: mean, median, fraction of tasks won; mean along the path)."""
     from ..inner import GD
 
@@ -238,10 +242,15 @@ def compare(meta_steps: int = 40, meta_batch: int = 16, horizon: int = 100, unro
     out: dict[str, Any] = {"learned_final": float(learned[:, -1].mean()),
                            "learned_median_final": float(learned[:, -1].median()),
                            "learned_path": float(learned.mean())}
-    for crit in ("median", "mean"):
-        lr, scores = tuned_sgd(train, horizon, criterion=crit)
-        sgd = run_optimizer(GD(lr=lr, steps=horizon), test, horizon)
-        out[f"sgd_{crit}_tuned"] = {
+    from ..inner import Momentum
+
+    runs = (("sgd_median_tuned", "median", 0.0), ("sgd_mean_tuned", "mean", 0.0),
+            ("momentum_median_tuned", "median", 0.9))
+    for key, crit, mom in runs:
+        lr, scores = tuned_sgd(train, horizon, criterion=crit, momentum=mom)
+        dyn = Momentum(lr=lr, momentum=mom, steps=horizon) if mom else GD(lr=lr, steps=horizon)
+        sgd = run_optimizer(dyn, test, horizon)
+        out[key] = {
             "lr": lr, "grid": scores, "final": float(sgd[:, -1].mean()),
             "median_final": float(sgd[:, -1].median()), "path": float(sgd.mean()),
             "learned_wins": float((learned[:, -1] < sgd[:, -1]).double().mean())}
