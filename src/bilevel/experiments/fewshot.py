@@ -31,7 +31,7 @@ from .. import datasets
 from ..errors import ConfigError
 from ..inner import GD, Adam
 from ..meta import METHODS, Episodes, MLPModel, class_split
-from ..meta.train import MetaTraining, evaluate_episodes, meta_problem
+from ..meta.train import PER_TASK_LOWER, MetaTraining, evaluate_episodes, meta_problem
 from .base import (
     Experiment,
     Setup,
@@ -132,6 +132,7 @@ class FewShot(Experiment):
 
         return Setup(problem=meta_problem(learner, monitor), x0=x0,
                      y0=torch.zeros(1, dtype=dt, device=dev), solver=solver,
+                     lower_by_design=PER_TASK_LOWER,
                      evaluate=evaluate, progress=("test_acc",), plot_metrics=("test_acc", "upper_loss"),
                      stateful={"tasks": train},
                      info={"train_classes": train_cls, "test_classes": test_cls,

@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError, NonFiniteError
 from ..inner import Adam
 from ..meta import MLPModel, SinusoidTasks
-from ..meta.train import MetaTraining, evaluate_episodes, meta_problem
+from ..meta.train import PER_TASK_LOWER, MetaTraining, evaluate_episodes, meta_problem
 from .base import Experiment, Setup, fmt, markdown_table, register, run_device, run_dtype
 from .fewshot import make_learner
 
@@ -78,6 +78,7 @@ class Sinusoid(Experiment):
 
         return Setup(problem=meta_problem(learner, monitor), x0=x0,
                      y0=torch.zeros(1, dtype=dt, device=dev), solver=solver,
+                     lower_by_design=PER_TASK_LOWER,
                      evaluate=evaluate, progress=("mse_1step", "mse_10step"),
                      plot_metrics=("mse_1step", "mse_10step"), stateful={"tasks": train},
                      baselines=lambda: {f"init_{k}": v for k, v in evaluate(x0, None).items()},

@@ -114,6 +114,12 @@ def sharded_meta_grad(learner: MetaLearner, x: Any, tasks: Any, *, vmap: bool | 
     return g, info
 
 
+#: the runner's lower-level note for meta-learning runs: y is a placeholder, every task's lower
+#: problem is solved inside the meta-gradient (``inner_grad_norm`` in the trace measures it)
+PER_TASK_LOWER = ("each task's lower problem is solved inside the meta-gradient (inner_grad_norm in the "
+                  "trace: the largest ‖∇_y g_i‖ of the meta-batch); the runner's y is a placeholder")
+
+
 def meta_problem(learner: MetaLearner, tasks: Any) -> Problem:
     """A :class:`bilevel.Problem` whose upper/lower values are the mean query / support-free loss
     of ``learner`` on a fixed task batch (what ``bl.solve`` reports; y is unused)."""
