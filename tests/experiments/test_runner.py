@@ -186,6 +186,21 @@ def test_new_run_dir_default_name(tmp_path, monkeypatch):
     assert a.parent == b.parent == Path("runs") and a != b and a.name.startswith("x-") and a.is_dir()
 
 
+def test_table_records_a_failed_sub_run_and_runs_the_others(tmp_path):
+    """upper.lr = 1e200 on test-quad overflows x at step 2 (NonFiniteError): the table keeps going,
+    summarizes the completed sub-runs, lists the failure, and a resumed table does not rerun it."""
+    r = run("test-quad-table", overrides={"lrs": [0.5, 1e200], "seeds": 1}, out=tmp_path / "t",
+            plots=False, **QUIET)
+    assert r.completed and r.info["runs"] == 1 and r.info["failed"] == 1
+    text = (tmp_path / "t" / "summary.md").read_text()
+    assert f"{0.5 ** 8 * math.sqrt(14):.4f}" in text
+    assert "**1 of 2 sub-runs failed**" in text and "lr=1e+200 (seed 0): NonFiniteError" in text
+    res = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert [f["label"] for f in res["failed"]] == ["lr=1e+200"]
+    with pytest.raises(ConfigError):  # a bad setting is still an error, not a failed sub-run
+        run("test-quad-table", overrides={"lrs": [0.5, "x"]}, out=tmp_path / "bad", **QUIET)
+
+
 def test_table_summary_and_resume(tmp_path):
     full = run("test-quad-table", out=tmp_path / "t", **QUIET)
     assert full.completed

@@ -599,6 +599,7 @@ def _run_table(
     if len(set(folders)) != len(folders):
         raise ConfigError(f"{exp.name}: sub-runs must have distinct (label, seed) pairs")
     results: list[SubResult] = []
+    failed: list[dict[str, Any]] = []  # sub-runs whose method failed numerically (NaN, breakdown)
     for i, sr in enumerate(subs):
         sub_exp = get(sr.experiment)
         if isinstance(sub_exp, Table):
@@ -609,6 +610,9 @@ def _run_table(
             res = json.loads(done_file.read_text())
             results.append(SubResult(sr, sub_dir, res["final"], res["extras"], res["info"]))
             continue
+        if (sub_dir / "failed.json").is_file():  # deterministic: a resumed table does not rerun it
+            failed.append(json.loads((sub_dir / "failed.json").read_text()))
+            continue
         resuming = (sub_dir / "config.toml").is_file()
         if resuming:
             sub_cfg = sub_exp.resolve(file=C.read(sub_dir / "config.toml"))
@@ -618,9 +622,20 @@ def _run_table(
             _write_json(sub_dir / "run.json", {"experiment": sr.experiment, "kind": "single",
                                                "label": sr.label, "table": exp.name})
             CK.write_text(sub_dir / "config.toml", C.dumps(sub_cfg))
-        r = _run_single(sub_exp, sub_cfg, sub_dir, resume=resuming, stop_after=stop_after,
-                        progress=progress, plots=False, echo=None,
-                        label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}", callbacks=callbacks)
+        try:
+            r = _run_single(sub_exp, sub_cfg, sub_dir, resume=resuming, stop_after=stop_after,
+                            progress=progress, plots=False, echo=None,
+                            label=f"[{i + 1}/{len(subs)}] {sr.label} s{sr.seed}", callbacks=callbacks)
+        except ConfigError:
+            raise
+        except BilevelError as exc:  # the method failed on this sub-run: record it, run the others
+            fail = {"label": sr.label, "seed": sr.seed, "path": str(sub_dir),
+                    "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            _write_json(sub_dir / "failed.json", fail)
+            failed.append(fail)
+            if echo:
+                echo(f"  {sr.label} (seed {sr.seed}): FAILED — {fail['error']}")
+            continue
         if not r.completed:
             if echo:
                 from ..launch import resume_command
@@ -633,13 +648,17 @@ def _run_table(
             shown = ", ".join(f"{c}={r.final[c]:.4g}" for c in exp.columns
                               if isinstance(r.final.get(c), float))
             echo(f"  {sr.label} (seed {sr.seed}): {shown}  [{r.info['wall_time_s']:.1f} s]")
-    summary = exp.summarize_table(cfg, results)
+    summary = exp.summarize_table(cfg, results) if results else ""
+    if failed:  # the table above summarizes the completed sub-runs only
+        summary += (f"\n**{len(failed)} of {len(subs)} sub-runs failed** (not in the table above):\n\n"
+                    + "".join(f"* {f['label']} (seed {f['seed']}): {f['error']}\n" for f in failed))
     CK.write_text(path / "summary.md", summary)
-    info = {"runs": len(results), "wall_time_s": time.perf_counter() - wall0}
+    info = {"runs": len(results), "failed": len(failed), "wall_time_s": time.perf_counter() - wall0}
     _write_json(path / "result.json", {"completed": True, "info": info,
                                        "runs": [{"label": r.run.label, "seed": r.run.seed,
-                                                 "path": str(r.path), "final": r.final} for r in results]})
-    if plots:
+                                                 "path": str(r.path), "final": r.final} for r in results],
+                                       "failed": failed})
+    if plots and results:
         from .plots import plot_runs
 
         plot_runs([r.path for r in results], path / "plots", labels=[r.run.label for r in results],
