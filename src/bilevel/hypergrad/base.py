@@ -34,7 +34,7 @@ from ..formulation import Bound, Problem
 from ..inner import Dynamics, unroll
 from ..validation import check_finite
 
-__all__ = ["HypergradResult", "Estimator", "solve_lower", "lower_grad_fn"]
+__all__ = ["HypergradResult", "Estimator", "solve_lower", "lower_grad_fn", "seeded_generator"]
 
 
 @dataclass
@@ -50,6 +50,18 @@ class HypergradResult:
     info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     buffers: Any = None
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for an estimator's random numbers: seeded with ``seed``, or from fresh
+    entropy when ``seed`` is None. Estimators keep ``gen.get_state()`` in their state (exact resume,
+    vmap), never the generator itself."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
 
 
 def lower_grad_fn(bound: Bound, xs: T.Leaves, *, create_graph: bool):

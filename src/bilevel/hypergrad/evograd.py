@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..formulation import Bound
 from ..inner import Dynamics
 from ..validation import check_finite
-from .base import Estimator, solve_lower
+from .base import Estimator, seeded_generator, solve_lower
 
 __all__ = ["EvoGrad"]
 
@@ -90,11 +90,7 @@ class EvoGrad(Estimator):
         self.chunk = None if chunk is None else int(chunk)
 
     def init_state(self, bound: Bound) -> dict:
-        gen = torch.Generator()
-        if self.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(self.seed))
+        gen = seeded_generator(self.seed)
         return {"rng": gen.get_state()}
 
     def compute(self, bound: Bound, state: dict):

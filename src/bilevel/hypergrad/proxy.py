@@ -52,7 +52,7 @@ from ..errors import ConfigError
 from ..formulation import Bound
 from ..inner import Adam
 from ..validation import check_finite
-from .base import Estimator
+from .base import Estimator, seeded_generator
 
 __all__ = ["Hypernetwork", "STN", "proxy_apply", "units"]
 
@@ -178,11 +178,7 @@ class Hypernetwork(Estimator):
 
     # -- state -------------------------------------------------------------------------------
     def init_state(self, bound: Bound) -> dict[str, Any]:
-        gen = torch.Generator()
-        if self.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(self.seed))
+        gen = seeded_generator(self.seed)
         x = T.to_vector(bound.xs).detach()
         y0 = T.to_vector(T.detach(bound.init(bound.xs))).detach()
         m, d = x.numel(), y0.numel()

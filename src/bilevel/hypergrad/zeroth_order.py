@@ -30,7 +30,7 @@ from .._trace import require, traced, tracing
 from ..errors import ConfigError, NonFiniteError
 from ..formulation import Bound
 from ..inner import Dynamics
-from .base import Estimator, solve_lower
+from .base import Estimator, seeded_generator, solve_lower
 
 
 class ZerothOrder(Estimator):
@@ -62,11 +62,7 @@ class ZerothOrder(Estimator):
         self.chunk = None if chunk is None else int(chunk)
 
     def init_state(self, bound: Bound) -> dict:
-        gen = torch.Generator()
-        if self.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(self.seed))
+        gen = seeded_generator(self.seed)
         return {"rng": gen.get_state()}
 
     def compute(self, bound: Bound, state: dict):
