@@ -149,3 +149,13 @@ def test_lower_level_by_design_gets_no_verdict():
     assert v["solved"] is None and v["grad_norm"] == 0.5
     line = lower_line(v)
     assert "not judged: T steps, not an argmin" in line and "SOLVED" not in line and "solved" not in line
+
+
+def test_lower_cell_of_a_table():
+    from bilevel.experiments.base import SubResult, SubRun, lower_cell
+
+    def sub(lower):
+        return SubResult(SubRun(label="a", experiment="toy", seed=0), None, {}, {}, {"lower": lower})
+
+    assert [lower_cell(sub({"solved": v})) for v in (True, False, None)] == ["yes", "NO", "—"]
+    assert lower_cell(sub({})) == "—"

@@ -48,6 +48,7 @@ __all__ = [
     "run_dtype",
     "markdown_table",
     "fmt",
+    "lower_cell",
 ]
 
 #: keys every single-run experiment has (its defaults may change the values). ``threads``: torch
@@ -250,6 +251,13 @@ def mean_std(vals: Sequence[float]) -> str:
     if len(vals) == 1:
         return fmt(m)
     return f"{fmt(m)} ± {fmt(statistics.stdev(vals))}"
+
+
+def lower_cell(r: SubResult) -> str:
+    """A sub-run's lower-level verdict as a table cell: "yes", "NO", or "—" where none was given
+    (a lower level that is not an argmin by design, ``Setup.lower_by_design``)."""
+    solved = r.info.get("lower", {}).get("solved")
+    return "—" if solved is None else ("yes" if solved else "NO")
 
 
 def fmt(v: Any) -> str:

@@ -43,6 +43,7 @@ from .base import (
     SubRun,
     Table,
     fmt,
+    lower_cell,
     markdown_table,
     register,
     run_device,
@@ -310,7 +311,7 @@ class Labels(Table):
                     fmt(f.get("det_f1", "—")),
                     fmt(f.get("det_precision", "—")),
                     fmt(f.get("det_recall", "—")),
-                    "yes" if r.info.get("lower", {}).get("solved") else "NO",
+                    lower_cell(r),
                     f"{r.info['solver_time_s']:.1f}",
                 ]
             )

@@ -30,6 +30,7 @@ from .base import (
     SubRun,
     Table,
     fmt,
+    lower_cell,
     markdown_table,
     register,
     run_device,
@@ -215,7 +216,7 @@ class Surrogate(Table):
                     fmt(e["ce_test_acc"]),
                     fmt(f["test_acc"]),
                     ", ".join(f"{f[k]:.2f}" for k in THETA),
-                    "yes" if r.info.get("lower", {}).get("solved") else "NO",
+                    lower_cell(r),
                     f"{r.info['solver_time_s']:.1f}",
                 ]
             )
