@@ -1,5 +1,5 @@
-"""Compiled mode (``bl.solve(..., compile=True)``, ``bl.compile(est)``): equal to eager to float
-rounding, same oracle counts, no recompiles on new batches (counted), a clear fallback with the
+"""Per-oracle compiled mode (``bl.solve(..., compile="oracles")``, ``bl.compile(est)``): equal to
+eager to float rounding, same oracle counts, no recompiles on new batches (counted), a clear fallback with the
 reason when an objective cannot be captured, and user errors unchanged.
 
 These run with the ``aot_eager`` backend (dynamo capture with ``fullgraph=True`` + AOT autograd,
@@ -41,9 +41,11 @@ def tiny():
 def test_solve_compiled_equals_eager_without_recompiles(tiny, make):
     kw = dict(batch_size=4, seed=0)
     eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=6, track=False)
-    bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=1, track=False, compile=True)  # warm up
+    bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=1, track=False,
+             compile="oracles")  # warm up
     before = C.stats()["compiles"]
-    comp = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=6, track=False, compile=True)
+    comp = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=6, track=False,
+                    compile="oracles")
     assert C.stats()["compiles"] == before  # 6 iterations, fresh batches each: no recompile
     torch.testing.assert_close(comp.x, eager.x, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(comp.y, eager.y, rtol=1e-13, atol=1e-15)

@@ -41,9 +41,19 @@ class Check:
 _CHECKS: ContextVar[list[Check] | None] = ContextVar("bilevel_traced_checks", default=None)
 
 
+#: the deferred checks of a whole solver step while ``torch.compile`` traces it (a plain list:
+#: ``ContextVar.get`` cannot be traced); :mod:`bilevel.compiled_step` clears and reads it
+COMPILE_CHECKS: list[Check] = []
+
+
+def _checks() -> list[Check] | None:
+    return COMPILE_CHECKS if torch.compiler.is_compiling() else _CHECKS.get()
+
+
 def tracing() -> bool:
-    """True inside :func:`traced` (torch.func oracles, masked solvers, deferred checks)."""
-    return _CHECKS.get() is not None
+    """True inside :func:`traced` (torch.func oracles, masked solvers, deferred checks) and while
+    ``torch.compile`` traces a whole solver step."""
+    return _checks() is not None
 
 
 @contextmanager
@@ -59,7 +69,7 @@ def traced() -> Iterator[list[Check]]:
 
 def require(ok: Tensor | bool, error: Callable[[], BaseException]) -> None:
     """Raise ``error()`` unless ``ok``; in traced mode record the check for later instead."""
-    checks = _CHECKS.get()
+    checks = _checks()
     if checks is None:
         if not bool(ok):
             raise error()

@@ -44,7 +44,7 @@ class CompileFallbackWarning(UserWarning):
 #: without code generation); ``mode``: its mode (None, "reduce-overhead", "max-autotune", ...).
 settings: dict[str, Any] = {"backend": "inductor", "mode": None}
 
-_STATS = {"compiles": 0, "kernels": 0, "fallbacks": 0}
+_STATS = {"compiles": 0, "kernels": 0, "fallbacks": 0, "compiled_steps": 0, "eager_steps": 0}
 _FALLBACK_REASONS: list[str] = []
 
 #: problem -> {(kind, level, xspec, yspec, backend, mode): kernel}
@@ -70,13 +70,18 @@ def _d(ts):
 
 def stats() -> dict[str, Any]:
     """``compiles`` (graphs compiled so far: a count that grows in a steady loop means
-    recompiles), ``kernels`` (kernels created), ``fallbacks`` and their ``reasons``."""
+    recompiles), ``kernels`` (kernels created), ``fallbacks`` and their ``reasons``; whole-step
+    mode (:mod:`bilevel.compiled_step`): ``compiled_steps`` and ``eager_steps`` (the first step
+    of each pattern)."""
     return {**_STATS, "reasons": list(_FALLBACK_REASONS)}
 
 
 def reset() -> None:
     """Forget every cached kernel and zero the counters (the next calls compile again)."""
+    from .compiled_step import _CODE
+
     _CACHE.clear()
+    _CODE.clear()
     for k in _STATS:
         _STATS[k] = 0
     _FALLBACK_REASONS.clear()

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from . import _tree as T
 from . import linalg
 from . import oracles as O
@@ -158,6 +160,15 @@ def sampled_neumann_hypergradient(
     v = T.scale(v, eta * Q)
     Gc = G_batch() if G_cross is None else G_cross
     return T.sub(gx, O.cross(Gc, xs, ys, v)), {"v": v, "p": p}
+
+
+def truncation_index(state: dict[str, Any], Q: int) -> int:
+    """p ~ U{0, …, Q−1} from the generator state ``state["rng"]`` (advanced): the random
+    truncation of :func:`sampled_neumann_hypergradient`, drawn in a solver's ``prepare``."""
+    gen = torch.Generator().set_state(state["rng"])
+    p = int(torch.randint(Q, (1,), generator=gen))
+    state["rng"] = gen.get_state()
+    return p
 
 
 def replay(objectives: list) -> Callable[[], Any]:

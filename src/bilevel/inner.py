@@ -309,7 +309,9 @@ class Dynamics:
         return at
 
     def _check_range(self, name: str, value: Any, where: str) -> None:
-        if not isinstance(value, (int, float)):
+        # (inside a compiled whole step a schedule's value is symbolic; the eager first step of
+        # the pattern checked the same expression)
+        if not isinstance(value, (int, float)) or torch.compiler.is_compiling():
             return
         low, inclusive = self._ranges.get(name, (-math.inf, True))
         if not (value >= low if inclusive else value > low) or not math.isfinite(value):

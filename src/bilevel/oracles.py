@@ -123,17 +123,19 @@ def backend(name: str) -> Iterator[str]:
 
 
 def get_backend() -> str:
-    """The oracle backend in effect (``"autograd"`` unless inside :func:`backend`)."""
-    return _BACKEND.get()
+    """The oracle backend in effect (``"autograd"`` unless inside :func:`backend`; ``"func"``
+    while ``torch.compile`` traces a whole solver step, see :mod:`bilevel.compiled_step` —
+    ``ContextVar.get`` cannot be traced, so no context variable is read there)."""
+    return "func" if torch.compiler.is_compiling() else _BACKEND.get()
 
 
 def _functional() -> bool:
-    return _BACKEND.get() != "autograd"
+    return get_backend() != "autograd"
 
 
 def _kernel(kind: str, fn: Fn):
     """The compiled kernel for ``kind`` when the compiled backend is on (else None)."""
-    if _BACKEND.get() != "compiled" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _BACKEND.get() != "compiled":
         return None
     from .compiled import oracle_kernel
 
@@ -154,8 +156,13 @@ def reducing(reducer: Any) -> Iterator[Any]:
         _REDUCER.reset(token)
 
 
+def _reducer() -> Any:
+    """The active reducer (None while compiling: compiled steps are single-process)."""
+    return None if torch.compiler.is_compiling() else _REDUCER.get()
+
+
 def _reducing(fn: Fn) -> bool:
-    r = _REDUCER.get()
+    r = _reducer()
     return r is not None and r.applies(fn)
 
 
@@ -191,7 +198,7 @@ def rank_mean(leaves: T.Leaves) -> T.Leaves:
     graphs of reduced results, are per-rank shares: their mean over ranks is the derivative.
     (Each rank seeds the replicated loss with 1 and the backward of each reduction all-reduces
     the adjoint, so the shares sum to world-size times the derivative.) Identity without a group."""
-    r = _REDUCER.get()
+    r = _reducer()
     return tuple(leaves) if r is None else r.mean(tuple(leaves))
 
 
@@ -601,7 +608,7 @@ def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
 def grad_y_fn(fn: Fn) -> Callable[[T.Leaves, T.Leaves], T.Leaves]:
     """∇_y fn as a pure ``torch.func`` function, composable with ``jvp`` and ``vmap``."""
     gfun = torch.func.grad(lambda xs, ys: fn(xs, ys), argnums=1)
-    if _REDUCER.get() is None:
+    if _reducer() is None:
         return gfun
     return lambda xs, ys: _reduce(fn, gfun(xs, ys))
 

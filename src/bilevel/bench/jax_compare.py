@@ -115,9 +115,11 @@ def stochastic_rows(p: Any) -> dict[str, Any]:
     }
 
     def row(name: str):
-        def run(compile: bool, steps: int = 20) -> float:
+        def run(compile: bool | str, steps: int = 20, result: bool = False) -> Any:
             res = bl.solve(**p.solve_kwargs(batch_size=ST["batch"], seed=1), solver=make[name](),
                            steps=steps, track=False, compile=compile)
+            if result:
+                return res
             return res.state["time"] / steps  # the solver's own clock, s per iteration
 
         return run
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, Any] = {**hypergrad_rows(hd), **stochastic_rows(p)}
     rows = {k: v for k, v in rows.items() if only is None or k in only}
     compiled_rows = {"reverse", "cg", "soba", "stocbio", "mrbo", "bsa"}
-    res: dict[str, dict[str, list]] = {k: {"eager": [], "compiled": [], "jax": []} for k in rows}
+    whole = C.stats()
+    res: dict[str, dict[str, list]] = {k: {"eager": [], "compiled": [], "step": [], "jax": []}
+                                       for k in rows}
     compile_s: dict[str, float] = {}
     jax_info: dict[str, Any] = {}
     hg_names = {"reverse", "cg", "reverse-1", "forward-1"}
@@ -178,8 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             fn(False, 2)
             t0 = time.perf_counter()
-            fn(True, 2)
+            fn("oracles", 2)
             compile_s[k] = time.perf_counter() - t0
+            t0 = time.perf_counter()  # whole step: eager first steps, then one graph per pattern
+            fn("step", 20)  # the first 20 steps' patterns (a run of the same seed draws the same)
+            compile_s[k + ":step"] = time.perf_counter() - t0
     before = C.stats()["compiles"]
     for r in range(a.rounds):
         for k, fn in rows.items():
@@ -189,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                     res[k]["compiled"].append(time_call(lambda fn=fn: fn(True), a.reps))
             else:
                 res[k]["eager"].append(fn(False))
-                res[k]["compiled"].append(fn(True))
+                res[k]["compiled"].append(fn("oracles"))
+                res[k]["step"].append(fn("step"))
             task = k if k in compiled_rows else None
             if task is not None:
                 j = run_jax(a.jax_python, f"{tmp}/{'hg' if k in hg_names else 'st'}.npz", task,
@@ -208,6 +216,12 @@ def main(argv: list[str] | None = None) -> None:
             if k in jax_info:
                 check[k]["jax_norm"] = jax_info[k]["norm"]
                 check[k]["eager_norm"] = float(e.norm())
+    for k in rows:
+        if k not in hg_names:  # whole-step compiled vs eager after 20 iterations (float32)
+            e, c = rows[k](False, result=True), rows[k]("step", result=True)
+            steps_compiled = sum(bool(r.get("compiled")) for r in c.history)
+            check[k] = {"step_vs_eager_rel": float((c.x - e.x).norm() / e.x.norm()),
+                        "steps_compiled_of_20": steps_compiled}
     med = {k: {m: (statistics.median(v) if v else None) for m, v in d.items()} for k, d in res.items()}
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"torch {torch.__version__}, one thread",
@@ -215,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
               "compile_s": compile_s, "recompiles_during_timed_rounds": recompiles,
               "jax": {k: {kk: v[kk] for kk in ("compile_s", "jax")} for k, v in jax_info.items()},
               "check": check}
+    report["whole_step_stats"] = {k: C.stats()[k] - whole[k] for k in ("compiles", "compiled_steps",
+                                                                       "eager_steps", "fallbacks")}
     print(f"{'row':12s} {'eager ms':>10s} {'compiled ms':>12s} {'JAX ms':>8s} {'comp/eager':>10s} "
-          f"{'comp/JAX':>9s} {'eager/JAX':>9s} {'compile s':>9s} {'break-even':>10s}")
+          f"{'comp/JAX':>9s} {'eager/JAX':>9s} {'compile s':>9s} {'break-even':>10s} "
+          f"{'step ms':>8s} {'step/JAX':>8s} {'step/eager':>10s} {'step compile s':>14s} "
+          f"{'step break-even':>15s}")
     for k, m in med.items():
         e, c, j = m["eager"], m["compiled"], m["jax"]
 
@@ -227,7 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:12s} {fmt(e)} {fmt(c, w=12)} {fmt(j, w=8)} "
               f"{fmt(c / e if c else None, 1, 10)} {fmt(c / j if c and j else None, 1, 9)} "
               f"{fmt(e / j if j else None, 1, 9)} {fmt(compile_s.get(k), 1, 9, 1)} "
-              f"{(f'{be:10.0f}' if be is not None else '-'.rjust(10))}")
+              f"{(f'{be:10.0f}' if be is not None else '-'.rjust(10))}", end="")
+        w = m.get("step")
+        cs = compile_s.get(k + ":step")
+        bw = cs / (e - w) if (w is not None and cs is not None and e > w) else None
+        print(f" {fmt(w, w=8)} {fmt(w / j if w and j else None, 1, 8)} "
+              f"{fmt(w / e if w else None, 1, 10)} {fmt(cs, 1, 14, 1)} "
+              f"{(f'{bw:15.0f}' if bw is not None else '-'.rjust(15))}")
     if "forward-1" in med and "reverse-1" in med:
         print(f"Forward / Reverse with one upper variable: "
               f"{med['forward-1']['eager'] / med['reverse-1']['eager']:.2f}")

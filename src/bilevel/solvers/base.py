@@ -167,6 +167,18 @@ class Solver:
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def prepare(self, state: dict[str, Any], t: int) -> None:
+        """The random discrete choices of step ``t`` (e.g. a random truncation index), drawn from
+        the solver's random state in ``state`` and stored there *before* the step (by
+        :func:`solve`, outside any compiled region: Python / ``torch.Generator`` random numbers
+        cannot be traced). Nothing by default."""
+
+    def phase(self, state: dict[str, Any], t: int) -> Any:
+        """What, besides the structure of ``state``, decides which code path step ``t`` takes and
+        which batches it draws (e.g. a restart every ``period`` steps); whole-step compiled mode
+        (:mod:`bilevel.compiled_step`) records one pattern per distinct value. None by default."""
+        return None
+
     def step_x(self, ctx: Context, state: dict[str, Any], grad: T.Leaves, t: int) -> T.Leaves:
         """The upper step  x ← P_X(U(x, d_t))  with this solver's rule ``self.upper`` (see
         :mod:`bilevel.solvers.upper`): updates ``state["x"]`` and the rule's state
@@ -216,7 +228,9 @@ def copy_state(obj: Any) -> Any:
     into a state tensor in place, so this is enough for the copy to be independent."""
     if type(obj) is dict:
         return {k: copy_state(v) for k, v in obj.items()}
-    if isinstance(obj, dict):  # oracle counts and other small dict subclasses
+    if isinstance(obj, O.OracleCounts):  # {level: {kind: int}}: two levels (cheaper than deepcopy)
+        return type(obj)({k: dict(v) for k, v in obj.items()})
+    if isinstance(obj, dict):  # other small dict subclasses
         return copy.deepcopy(obj)
     if isinstance(obj, list):
         return [copy_state(v) for v in obj]
@@ -360,6 +374,16 @@ def _check_pending(pending: list[Tensor], last_step: int) -> None:
                  else ("lower", "the lower variable y")), step=last_step - k + 1 + i)
 
 
+_COMPILE_MODES = {False: None, None: None, True: "step", "step": "step", "oracles": "oracles"}
+
+
+def _compile_mode(compile: Any) -> str | None:
+    try:
+        return _COMPILE_MODES[compile]
+    except (KeyError, TypeError):
+        raise ConfigError(f"compile must be False, True, 'step' or 'oracles', got {compile!r}") from None
+
+
 def solve(
     problem: Problem,
     x0: Any,
@@ -374,7 +398,7 @@ def solve(
     upper_data: Sampler | None = None,
     track: bool | int = True,
     state: dict[str, Any] | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     check_every: int = 1,
 ) -> SolveResult:
     """Run ``solver`` for ``steps`` outer iterations from (x0, y0).
@@ -398,7 +422,10 @@ def solve(
     sampler) draws exactly the batches of the uninterrupted run; a loader that shuffles with the
     global RNG resumes approximately (:class:`~bilevel.errors.InexactResumeWarning`, once).
     ``y0`` may be a callable x -> y0 (solvers that learn the initialization use it).
-    ``compile=True`` runs every oracle as a compiled kernel (:mod:`bilevel.compiled`).
+    ``compile=True`` (or ``"step"``) compiles each outer iteration as one graph
+    (:mod:`bilevel.compiled_step`: batches drawn eagerly and passed in, the first step of each
+    pattern eager, a per-oracle fallback with a warning when a step cannot be captured);
+    ``compile="oracles"`` compiles only the oracles, one kernel each (:mod:`bilevel.compiled`).
 
     An error raised during an outer step names that step and carries the partial result:
     ``exc.outer_step`` and ``exc.partial`` (a :class:`SolveResult` with the history so far and the
@@ -435,13 +462,21 @@ def solve(
     if int(check_every) < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     pending: list[Tensor] = []  # per step: [x finite, y finite] (device flags)
-    with torch.no_grad(), O.backend("compiled" if compile else O.get_backend()):
+    mode = _compile_mode(compile)
+    step, compiled_step = solver.step, None
+    if mode == "step":
+        from ..compiled_step import CompiledStep
+
+        compiled_step = CompiledStep(solver, ctx)
+        step = lambda ctx, state, t: compiled_step(state, t)  # noqa: E731
+    with torch.no_grad(), O.backend("compiled" if mode == "oracles" else O.get_backend()):
         for t in range(int(state["t"]), steps):
             good = copy_state(state)  # the last good state, attached to an error of this step
             try:
                 t0 = time.perf_counter()
+                solver.prepare(state, t)
                 with torch.enable_grad(), O.counting(state["counts"]):
-                    metrics = solver.step(ctx, state, t)
+                    metrics = step(ctx, state, t)
                 state["time"] += time.perf_counter() - t0
                 state["t"] = t + 1
                 state["data"] = _data_state(ctx)  # the samplers' positions: an exact resume
@@ -457,6 +492,8 @@ def solve(
                 raise
             record = {"step": t + 1, "time": state["time"], **metrics,
                       **state["counts"].flat()}
+            if compiled_step is not None:
+                record["compiled"] = compiled_step.last_compiled
             if tracked:
                 record.update(_track(ctx, x_out, y_out, state.get("buffers")))
             history.append(record)

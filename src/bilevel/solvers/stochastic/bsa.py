@@ -65,6 +65,9 @@ class BSA(Solver):
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         return {"x": xs, "y": ys, "rng": random.Random(self.seed)}
 
+    def prepare(self, state: dict[str, Any], t: int) -> None:
+        state["p"] = state["rng"].randrange(self.Q)  # the truncation index p ~ U{0..Q−1}
+
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs = state["x"]
 
@@ -72,7 +75,7 @@ class BSA(Solver):
 
         ys = sgd_lower(G_batch, xs, state["y"], steps=self.inner_steps, lr=self.lr_y(t),
                        projection=ctx.y_projection)
-        p = state["rng"].randrange(self.Q)
+        p = state["p"]
         hg, _ = sampled_neumann_hypergradient(ctx.fresh_F(), G_batch, xs, ys, Q=self.Q,
                                               eta=self.eta, p=p)
         state["x"] = self.step_x(ctx, state, hg, t)

@@ -22,7 +22,14 @@ import torch
 
 from ... import _tree as T
 from ... import oracles as O
-from ...estimates import Schedule, momentum_weight, replay, sampled_neumann_hypergradient, storm
+from ...estimates import (
+    Schedule,
+    momentum_weight,
+    replay,
+    sampled_neumann_hypergradient,
+    storm,
+    truncation_index,
+)
 from ..base import Context, Solver
 from ..upper import step_rule
 
@@ -70,12 +77,13 @@ class MSTSA(Solver):
         rng = torch.Generator().manual_seed(self.seed).get_state()
         return {"x": xs, "y": ys, "x_prev": None, "y_prev": None, "d": None, "rng": rng}
 
+    def prepare(self, state: dict[str, Any], t: int) -> None:
+        state["p"] = truncation_index(state, self.Q)
+
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys = state["x"], state["y"]
         y_new = ctx.project_y(T.axpy(-self.lr_y(t), O.grad_y(ctx.fresh_G(), xs, ys), ys))
-        gen = torch.Generator().set_state(state["rng"])
-        p = int(torch.randint(self.Q, (1,), generator=gen))
-        state["rng"] = gen.get_state()
+        p = state["p"]
         F = ctx.fresh_F()
         Gs = [ctx.fresh_G() for _ in range(p + 1)]
 

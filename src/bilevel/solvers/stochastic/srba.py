@@ -76,6 +76,9 @@ class SRBA(Solver):
             q = math.ceil((lo.n + up.n) / max(lo.batch_size, 1))
         return {"x": xs, "y": ys, "v": T.zeros_like(ys), "prev": None, "d": None, "q": int(q)}
 
+    def phase(self, state: dict[str, Any], t: int) -> bool:
+        return t % state["q"] == 0  # a restart step draws other batches
+
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys, v = state["x"], state["y"], state["v"]
         if t % state["q"] == 0 or state["d"] is None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ... import _tree as T
-from ...estimates import Schedule, replay, sampled_neumann_hypergradient
+from ...estimates import Schedule, replay, sampled_neumann_hypergradient, truncation_index
 from ..base import Context
 from .mrbo import LR_X, MOMENTUM, MRBO
 
@@ -65,11 +65,12 @@ class SUSTAIN(MRBO):
         state["rng"] = torch.Generator().manual_seed(self.seed).get_state()
         return state
 
+    def prepare(self, state: dict[str, Any], t: int) -> None:
+        state["p"] = truncation_index(state, self.Q)
+
     def draw(self, ctx: Context, state: dict[str, Any]) -> tuple:
-        """ξ̄ = (B_F, B_0, B_1..B_p) and the truncation index p ~ U{0..Q−1}."""
-        gen = torch.Generator().set_state(state["rng"])
-        p = int(torch.randint(self.Q, (1,), generator=gen))
-        state["rng"] = gen.get_state()
+        """ξ̄ = (B_F, B_0, B_1..B_p) with the truncation index p ~ U{0..Q−1} of ``prepare``."""
+        p = state["p"]
         return ctx.fresh_F(), [ctx.fresh_G() for _ in range(p + 1)], p
 
     def hypergradient(self, xs: T.Leaves, ys: T.Leaves, samples: tuple) -> T.Leaves:

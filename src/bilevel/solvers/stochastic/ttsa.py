@@ -64,11 +64,14 @@ class TTSA(Solver):
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         return {"x": xs, "y": ys, "rng": random.Random(self.seed)}
 
+    def prepare(self, state: dict[str, Any], t: int) -> None:
+        state["p"] = state["rng"].randrange(self.Q)  # the truncation index p ~ U{0..Q−1}
+
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs = state["x"]
         gy = O.grad_y(ctx.fresh_G(), xs, state["y"])
         ys = ctx.project_y(T.axpy(-self.lr_y(t), gy, state["y"]))
-        p = state["rng"].randrange(self.Q)
+        p = state["p"]
         hg, _ = sampled_neumann_hypergradient(ctx.fresh_F(), lambda: ctx.fresh_G(),
                                               xs, ys, Q=self.Q, eta=self.eta, p=p)
         state["x"] = self.step_x(ctx, state, hg, t)

@@ -99,6 +99,9 @@ class VRBO(Solver):
         F = ctx.F(_concat([ctx.upper_batch() for _ in range(n)]))
         return F, [ctx.G(_concat([ctx.lower_batch() for _ in range(n)])) for _ in range(self.Q + 2)]
 
+    def phase(self, state: dict[str, Any], t: int) -> bool:
+        return t % self.period == 0  # a restart step draws other batches
+
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys = state["x"], state["y"]
         if t % self.period == 0 or state["u"] is None:

@@ -1,0 +1,244 @@
+"""Whole-step compiled mode: one outer iteration of a solver as one ``torch.compile`` graph.
+
+``bl.solve(..., compile="step")`` (``compile=True`` is the same) runs ``solver.step`` — every
+oracle, linear-solver iteration, schedule and axpy of the iteration — as one graph compiled with
+``fullgraph=True``, built on the ``torch.func`` form of the oracles (:mod:`bilevel.oracles`), so
+every solver gets it without code of its own:
+
+* **batches are arguments.** Before a compiled step the batches it needs are drawn eagerly from the
+  real samplers, in the order the step draws them, and handed to the graph, where the solver's
+  samplers replay them. The samplers keep their own random state and position, so a compiled run
+  draws exactly the batches of an eager run and resumes exactly; new batches cause no recompile.
+* **the first step of each pattern runs eagerly.** A pattern is the structure of the solver state
+  (which entries exist, which are None, the values of its non-tensor entries) and
+  :meth:`Solver.phase` (e.g. VRBO's large-batch restart every ``period`` steps). That eager step
+  records how many batches each level draws, in which order, and the step's oracle counts, which
+  every compiled step of the pattern then adds — so ``state["counts"]`` equals eager.
+* **the step counter** is a Python int that dynamo makes symbolic: schedules t ↦ c/(t+t0)^e are
+  computed inside the graph, and a new t causes no recompile.
+* **checks** (non-finite values, linear-solver breakdowns with ``strict=True``) run in traced mode
+  (:mod:`bilevel._trace`): the linear solvers run their full budget with masks, and the deferred
+  checks are evaluated after the step (one host read), so errors still say what failed.
+* **a clear fallback.** If dynamo cannot capture the step (data-dependent Python control flow,
+  ``.item()``, random numbers from a ``torch.Generator``, a data-parallel reducer ...), the run
+  continues with per-oracle compiled kernels (:mod:`bilevel.compiled`) and a
+  :class:`~bilevel.compiled.CompileFallbackWarning` gives the reason; errors of the user's own code
+  are re-raised by the eager step unchanged.
+
+Recompiles are counted in :func:`bilevel.compiled.stats` (``compiles``). Python floats held in
+the state that change every step (rare) make every step a new pattern: each then runs eagerly, and
+``stats()["eager_steps"]`` says so.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import _trace
+from . import compiled as C
+from . import oracles as O
+
+__all__ = ["CompiledStep", "BOOKKEEPING", "MAX_PATTERNS", "settings"]
+
+#: more distinct patterns than this (one eager step and one graph each) fall back to per-oracle
+#: kernels with a warning
+MAX_PATTERNS = 32
+
+#: ``dynamic``: torch.compile's ``dynamic`` (None: automatic — the first graph of a pattern is
+#: specialised to its step counter t, the second is symbolic in t; True: symbolic from the start,
+#: shapes too)
+settings: dict[str, Any] = {"dynamic": None}
+
+#: state entries owned by :func:`bilevel.solve` (never passed to the compiled step)
+BOOKKEEPING = ("t", "time", "counts", "solver", "data")
+
+#: problem -> {solver class: {(repr(solver), pattern): (draws, counts, compiled step)}}: what the
+#: eager probes recorded, reused by later runs of the same solver settings on the same problem
+_CODE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Recorder:
+    """A sampler seen by an eager probe step: records each draw (level and ``last_index``)."""
+
+    def __init__(self, sampler: Any, level: str, log: list[tuple[str, Any]]):
+        self._sampler, self._level, self._log = sampler, level, log
+
+    def next(self) -> Any:
+        batch = self._sampler.next()
+        self._log.append((self._level, getattr(self._sampler, "last_index", None)))
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sampler, name)
+
+
+class _Replay:
+    """A sampler inside the compiled step: returns the batches drawn before the step, in order."""
+
+    def __init__(self, sampler: Any):
+        self._sampler = sampler
+        self.queue: list[Any] = []
+        self.indices: list[Any] = []
+        self.last_index: Any = getattr(sampler, "last_index", None)
+
+    def next(self) -> Any:
+        self.last_index = self.indices.pop(0)
+        return self.queue.pop(0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sampler, name)
+
+
+def _patterns(problem: Any, solver_cls: type) -> dict[Hashable, tuple]:
+    """The patterns recorded for (problem, solver class): key -> (draws, counts, step function)."""
+    return _CODE.setdefault(problem, {}).setdefault(solver_cls, {})
+
+
+def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
+    """A compiled step function with a fresh code object (one per pattern: torch.compile's cache
+    and recompile limit are per code object)."""
+    src = ("def step(solver, ctx, core, lower, upper, t):\n"
+           "    ctx.lower_data is None or load(ctx.lower_data, lower)\n"
+           "    ctx.upper_data is None or load(ctx.upper_data, upper)\n"
+           "    return solver.step(ctx, core, t)\n")
+    ns: dict[str, Any] = {"load": _load}
+    name = f"<bilevel step: {solver_cls.__name__} on {problem!r}, pattern {n}>"
+    exec(builtins.compile(src, name, "exec"), ns)
+    return torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
+                         backend=C._counting_backend)
+
+
+def _load(replay: _Replay, draws: tuple[list[Any], list[Any]]) -> bool:
+    replay.queue, replay.indices = list(draws[0]), list(draws[1])
+    return True
+
+
+def _pattern(solver: Any, core: dict[str, Any], t: int) -> Hashable:
+    leaves, spec = pytree.tree_flatten(core)
+    consts = tuple(v if isinstance(v, (int, float, bool, str, type(None))) else type(v)
+                   for v in leaves if not isinstance(v, torch.Tensor))
+    return (repr(solver), str(spec), consts, solver.phase(core, t))
+
+
+class CompiledStep:
+    """``solver.step`` of one run as a compiled graph (see the module docstring)."""
+
+    def __init__(self, solver: Any, ctx: Any):
+        self.solver, self.ctx = solver, ctx
+        self.rctx = copy.copy(ctx)  # the same problem, projections and per-run derived objects
+        self.rctx.lower_data = None if ctx.lower_data is None else _Replay(ctx.lower_data)
+        self.rctx.upper_data = None if ctx.upper_data is None else _Replay(ctx.upper_data)
+        self.fallback: str | None = None
+        if O._REDUCER.get() is not None:
+            self.fallback = "data-parallel oracles (a process group is active) are reduced eagerly"
+        self.patterns = _patterns(ctx.problem, type(solver))
+        self.last_compiled = False  # did the last step run as the compiled graph?
+        self.compiles = 0  # graphs compiled by this run
+
+    def __call__(self, state: dict[str, Any], t: int) -> dict[str, Any]:
+        """One outer step on ``state`` (updated in place, as ``solver.step`` does); oracle counts
+        go to ``state["counts"]``."""
+        self.last_compiled = False
+        if self.fallback is not None:
+            return self._oracles(state, t)
+        core = {k: v for k, v in state.items() if k not in BOOKKEEPING}
+        key = _pattern(self.solver, core, t)
+        if key not in self.patterns:
+            if len(self.patterns) >= MAX_PATTERNS:
+                self._give_up(RuntimeError(
+                    f"more than {MAX_PATTERNS} patterns (structure or non-tensor values of the "
+                    f"state, or {type(self.solver).__name__}.phase, keep changing)"))
+                return self._oracles(state, t)
+            return self._probe(state, t, key)
+        draws, counts, fn = self.patterns[key]
+        saved = self._positions()
+        batches = {"lower": ([], []), "upper": ([], [])}
+        for level, _ in draws:  # in the order the step draws them (paired samplers)
+            sampler = getattr(self.ctx, f"{level}_data")
+            batches[level][0].append(sampler.next())
+            batches[level][1].append(getattr(sampler, "last_index", None))
+        _trace.COMPILE_CHECKS.clear()
+        compiles = C._STATS["compiles"]
+        try:  # (a frame dynamo runs eagerly would count its oracles: they go nowhere, the
+            # pattern's counts are added below either way)
+            with O.counting():
+                metrics = fn(self.solver, self.rctx, core, batches["lower"], batches["upper"], t)
+        except Exception as exc:  # capture failed: per-oracle kernels from now on
+            self._give_up(exc)
+            self._restore(saved, {})
+            return self._oracles(state, t)
+        self.compiles += C._STATS["compiles"] - compiles
+        if self.compiles > 2 * len(self.patterns) + 2:  # a graph per step: nothing gained
+            self._give_up(RuntimeError(
+                f"{self.compiles} graphs for {len(self.patterns)} patterns: a Python value the "
+                "step reads changes from step to step (e.g. a batch index or a float in the "
+                "state), so it recompiles"))
+        checks = list(_trace.COMPILE_CHECKS)
+        _trace.COMPILE_CHECKS.clear()
+        left = {lv: len(getattr(self.rctx, f"{lv}_data").queue) for lv in batches
+                if getattr(self.rctx, f"{lv}_data") is not None}
+        if any(left.values()):  # the step drew fewer batches than its pattern's probe
+            self._restore(saved, {lv: len(batches[lv][0]) - n for lv, n in left.items()})
+        if checks and not bool(torch.stack([c.ok for c in checks]).all()):
+            raise next(c.error() for c in checks if not bool(c.ok))
+        state.update(core)
+        for level, d in counts.items():
+            for kind, n in d.items():
+                state["counts"].add(level, kind, n)
+        C._STATS["compiled_steps"] += 1
+        self.last_compiled = True
+        return metrics
+
+    def _positions(self) -> dict[str, Any]:
+        return {lv: getattr(self.ctx, f"{lv}_data").state_dict() for lv in ("lower", "upper")
+                if getattr(self.ctx, f"{lv}_data") is not None}
+
+    def _restore(self, saved: dict[str, Any], used: dict[str, int]) -> None:
+        """Put the samplers back where they were before the pre-draw, then advance each by the
+        batches the step really used (so the run continues with the batches of an eager run)."""
+        for level, pos in saved.items():
+            sampler = getattr(self.ctx, f"{level}_data")  # ({}: a sampler without random state)
+            sampler.load_state_dict(pos)
+            for _ in range(used.get(level, 0)):
+                sampler.next()
+
+    # eager paths ---------------------------------------------------------------------------
+    def _probe(self, state: dict[str, Any], t: int, key: Hashable) -> dict[str, Any]:
+        """An eager step that records the pattern's draws and oracle counts."""
+        log: list[tuple[str, Any]] = []
+        rec = copy.copy(self.ctx)
+        if self.ctx.lower_data is not None:
+            rec.lower_data = _Recorder(self.ctx.lower_data, "lower", log)
+        if self.ctx.upper_data is not None:
+            rec.upper_data = _Recorder(self.ctx.upper_data, "upper", log)
+        with O.counting() as counts:
+            metrics = self.solver.step(rec, state, t)
+        for level, d in counts.items():
+            for kind, n in d.items():
+                state["counts"].add(level, kind, n)
+        self.patterns[key] = (log, counts, _step_code(type(self.solver), self.ctx.problem,
+                                                       len(self.patterns)))
+        C._STATS["eager_steps"] += 1
+        return metrics
+
+    def _oracles(self, state: dict[str, Any], t: int) -> dict[str, Any]:
+        with O.backend("compiled"):
+            return self.solver.step(self.ctx, state, t)
+
+    def _give_up(self, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        self.fallback = reason
+        C._STATS["fallbacks"] += 1
+        msg = (f"bilevel compiled mode: one step of {type(self.solver).__name__} could not be "
+               f"captured as one graph by torch.compile; using per-oracle compiled kernels instead "
+               f"(reason: {reason})")
+        C._FALLBACK_REASONS.append(msg)
+        warnings.warn(msg, C.CompileFallbackWarning, stacklevel=4)

@@ -1,0 +1,134 @@
+"""Whole-step compiled mode (``bl.solve(..., compile="step")``, :mod:`bilevel.compiled_step`):
+one graph per outer iteration, equal to eager (float64, same batches, same oracle counts), no
+recompiles on new batches or new step counters, random truncations and periodic restarts handled
+by patterns, exact resume, a fallback with the reason, errors still raised.
+
+``aot_eager`` backend (dynamo capture with ``fullgraph=True``, no code generation) keeps it fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel import compiled as C
+from bilevel.errors import ConfigError, NonFiniteError
+from bilevel.problems import stochastic_quadratic
+
+pytestmark = pytest.mark.compiled
+S = bl.solvers
+
+
+@pytest.fixture(autouse=True)
+def aot_eager():
+    old = dict(C.settings)
+    C.settings["backend"] = "aot_eager"
+    yield
+    C.settings.update(old)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return stochastic_quadratic(dim_x=2, dim_y=3, n_lower=24, n_upper=20, batch_size=4, seed=1)
+
+
+SOLVERS = {
+    # decaying schedules: the step counter is symbolic inside the graph
+    "SOBA": lambda: S.SOBA(),
+    # random truncation p drawn in prepare(): one pattern per p
+    "TTSA": lambda: S.TTSA(Q=2),
+    # restarts on drawn large batches every 2 steps: Solver.phase (several graphs: slow to trace)
+    "VRBO": lambda: S.VRBO(Q=1, inner_steps=1, period=2, large_batches=2),
+}
+SLOW = {"VRBO"}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in SOLVERS])
+def test_whole_step_equals_eager(tiny, name):
+    kw = dict(batch_size=4, seed=0)
+    make = SOLVERS[name]
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=7, track=False)
+    comp = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=7, track=False, compile="step")
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(comp.y, eager.y, rtol=1e-12, atol=1e-14)
+    assert comp.state["counts"] == eager.state["counts"]
+    assert _same(comp.state["data"], eager.state["data"])  # samplers at the same position
+    flags = [r["compiled"] for r in comp.history]
+    assert flags[0] is False and any(flags)  # the first step probes its pattern eagerly
+    if name != "SOBA":
+        return
+    # later runs: patterns known (every step compiled); the first graph of a pattern is
+    # specialised to its t, the second symbolic in t; then new batches (another seed) and new
+    # step counters cause no recompile
+    bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=7, track=False, compile="step")
+    before = C.stats()["compiles"]
+    again = bl.solve(**tiny.solve_kwargs(batch_size=4, seed=5), solver=make(), steps=9,
+                     track=False, compile="step")
+    ref = bl.solve(**tiny.solve_kwargs(batch_size=4, seed=5), solver=make(), steps=9, track=False)
+    torch.testing.assert_close(again.x, ref.x, rtol=1e-12, atol=1e-14)
+    assert C.stats()["compiles"] == before
+    assert all(r["compiled"] for r in again.history)
+
+
+def test_sampler_positions_and_exact_resume(tiny):
+    kw = dict(batch_size=4, seed=2)
+    full = bl.solve(**tiny.solve_kwargs(**kw), solver=S.SOBA(), steps=6, track=False)
+    lower, upper = tiny.samplers(**kw)
+    args = dict(problem=tiny.problem, x0=tiny.x0, y0=tiny.y0, lower_data=lower, upper_data=upper)
+    first = bl.solve(**args, solver=S.SOBA(), steps=3, track=False, compile="step")
+    rest = bl.solve(**args, solver=S.SOBA(), steps=6, track=False, compile="step",
+                    state=first.state)
+    torch.testing.assert_close(rest.x, full.x, rtol=1e-12, atol=1e-14)
+    assert rest.state["counts"] == full.state["counts"]
+
+
+def test_fallback_with_reason_when_a_step_cannot_be_captured(tiny):
+    base = tiny.problem
+
+    def lower(x, y, batch):  # .item() control flow: no single graph
+        g = base.lower(x, y, batch)
+        return g * 2 if g.item() > 1e12 else g
+
+    problem = bl.Problem(base.upper, lower, name="item-lower")
+    kw = dict(batch_size=4, seed=0)
+    lo, up = tiny.samplers(**kw)
+    eager = bl.solve(problem, tiny.x0, tiny.y0, solver=S.SOBA(), steps=4, track=False,
+                     lower_data=lo, upper_data=up)
+    lo, up = tiny.samplers(**kw)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        comp = bl.solve(problem, tiny.x0, tiny.y0, solver=S.SOBA(), steps=4, track=False,
+                        lower_data=lo, upper_data=up, compile="step")
+    msgs = [str(m.message) for m in w if issubclass(m.category, C.CompileFallbackWarning)]
+    assert any("could not be captured as one graph" in m and "reason:" in m for m in msgs)
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    assert comp.state["counts"] == eager.state["counts"]
+
+
+def test_non_finite_values_still_raise(tiny):
+    lo, up = tiny.samplers(batch_size=4, seed=0)
+    bad = tuple(t.clone() for t in up.full())
+    bad[0][:] = float("nan")
+    upper = bl.sampling.Minibatches(*bad, batch_size=4, seed=0)
+    with pytest.raises(NonFiniteError):
+        bl.solve(tiny.problem, tiny.x0, tiny.y0, solver=S.SOBA(), steps=4, track=False,
+                 lower_data=lo, upper_data=upper, compile="step")
+
+
+def test_compile_setting_is_checked(tiny):
+    with pytest.raises(ConfigError, match="compile must be"):
+        bl.solve(**tiny.solve_kwargs(), solver=S.SOBA(), steps=1, compile="fast")
