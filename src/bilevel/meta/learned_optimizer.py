@@ -287,7 +287,7 @@ def summarize(losses: Tensor, loss0: Tensor) -> dict[str, float]:
 SGD_GRID = (1e-3, 2e-3, 5e-3, 1e-2, 1.5e-2, 2e-2, 2.5e-2, 3e-2, 5e-2)
 MOMENTUM_GRID = tuple((lr, mom) for mom in (0.5, 0.8, 0.9, 0.95)
                       for lr in (2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 4e-2, 5e-2))
-ADAM_GRID = (1e-2, 3e-2, 0.1, 0.2, 0.3, 0.5, 1.0)
+ADAM_GRID = (1e-2, 3e-2, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)
 
 
 def baseline(name: str, setting: Any, steps: int) -> Dynamics:
@@ -412,13 +412,22 @@ def _table(out: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m bilevel.meta.learned_optimizer [meta_steps]
+if __name__ == "__main__":  # python -m bilevel.meta.learned_optimizer [key=value ...]
+    import inspect
     import sys
 
     torch.set_num_threads(1)
-    out = compare(meta_steps=int(sys.argv[1]) if len(sys.argv) > 1 else 150,
-                  callback=lambda t, v: print(f"window {t}: mean log-loss {v:.3f}", flush=True)
+    defaults = {k: p.default for k, p in inspect.signature(compare).parameters.items()
+                if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
+    kw: dict[str, Any] = {}
+    for arg in sys.argv[1:]:
+        key, _, val = arg.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"unknown setting {key!r}; settings: {', '.join(defaults)}")
+        kw[key] = type(defaults[key])(val)
+    out = compare(**kw, callback=lambda t, v: print(f"window {t}: mean log-loss {v:.3f}", flush=True)
                   if t % 25 == 0 else None)
-    print(f"meta-training {out['train_seconds']:.0f} s, resets {out['resets']}, "
-          f"skipped {out['skipped']}, selection curve {out['selection_curve']}")
+    print(f"settings {kw}; meta-training {out['train_seconds']:.0f} s, resets {out['resets']}, "
+          f"skipped {out['skipped']}, selection curve (meta-step, tuning median) "
+          f"{[(i, round(v, 4)) for i, v in out['selection_curve']]}")
     print(_table(out))
