@@ -112,11 +112,20 @@ def stochastic_rows(p: Any) -> dict[str, Any]:
         "stocbio": lambda: S.StocBiO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
         "mrbo": lambda: S.MRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
         "bsa": lambda: S.BSA(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
+        # same settings in jax_ref.stochastic_cores (period, momentum: jax_ref.EXTRA) and jax_check
+        "saba": lambda: S.SABA(lr_x=lr_x, lr_y=lr_y),
+        "vrbo": lambda: S.VRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta, inner_steps=T, period=10),
+        "ttsa": lambda: S.TTSA(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
+        "amigo": lambda: S.AmIGO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, v_steps=Q),
+        "fsla": lambda: S.FSLA(lr_x=lr_x, lr_y=lr_y, momentum=0.5),
+        "sustain": lambda: S.SUSTAIN(lr_x=lr_x, lr_y=lr_y, momentum_x=0.5, Q=Q, eta=eta),
     }
 
     def row(name: str):
         def run(compile: bool | str, steps: int = 20, result: bool = False) -> Any:
-            res = bl.solve(**p.solve_kwargs(batch_size=ST["batch"], seed=1), solver=make[name](),
+            kind = "fixed" if name == "saba" else "minibatch"  # SAGA memories: a fixed partition
+            res = bl.solve(**p.solve_kwargs(batch_size=ST["batch"], seed=1, kind=kind),
+                           solver=make[name](),
                            steps=steps, track=False, compile=compile)
             if result:
                 return res
@@ -154,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5, help="calls per row per round (hypergradients)")
     ap.add_argument("--only", default="", help="comma list of rows (default: all)")
+    ap.add_argument("--step", default="soba,stocbio,mrbo,bsa,ttsa,amigo,fsla",
+                    help="stochastic rows that also get the whole-step compiled column "
+                         "(compile='step'; its compile time grows with the oracle calls per step)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -165,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     np.savez(f"{tmp}/st.npz", **sd)
     rows: dict[str, Any] = {**hypergrad_rows(hd), **stochastic_rows(p)}
     rows = {k: v for k, v in rows.items() if only is None or k in only}
-    compiled_rows = {"reverse", "cg", "soba", "stocbio", "mrbo", "bsa"}
+    compiled_rows = {"reverse", "cg", "soba", "stocbio", "mrbo", "bsa",
+                     "saba", "vrbo", "ttsa", "amigo", "fsla", "sustain"}
+    step_rows = set(a.step.split(",")) if a.step else set()
     whole = C.stats()
     res: dict[str, dict[str, list]] = {k: {"eager": [], "compiled": [], "step": [], "jax": []}
                                        for k in rows}
@@ -184,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             fn("oracles", 2)
             compile_s[k] = time.perf_counter() - t0
+            if k not in step_rows:
+                continue
             t0 = time.perf_counter()  # whole step: eager first steps, then one graph per pattern
             fn("step", 20)  # the first 20 steps' patterns (a run of the same seed draws the same)
             compile_s[k + ":step"] = time.perf_counter() - t0
@@ -197,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 res[k]["eager"].append(fn(False))
                 res[k]["compiled"].append(fn("oracles"))
-                res[k]["step"].append(fn("step"))
+                if k in step_rows:
+                    res[k]["step"].append(fn("step"))
             task = k if k in compiled_rows else None
             if task is not None:
                 j = run_jax(a.jax_python, f"{tmp}/{'hg' if k in hg_names else 'st'}.npz", task,
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                 check[k]["jax_norm"] = jax_info[k]["norm"]
                 check[k]["eager_norm"] = float(e.norm())
     for k in rows:
-        if k not in hg_names:  # whole-step compiled vs eager after 20 iterations (float32)
+        if k not in hg_names and k in step_rows:  # whole step vs eager after 20 iterations (float32)
             e, c = rows[k](False, result=True), rows[k]("step", result=True)
             steps_compiled = sum(bool(r.get("compiled")) for r in c.history)
             check[k] = {"step_vs_eager_rel": float((c.x - e.x).norm() / e.x.norm()),
