@@ -132,3 +132,16 @@ def test_non_finite_values_still_raise(tiny):
 def test_compile_setting_is_checked(tiny):
     with pytest.raises(ConfigError, match="compile must be"):
         bl.solve(**tiny.solve_kwargs(), solver=S.SOBA(), steps=1, compile="fast")
+
+
+def test_a_solver_that_cannot_be_one_graph_says_why(tiny):
+    kw = dict(batch_size=4, seed=0, kind="fixed")
+    lo, up = tiny.samplers(**kw)
+    eager = bl.solve(tiny.problem, tiny.x0, tiny.y0, solver=S.SABA(), steps=3, track=False,
+                     lower_data=lo, upper_data=up)
+    lo, up = tiny.samplers(**kw)
+    with pytest.warns(C.CompileFallbackWarning, match="SABA indexes its SAGA memories"):
+        comp = bl.solve(tiny.problem, tiny.x0, tiny.y0, solver=S.SABA(), steps=3, track=False,
+                        lower_data=lo, upper_data=up, compile="step")
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    assert not any(r["compiled"] for r in comp.history)

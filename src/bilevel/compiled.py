@@ -1,6 +1,6 @@
 """Compiled mode: every oracle as a cached ``torch.compile``-d kernel of its ``torch.func`` form.
 
-``bl.solve(..., compile=True)``, ``bl.compile(est)`` and ``with bl.oracles.backend("compiled"):``
+``bl.solve(..., compile="oracles")``, ``bl.compile(est)`` and ``with bl.oracles.backend("compiled"):``
 all switch the oracle layer (:mod:`bilevel.oracles`) to compiled kernels, so every solver and
 estimator gets them without a line of its own changed:
 

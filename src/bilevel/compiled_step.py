@@ -137,8 +137,11 @@ class CompiledStep:
         self.rctx.lower_data = None if ctx.lower_data is None else _Replay(ctx.lower_data)
         self.rctx.upper_data = None if ctx.upper_data is None else _Replay(ctx.upper_data)
         self.fallback: str | None = None
+        reason = getattr(solver, "step_not_compilable", None)
         if O._REDUCER.get() is not None:
-            self.fallback = "data-parallel oracles (a process group is active) are reduced eagerly"
+            reason = "data-parallel oracles (a process group is active) are reduced eagerly"
+        if reason is not None:
+            self._give_up(RuntimeError(reason))
         self.patterns = _patterns(ctx.problem, type(solver))
         self.last_compiled = False  # did the last step run as the compiled graph?
         self.compiles = 0  # graphs compiled by this run

@@ -152,6 +152,9 @@ class Solver:
     #: does the solver carry ``Problem(buffers=...)`` through its lower dynamics and from one
     #: outer step to the next (``state["buffers"]``)? Others reject such a problem.
     carries_buffers: bool = False
+    #: why one step of this solver cannot be one compiled graph (None: it can); whole-step
+    #: compiled mode then uses per-oracle kernels and says why
+    step_not_compilable: str | None = None
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         """Fresh state (not called when resuming)."""

@@ -45,6 +45,8 @@ class SABA(Solver):
     """
 
     reference = "Dagréou, Ablin, Vaiter & Moreau 2022 (NeurIPS), Algorithm 2 (SABA)"
+    step_not_compilable = ("SABA indexes its SAGA memories with the drawn batch index, a Python "
+                           "int: one graph per index")
 
     def __init__(
         self,
