@@ -20,7 +20,7 @@ P = stochastic_quadratic(dim_x=10, dim_y=20, kappa=3, batch_size=32, seed=0)
 
 
 def run(compile):
-    solver = bl.solvers.StocBiO(lr_x=0.05, lr_y=0.3, inner_steps=5, Q=5, eta=0.3)
+    solver = bl.solvers.StocBiO(lr_x=0.05, lr_y=0.3, inner_steps=3, Q=3, eta=0.3)
     t0 = time.perf_counter()
     res = bl.solve(**P.solve_kwargs(batch_size=32, seed=0), solver=solver, steps=steps,
                    track=False, compile=compile)

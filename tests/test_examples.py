@@ -120,3 +120,18 @@ def test_batchnorm_unroll_example_carries_exact_statistics(capsys):
     assert abs(rev - fwd) <= 1e-10 * abs(rev) and rev != 0.0
     assert "max abs difference 0.0e+00; num_batches_tracked 10" in out
     assert "module untouched: True" in out
+
+
+@pytest.mark.compiled
+@pytest.mark.slow  # ~2 min of graph tracing on a loaded 2-core machine (tests/test_compiled_step.py
+# covers the same path in the default suite)
+def test_compiled_solver_example_equals_eager(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["compiled_solver.py", "12", "aot_eager"])
+    old = dict(bl.compiled.settings)
+    try:
+        out = _run("compiled_solver.py", capsys)
+    finally:
+        bl.compiled.settings.update(old)
+    assert "same oracle counts: True" in out
+    assert float(re.search(r"max \|x_compiled - x_eager\| = (\S+),", out).group(1)) < 1e-10
+    assert "(12 of 12 steps compiled" in out  # the second run: every pattern known
