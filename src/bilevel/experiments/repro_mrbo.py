@@ -93,7 +93,7 @@ DEFAULTS: dict[str, Any] = {
     "vrbo_period": 3,  # VRBO q (not stated); S1 = the full training set
     "vrbo_inner": 3,  # VRBO m (not stated)
     "mrbo_m": 1.0,  # η_k = d/(m + k)^{1/3}, d = 1 (not stated)
-    "budget": 4.0e6,  # per-sample oracle calls per run (equal for every solver)
+    "budget": 2.0e6,  # per-sample oracle calls per run (equal for every solver)
     "n_eval": 25,
     "seeds": 5,
     "lbfgs_iters": 300,  # L-BFGS iterations of the final g*(x) (the lower-level verdict)
@@ -346,9 +346,13 @@ def load_results(out: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _interp(r: dict[str, Any], axis: str, key: str, grid: np.ndarray) -> np.ndarray:
+    """The last evaluated value at or before each grid point (NaN past the run's end): a double-loop
+    solver is evaluated after each outer step only, and nothing is known in between."""
     xs = np.array([t[axis] for t in r["trace"]], dtype=float)
     ys = np.array([t[key] for t in r["trace"]], dtype=float)
-    out = np.interp(grid, xs, ys, right=np.nan)  # step-wise would hide the band; linear between evals
+    idx = np.searchsorted(xs, grid, side="right") - 1
+    out = ys[np.clip(idx, 0, len(ys) - 1)]
+    out[grid > xs[-1] * (1 + 1e-9)] = np.nan
     return out
 
 
@@ -415,11 +419,11 @@ def plot(res: dict[str, list[dict[str, Any]]], path: Path, key: str = "upper_los
     for c, (s, rs) in enumerate(sorted(res.items())):
         for ax, axis in zip(axes, ("time", "calls")):
             hi = min(max(t[axis] for t in r["trace"]) for r in rs)
-            lo = min(t[axis] for r in rs for t in r["trace"][1:] if t[axis] > 0) if axis == "calls" else 0.0
-            grid = np.geomspace(max(lo, hi * 1e-3), hi, 60) if axis == "calls" else np.linspace(0, hi, 60)
+            grid = np.geomspace(hi * 1e-3, hi, 120) if axis == "calls" else np.linspace(0, hi, 120)
             ys = np.array([_interp(r, axis, key, grid) for r in rs])
             med = np.nanmedian(ys, axis=0)
-            ax.plot(grid, med, color=f"C{c % 10}", ls="-" if c < 10 else "--", lw=1.4, label=s)
+            ax.plot(grid, med, color=f"C{c % 10}", ls="-" if c < 10 else "--", lw=1.4, label=s,
+                    drawstyle="steps-post")
             ax.fill_between(
                 grid,
                 np.nanquantile(ys, 0.2, axis=0),
