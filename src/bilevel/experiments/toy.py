@@ -38,7 +38,7 @@ TOY_SOLVERS = ("RHG", "TRHG", "LS", "NS", "FP", "BA", "BDA", "IAGM", "IAPTTGM", 
 #: the config keys that configure the solver (the chosen one may use only some of them)
 TOY_SOLVER_KEYS = frozenset({"inner.dynamics", "inner.lr", "inner.steps", "upper.optimizer", "upper.lr",
                              "upper.init_lr", "upper.beta2", "method.truncate", "method.iters", "method.mu",
-                             "method.s_u", "method.warm_start"})
+                             "method.s_u", "method.adaptive", "method.warm_start"})
 
 
 class MemoryProbe(Solver):
@@ -98,6 +98,7 @@ def build_toy_solver(cfg: dict[str, Any], projection: Any = None) -> Built:
         "iters": Arg(m["iters"], ("method.iters",)),
         "mu": Arg(m["mu"], ("method.mu",)),
         "s_u": Arg(m["s_u"] or None, ("method.s_u",)),
+        "adaptive": Arg(bool(m["adaptive"]), ("method.adaptive",)),  # BDA: backtracked s_u (or fixed)
     }
     if m["warm_start"] != "default":  # otherwise each method's own (paper) default
         offer["warm_start"] = Arg(m["warm_start"] == "true", ("method.warm_start",))
@@ -128,8 +129,9 @@ class ToyRun(Experiment):
         # warm_start: "default" = each method's own (RHG/T-RHG/BDA cold, AID/BA warm), or true/false.
         # inner_projection = false: lower iterates unconstrained (z and x still projected), as in the
         # authors' released code of the toy; the ablation rows of iaptt-toy
-        "method": {"truncate": 5, "iters": 10, "mu": 0.5, "s_u": 0.0, "warm_start": "default",
-                   "inner_projection": True},
+        # adaptive: BDA's backtracked upper step s_u (false: the paper's fixed s_u)
+        "method": {"truncate": 5, "iters": 10, "mu": 0.5, "s_u": 0.0, "adaptive": True,
+                   "warm_start": "default", "inner_projection": True},
     }
     choices = {
         "toy": tuple(TOYS),
