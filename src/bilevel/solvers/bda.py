@@ -107,7 +107,8 @@ class Aggregation:
                 s, first, halvings = backtrack(F, xs, ys, gu, a, trials[k], k)
                 if used is not None:
                     used[k] = (s, first, halvings)
-            return T.axpy(a * s / s_l, gu, T.scale(gl, 1.0 - a))
+            # a (s/s_l): the same float operations as the fixed rule when no test backtracks
+            return T.axpy(a * (s / s_l), gu, T.scale(gl, 1.0 - a))
 
         return grad_fn
 
