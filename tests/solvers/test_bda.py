@@ -1,9 +1,9 @@
 """BDA's backtracked upper step (``BDA(adaptive=True)``, our safeguard; docs/deterministic.md).
 
 * the lower trajectory is the textbook aggregated recursion with the steps s_k the estimator reports,
-  each s_k passes the Armijo test and s_k/SHRINK (when not above the trial) fails it, and the hypergradient
-  equals central finite differences of that K-step map (float64) — with and without checkpointing /
-  truncation, which give the same steps and the same new state;
+  each s_k passes the Armijo test and s_k/SHRINK (when not above the trial) fails it, and the
+  hypergradient equals central finite differences of that K-step map (float64) — with and without
+  checkpointing / truncation, which give the same steps and the same new state;
 * the trials (one per lower step) are the estimator's state: stopped, saved, resumed == uninterrupted,
   and one solver object run twice gives the same result;
 * from a start where the fixed step of the paper overflows, the backtracked BDA reaches the closed-form
@@ -11,7 +11,8 @@
   measured in docs/deterministic.md: 600 upper steps are too slow for a unit test);
 * settings: ``mu`` together with ``schedule`` (``mu`` was silently dropped) is rejected, as are a
   non-bool ``adaptive``, a non-finite ``s_u`` and a state of the wrong shape; ``method.adaptive`` of
-  the toy experiment is used by BDA and rejected for a solver that does not take it.
+  the toy experiment is used by BDA and rejected for a solver that does not take it, and the toy
+  experiments' ``method.truncate`` (T-RHG's truncation) no longer truncates BDA.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def test_fixed_step_is_the_paper_recursion_and_untouched_by_backtracking():
     y1, y2 = _textbook(x, y0, [0.01] * K)
     torch.testing.assert_close(res.y[1], y2, rtol=1e-12, atol=1e-12)
     assert "s_u" not in res.info and res.state == {}
+    # where every first trial passes, the backtracked rule is the fixed one, bit for bit
+    adaptive = _bda(s_u=0.01).estimator(toy.problem, x, y0)
+    assert adaptive.info["backtracks"] == 0 and adaptive.info["s_u"] == [0.01] * K
+    assert torch.equal(adaptive.grad, res.grad) and all(torch.equal(a, b) for a, b in zip(adaptive.y, res.y))
 
 
 def _roundtrip(obj):
@@ -198,6 +203,9 @@ def test_toy_experiment_uses_method_adaptive_for_bda_only(tmp_path):
     res = run("toy", overrides={**common, "solver": "BDA", "method.adaptive": False}, out=tmp_path / "bda",
               progress=False, echo=None)
     assert "s_u=0.01, adaptive=False" in res.summary  # the summary says which rule ran
+    # method.truncate is T-RHG's: BDA differentiates its whole trajectory (it was truncated silently)
+    line = next(ln for ln in res.summary.splitlines() if "BDA(inner=" in ln)
+    assert "truncate=" not in line
     # the fixed step was used: from this start it blows up within 4 lower steps (the backtracked one
     # descends: test_resume_with_the_backtracking_state_is_bit_identical, n = 4, same start)
     assert res.final["upper_loss"] > 1e100

@@ -115,5 +115,6 @@ class LlcToy(Table):
                 f"β2 {cfg['beta2']}) on x and on z, start x0 = {cfg['x0']:g}, y0 = z0 = {cfg['y0']:g}; "
                 f"BDA mu = {cfg['mu']}, "
                 f"s_u {_s_u_rule(cfg)}, "
-                f"T-RHG truncation {cfg['truncate']}, AID {cfg['iters']} linear-solver iterations.\n\n")
+                f"T-RHG truncation {cfg['truncate']} (BDA: the whole trajectory), "
+                f"AID {cfg['iters']} linear-solver iterations.\n\n")
         return note + markdown_table(head, rows) + "\nfigures: " + ", ".join(str(p) for p in figs) + "\n"

@@ -27,8 +27,9 @@ from .._memory import saved_bytes
 from ..hypergrad import Exact
 from ..problems.toys import TOYS, Toy
 from ..solvers.base import Context, Solver
+from ..solvers.bda import BDA
 from .base import Experiment, Setup, register, run_device, run_dtype
-from .factory import Arg, Built, Lazy, build
+from .factory import Arg, Built, Lazy, build, find_solver
 
 __all__ = ["ToyRun", "MemoryProbe", "TOY_SOLVERS", "TOY_SOLVER_KEYS", "build_toy_solver"]
 
@@ -94,12 +95,15 @@ def build_toy_solver(cfg: dict[str, Any], projection: Any = None) -> Built:
         "init_rule": Arg(Lazy(lambda: _rule(uc["optimizer"], uc["init_lr"] or uc["lr"],
                                             "upper.init_lr" if uc["init_lr"] else "upper.lr", uc["beta2"],
                                             projection))),
-        "truncate": Arg(min(int(m["truncate"]), int(ic["steps"])), ("method.truncate",)),
         "iters": Arg(m["iters"], ("method.iters",)),
         "mu": Arg(m["mu"], ("method.mu",)),
         "s_u": Arg(m["s_u"] or None, ("method.s_u",)),
         "adaptive": Arg(bool(m["adaptive"]), ("method.adaptive",)),  # BDA: backtracked s_u (or fixed)
     }
+    # method.truncate is T-RHG's truncation; BDA (which also takes truncate=) differentiates its
+    # whole aggregated trajectory, as in the paper's Alg. 1 (it used to be truncated silently too)
+    if find_solver(cfg["solver"]) is not BDA:
+        offer["truncate"] = Arg(min(int(m["truncate"]), int(ic["steps"])), ("method.truncate",))
     if m["warm_start"] != "default":  # otherwise each method's own (paper) default
         offer["warm_start"] = Arg(m["warm_start"] == "true", ("method.warm_start",))
     return build("solver", cfg["solver"], offer, keys=("solver",))

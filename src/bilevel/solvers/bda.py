@@ -22,7 +22,7 @@ Here s_l is the step of the ``inner`` dynamics (``inner.lr``) and the direction 
 (1 − α_k) ∇_y g + α_k (s_u / s_l) ∇_y f, so the update above is reproduced exactly for GD (other
 dynamics — momentum, Adam — receive the aggregated direction in place of ∇_y g).
 
-The upper step s_u (``adaptive=True``, the default). The paper takes a fixed s_u ≤ 1/L_f; where
+The upper step s_u (``adaptive=True``, the default). The paper takes a fixed s_u; where
 ∇_y f is steep away from the solution (the quartic LLC toy) no fixed s_u is both stable at the start
 and large enough later. Our safeguard — not part of the paper — is Armijo backtracking (Armijo
 1966; Nocedal & Wright 2006, Alg. 3.1) on the upper term's own displacement t = α_k s: at lower step
@@ -37,7 +37,12 @@ cap, and the first trial). The trials, one per lower step, are the estimator's s
 (``state["est"]["s_u"]``): a resumed run is exact and one solver object can run many times. The
 accepted s is a constant of the step (piecewise constant in x), so the hypergradient — reverse mode
 through the steps actually taken — is the exact derivative of the K-step map that was run wherever
-no test switches (almost everywhere). ``adaptive=False`` keeps the fixed s_u of the paper.
+no test switches (almost everywhere). ``adaptive=False`` keeps the fixed s_u of the paper. The
+tests read floats on the host, so the backtracked BDA does not run under ``torch.func.vmap``.
+
+References: L. Armijo 1966, "Minimization of functions having Lipschitz continuous first partial
+derivatives", Pacific J. Math. 16(1); J. Nocedal & S. J. Wright 2006, Numerical Optimization, 2nd
+ed., Alg. 3.1 (backtracking line search).
 """
 
 from __future__ import annotations
