@@ -106,3 +106,39 @@ def test_implicit_estimators_pass_check_every_to_linalg():
                  lambda n, e: bl.hypergrad.FixedPoint(gd, iters=n, check_every=e)):
         assert reads(make(4, 0)) == reads(make(30, 0))  # fixed iterations: one read per solve
         assert reads(make(30, 1)) - reads(make(30, 0)) == 30 - 1  # a read per iteration instead
+
+
+def test_minres_and_normal_cg_read_once_per_block():
+    """MINRES and CGLS (issue 12) like CG: one read at the start, one per block of
+    ``check_every`` iterations (CGLS: one more for the final ‖r‖), one in all for the masked
+    form whatever the budget. The spectrum (1e-3 … 1e3, 30 unknowns, tol=0) keeps both running
+    for the whole budget of 20 iterations."""
+    ev = torch.logspace(-3, 3, 30, dtype=torch.float64)
+    b = (torch.ones(30, dtype=torch.float64),)
+
+    def reads(fn, **kw):
+        with hostsync.count() as c:
+            _, info = fn(lambda v: (ev * v[0],), b, tol=0.0, **kw)
+        assert info["iterations"] == kw["iters"] and info["breakdown"] is None
+        return c.calls
+
+    for fn, final in ((bl.linalg.minres, 0), (bl.linalg.normal_cg, 1)):
+        assert reads(fn, iters=5, check_every=0) == reads(fn, iters=20, check_every=0) == 1
+        assert reads(fn, iters=20, check_every=10) == 1 + 2 + final
+        assert reads(fn, iters=20, check_every=3) == 1 + 7 + final
+        assert reads(fn, iters=20, check_every=1) == reads(fn, iters=20) == 1 + 20 + final  # CPU default
+
+
+def test_minres_and_normal_cg_estimators_pass_check_every_to_linalg():
+    lo, up = W.data()
+
+    def reads(est):
+        with hostsync.count() as c:
+            est(W.PROBLEM, *W.start(), lower_batch=lo, upper_batch=up)
+        return c.calls
+
+    gd = bl.inner.GD(lr=0.5, steps=20)
+    for cls in (bl.hypergrad.MINRES, bl.hypergrad.NormalCG):
+        fixed = reads(cls(gd, iters=4, tol=1e-30, check_every=0))
+        assert reads(cls(gd, iters=30, tol=1e-30, check_every=0)) == fixed  # one read per solve
+        assert reads(cls(gd, iters=30, tol=1e-30, check_every=1)) > fixed + 2  # a read per iteration

@@ -26,11 +26,12 @@ Which solver for which Hessian:
   proximal / Tikhonov system of iMAML, Rajeswaran et al. 2019, Eq. 6: (I + H/λ) v = b is
   (H + λI) v = λ b).
 
-Host synchronisations: :func:`cg`, :func:`fixed_point` and :func:`neumann` read no value per
-iteration — their tests are replayed on the host once per block of ``check_every`` iterations, or
-(``check_every=0``, and always in traced mode) run as device masks with one read at the end (the
-fixed-iteration form, usable under ``torch.func.vmap``). :func:`minres` and :func:`normal_cg`
-still read one or two scalars per iteration (their stopping and breakdown tests).
+Host synchronisations: no iterative solver reads a value per iteration — their tests are
+replayed on the host once per block of ``check_every`` iterations (default 1 on the CPU, where a
+read is no synchronisation, :data:`CHECK_EVERY` on an accelerator), or (``check_every=0``, and
+always in traced mode) run as device masks with one read at the end (the fixed-iteration form,
+usable under ``torch.func.vmap``). Every form stops at the same iteration with the same iterate
+and reason (tested).
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ def minres(
     *,
     iters: int = 100,
     tol: float = 1e-10,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """MINRES for A x = b with A symmetric, possibly indefinite (Paige & Saunders 1975, Sec. 6).
 
@@ -264,74 +266,158 @@ def minres(
     its QR factorisation is updated with one Givens reflection per step, which gives the
     residual norm |φ̄_k| = |s_k φ̄_{k−1}| (φ̄_0 = β_1) without forming it, and the iterate from
     the three-term recursion d_k = (v_k − δ_k d_{k−1} − ε_k d_{k−2}) / γ_k,
-    x_k = x_{k−1} + c_k φ̄_{k−1} d_k. One product and one synchronisation per iteration.
+    x_k = x_{k−1} + c_k φ̄_{k−1} d_k. One product per iteration.
 
     β_{k+1} = 0 means the Krylov space is invariant and x_k solves the system in it: stop. If
     β_{k+1} ≈ 0 (≤ √u·‖T̄_k‖: rounding grows with k) and the pivot γ̄_k ≈ 0 as well, T_k is
     singular — b has a component outside the range of A, whose least-squares residual the iterate
     has reached: stop before the step (which would divide by ≈ 0) with ``breakdown="singular"``
-    and that iterate (its residual is reported).
+    and that iterate (its residual is reported). A non-finite γ_k or column norm stops with
+    ``"nonfinite"`` and the last finite iterate.
+
+    Host synchronisation as in :func:`cg`: ``check_every=k ≥ 1`` runs blocks of k iterations
+    without a read, reads their scalars (γ_k, γ̄_k, β_{k+1}, ‖column k‖) at once and replays the
+    tests above on them (same stopping iteration, iterate and reason as a read per iteration;
+    at most k − 1 products past the stop are discarded); default 1 on the CPU,
+    :data:`CHECK_EVERY` elsewhere. ``check_every=0`` (and traced mode) runs all ``iters``
+    iterations with the tests as device masks and one read at the end; the host's scalar
+    recursion (the residual estimate, ‖T̄_k‖) is then kept in float64 on the device, so the
+    decisions are the same.
     """
-    _not_traced("minres")
-    bnorm = float(T.norm(b))
+    every = check_every_for(b, check_every)
+    if tracing() or every == 0:
+        return _minres_masked(matvec, b, x0, iters=iters, tol=tol)
     eps = _eps(b)
     x, r = _start(matvec, b, x0)
     beta1 = T.norm(r)
-    res = float(beta1)
+    bnorm, res = _read([T.norm(b), beta1])  # one synchronisation
     sqrt_eps = math.sqrt(eps)
     stop = max(tol, eps) * bnorm  # the recursion's estimate can fall far below what is real
-    k, breakdown = 0, None
+    k, breakdown, done = 0, None, False
     if not math.isfinite(res):
         breakdown = "nonfinite"
     elif res > stop and res > 0.0:
-        v_prev, v = T.zeros_like(b), T.scale(r, 1.0 / beta1)
-        d_prev = d_prev2 = T.zeros_like(b)
-        zero = torch.zeros_like(beta1)
-        beta = zero                                  # β_k in column k of T̄ (none in the first)
-        c1, s1, c2, s2 = -1.0 - zero, zero, -1.0 - zero, zero  # reflections k−1 and k−2
-        phibar = beta1
+        it = _MinresRecursion(r, beta1)
         anorm = 0.0
-        while k < iters:
-            u = matvec(v)
-            if k > 0:
-                u = T.axpy(-beta, v_prev, u)
-            alpha = T.dot(v, u)
-            u = T.axpy(-alpha, v, u)
-            beta_next = T.norm(u)
-            # column k of T̄ = (β_k, α_k, β_{k+1}) after the two previous reflections
-            eps_k = s2 * beta
-            delta_p = -c2 * beta
-            delta = c1 * delta_p + s1 * alpha
-            gbar = s1 * delta_p - c1 * alpha
-            gamma = torch.sqrt(gbar * gbar + beta_next * beta_next)
-            col = torch.sqrt(alpha * alpha + beta * beta + beta_next * beta_next)
-            gamma_f, gbar_f, beta_next_f, col_f = torch.stack([gamma, gbar, beta_next, col]).tolist()
-            if not (math.isfinite(gamma_f) and math.isfinite(col_f)):
-                breakdown = "nonfinite"
-                break
-            anorm = max(anorm, col_f)
-            # β_{k+1} ≈ 0: the Krylov space is invariant (to rounding, which grows with k, hence
-            # √u); then a pivot γ̄_k ≈ 0 too means T_k is singular: b has a component outside the
-            # range of A, the least-squares residual is reached and this step would divide by ~0
-            invariant = beta_next_f <= sqrt_eps * anorm
-            if gamma_f <= eps * anorm or (invariant and abs(gbar_f) <= sqrt_eps * anorm):
-                if res > stop:
-                    breakdown = "singular"
-                break
-            c, s = gbar / gamma, beta_next / gamma
-            d_new = T.scale(T.axpy(-eps_k, d_prev2, T.axpy(-delta, d_prev, v)), 1.0 / gamma)
-            x = T.axpy(c * phibar, d_new, x)
-            phibar = s * phibar
-            res = res * beta_next_f / gamma_f
-            k += 1
-            d_prev2, d_prev = d_prev, d_new
-            c2, s2, c1, s1 = c1, s1, c, s
-            if res <= stop or beta_next_f <= eps * anorm:  # solved, or nothing left to explore
-                break
-            v_prev, v = v, T.scale(u, 1.0 / beta_next)
-            beta = beta_next
+        while not done and k < iters:
+            x_block_start, block_x, scalars = x, [], []
+            for i in range(min(every, iters - k)):  # a block: no read
+                x, sc = it.step(matvec, x, first=k + i == 0)
+                block_x.append(x)
+                scalars.append(sc)
+            kept = None  # index of the last accepted iterate of the block
+            for j, (gamma_f, gbar_f, beta_next_f, col_f) in enumerate(_read(scalars)):  # one sync
+                if not (math.isfinite(gamma_f) and math.isfinite(col_f)):
+                    breakdown, done = "nonfinite", True
+                    break
+                anorm = max(anorm, col_f)
+                # β_{k+1} ≈ 0: the Krylov space is invariant (to rounding, which grows with k,
+                # hence √u); then a pivot γ̄_k ≈ 0 too means T_k is singular: b has a component
+                # outside the range of A, the least-squares residual is reached and this step
+                # divided by ~0 (its iterate is discarded)
+                invariant = beta_next_f <= sqrt_eps * anorm
+                if gamma_f <= eps * anorm or (invariant and abs(gbar_f) <= sqrt_eps * anorm):
+                    if res > stop:
+                        breakdown = "singular"
+                    done = True
+                    break
+                res = res * beta_next_f / gamma_f
+                k += 1
+                kept = j
+                if res <= stop or beta_next_f <= eps * anorm:  # solved, or nothing left to explore
+                    done = True
+                    break
+            x = block_x[kept] if kept is not None else x_block_start
     converged = breakdown is None and (res <= stop if tol > 0 else True)
     return x, _info(k, res, bnorm, converged, breakdown)
+
+
+class _MinresRecursion:
+    """The device side of one MINRES iteration (Lanczos step, two old reflections applied to the
+    new column of T̄, the new reflection, the direction and the iterate) — no host read; shared by
+    the block and the masked forms so both compute the same numbers."""
+
+    def __init__(self, r: T.Leaves, beta1: Tensor):
+        self.v_prev, self.v = T.zeros_like(r), T.scale(r, 1.0 / beta1)
+        self.d_prev = self.d_prev2 = T.zeros_like(r)
+        zero = torch.zeros_like(beta1)
+        self.beta = zero  # β_k in column k of T̄ (none in the first)
+        self.c1, self.s1, self.c2, self.s2 = -1.0 - zero, zero, -1.0 - zero, zero  # reflections k−1, k−2
+        self.phibar = beta1
+
+    def step(self, matvec: MatVec, x: T.Leaves, *, first: bool) -> tuple[T.Leaves, Tensor]:
+        """x_k from x_{k−1}, and the scalars the tests read: [γ_k, γ̄_k, β_{k+1}, ‖column k‖]."""
+        v, beta = self.v, self.beta
+        u = matvec(v)
+        if not first:
+            u = T.axpy(-beta, self.v_prev, u)
+        alpha = T.dot(v, u)
+        u = T.axpy(-alpha, v, u)
+        beta_next = T.norm(u)
+        # column k of T̄ = (β_k, α_k, β_{k+1}) after the two previous reflections
+        eps_k = self.s2 * beta
+        delta_p = -self.c2 * beta
+        delta = self.c1 * delta_p + self.s1 * alpha
+        gbar = self.s1 * delta_p - self.c1 * alpha
+        gamma = torch.sqrt(gbar * gbar + beta_next * beta_next)
+        col = torch.sqrt(alpha * alpha + beta * beta + beta_next * beta_next)
+        c, s = gbar / gamma, beta_next / gamma
+        d_new = T.scale(T.axpy(-eps_k, self.d_prev2, T.axpy(-delta, self.d_prev, v)), 1.0 / gamma)
+        x = T.axpy(c * self.phibar, d_new, x)
+        self.phibar = s * self.phibar
+        self.d_prev2, self.d_prev = self.d_prev, d_new
+        self.c2, self.s2, self.c1, self.s1 = self.c1, self.s1, c, s
+        self.v_prev, self.v = v, T.scale(u, 1.0 / beta_next)
+        self.beta = beta_next
+        return x, torch.stack([gamma, gbar, beta_next, col])
+
+
+def _scalar_dtype(t: Tensor) -> torch.dtype:
+    """float64 for the host-side scalar recursions run on the device (masked forms), where the
+    device has it (MPS has not: the working dtype there)."""
+    return t.dtype if t.device.type == "mps" else torch.float64
+
+
+def _minres_masked(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None, *, iters: int, tol: float):
+    """:func:`minres` with ``check_every=0``: all ``iters`` iterations, a stopped system frozen by
+    masks (its iterate, count and reason), one read at the end (none in traced mode)."""
+    eps = _eps(b)
+    sqrt_eps = math.sqrt(eps)
+    x, r = _start(matvec, b, x0)
+    beta1 = T.norm(r)
+    sd = _scalar_dtype(beta1)
+    bnorm = T.norm(b).to(sd)
+    res = beta1.to(sd)
+    stop = max(tol, eps) * bnorm
+    nonfinite = ~torch.isfinite(res)
+    singular = torch.zeros_like(nonfinite)
+    active = ~nonfinite & (res > stop) & (res > 0.0)
+    k = torch.zeros((), dtype=torch.int64, device=res.device)
+    anorm = torch.zeros_like(res)
+    it = _MinresRecursion(r, beta1)
+    for i in range(iters):
+        x_new, sc = it.step(matvec, x, first=i == 0)
+        gamma, gbar, beta_next, col = sc.to(sd).unbind()
+        nf = active & ~(torch.isfinite(gamma) & torch.isfinite(col))
+        ok = active & ~nf
+        anorm = torch.where(ok, torch.maximum(anorm, col), anorm)
+        invariant = beta_next <= sqrt_eps * anorm
+        flat = ok & ((gamma <= eps * anorm) | (invariant & (gbar.abs() <= sqrt_eps * anorm)))
+        singular = singular | (flat & (res > stop))
+        run = ok & ~flat
+        x = _where(run, x_new, x)
+        res = torch.where(run, res * beta_next / gamma, res)
+        k = k + run
+        nonfinite = nonfinite | nf
+        active = run & ~((res <= stop) | (beta_next <= eps * anorm))
+    code = torch.where(nonfinite, 3, torch.where(singular, 2, 0))
+    ok = code == 0
+    converged = ok & (res <= stop) if tol > 0 else ok
+    if tracing():
+        return x, _traced_info(k, res, bnorm, converged, ~ok)
+    k_f, res_f, bn_f, code_f, conv_f = torch.stack(
+        [t.to(sd) for t in (k, res, bnorm, code, converged)]).tolist()  # one sync
+    return x, _info(int(k_f), res_f, bn_f, bool(conv_f), _REASONS[int(code_f)])
 
 
 def normal_cg(
@@ -342,6 +428,7 @@ def normal_cg(
     iters: int = 100,
     tol: float = 1e-10,
     rmatvec: MatVec | None = None,
+    check_every: int | None = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """CG on the normal equations AᵀA x = Aᵀb, in the CGLS form (Hestenes & Stiefel 1952, Sec. 10;
     Björck 1996, Alg. 7.4.1), for any A — indefinite or singular.
@@ -351,42 +438,102 @@ def normal_cg(
     the minimum-norm least-squares solution A⁺b. Two products per iteration (``rmatvec`` = Aᵀ,
     default ``matvec``: A symmetric) and the condition number of AᵀA, i.e. squared. Stops when
     ‖Aᵀr‖ ≤ tol·‖Aᵀb‖ (then ``converged``; ``info["normal_residual"]`` is ‖Aᵀr‖) — for an
-    inconsistent system ``residual`` stays at the least-squares residual.
+    inconsistent system ``residual`` stays at the least-squares residual. A non-finite ‖Aᵀr‖
+    stops with ``breakdown="nonfinite"`` and the last finite iterate.
+
+    Host synchronisation as in :func:`cg`: ``check_every=k ≥ 1`` reads the k values ‖s‖² of a
+    block at once and replays the stopping test on them (the same stop, iterate and reason as a
+    read per iteration); default 1 on the CPU, :data:`CHECK_EVERY` elsewhere; one read at the
+    start and one for the final ‖r‖. ``check_every=0`` (and traced mode): all ``iters``
+    iterations with masks, one read at the end.
     """
-    _not_traced("normal_cg")
+    every = check_every_for(b, check_every)
     at = matvec if rmatvec is None else rmatvec
-    bnorm = float(T.norm(b))
+    if tracing() or every == 0:
+        return _normal_cg_masked(matvec, at, b, x0, iters=iters, tol=tol)
     x, r = _start(matvec, b, x0)
     s = at(r)
     p = s
     gam = T.sq_norm(s)
-    atb = float(T.norm(at(b))) if x0 is not None else math.sqrt(float(gam))
-    gam_f = float(gam)
+    start = [T.norm(b), gam] + ([T.norm(at(b))] if x0 is not None else [])
+    bnorm, gam_f, *atb = _read(start)  # one synchronisation
+    atb = atb[0] if x0 is not None else math.sqrt(gam_f)
     stop = (tol * atb) ** 2
     k, breakdown = 0, None
     if not math.isfinite(gam_f):
         breakdown = "nonfinite"
     while breakdown is None and k < iters and gam_f > stop and gam_f > 0.0:
-        q = matvec(p)
-        qq = T.sq_norm(q)
-        alpha = gam / qq
-        x_new = T.axpy(alpha, p, x)
-        r_new = T.axpy(-alpha, q, r)
-        s = at(r_new)
-        gam_new = T.sq_norm(s)
-        gam_new_f = float(gam_new)
-        if not math.isfinite(gam_new_f):
-            breakdown = "nonfinite"  # ‖A p‖ = 0 with Aᵀr ≠ 0 cannot happen in exact arithmetic
-            break
-        x, r = x_new, r_new
-        p = T.axpy(gam_new / gam, p, s)
-        gam, gam_f = gam_new, gam_new_f
-        k += 1
+        start_xr, block, scalars = (x, r), [], []
+        for _ in range(min(every, iters - k)):  # a block: no read
+            q = matvec(p)
+            alpha = gam / T.sq_norm(q)
+            x, r = T.axpy(alpha, p, x), T.axpy(-alpha, q, r)
+            s = at(r)
+            gam_new = T.sq_norm(s)
+            p = T.axpy(gam_new / gam, p, s)
+            gam = gam_new
+            block.append((x, r))
+            scalars.append(gam_new)
+        kept = None  # index of the last accepted iterate of the block
+        for j, gam_new_f in enumerate(_read(scalars)):  # one sync
+            if not math.isfinite(gam_new_f):
+                breakdown = "nonfinite"  # ‖A p‖ = 0 with Aᵀr ≠ 0 cannot happen in exact arithmetic
+                break
+            kept, gam_f = j, gam_new_f
+            k += 1
+            if not (gam_f > stop and gam_f > 0.0):
+                break
+        x, r = block[kept] if kept is not None else start_xr
     res = float(T.norm(r))
     nres = math.sqrt(gam_f) if math.isfinite(gam_f) else gam_f
     converged = breakdown is None and (nres <= tol * atb if tol > 0 else True)
     info = _info(k, res, bnorm, converged, breakdown)
     info["normal_residual"] = nres
+    return x, info
+
+
+def _normal_cg_masked(matvec: MatVec, at: MatVec, b: T.Leaves, x0: T.Leaves | None, *, iters: int,
+                      tol: float):
+    """:func:`normal_cg` with ``check_every=0``: all ``iters`` iterations, masks, one read."""
+    x, r = _start(matvec, b, x0)
+    s = at(r)
+    p = s
+    gam = T.sq_norm(s)
+    sd = _scalar_dtype(gam)
+    bnorm, gam_s = T.norm(b).to(sd), gam.to(sd)
+    atb = T.norm(at(b)).to(sd) if x0 is not None else gam_s.sqrt()
+    stop = (tol * atb) ** 2
+    nonfinite = ~torch.isfinite(gam_s)
+    active = ~nonfinite & (gam_s > stop) & (gam_s > 0.0)
+    k = torch.zeros((), dtype=torch.int64, device=gam.device)
+    for _ in range(iters):
+        q = matvec(p)
+        alpha = gam / T.sq_norm(q)
+        x_new, r_new = T.axpy(alpha, p, x), T.axpy(-alpha, q, r)
+        s = at(r_new)
+        gam_new = T.sq_norm(s)
+        p = T.axpy(gam_new / gam, p, s)
+        gam = gam_new
+        g = gam_new.to(sd)
+        nf = active & ~torch.isfinite(g)
+        run = active & ~nf
+        x, r = _where(run, x_new, x), _where(run, r_new, r)
+        gam_s = torch.where(run, g, gam_s)
+        k = k + run
+        nonfinite = nonfinite | nf
+        active = run & (gam_s > stop) & (gam_s > 0.0)
+    res = T.norm(r).to(sd)
+    nres = torch.where(torch.isfinite(gam_s), gam_s.sqrt(), gam_s)
+    ok = ~nonfinite
+    converged = ok & (nres <= tol * atb) if tol > 0 else ok
+    if tracing():
+        info = _traced_info(k, res, bnorm, converged, ~ok)
+        info["normal_residual"] = nres
+        return x, info
+    k_f, res_f, bn_f, bad_f, conv_f, nres_f = torch.stack(
+        [t.to(sd) for t in (k, res, bnorm, nonfinite, converged, nres)]).tolist()  # one sync
+    info = _info(int(k_f), res_f, bn_f, bool(conv_f), "nonfinite" if bad_f else None)
+    info["normal_residual"] = nres_f
     return x, info
 
 
@@ -494,15 +641,6 @@ def dense_solve(A: Tensor, b: Tensor) -> tuple[Tensor, dict[str, Any]]:
 # converged or broken down is frozen by masks (torch.where), so every task gets the iterate the
 # eager solver would have stopped at. ``info`` holds tensors; ``breakdown`` is None and
 # ``broke_down`` says per task whether the eager solver would have reported one.
-
-
-def _not_traced(name: str) -> None:
-    if tracing():
-        raise NotImplementedError(
-            f"linalg.{name} has no traced (vmap) form yet: its stopping and breakdown tests read "
-            "values on the host; under bilevel.hypergrad.vmap use CG (with damping=λ for an "
-            "indefinite Hessian), FixedPoint / Neumann or Exact"
-        )
 
 
 def _where(mask: Tensor, new: T.Leaves, old: T.Leaves) -> T.Leaves:

@@ -252,16 +252,20 @@ def _warn_breakdown(est: Implicit, sinfo: dict[str, Any]) -> None:
 
 class _Krylov(Implicit):
     """A Krylov solver of :mod:`bilevel.linalg` (``method``) on (H + λI) v = ∇_y f, at most
-    ``iters`` iterations, stopping at relative residual ``tol``."""
+    ``iters`` iterations, stopping at relative residual ``tol``, its tests read on the host once
+    per block of ``check_every`` iterations (None: the device default; 0: fixed iterations)."""
 
     method: Any = None
 
-    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, **kw):
+    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, *,
+                 check_every: int | None = None, **kw):
         super().__init__(inner, **kw)
         self.iters, self.tol = int(iters), float(tol)
+        self.check_every = _check_every(check_every)
 
     def solve(self, lin, b, x0, bound):
-        return self.method(self.operator(lin), b, x0, iters=self.iters, tol=self.tol)
+        return self.method(self.operator(lin), b, x0, iters=self.iters, tol=self.tol,
+                           check_every=self.check_every)
 
 
 class CG(_Krylov):
@@ -286,15 +290,6 @@ class CG(_Krylov):
 
     method = staticmethod(linalg.cg)
 
-    def __init__(self, inner: Dynamics | None, iters: int = 50, tol: float = 1e-10, *,
-                 check_every: int | None = None, **kw):
-        super().__init__(inner, iters, tol, **kw)
-        self.check_every = _check_every(check_every)
-
-    def solve(self, lin, b, x0, bound):
-        return linalg.cg(self.operator(lin), b, x0, iters=self.iters, tol=self.tol,
-                         check_every=self.check_every)
-
 
 class MINRES(_Krylov):
     """Implicit differentiation with MINRES: H v = ∇_y f for a symmetric, possibly indefinite H.
@@ -303,6 +298,7 @@ class MINRES(_Krylov):
         inner: lower-level dynamics, or ``None`` (the given y is y*).
         iters: at most this many Hessian-vector products.
         tol: stop when ‖H v − ∇_y f‖ ≤ tol ‖∇_y f‖.
+        check_every: host reads once per block of this many iterations (as for :class:`CG`).
 
     Reference: Paige & Saunders 1975.
     """
@@ -320,6 +316,7 @@ class NormalCG(_Krylov):
         inner: lower-level dynamics, or ``None`` (the given y is y*).
         iters: at most this many iterations (two Hessian-vector products each).
         tol: stop when the normal-equation residual is ≤ tol times its initial value.
+        check_every: host reads once per block of this many iterations (as for :class:`CG`).
 
     Reference: Hestenes & Stiefel 1952.
     """
