@@ -50,6 +50,9 @@ def batch_size(batch: Any) -> int:
     """Number of samples in a batch: leading dimension of its first tensor (1 if no tensor)."""
     if batch is None:
         return 1
+    first = batch[0] if type(batch) is tuple and batch else batch  # fast path: a tuple of tensors
+    if isinstance(first, Tensor):
+        return 1 if first.dim() == 0 else int(first.shape[0])
     leaves = [t for t in T.pytree.tree_leaves(batch) if isinstance(t, Tensor)]
     if not leaves or leaves[0].dim() == 0:
         return 1
