@@ -30,7 +30,7 @@ from .inner import GD, unroll
 
 __all__ = [
     "Schedule", "neumann_hypergradient", "storm", "spider", "SagaTable",
-    "sampled_neumann_hypergradient", "replay", "momentum_weight",
+    "sampled_neumann_hypergradient", "replay", "momentum_weight", "at_two_points",
     "sgd_lower", "sgd_linear_system", "require_fixed_batches", "soba_oracles",
 ]
 
@@ -181,6 +181,61 @@ def replay(objectives: list) -> Callable[[], Any]:
     recursion)."""
     it = iter(objectives)
     return lambda: next(it)
+
+
+class _AtTwoPoints:
+    """One objective at two points as ONE function of the stacked leaves ((x, x'), (y, y')):
+    fn(x, y) + fn(x', y'). The sum is separable, so its gradient, Hessian-vector and cross
+    products with stacked vectors are the two points' products side by side — computed by one
+    graph and one backward each instead of two. ``level`` / ``n`` make the oracle layer count it
+    as the two evaluations it replaces."""
+
+    __slots__ = ("fn", "nx", "ny", "level", "n")
+
+    def __init__(self, fn: O.Fn, nx: int, ny: int):
+        self.fn, self.nx, self.ny = fn, nx, ny
+        self.level, self.n = getattr(fn, "level", "objective"), 2 * getattr(fn, "n", 1)
+
+    def __call__(self, xs: T.Leaves, ys: T.Leaves) -> Any:
+        nx, ny = self.nx, self.ny
+        return self.fn(xs[:nx], ys[:ny]) + self.fn(xs[nx:], ys[ny:])
+
+
+def at_two_points(
+    estimate: Callable[..., T.Leaves], samples: Any, p: tuple[T.Leaves, T.Leaves],
+    q: tuple[T.Leaves, T.Leaves], *, out: str, batched: bool = True,
+) -> tuple[T.Leaves, T.Leaves]:
+    """``(estimate(*p, samples), estimate(*q, samples))``: one estimator at two points on the SAME
+    samples — the two terms of a STORM / SPIDER recursion (MRBO, VRBO).
+
+    ``samples``: the objectives the estimator uses (an objective, or a tuple / list of them, nested;
+    numbers such as a truncation index pass through);
+    ``out``: ``"x"`` or ``"y"``, the space of the estimate (how to split the stacked result). With
+    the default ``"autograd"`` oracle backend and no data-parallel reduction the two evaluations are
+    batched: the estimator runs once at the stacked point ((x_p, x_q), (y_p, y_q)) with every
+    objective replaced by its sum at the two points (:class:`_AtTwoPoints`) — one graph and one
+    backward per oracle call instead of two, bitwise the same numbers (every linear-algebra step is
+    leafwise; only the host-side tests of :func:`bilevel.linalg.neumann` see the joint residual
+    norm, which changes nothing unless a series diverges). Elsewhere, or with ``batched=False``
+    (an estimator whose samples are not all objectives, e.g. zeroth-order directions): two calls.
+    """
+    if out not in ("x", "y"):
+        raise ValueError(f"out must be 'x' or 'y', got {out!r}")
+    (xp, yp), (xq, yq) = p, q
+    if not batched or O.get_backend() != "autograd" or O._REDUCER.get() is not None:
+        return estimate(xp, yp, samples), estimate(xq, yq, samples)
+    nx, ny = len(xp), len(yp)
+
+    def pair(obj: Any) -> Any:
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(pair(o) for o in obj)
+        if obj is None or isinstance(obj, (int, float, str)):  # e.g. a truncation index
+            return obj
+        return _AtTwoPoints(obj, nx, ny)
+
+    both = tuple(estimate(tuple(xp) + tuple(xq), tuple(yp) + tuple(yq), pair(samples)))
+    k = nx if out == "x" else ny
+    return both[:k], both[k:]
 
 
 def momentum_weight(schedule: Schedule, t: int) -> float:
