@@ -221,7 +221,18 @@ def _grad(
     retain_graph: bool | None = None,
 ) -> T.Leaves:
     """``torch.autograd.grad`` that returns zeros (not None) for inputs the output ignores."""
-    outs = [out] if isinstance(out, Tensor) else list(out)
+    if not isinstance(out, Tensor) and len(out) == 1:  # one output leaf (the common case): the
+        out = out[0]                                    # fast path below, a few µs per call less
+        grad_outputs = None if grad_outputs is None else grad_outputs[0]
+    if isinstance(out, Tensor):
+        if not out.requires_grad:
+            return tuple([torch.zeros_like(t) for t in inputs])
+        gs = torch.autograd.grad(out, inputs, grad_outputs, create_graph=create_graph,
+                                 retain_graph=retain_graph, allow_unused=True)
+        if len(gs) == 1 and gs[0] is not None:
+            return gs
+        return tuple([torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)])
+    outs = list(out)
     gos = None if grad_outputs is None else list(grad_outputs)
     live = [i for i, o in enumerate(outs) if o.requires_grad]
     if not live:
