@@ -112,11 +112,19 @@ def stochastic_rows(p: Any) -> dict[str, Any]:
         "stocbio": lambda: S.StocBiO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
         "mrbo": lambda: S.MRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
         "bsa": lambda: S.BSA(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
+        # same settings in jax_ref.stochastic_cores (period, momentum: jax_ref.EXTRA) and jax_check
+        "saba": lambda: S.SABA(lr_x=lr_x, lr_y=lr_y),
+        "vrbo": lambda: S.VRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta, inner_steps=T, period=10),
+        "ttsa": lambda: S.TTSA(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
+        "amigo": lambda: S.AmIGO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, v_steps=Q),
+        "fsla": lambda: S.FSLA(lr_x=lr_x, lr_y=lr_y, momentum=0.5),
+        "sustain": lambda: S.SUSTAIN(lr_x=lr_x, lr_y=lr_y, momentum_x=0.5, Q=Q, eta=eta),
     }
 
     def row(name: str):
         def run(compile: bool, steps: int = 20) -> float:
-            res = bl.solve(**p.solve_kwargs(batch_size=ST["batch"], seed=1), solver=make[name](),
+            kind = "fixed" if name == "saba" else "minibatch"  # SAGA memories: a fixed partition
+            res = bl.solve(**p.solve_kwargs(batch_size=ST["batch"], seed=1, kind=kind), solver=make[name](),
                            steps=steps, track=False, compile=compile)
             return res.state["time"] / steps  # the solver's own clock, s per iteration
 
@@ -163,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     np.savez(f"{tmp}/st.npz", **sd)
     rows: dict[str, Any] = {**hypergrad_rows(hd), **stochastic_rows(p)}
     rows = {k: v for k, v in rows.items() if only is None or k in only}
-    compiled_rows = {"reverse", "cg", "soba", "stocbio", "mrbo", "bsa"}
+    compiled_rows = {"reverse", "cg", "soba", "stocbio", "mrbo", "bsa",
+                     "saba", "vrbo", "ttsa", "amigo", "fsla", "sustain"}
     res: dict[str, dict[str, list]] = {k: {"eager": [], "compiled": [], "jax": []} for k in rows}
     compile_s: dict[str, float] = {}
     jax_info: dict[str, Any] = {}

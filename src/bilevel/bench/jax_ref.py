@@ -18,6 +18,17 @@ Tasks (the same mathematics, float32, as the ``bilevel`` rows they are compared 
   10 inner SGD steps and 10 Neumann HVPs with a fresh batch each, as in
   :mod:`bilevel.solvers.stochastic`), the whole iteration one jitted function; batches are drawn
   inside it with ``jax.random``.
+* ``saba`` / ``vrbo`` / ``ttsa`` / ``amigo`` / ``fsla`` / ``sustain`` — the same, written as
+  ``core(state, indices)`` + ``draw(key)`` (:func:`stochastic_cores`) so that
+  :mod:`bilevel.bench.jax_check` can feed the batches our solvers drew and compare the iterates
+  (``--check IDX.npz OUT.npz``). Each core follows our solver's update line by line, with its
+  oracle calls, batches and first-iteration special cases (``lax.cond`` on the iteration
+  counter). VRBO's full-data restart runs inside the step every ``period`` = 10 iterations
+  (``lax.cond(t % period == 0)``), exactly as ours: a timed call of 20 iterations from the
+  initial state contains two restarts, in both libraries. SABA's SAGA tables live in the jitted
+  state (donated, updated in place with ``.at[i].set``), one fixed partition into batches.
+  Batches are drawn with replacement within a batch (``randint``); ours are slices of a shuffled
+  copy — the same cost per oracle.
 
 Times: median over ``--reps`` calls after two warm-up calls (``block_until_ready``), in ms;
 ``compile_s`` is the first call. Stochastic rows time the first ``--iters`` iterations from the
@@ -97,6 +108,234 @@ def hypergrad_tasks(d, jax, jnp):
         return -pull(v)[0]
 
     return {"reverse": (reverse, (lam,)), "cg": (cg, (lam,))}
+
+
+#: settings of the added rows that :mod:`bilevel.bench.jax_compare` does not write (its ``make``
+#: dict passes the same values to our solvers): VRBO's restart period, the STORM weight of FSLA /
+#: SUSTAIN (constant), and the step of the linear systems (lr_v = lr_y).
+EXTRA = {"period": 10, "momentum": 0.5}
+
+
+def _st_ops(d, jax, jnp, parts=None):
+    """The oracles of hyper-cleaning on index batches (``None``: the full data) and the shared
+    hypergradient pieces, all plain ``jax.grad`` / ``jvp`` / ``vjp``."""
+    import types
+
+    A, lab, Av, labv = (jnp.asarray(d[k]) for k in ("A", "lab", "Av", "labv"))
+    n, m, bs = A.shape[0], Av.shape[0], int(d["batch"])
+    reg, eta, Q = float(d["reg"]), float(d["eta"]), int(d["Q"])
+
+    def G(x, Z, i):
+        if i is None:  # the full data (VRBO's large batch)
+            return jnp.dot(jax.nn.sigmoid(x), _ce_vec(jnp, jax, Z, A, lab)) / n + reg * jnp.sum(Z * Z)
+        return jnp.dot(jax.nn.sigmoid(x[i]), _ce_vec(jnp, jax, Z, A[i], lab[i])) / i.shape[0] \
+            + reg * jnp.sum(Z * Z)
+
+    def F(x, Z, j):
+        if j is None:
+            return jnp.mean(_ce_vec(jnp, jax, Z, Av, labv))
+        return jnp.mean(_ce_vec(jnp, jax, Z, Av[j], labv[j]))
+
+    gZ = jax.grad(G, argnums=1)
+    gF = jax.grad(F, argnums=(0, 1))
+
+    def hvp(x, Z, i, v):
+        return jax.jvp(lambda z: gZ(x, z, i), (Z,), (v,))[1]
+
+    def cross(x, Z, i, v):
+        return jax.vjp(lambda a: gZ(a, Z, i), x)[1](v)[0]
+
+    def neumann_hg(x, Z, j, i_cross, i_hvp):
+        """Our :func:`bilevel.estimates.neumann_hypergradient` (MRBO / VRBO): Q Richardson steps
+        w ← w − η (H_q w − ∇_y F) from w = η ∇_y F (= η Σ_q Π_{l=Q−q+1}^{Q} (I − ηH_l) ∇_y F),
+        HVP batches ``i_hvp[q]`` (``None``: all full data), cross term on ``i_cross``."""
+        gx, gy = gF(x, Z, j)
+        if i_hvp is None:
+            w = jax.lax.fori_loop(0, Q, lambda q, w: w - eta * (hvp(x, Z, None, w) - gy), eta * gy)
+        else:
+            w = jax.lax.fori_loop(0, Q, lambda q, w: w - eta * (hvp(x, Z, i_hvp[q], w) - gy), eta * gy)
+        return gx - cross(x, Z, i_cross, w)
+
+    def sampled_hg(x, Z, j, i_cross, i_hvp, p):
+        """:func:`bilevel.estimates.sampled_neumann_hypergradient` (BSA, TTSA, SUSTAIN):
+        w = η Q Π_{l=1}^{p} (I − η H_l) ∇_y F, ∇_x F − ∇²_xy G(B_cross) w (p traced)."""
+        gx, gy = gF(x, Z, j)
+        w = jax.lax.fori_loop(0, p, lambda q, w: w - eta * hvp(x, Z, i_hvp[q], w), gy)
+        return gx - cross(x, Z, i_cross, w * (eta * Q))
+
+    if parts is None:  # SABA's fixed partitions into batches (seeded, like FixedBatches)
+        kl, ku = jax.random.split(jax.random.PRNGKey(1))
+        parts = (jax.random.permutation(kl, n)[: (n // bs) * bs].reshape(-1, bs),
+                 jax.random.permutation(ku, m)[: (m // bs) * bs].reshape(-1, bs))
+    return types.SimpleNamespace(
+        A=A, n=n, m=m, bs=bs, reg=reg, eta=eta, Q=Q, G=G, F=F, gZ=gZ, gF=gF, hvp=hvp, cross=cross,
+        neumann_hg=neumann_hg, sampled_hg=sampled_hg,
+        lpart=jnp.asarray(parts[0]), upart=jnp.asarray(parts[1]),
+        lower_idx=lambda key, shape=(): jax.random.randint(key, (*shape, bs), 0, n),
+        upper_idx=lambda key, shape=(): jax.random.randint(key, (*shape, bs), 0, m))
+
+
+def stochastic_cores(d, jax, jnp, parts=None):
+    """The six added solvers as ``name -> (core, draw, state0)``: ``core(state, idx)`` is one outer
+    iteration on the given batch indices, ``draw(key)`` draws those indices (inside the jitted
+    step when timed; given by :mod:`bilevel.bench.jax_check` to compare with our solvers on the
+    same batches). Each core follows the update of ``bilevel.solvers.stochastic.<name>`` line by
+    line, with its oracle calls and batches (see each docstring); ``t`` counts iterations."""
+    o = _st_ops(d, jax, jnp, parts)
+    T, Q = int(d["inner"]), o.Q
+    lr_y, lr_x = float(d["lr_y"]), float(d["lr_x"])
+    lr_v = lr_y
+    period = int(d.get("period", EXTRA["period"]))
+    a = float(d.get("momentum", EXTRA["momentum"]))
+    lax, rnd = jax.lax, jax.random
+    gZ, gF, hvp, cross = o.gZ, o.gF, o.hvp, o.cross
+    nl, nu = o.lpart.shape[0], o.upart.shape[0]
+
+    def saga(mem, mean, k, g, nb):
+        """SagaTable.update: direction g − m_k + mean, mean += (g − m_k)/n_b, m_k ← g."""
+        diff = g - mem[k]
+        return diff + mean, mem.at[k].set(g), mean + (1.0 / nb) * diff
+
+    def saba(state, idx):
+        """SABA (Dagréou et al. 2022, Alg. 2): SOBA's oracles at one lower batch i and one upper
+        batch j of fixed partitions, each replaced by its SAGA estimate (memories start at 0)."""
+        x, Z, v, mem, mean = state
+        i, j = idx["i"], idx["j"]
+        rows, cols = o.lpart[i], o.upart[j]
+        gy, pull = jax.vjp(lambda a_, z: gZ(a_, z, rows), x, Z)
+        jv, hv = pull(v)
+        gxF, gyF = gF(x, Z, cols)
+        mem, mean = dict(mem), dict(mean)
+        out = {}
+        for name, k, g, nb in (("gy", i, gy, nl), ("hv", i, hv, nl), ("jv", i, jv, nl),
+                               ("gxF", j, gxF, nu), ("gyF", j, gyF, nu)):
+            out[name], mem[name], mean[name] = saga(mem[name], mean[name], k, g, nb)
+        d_y, d_v, d_x = out["gy"], out["hv"] - out["gyF"], out["gxF"] - out["jv"]
+        return (x - lr_x * d_x, Z - lr_y * d_y, v - lr_v * d_v, mem, mean)
+
+    def saba_draw(key):
+        k1, k2 = rnd.split(key)
+        return {"i": rnd.randint(k1, (), 0, nl), "j": rnd.randint(k2, (), 0, nu)}
+
+    def vrbo(state, idx):
+        """VRBO (Yang, Ji & Liang 2021, Alg. 2): every ``period`` iterations (t mod q = 0) u, w
+        are reset on the full data (Q full HVPs + full cross + full ∇_y G); x ← x − α w; then
+        ``inner`` SARAH steps on fresh batches, both estimators at the new and the reference
+        point on the same batches (idx F: (inner, b), G: (inner, Q + 2, b) = cross, Q HVPs, ∇_y G)."""
+        x, Z, u, w, xp, Zp, t = state
+
+        def reset(_):
+            return gZ(x, Z, None), o.neumann_hg(x, Z, None, None, None), x, Z
+
+        u, w, xp, Zp = lax.cond(t % period == 0, reset, lambda _: (u, w, xp, Zp), None)
+        xn = x - lr_x * w
+
+        def body(k, c):
+            u, w, xp, Zp, Zt = c
+            jF, ig = idx["F"][k], idx["G"][k]
+            w = w + (o.neumann_hg(xn, Zt, jF, ig[0], ig[1:Q + 1])
+                     - o.neumann_hg(xp, Zp, jF, ig[0], ig[1:Q + 1]))
+            u = u + (gZ(xn, Zt, ig[Q + 1]) - gZ(xp, Zp, ig[Q + 1]))
+            return u, w, xn, Zt, Zt - lr_y * u
+
+        u, w, xp, Zp, Zt = lax.fori_loop(0, T, body, (u, w, xp, Zp, Z))
+        return (xn, Zt, u, w, xp, Zp, t + 1)
+
+    def vrbo_draw(key):
+        k1, k2 = rnd.split(key)
+        return {"F": o.upper_idx(k1, (T,)), "G": o.lower_idx(k2, (T, Q + 2))}
+
+    def ttsa(state, idx):
+        """TTSA (Hong et al. 2023, Alg. 1): one lower SGD step, then the randomly truncated
+        Neumann hypergradient at the new y (p HVPs, then the cross term) and the upper step."""
+        x, Z = state
+        Z = Z - lr_y * gZ(x, Z, idx["y"])
+        hg = o.sampled_hg(x, Z, idx["F"], idx["cross"], idx["hvp"], idx["p"])
+        return (x - lr_x * hg, Z)
+
+    def sampled_draw(key):
+        k1, k2, k3, k4, k5 = rnd.split(key, 5)
+        return {"y": o.lower_idx(k1), "F": o.upper_idx(k2), "hvp": o.lower_idx(k3, (Q,)),
+                "cross": o.lower_idx(k4), "p": rnd.randint(k5, (), 0, Q)}
+
+    def amigo(state, idx):
+        """AmIGO (Arbel & Mairal 2022, Algs. 1–2): T warm-started SGD steps on y, ∇F at the new y,
+        M = Q warm-started SGD steps on ½vᵀHv − bᵀv (fresh batch each), then the cross term."""
+        x, Z, v = state
+        Z = lax.fori_loop(0, T, lambda s, z: z - lr_y * gZ(x, z, idx["sgd"][s]), Z)
+        gx, b = gF(x, Z, idx["F"])
+        v = lax.fori_loop(0, Q, lambda s, v: v - lr_v * (hvp(x, Z, idx["hvp"][s], v) - b), v)
+        return (x - lr_x * (gx - cross(x, Z, idx["cross"], v)), Z, v)
+
+    def amigo_draw(key):
+        k1, k2, k3, k4 = rnd.split(key, 4)
+        return {"sgd": o.lower_idx(k1, (T,)), "F": o.upper_idx(k2), "hvp": o.lower_idx(k3, (Q,)),
+                "cross": o.lower_idx(k4)}
+
+    def fsla(state, idx):
+        """FSLA (Li, Gu & Huang 2022, Alg. 1): one SGD step on y (batch 1), one on the linear
+        system (batch 2, at the new y), ν = ∇_x F − ∇²_xy G₂ v_new, and the STORM direction
+        d = ν + (1 − a)(d − ν(x_prev, y_prev, v_prev)) on the same batches (d = ν at t = 0)."""
+        x, Z, v, dk, xp, Zp, vp, t = state
+        i1, i2, j = idx["y1"], idx["y2"], idx["F"]
+        Z = Z - lr_y * gZ(x, Z, i1)
+        gxF, gyF = gF(x, Z, j)
+        vn = v - lr_v * (hvp(x, Z, i2, v) - gyF)
+        nu = gxF - cross(x, Z, i2, vn)
+
+        def later(_):
+            old = gF(xp, Zp, j)[0] - cross(xp, Zp, i2, vp)
+            return nu + (1.0 - a) * (dk - old)
+
+        dk = lax.cond(t == 0, lambda _: nu, later, None)
+        return (x - lr_x * dk, Z, vn, dk, x, Z, vn, t + 1)
+
+    def fsla_draw(key):
+        k1, k2, k3 = rnd.split(key, 3)
+        return {"y1": o.lower_idx(k1), "y2": o.lower_idx(k2), "F": o.upper_idx(k3)}
+
+    def sustain(state, idx):
+        """SUSTAIN (Khanduri et al. 2021b, Alg. 1): MRBO's STORM recursions on both levels with
+        the randomly truncated Neumann hypergradient (same batches and p at both points; plain
+        estimates at t = 0)."""
+        x, Z, xp, Zp, u, w, t = state
+        iy = idx["y"]
+
+        def hg(x_, Z_):
+            return o.sampled_hg(x_, Z_, idx["F"], idx["cross"], idx["hvp"], idx["p"])
+
+        gy, h = gZ(x, Z, iy), hg(x, Z)
+
+        def later(_):
+            return (gy + (1.0 - a) * (u - gZ(xp, Zp, iy)), h + (1.0 - a) * (w - hg(xp, Zp)))
+
+        u, w = lax.cond(t == 0, lambda _: (gy, h), later, None)
+        return (x - lr_x * w, Z - lr_y * u, x, Z, u, w, t + 1)
+
+    x0 = jnp.full((o.n,), -2.0, jnp.float32)
+    Z0 = jnp.zeros((o.A.shape[1], 10), jnp.float32)
+    t0 = jnp.zeros((), jnp.int32)
+
+    def tab(k, like):
+        return jnp.zeros((k, *like.shape), jnp.float32)
+
+    mem0 = {"gy": tab(nl, Z0), "hv": tab(nl, Z0), "jv": tab(nl, x0), "gxF": tab(nu, x0),
+            "gyF": tab(nu, Z0)}
+    mean0 = {"gy": Z0, "hv": Z0, "jv": x0 * 0, "gxF": x0 * 0, "gyF": Z0}
+    x00 = jnp.zeros_like(x0)
+    return {
+        "saba": (saba, saba_draw, (x0, Z0, Z0, mem0, mean0)),
+        "vrbo": (vrbo, vrbo_draw, (x0, Z0, Z0, x00, x0, Z0, t0)),
+        "ttsa": (ttsa, sampled_draw, (x0, Z0)),
+        "amigo": (amigo, amigo_draw, (x0, Z0, Z0)),
+        "fsla": (fsla, fsla_draw, (x0, Z0, Z0, x00, x0, Z0, Z0, t0)),
+        "sustain": (sustain, sampled_draw, (x0, Z0, x0, Z0, Z0, x00, t0)),
+    }
+
+
+#: tasks whose jitted step donates its state (SABA's SAGA tables are updated in place, as our
+#: solver replaces one memory per oracle; without donation XLA would copy the tables every call)
+DONATE = {"saba"}
 
 
 def stochastic_tasks(d, jax, jnp):
@@ -188,8 +427,31 @@ def stochastic_tasks(d, jax, jnp):
     Z0 = jnp.zeros((A.shape[1], 10), jnp.float32)
     st = {"soba": (x0, Z0, Z0), "stocbio": (x0, Z0), "bsa": (x0, Z0),
           "mrbo": (x0, Z0, x0, Z0, Z0, jnp.zeros_like(x0))}
-    return {k: (fn, st[k]) for k, fn in
-            (("soba", soba), ("stocbio", stocbio), ("bsa", bsa), ("mrbo", mrbo))}
+    tasks = {k: (fn, st[k]) for k, fn in
+             (("soba", soba), ("stocbio", stocbio), ("bsa", bsa), ("mrbo", mrbo))}
+    for k, (core, draw, s0) in stochastic_cores(d, jax, jnp).items():
+        def step(state, key, core=core, draw=draw):
+            return core(state, draw(key))
+
+        tasks[k] = (jax.jit(step, donate_argnums=(0,) if k in DONATE else ()), s0)
+    return tasks
+
+
+def check(d, task: str, idx_path: str, out_path: str) -> None:
+    """Test hook: run ``task``'s core for the given batch indices (``IDX.npz``: one array per index
+    name with a leading iteration axis, plus SABA's partitions ``lpart``/``upart``) from the
+    initial state and save the final x, y to ``OUT.npz`` (see :mod:`bilevel.bench.jax_check`)."""
+    import numpy as np
+
+    jax, jnp = _setup()
+    given = dict(np.load(idx_path))
+    parts = (given.pop("lpart"), given.pop("upart")) if "lpart" in given else None
+    core, _, state = stochastic_cores(d, jax, jnp, parts)[task]
+    core = jax.jit(core)
+    iters = len(next(iter(given.values())))
+    for k in range(iters):
+        state = core(state, {name: jnp.asarray(arr[k]) for name, arr in given.items()})
+    np.savez(out_path, x=np.asarray(state[0]), y=np.asarray(state[1]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,25 +460,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("task")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--iters", type=int, default=20, help="iterations per timed call (stochastic)")
+    ap.add_argument("--check", nargs=2, metavar=("IDX.npz", "OUT.npz"), default=None,
+                    help="test hook: run the task on given batch indices (no timing)")
     a = ap.parse_args(argv)
     import numpy as np
 
-    jax, jnp = _setup()
     d = dict(np.load(a.data))
+    if a.check:
+        check(d, a.task, *a.check)
+        return
+    jax, jnp = _setup()
     tasks = hypergrad_tasks(d, jax, jnp) if a.task in ("reverse", "cg") else stochastic_tasks(d, jax, jnp)
     fn, arg = tasks[a.task]
     stochastic = a.task not in ("reverse", "cg")
+
+    def fresh():  # a donated state is consumed by the call: start each timed run from a copy
+        return jax.tree_util.tree_map(jnp.copy, arg) if a.task in DONATE else arg
+
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
-    out = fn(arg, key) if stochastic else fn(*arg)
+    out = fn(fresh(), key) if stochastic else fn(*arg)
     jax.block_until_ready(out)
     compile_s = time.perf_counter() - t0
     times = []
     for r in range(a.reps + 2):
+        state = fresh() if stochastic else None
+        jax.block_until_ready(state)
         t0 = time.perf_counter()
         if stochastic:  # the first ``--iters`` iterations from the initial state, like our rows
-            state = arg  # (the cost depends on the iterate: e.g. denormal sigmoid weights)
-            for _ in range(a.iters):
+            for _ in range(a.iters):  # (the cost depends on the iterate: e.g. denormal sigmoid weights)
                 key, sub = jax.random.split(key)
                 state = fn(state, sub)
             out = state
