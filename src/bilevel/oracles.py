@@ -204,8 +204,10 @@ def rank_mean(leaves: T.Leaves) -> T.Leaves:
 
 
 def _record(fn: Fn, *kinds: str, times: int = 1) -> None:
+    if torch.compiler.is_compiling():  # counted by the caller (ContextVar.get cannot be traced)
+        return
     c = _ACTIVE.get()
-    if c is not None and not torch.compiler.is_compiling():  # compiled: counted by its caller
+    if c is not None:
         level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
         for kind in kinds:
             c.add(level, kind, n * times)
