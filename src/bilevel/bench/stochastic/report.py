@@ -276,11 +276,11 @@ against 19.5 for the default (3 rounds alternating the two in one process), abou
 product. Not reached:
 BSA and SOBA stay above 1.1 in this run.
 
-**Caveat: the priced ratio is not the whole-iteration ratio.** Checked against hand-written bare-
-autograd implementations of whole iterations (the same calls on the same batches, the same updates;
-CPU time, one step of each alternately in one process, medians of 60-200 steps; scripts not in the
-package), the eager code costs StocBiO 1.13 / 1.20 (before: 1.23), BSA 1.11 / 1.16 (before: 1.19),
-SOBA 1.06 / 1.08 times the bare loop (two runs each, same load as above). For the double-loop
+**Caveat: the priced ratio is not the whole-iteration ratio.** Checked against hand-written
+bare-autograd implementations of whole iterations (the same calls on the same batches, the same
+updates; CPU time, one step of each alternately in one process, medians of 60-200 steps; scripts not
+in the package), the eager code costs StocBiO 1.13 / 1.20 (before: 1.23), BSA 1.11 / 1.16 (before:
+1.19), SOBA 1.06 / 1.08 times the bare loop (two runs each, same load as above). For the double-loop
 solvers the priced overhead reads ~0.15 lower than that (a priced call, timed alone after a solver
 step, finds colder caches than the same call inside a tight loop); for SOBA it reads higher (its
 updates, left out of the prices, weigh more in a 1.5 ms iteration). By the whole-iteration measure
