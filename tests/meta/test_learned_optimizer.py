@@ -18,7 +18,7 @@ F64 = torch.float64
 BETAS = (0.5, 0.9, 0.99)
 
 
-def _hand_unroll(net, task, theta, steps, s=0.1, c=0.1, beta2=0.99, eps=1e-12):
+def _hand_unroll(net, task, theta, steps, s=0.1, c=1.0, beta2=0.99, eps=1e-12):
     """The rule of ``LearnedUpdate`` written out: m_j ← β_j m_j + (1 − β_j) g, v ← β₂ v + (1 − β₂) g²,
     u = (g, m)/ρ ⊕ log ρ/10, θ ← θ + s (o₀ + u·skip) + c 2σ(o₁) lin·(g, m); losses after each step."""
     ms = [torch.zeros_like(theta) for _ in BETAS]

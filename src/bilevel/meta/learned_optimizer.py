@@ -63,7 +63,7 @@ def n_features(betas: tuple[float, ...]) -> int:
 
 def init_net(hidden: int = 20, generator: torch.Generator | None = None,
              dtype: torch.dtype = torch.float32, *, betas: tuple[float, ...] = (0.5, 0.9, 0.99),
-             init_lr: float = 0.005, lin_scale: float = 0.1) -> dict[str, Tensor]:
+             init_lr: float = 0.005, lin_scale: float = 1.0) -> dict[str, Tensor]:
     """Weights of the rule (see :class:`LearnedUpdate`): the MLP n → hidden → hidden → 1 (tanh;
     uniform ±1/√fan-in, the last layer zero), the linear path ``"skip"`` on the same normalized
     inputs (zero) and the linear path ``"lin"`` on the raw g, m_1, …, m_J: −init_lr/lin_scale on g,
@@ -111,7 +111,7 @@ class LearnedUpdate(Dynamics):
     O(1) weights. s = ``scale`` (0.1, the paper's output scale), c = ``lin_scale``."""
 
     def __init__(self, steps: int = 100, *, betas: tuple[float, ...] = (0.5, 0.9, 0.99),
-                 beta2: float = 0.99, scale: float = 0.1, lin_scale: float = 0.1,
+                 beta2: float = 0.99, scale: float = 0.1, lin_scale: float = 1.0,
                  eps: float = 1e-12, net: dict[str, Tensor] | None = None):
         super().__init__(lr=scale, steps=steps)
         betas = tuple(float(b) for b in betas)
@@ -324,7 +324,7 @@ def tune(name: str, grid: tuple, tune_tasks: dict[str, Tensor], test_tasks: dict
 
 def compare(meta_steps: int = 150, meta_batch: int = 32, horizon: int = 100,
             unroll_steps: int = 100, hidden: int = 20, outer_lr: float = 1e-2,
-            lr_decay: float = 0.1, lin_scale: float = 0.3, init_lr: float = 0.005,
+            lr_decay: float = 0.1, lin_scale: float = 1.0, init_lr: float = 0.005,
             clip: float | None = 1.0, select_every: int = 10, seed: int = 0,
             tune_tasks: int = 128, test_tasks: int = 500, dim: int = 10,
             dtype: torch.dtype = torch.float64,
