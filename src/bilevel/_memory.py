@@ -12,12 +12,14 @@ refuses the hooks (then the result is ``None``). Used by the benchmarks
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["saved_bytes", "hooks_refused"]
+__all__ = ["saved_bytes", "hooks_refused", "allocated_bytes"]
 
 
 class _Live:
@@ -86,3 +88,62 @@ def saved_bytes(fn: Callable[[], Any]) -> tuple[Any, float | None]:
             raise
         return None, None
     return out, float(live.peak)
+
+
+class _Alloc(TorchDispatchMode):
+    """Counts the storages of every tensor an operator returns (once per storage, reference-counted
+    over the tensors that view it, released when the last of them is freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = _Live()
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:  # never compiled: no need to import torch._dynamo
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {k[0] for t in _tensors((args, kwargs)) if (k := _storage(t)) is not None}
+        for t in _tensors(out):
+            key = _storage(t)
+            if key is None or (key[0] in inputs and key[0] not in self.live.refs):
+                continue  # no storage, or a view of a tensor that existed before the call
+            self.live.acquire(*key)
+            weakref.finalize(t, self.live.release, key[0])
+        return out
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in nested tuples / lists / dicts (operator arguments and results)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _storage(t: Any) -> tuple[int, int] | None:
+    """(address, bytes) of a tensor's storage; None for non-tensors and storage-less tensors."""
+    if not isinstance(t, torch.Tensor) or t.is_meta:
+        return None
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (st.data_ptr(), st.nbytes()) if st.nbytes() else None
+
+
+def allocated_bytes(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn`` once; return (result, peak bytes of the tensors it created that were alive at the
+    same time). Every operator's outputs are seen through a ``TorchDispatchMode`` (forward and
+    backward passes, ``torch.func`` transforms, saved and temporary tensors alike); each storage is
+    counted once while any tensor viewing it lives. Tensors that existed before the call (inputs,
+    data) are not counted. Deterministic (no allocator, no process state): the same call gives the
+    same bytes, so it can be compared across methods and sizes on a loaded machine."""
+    mode = _Alloc()
+    with mode:
+        out = fn()
+    return out, float(mode.live.peak)

@@ -25,8 +25,9 @@ Tasks (the same mathematics, float32, as the ``bilevel`` rows they are compared 
   oracle calls, batches and first-iteration special cases (``lax.cond`` on the iteration
   counter). VRBO's full-data restart runs inside the step every ``period`` = 10 iterations
   (``lax.cond(t % period == 0)``), exactly as ours: a timed call of 20 iterations from the
-  initial state contains two restarts, in both libraries. SABA's SAGA tables live in the jitted
-  state (donated, updated in place with ``.at[i].set``), one fixed partition into batches.
+  initial state contains two restarts, in both libraries. SABA's SAGA tables live in the state
+  (one fixed partition into batches); its step is two jitted calls — the iteration, then the
+  row writes on the donated tables, in place (in one call XLA copies every table twice).
   Batches are drawn with replacement within a batch (``randint``); ours are slices of a shuffled
   copy — the same cost per oracle.
 
@@ -191,27 +192,35 @@ def stochastic_cores(d, jax, jnp, parts=None):
     gZ, gF, hvp, cross = o.gZ, o.gF, o.hvp, o.cross
     nl, nu = o.lpart.shape[0], o.upart.shape[0]
 
-    def saga(mem, mean, k, g, nb):
-        """SagaTable.update: direction g − m_k + mean, mean += (g − m_k)/n_b, m_k ← g."""
-        diff = g - mem[k]
-        return diff + mean, mem.at[k].set(g), mean + (1.0 / nb) * diff
-
-    def saba(state, idx):
+    def saba_read(state, idx):
         """SABA (Dagréou et al. 2022, Alg. 2): SOBA's oracles at one lower batch i and one upper
-        batch j of fixed partitions, each replaced by its SAGA estimate (memories start at 0)."""
+        batch j of fixed partitions, each replaced by its SAGA estimate (SagaTable.update:
+        direction g − m_k + mean, mean += (g − m_k)/n_b; memories start at 0). Returns the new
+        (x, y, v, means) and the rows to store, m_k ← g (:func:`saba_write`)."""
         x, Z, v, mem, mean = state
         i, j = idx["i"], idx["j"]
         rows, cols = o.lpart[i], o.upart[j]
         gy, pull = jax.vjp(lambda a_, z: gZ(a_, z, rows), x, Z)
         jv, hv = pull(v)
         gxF, gyF = gF(x, Z, cols)
-        mem, mean = dict(mem), dict(mean)
-        out = {}
+        out, mean, writes = {}, dict(mean), {}
         for name, k, g, nb in (("gy", i, gy, nl), ("hv", i, hv, nl), ("jv", i, jv, nl),
                                ("gxF", j, gxF, nu), ("gyF", j, gyF, nu)):
-            out[name], mem[name], mean[name] = saga(mem[name], mean[name], k, g, nb)
+            diff = g - mem[name][k]
+            out[name], mean[name], writes[name] = diff + mean[name], mean[name] + (1.0 / nb) * diff, (k, g)
         d_y, d_v, d_x = out["gy"], out["hv"] - out["gyF"], out["gxF"] - out["jv"]
-        return (x - lr_x * d_x, Z - lr_y * d_y, v - lr_v * d_v, mem, mean)
+        return (x - lr_x * d_x, Z - lr_y * d_y, v - lr_v * d_v, mean), writes
+
+    def saba_write(mem, writes):
+        """m_k ← g for every table. A separate jitted call on the donated tables: XLA then writes
+        the rows in place, whereas reading m_k and writing m_k in one jitted step makes it copy
+        every table twice per call (10 full-table copies per SABA step in the compiled HLO;
+        jax 0.10.2, CPU), which would slow the reference down."""
+        return {name: mem[name].at[k].set(g) for name, (k, g) in writes.items()}
+
+    def saba(state, idx):
+        (x, Z, v, mean), writes = saba_read(state, idx)
+        return (x, Z, v, saba_write(state[3], writes), mean)
 
     def saba_draw(key):
         k1, k2 = rnd.split(key)
@@ -312,6 +321,7 @@ def stochastic_cores(d, jax, jnp, parts=None):
         u, w = lax.cond(t == 0, lambda _: (gy, h), later, None)
         return (x - lr_x * w, Z - lr_y * u, x, Z, u, w, t + 1)
 
+    saba.parts = (saba_read, saba_write)
     x0 = jnp.full((o.n,), -2.0, jnp.float32)
     Z0 = jnp.zeros((o.A.shape[1], 10), jnp.float32)
     t0 = jnp.zeros((), jnp.int32)
@@ -333,8 +343,8 @@ def stochastic_cores(d, jax, jnp, parts=None):
     }
 
 
-#: tasks whose jitted step donates its state (SABA's SAGA tables are updated in place, as our
-#: solver replaces one memory per oracle; without donation XLA would copy the tables every call)
+#: tasks whose step donates (part of) its state: SABA's SAGA tables are written in place, as our
+#: solver replaces one memory per oracle (without donation XLA would copy the tables every call)
 DONATE = {"saba"}
 
 
@@ -429,11 +439,23 @@ def stochastic_tasks(d, jax, jnp):
           "mrbo": (x0, Z0, x0, Z0, Z0, jnp.zeros_like(x0))}
     tasks = {k: (fn, st[k]) for k, fn in
              (("soba", soba), ("stocbio", stocbio), ("bsa", bsa), ("mrbo", mrbo))}
-    for k, (core, draw, s0) in stochastic_cores(d, jax, jnp).items():
+    cores = stochastic_cores(d, jax, jnp)
+    for k, (core, draw, s0) in cores.items():
         def step(state, key, core=core, draw=draw):
             return core(state, draw(key))
 
-        tasks[k] = (jax.jit(step, donate_argnums=(0,) if k in DONATE else ()), s0)
+        tasks[k] = (jax.jit(step), s0)
+    read, write = cores["saba"][0].parts
+    draw = cores["saba"][1]
+    read_j = jax.jit(lambda state, key: read(state, draw(key)))
+    write_j = jax.jit(write, donate_argnums=(0,))
+
+    def saba_step(state, key):
+        """Two jitted calls: the step (reads the tables) and the in-place row writes (donated)."""
+        (x, Z, v, mean), writes = read_j(state, key)
+        return (x, Z, v, write_j(state[3], writes), mean)
+
+    tasks["saba"] = (saba_step, cores["saba"][2])
     return tasks
 
 

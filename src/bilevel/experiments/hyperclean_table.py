@@ -53,12 +53,13 @@ class HypercleanDet(HyperClean):
     description = "hyperclean + options of the deterministic solvers (IA init step, BDA mu / s_u)"
     reference = "Liu et al. 2021 (NeurIPS), Sec. 4.2.2 and Table 6"
 
-    solver_keys = HyperClean.solver_keys | {"det.init_lr", "det.mu", "det.s_u"}
+    solver_keys = HyperClean.solver_keys | {"det.init_lr", "det.mu", "det.s_u", "det.adaptive"}
 
     def default_config(self) -> dict[str, Any]:
         cfg = HyperClean().default_config()  # configs/hyperclean.toml
-        # init_lr: step of IAPTT-GM's z (same optimizer as x); s_u 0 = the lower step
-        cfg["det"] = {"init_lr": 0.01, "mu": 0.5, "s_u": 0.0}
+        # init_lr: step of IAPTT-GM's z (same optimizer as x); s_u 0 = the lower step; adaptive:
+        # BDA's backtracked s_u (false: the paper's fixed s_u)
+        cfg["det"] = {"init_lr": 0.01, "mu": 0.5, "s_u": 0.0, "adaptive": True}
         return cfg
 
     def solver_offers(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +70,8 @@ class HypercleanDet(HyperClean):
                                                         "momentum": Arg(0.9)}, keys=("upper.optimizer",))
 
         return {"init_rule": Arg(Lazy(init_rule)), "mu": Arg(dc["mu"], ("det.mu",)),
-                "s_u": Arg(dc["s_u"] or None, ("det.s_u",))}
+                "s_u": Arg(dc["s_u"] or None, ("det.s_u",)),
+                "adaptive": Arg(bool(dc["adaptive"]), ("det.adaptive",))}
 
 
 @register

@@ -27,8 +27,9 @@ from .._memory import saved_bytes
 from ..hypergrad import Exact
 from ..problems.toys import TOYS, Toy
 from ..solvers.base import Context, Solver
+from ..solvers.bda import BDA
 from .base import Experiment, Setup, register, run_device, run_dtype
-from .factory import Arg, Built, Lazy, build
+from .factory import Arg, Built, Lazy, build, find_solver
 
 __all__ = ["ToyRun", "MemoryProbe", "TOY_SOLVERS", "TOY_SOLVER_KEYS", "build_toy_solver"]
 
@@ -38,7 +39,7 @@ TOY_SOLVERS = ("RHG", "TRHG", "LS", "NS", "FP", "BA", "BDA", "IAGM", "IAPTTGM", 
 #: the config keys that configure the solver (the chosen one may use only some of them)
 TOY_SOLVER_KEYS = frozenset({"inner.dynamics", "inner.lr", "inner.steps", "upper.optimizer", "upper.lr",
                              "upper.init_lr", "upper.beta2", "method.truncate", "method.iters", "method.mu",
-                             "method.s_u", "method.warm_start"})
+                             "method.s_u", "method.adaptive", "method.warm_start"})
 
 
 class MemoryProbe(Solver):
@@ -94,11 +95,15 @@ def build_toy_solver(cfg: dict[str, Any], projection: Any = None) -> Built:
         "init_rule": Arg(Lazy(lambda: _rule(uc["optimizer"], uc["init_lr"] or uc["lr"],
                                             "upper.init_lr" if uc["init_lr"] else "upper.lr", uc["beta2"],
                                             projection))),
-        "truncate": Arg(min(int(m["truncate"]), int(ic["steps"])), ("method.truncate",)),
         "iters": Arg(m["iters"], ("method.iters",)),
         "mu": Arg(m["mu"], ("method.mu",)),
         "s_u": Arg(m["s_u"] or None, ("method.s_u",)),
+        "adaptive": Arg(bool(m["adaptive"]), ("method.adaptive",)),  # BDA: backtracked s_u (or fixed)
     }
+    # method.truncate is T-RHG's truncation; BDA (which also takes truncate=) differentiates its
+    # whole aggregated trajectory, as in the paper's Alg. 1 (it used to be truncated silently too)
+    if find_solver(cfg["solver"]) is not BDA:
+        offer["truncate"] = Arg(min(int(m["truncate"]), int(ic["steps"])), ("method.truncate",))
     if m["warm_start"] != "default":  # otherwise each method's own (paper) default
         offer["warm_start"] = Arg(m["warm_start"] == "true", ("method.warm_start",))
     return build("solver", cfg["solver"], offer, keys=("solver",))
@@ -128,8 +133,9 @@ class ToyRun(Experiment):
         # warm_start: "default" = each method's own (RHG/T-RHG/BDA cold, AID/BA warm), or true/false.
         # inner_projection = false: lower iterates unconstrained (z and x still projected), as in the
         # authors' released code of the toy; the ablation rows of iaptt-toy
-        "method": {"truncate": 5, "iters": 10, "mu": 0.5, "s_u": 0.0, "warm_start": "default",
-                   "inner_projection": True},
+        # adaptive: BDA's backtracked upper step s_u (false: the paper's fixed s_u)
+        "method": {"truncate": 5, "iters": 10, "mu": 0.5, "s_u": 0.0, "adaptive": True,
+                   "warm_start": "default", "inner_projection": True},
     }
     choices = {
         "toy": tuple(TOYS),
