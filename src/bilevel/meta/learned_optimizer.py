@@ -67,7 +67,8 @@ def init_net(hidden: int = 20, generator: torch.Generator | None = None,
     """Weights of the rule (see :class:`LearnedUpdate`): the MLP n → hidden → hidden → 2 (tanh;
     uniform ±1/√fan-in, the last layer zero: additive output 0, gate 1), the linear path
     ``"skip"`` on the same normalized inputs (zero) and the linear path ``"lin"`` on the raw
-    g, m_1, …, m_J: −init_lr/lin_scale on g, zero on the averages. So the untrained rule is exactly SGD with step ``init_lr``."""
+    g, m_1, …, m_J: −init_lr/lin_scale on g, zero on the averages. So the untrained rule is
+    exactly SGD with step ``init_lr``."""
     if not init_lr >= 0:
         raise ConfigError(f"init_lr must be >= 0, got {init_lr}")
     if not lin_scale > 0:
@@ -109,8 +110,8 @@ class LearnedUpdate(Dynamics):
     φ = {MLP weights, w_skip, w_lin} bound from ``x["net"]``. The MLP sees only bounded,
     gradient-scale-free inputs (Adam-style: the running RMS ρ; log ρ keeps the scale visible
     in a bounded form); the linear raw path c · w_lin, gated per coordinate by 2σ(b), makes SGD
-    (w_lin on g) and heavy ball (w_lin on m_j: θ ← θ − η Σ β^i g with η = −c w_lin (1 − β)) exactly representable with
-    O(1) weights. s = ``scale`` (0.1, the paper's output scale), c = ``lin_scale``."""
+    (w_lin on g) and heavy ball (w_lin on m_j: θ ← θ − η Σ β^i g with η = −c w_lin (1 − β))
+    exactly representable with O(1) weights. s = ``scale`` (0.1, the paper's output scale), c = ``lin_scale``."""
 
     def __init__(self, steps: int = 100, *, betas: tuple[float, ...] = (0.5, 0.9, 0.99),
                  beta2: float = 0.99, scale: float = 0.1, lin_scale: float = 1.0,
