@@ -111,7 +111,8 @@ class LearnedUpdate(Dynamics):
     gradient-scale-free inputs (Adam-style: the running RMS ρ; log ρ keeps the scale visible
     in a bounded form); the linear raw path c · w_lin, gated per coordinate by 2σ(b), makes SGD
     (w_lin on g) and heavy ball (w_lin on m_j: θ ← θ − η Σ β^i g with η = −c w_lin (1 − β))
-    exactly representable with O(1) weights. s = ``scale`` (0.1, the paper's output scale), c = ``lin_scale``."""
+    exactly representable with O(1) weights. s = ``scale`` (0.1, the paper's output scale),
+    c = ``lin_scale``."""
 
     def __init__(self, steps: int = 100, *, betas: tuple[float, ...] = (0.5, 0.9, 0.99),
                  beta2: float = 0.99, scale: float = 0.1, lin_scale: float = 1.0,
