@@ -209,3 +209,20 @@ def test_toy_experiment_uses_method_adaptive_for_bda_only(tmp_path):
     # the fixed step was used: from this start it blows up within 4 lower steps (the backtracked one
     # descends: test_resume_with_the_backtracking_state_is_bit_identical, n = 4, same start)
     assert res.final["upper_loss"] > 1e100
+
+
+def test_cli_checkpoint_resume_with_the_backtracking_state_is_bit_identical(tmp_path):
+    from bilevel.experiments import load_trace, run
+    from tests.experiments.conftest import strip_time
+
+    sets = {"toy": "llc", "solver": "BDA", "steps": 6, "x0": 2.0, "y0": -2.0, "inner.lr": 0.5,
+            "inner.steps": 4, "upper.optimizer": "adam", "upper.lr": 0.05, "method.s_u": 10.0,
+            "checkpoint_every": 1, "memory_every": 1000}
+    kw = dict(progress=False, echo=None, plots=False)
+    run("toy", overrides=sets, out=tmp_path / "ref", **kw)
+    part = run("toy", overrides=sets, out=tmp_path / "cut", stop_after=3, **kw)
+    assert not part.completed
+    assert run("toy", resume=tmp_path / "cut", **kw).completed
+    ref, cut = load_trace(tmp_path / "ref"), load_trace(tmp_path / "cut")
+    assert strip_time(cut) == strip_time(ref)
+    assert sum(r.get("backtracks") or 0 for r in ref) > 0  # the trials adapted along the way

@@ -152,7 +152,8 @@ class HypercleanTable(Table):
                 f"{cfg['lower_lr']} (warm-started, except IAPTT-GM which learns its start z with Adam step "
                 f"{cfg['init_lr']}); Adam step {cfg['upper_lr']} on the sample logits x; {cfg['steps']} "
                 f"outer steps; CG / Neumann {cfg['iters']} iterations; T-RHG backpropagates the last "
-                f"{cfg['truncate']} steps; BDA mu = {cfg['mu']}. Mean ± std over seeds "
+                f"{cfg['truncate']} steps; BDA mu = {cfg['mu']}, s_u backtracked with cap s_l (the "
+                f"default). Mean ± std over seeds "
                 f"{sorted(seeds)} (the seed also draws the split and the corruption); time = mean solver "
                 "seconds per run (evaluation excluded).\n\n")
         return note + markdown_table(["method", "seeds", "test acc", "F1 (kept vs clean)", "time [s]"], rows)

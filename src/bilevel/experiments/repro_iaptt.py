@@ -1,0 +1,518 @@
+"""Reproduction of IAPTT-GM (Liu et al. 2021, NeurIPS; seed 002) beyond the paper's starts (issue 14.3).
+
+    python -m bilevel.experiments.repro_iaptt grid --out runs/repro_iaptt        # non-convex toy grid
+    python -m bilevel.experiments.repro_iaptt llc  --out runs/repro_iaptt        # IA-GM vs IA-GM(A)
+
+**grid** — every deterministic method of ``bilevel run iaptt-toy`` on the non-convex toy (Eq. 10:
+f = x + xy, g = −sin(xy), x ∈ [1, 10], y ∈ [−2, 2], solution x* = 11π/4, y* = −2) with the
+paper's settings (App. C.1, Table 4: :data:`PAPER_TOY`) from every start of a grid that contains
+the paper's three starts. A start *succeeds* when the last iterate has |x − x*|/x* ≤ 2 % and a solved
+lower level, g − g* ≤ 0.05 (g* = −1). The toy is separable, so the methods whose every operation is
+elementwise (GD lower steps, reverse-mode, Neumann / fixed-point series, dense solves, SGD, box
+projections) run all starts at once as one problem with a vector x (one coordinate per start,
+f = Σ_i x_i + x_i y_i, g = −Σ_i sin(x_i y_i)) — exactly the per-start runs, which the tests check.
+IAPTT-GM (its truncation index k* = argmax_k f(x, y_k) couples coordinates) and LS (CG's inner
+products couple them) run start by start.
+
+**llc** — the convex, non-singleton toy (Eq. 13, n = 50) with the paper's App. C.4 settings (SGD
+meta step 0.005 on x and z, K = 20 lower steps, 1000 upper iterations; the lower step size is lost
+from the extracted Table 7, so a range is run) for IA-GM (GD) and IA-GM(A) (FISTA, and Nesterov
+with a constant momentum). It also reports c = ∂y1_K/∂z1, the weight of the learned start in the
+K-step lower map y1_K = (1 − c)·x + c·z1 (:func:`start_weight`), which decides where the IA
+methods stop (see docs/reproduction.md, sec. 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import bilevel as bl
+
+from ..formulation import Problem
+from ..problems.toys import Box, Toy, llc_toy
+from .base import get, markdown_table
+from .toy import build_toy_solver
+
+__all__ = [
+    "PAPER_TOY",
+    "PAPER_STARTS",
+    "GRID",
+    "PAPER_LLC",
+    "METHODS",
+    "COUPLED",
+    "grid_toy",
+    "toy_solver",
+    "run_grid",
+    "grid_rows",
+    "start_weight",
+    "run_llc",
+    "llc_rows",
+    "main",
+]
+
+#: the paper's non-convex toy settings (App. C.1, Table 4)
+PAPER_TOY: dict[str, Any] = {
+    "outer": 500,
+    "inner": 40,
+    "inner_lr": 5e-4,
+    "meta_lr": 0.1,
+    "ig_iters": 40,
+    "upper_optimizer": "sgd",
+}
+#: the starts of Fig. 1
+PAPER_STARTS: tuple[tuple[float, float], ...] = ((1.0, 2.0), (5.0, 1.0), (7.0, -1.0))
+#: the grid of starts (x0, y0; z0 = y0 for the IA methods); contains the paper's starts
+GRID: dict[str, tuple[float, ...]] = {
+    "x0": (1.0, 3.0, 5.0, 7.0, 9.0, 10.0),
+    "y0": (-2.0, -1.0, 0.0, 1.0, 2.0),
+}
+#: the paper's LLC-toy settings (App. C.4, Table 7; the lower step size is missing from the text)
+PAPER_LLC: dict[str, Any] = {"outer": 1000, "inner": 20, "meta_lr": 0.005, "upper_optimizer": "sgd", "n": 50}
+#: the grid's methods: those of ``iaptt-toy`` except the implicit LS / NS / FP / BA. The linear solves and
+#: breakdown safeguards of LS / NS / FP are global (a residual over all coordinates), so a batched run is
+#: not the per-start runs; BA is exact batched (tested) but its dense ``torch.func`` Hessian costs ~3 s
+#: per upper step on the batched toy here; per start each would be 30 more runs. The paper's starts of
+#: these four are in ``bilevel run iaptt-toy``.
+METHODS = ("RHG", "TRHG", "BDA", "IAGM", "IAGMA", "IAPTTGM")
+#: methods whose iterations couple the coordinates (run start by start)
+COUPLED = frozenset({"IAPTTGM", "LS", "NS", "FP"})  # BA: batched is exact, but slow
+X_STAR = 11 * math.pi / 4
+SUCCESS = {"x_rel": 0.02, "gap": 0.05}
+
+
+def grid_toy(starts: Sequence[tuple[float, float]], dtype: torch.dtype = torch.float64) -> Toy:
+    """The non-convex toy with one coordinate per start (separable: f = Σ x_i + x_i y_i,
+    g = −Σ sin(x_i y_i)); g* = −len(starts)."""
+    x0 = torch.tensor([s[0] for s in starts], dtype=dtype)
+    y0 = torch.tensor([s[1] for s in starts], dtype=dtype)
+    n = len(starts)
+    return Toy(
+        name="nonconvex-grid",
+        problem=Problem(
+            lambda x, y: (x + x * y).sum(), lambda x, y: -torch.sin(x * y).sum(), name="nonconvex-grid"
+        ),
+        x0=x0,
+        y0=y0,
+        x_star=torch.full((n,), X_STAR, dtype=dtype),
+        y_star=torch.full((n,), -2.0, dtype=dtype),
+        f_star=-n * X_STAR,
+        x_bounds=Box(1.0, 10.0),
+        y_bounds=Box(-2.0, 2.0),
+        reference="Liu et al. 2021 (NeurIPS), Eq. 10, one coordinate per start",
+        g_star=lambda x: -float(n),
+    )
+
+
+def toy_solver(method: str, settings: dict[str, Any] = PAPER_TOY, **extra: Any) -> bl.solvers.Solver:
+    """The method as ``bilevel run iaptt-toy`` builds it (:func:`bilevel.experiments.toy.build_toy_solver`)
+    with the paper's settings: K lower GD steps of size s_l, SGD meta step on x and z, 40 LS/NS
+    iterations, BDA μ = 0.5, T-RHG truncation 5."""
+    over = {
+        "toy": "nonconvex",
+        "solver": method,
+        "inner.lr": settings["inner_lr"],
+        "inner.steps": settings["inner"],
+        "upper.optimizer": settings["upper_optimizer"],
+        "upper.lr": settings["meta_lr"],
+        "method.iters": settings["ig_iters"],
+        "method.mu": 0.5,
+        "method.truncate": 5,
+        **extra,
+    }
+    return build_toy_solver(get("toy").resolve(overrides=over)).obj
+
+
+def _solve(
+    method: str,
+    starts: Sequence[tuple[float, float]],
+    settings: dict[str, Any],
+    steps: int,
+    keep: Sequence[int],
+) -> dict[str, Any]:
+    toy = grid_toy(starts)
+    x, y = toy.start()
+    traj: list[list[float]] = []
+    kstar: list[float] = []
+
+    def cb(t: int, xv: Tensor, yv: Tensor, rec: dict[str, Any]) -> None:
+        traj.append([float(xv[i]) for i in keep])
+        if isinstance(rec.get("k_star"), (int, float)):
+            kstar.append(float(rec["k_star"]))
+
+    t0 = time.perf_counter()
+    res = bl.solve(
+        toy.problem,
+        x,
+        y,
+        solver=toy_solver(method, settings),
+        steps=steps,
+        x_projection=toy.x_projection,
+        y_projection=toy.y_projection,
+        track=False,
+        callback=cb,
+    )
+    return {
+        "x": res.x.tolist(),
+        "y": res.y.tolist(),
+        "traj": traj,
+        "k_star": kstar,
+        "time": float(res.state["time"]),
+        "wall": time.perf_counter() - t0,
+    }
+
+
+def run_grid(
+    methods: Sequence[str] = METHODS,
+    settings: dict[str, Any] = PAPER_TOY,
+    grid: dict[str, Sequence[float]] = GRID,
+    steps: int | None = None,
+) -> dict[str, Any]:
+    """Final (x, y) of every method from every start of ``grid``; trajectories of x from the paper's
+    starts; k* per upper step of IAPTT-GM from the paper's starts."""
+    starts = [(a, b) for a in grid["x0"] for b in grid["y0"]]
+    steps = int(settings["outer"] if steps is None else steps)
+    paper = [i for i, s in enumerate(starts) if s in PAPER_STARTS]
+    out: dict[str, Any] = {
+        "starts": starts,
+        "paper_idx": paper,
+        "settings": dict(settings),
+        "steps": steps,
+        "methods": {},
+    }
+    for m in methods:
+        if m in COUPLED:
+            runs = [_solve(m, [s], settings, steps, [0]) for s in starts]
+            r = {
+                "x": [v["x"][0] for v in runs],
+                "y": [v["y"][0] for v in runs],
+                "traj": {str(i): [row[0] for row in runs[i]["traj"]] for i in paper},
+                "k_star": {str(i): runs[i]["k_star"] for i in paper},
+                "time": sum(v["time"] for v in runs),
+                "batched": False,
+            }
+        else:
+            v = _solve(m, starts, settings, steps, paper)
+            r = {
+                "x": v["x"],
+                "y": v["y"],
+                "traj": {str(i): [row[j] for row in v["traj"]] for j, i in enumerate(paper)},
+                "k_star": {},
+                "time": v["time"],
+                "batched": True,
+            }
+        x, y = np.asarray(r["x"]), np.asarray(r["y"])
+        r["x_rel"] = (np.abs(x - X_STAR) / X_STAR).tolist()
+        r["gap"] = (1.0 - np.sin(x * y)).tolist()  # g − g*, g* = −1
+        r["success"] = [
+            bool(a <= SUCCESS["x_rel"] and b <= SUCCESS["gap"]) for a, b in zip(r["x_rel"], r["gap"])
+        ]
+        out["methods"][m] = r
+    return out
+
+
+def grid_rows(res: dict[str, Any]) -> list[list[str]]:
+    """Per method: success rate over the grid, success from the paper's starts, median final x error."""
+    rows = []
+    paper = res["paper_idx"]
+    for m, r in res["methods"].items():
+        ok = r["success"]
+        rows.append(
+            [
+                m,
+                f"{sum(ok)}/{len(ok)}",
+                " ".join("✓" if ok[i] else "✗" for i in paper),
+                f"{float(np.median(r['x_rel'])):.3g}",
+                f"{sum(1 for g in r['gap'] if g <= SUCCESS['gap'])}/{len(ok)}",
+                "batched" if r["batched"] else "per start",
+            ]
+        )
+    return rows
+
+
+GRID_HEAD = [
+    "method",
+    "success over the grid",
+    "paper's starts (1,2) (5,1) (7,−1)",
+    "median final x error",
+    "lower level solved (g − g* ≤ 0.05)",
+    "run",
+]
+
+
+def plot_grid(res: dict[str, Any], path: Path) -> Path:
+    """Final x per start (one panel per method; ✓ = success) and x vs upper iteration from the
+    paper's starts (Fig. 1 analogue), k* of IAPTT-GM (Fig. 2 analogue)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = list(res["methods"])
+    xs, ys = sorted({s[0] for s in res["starts"]}), sorted({s[1] for s in res["starts"]})
+    fig = Figure(figsize=(2.3 * len(methods), 6.4))
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.04, right=0.99, top=0.92, bottom=0.08, wspace=0.35, hspace=0.45)
+    for j, m in enumerate(methods):
+        r = res["methods"][m]
+        ax = fig.add_subplot(2, len(methods), j + 1)
+        img = np.zeros((len(ys), len(xs)))
+        for (a, b), xv in zip(res["starts"], r["x"]):
+            img[ys.index(b), xs.index(a)] = xv
+        ax.imshow(img, origin="lower", cmap="viridis", vmin=1, vmax=10, aspect="auto")
+        for (a, b), ok in zip(res["starts"], r["success"]):
+            ax.text(
+                xs.index(a), ys.index(b), "✓" if ok else "·", ha="center", va="center", color="w", fontsize=8
+            )
+        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs], fontsize=6)
+        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys], fontsize=6)
+        ax.set_title(f"{m}: {sum(r['success'])}/{len(r['success'])}", fontsize=8)
+        if j == 0:
+            ax.set_ylabel("y0 (= z0)", fontsize=7)
+        ax.set_xlabel("x0 (colour: final x)", fontsize=7)
+        ax2 = fig.add_subplot(2, len(methods), len(methods) + j + 1)
+        for c, (i, tr) in enumerate(r["traj"].items()):
+            s = res["starts"][int(i)]
+            ax2.semilogy(
+                np.maximum(np.abs(np.asarray(tr) - X_STAR) / X_STAR, 1e-6),
+                color=f"C{c}",
+                lw=1,
+                label=f"({s[0]:g}, {s[1]:g})",
+            )
+        ax2.set_ylim(1e-4, 2)
+        ax2.set_xlabel("upper iteration", fontsize=7)
+        ax2.tick_params(labelsize=6)
+        ax2.grid(alpha=0.3)
+        if j == 0:
+            ax2.set_ylabel("|x − x*| / x*", fontsize=7)
+            ax2.legend(fontsize=6)
+    fig.suptitle(
+        "non-convex toy, paper's settings (K = 40, s_l = 5e-4, SGD 0.1, 500 iterations): final x over "
+        "the grid of starts (✓ = within 2 % of 11π/4 with g − g* ≤ 0.05) and x error from the paper's "
+        "starts",
+        fontsize=9,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# --- the LLC toy: IA-GM vs IA-GM(A) ---------------------------------------------------------------
+def start_weight(dynamics: bl.inner.Dynamics) -> float:
+    """c = ∂y1_K/∂z1 of the K-step lower map on the LLC toy (g = ½‖y1‖² − xᵀy1, one coordinate):
+    the map is affine, y1_K = (1 − c)x + c z1, so c is y1_K at x = 0, z1 = 1."""
+    state = dynamics.init((torch.ones(1, dtype=torch.float64),))
+    for k in range(int(dynamics.steps)):
+        state = dynamics.update(state, dynamics.point(state), k)  # ∇_y1 g = y1 at x = 0
+    return float(dynamics.output(state)[0][0])
+
+
+def run_llc(
+    lrs: Sequence[float] = (0.5, 0.05, 0.01),
+    settings: dict[str, Any] = PAPER_LLC,
+    steps: int | None = None,
+    variants: Sequence[str] = ("IAGM", "IAGMA"),
+    optimizer: str = "sgd",
+    meta_lr: float | None = None,
+    n: int | None = None,
+) -> dict[str, Any]:
+    """IA-GM / IA-GM(A) on the LLC toy from x0 = y0 = z0 = 0: x and y errors per upper step.
+
+    ``optimizer``: ``sgd`` (the paper's, step ``meta_lr`` on x and z) or ``adam`` (β2 = 0.9, as
+    ``bilevel run llc-toy``). Variants: ``IAGM`` (GD), ``IAGMA`` (FISTA, the t_k recursion),
+    ``IAGMA-const`` (Nesterov with a constant β = 0.5)."""
+    steps = int(settings["outer"] if steps is None else steps)
+    K = int(settings["inner"])
+    eta = float(settings["meta_lr"] if meta_lr is None else meta_lr)
+    n = int(settings["n"] if n is None else n)
+    out: dict[str, Any] = {
+        "settings": {**settings, "meta_lr": eta, "n": n, "optimizer": optimizer},
+        "steps": steps,
+        "runs": [],
+    }
+    for lr in lrs:
+        for v in variants:
+            if v == "IAGM":
+                inner: bl.inner.Dynamics = bl.inner.GD(lr=lr, steps=K)
+            else:  # FISTA (t_k recursion) or Nesterov with β = 0.5 (constant)
+                inner = bl.inner.Nesterov(lr=lr, steps=K, momentum=None if v == "IAGMA" else 0.5)
+            rule = (lambda: bl.inner.Adam(lr=eta, betas=(0.9, 0.9))) if optimizer == "adam" else (lambda: eta)
+            cls = bl.solvers.IAGM if v == "IAGM" else bl.solvers.IAGMA
+            solver = (
+                cls(inner, upper_lr=eta) if optimizer == "sgd" else cls(inner, upper=rule(), init_rule=rule())
+            )
+            toy = llc_toy(n)
+            x, y = toy.start()
+            errs: list[float] = []
+            yerrs: list[float] = []
+            e = toy.x_star
+
+            def cb(
+                t: int,
+                xv: Tensor,
+                yv: Any,
+                rec: dict[str, Any],
+                errs: list[float] = errs,
+                yerrs: list[float] = yerrs,
+                e: Tensor = e,
+            ) -> None:
+                errs.append(float((xv - e).norm() / e.norm()))
+                yerrs.append(float(torch.cat([yv[0] - e, yv[1] - e]).norm() / (2**0.5 * e.norm())))
+
+            err = None
+            try:
+                res = bl.solve(
+                    toy.problem,
+                    x,
+                    y,
+                    solver=solver,
+                    steps=steps,
+                    x_projection=toy.x_projection,
+                    track=False,
+                    callback=cb,
+                )
+                t_run = float(res.state["time"])
+            except (bl.errors.BilevelError, RuntimeError, ValueError) as exc:  # overflow: the curve stops
+                err, t_run = f"{type(exc).__name__}: {str(exc)[:120]}", float("nan")
+            out["runs"].append(
+                {
+                    "method": v,
+                    "lr": lr,
+                    "x_err": errs,
+                    "y_err": yerrs,
+                    "c": start_weight(inner),
+                    "time": t_run,
+                    "error": err,
+                }
+            )
+    return out
+
+
+def _first_below(errs: Sequence[float], tol: float) -> str:
+    for i, v in enumerate(errs):
+        if v < tol:
+            return str(i + 1)
+    return f"> {len(errs)}"
+
+
+def llc_rows(res: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in res["runs"]:
+        e = r["x_err"]
+        ye = r["y_err"]
+        rows.append(
+            [
+                f"{r['lr']:g}",
+                r["method"],
+                f"{r['c']:.3g}",
+                _first_below(e, 1e-1),
+                _first_below(e, 1e-2),
+                f"{e[min(99, len(e) - 1)]:.3g}" if e else "—",
+                f"{e[-1]:.3g}" if e else "—",
+                f"{ye[-1]:.3g}" if ye else "—",
+                r.get("error") or "",
+            ]
+        )
+    return rows
+
+
+LLC_HEAD = [
+    "s_l",
+    "method",
+    "c = ∂y1_K/∂z1",
+    "iters to ‖x − e‖/‖e‖ < 0.1",
+    "iters to < 0.01",
+    "x err at 100",
+    "final x err",
+    "final ‖y − y*‖/‖y*‖",
+    "error",
+]
+
+
+def plot_llc(res: dict[str, Any], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lrs = list(dict.fromkeys(r["lr"] for r in res["runs"]))
+    fig = Figure(figsize=(3.4 * len(lrs), 3.2))
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.06, right=0.99, top=0.84, bottom=0.15, wspace=0.25)
+    for j, lr in enumerate(lrs):
+        ax = fig.add_subplot(1, len(lrs), j + 1)
+        for c, r in enumerate(r for r in res["runs"] if r["lr"] == lr):
+            ax.semilogy(r["x_err"], color=f"C{c}", lw=1.2, label=f"{r['method']} x (c = {r['c']:.2g})")
+            ax.semilogy(r["y_err"], color=f"C{c}", lw=0.9, ls=":", label=f"{r['method']} y")
+        ax.set_title(f"lower step s_l = {lr:g}", fontsize=9)
+        ax.set_xlabel("upper iteration", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        if j == 0:
+            ax.set_ylabel("relative error", fontsize=8)
+    s = res["settings"]
+    fig.suptitle(
+        f"LLC toy (n = {s['n']}), K = {s['inner']}, {s['optimizer']} meta step {s['meta_lr']} on x and z, "
+        "start 0 (errors: x solid, y dotted)",
+        fontsize=9,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bilevel.experiments.repro_iaptt", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("what", choices=("grid", "llc"))
+    p.add_argument("--out", default="runs/repro_iaptt")
+    p.add_argument("--img", default="docs/img")
+    p.add_argument("--steps", type=int, help="upper iterations (default: the paper's)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--replot", action="store_true", help="redraw and print from the saved JSON")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="llc: upper rule")
+    p.add_argument("--meta-lr", type=float, help="llc: upper step (default: the paper's 0.005)")
+    p.add_argument("--n", type=int, help="llc: dimension (default 50)")
+    p.add_argument("--lrs", default="0.5,0.05,0.01", help="llc: lower step sizes")
+    p.add_argument("--variants", default="IAGM,IAGMA", help="llc: IAGM, IAGMA, IAGMA-const")
+    p.add_argument("--tag", default="", help="llc: suffix of the JSON / PNG names")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / f"{a.what}{a.tag}.json"
+    if a.what == "grid":
+        if a.replot:
+            res = json.loads(raw.read_text())
+        else:
+            res = run_grid([m for m in a.methods.split(",") if m], steps=a.steps)
+            raw.write_text(json.dumps(res))
+        print(plot_grid(res, Path(a.img) / "repro_iaptt_grid.png"))
+        print(markdown_table(GRID_HEAD, grid_rows(res)))
+    else:
+        if a.replot:
+            res = json.loads(raw.read_text())
+        else:
+            res = run_llc(
+                [float(v) for v in a.lrs.split(",")],
+                steps=a.steps,
+                variants=a.variants.split(","),
+                optimizer=a.optimizer,
+                meta_lr=a.meta_lr,
+                n=a.n,
+            )
+            raw.write_text(json.dumps(res))
+        print(plot_llc(res, Path(a.img) / f"repro_iaptt_llc{a.tag}.png"))
+        print(markdown_table(LLC_HEAD, llc_rows(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
