@@ -96,18 +96,14 @@ def section_fixed(r: Runner) -> tuple[str, dict[str, Any]]:
                 targeted = method in ("reverse", "cg", "neumann", "fixedpoint")
                 if impl == "ours" and targeted and layout == "classes_first":
                     targets[method] = ratio
-        jax = ""
-        jkey = "reverse" if method in ("reverse", "checkpoint") else "cg" if method == "cg" else None
-        if jkey and impl != "raw":
-            jax = " / ".join(f"{res['time_s'] / v:.2f}×" for v in JAX[jkey].values())
         name = label[(impl, method)] + (" — naive `X @ W` objective" if layout == "naive" else "")
         rows.append([
             name, f"{res['time_s']:.3f}", f"{res['min_s']:.3f}", _fmt(res["peak_mb"], ".1f"),
-            _fmt(res["saved_mb"], ".1f"), _pct(res["rel_error"]), _fmt(ratio, ".2f"), jax or "—",
-        ])
+            _fmt(res["saved_mb"], ".1f"), _pct(res["rel_error"]), _fmt(ratio, ".2f"),
+        ])  # (no ratio to JAX here: quoted JAX rows are not a comparison — bench.jax_compare)
     table = _table(
         ["configuration", "median (s)", "min (s)", "peak RSS Δ (MB)", "graph (MB)",
-         "rel. error", "ratio to raw torch.func", "vs JAXopt / plain JAX"],
+         "rel. error", "ratio to raw torch.func"],
         rows,
     )
     return table, {"results": results, "targets": targets}
@@ -374,24 +370,15 @@ def render(r: Runner, parts: dict[str, tuple[str, dict[str, Any]]], meta: dict[s
         res = d["results"]
         rev, cg = res.get("ours:reverse:classes_first"), res.get("ours:cg:classes_first")
         if rev and cg:
-            jr, jc = JAX["reverse"], JAX["cg"]
-            add("The quoted JAX rows below come from another run with another objective orientation: "
-                "they are NOT a same-run comparison (same-run ratios: docs/performance.md, "
-                "`python -m bilevel.bench.jax_compare`). The classes-first orientation is a workaround "
-                "any library can use (3.2–3.8× for every torch library on this CPU), not an advantage "
-                "of ours. "
-                f"Against the issue's JAX rows (quoted, measured there): "
-                f"`Reverse` {rev['time_s']:.3f} s = {rev['time_s'] / jr['plain JAX']:.2f}× plain JAX "
-                f"({jr['plain JAX']} s) and {rev['time_s'] / jr['JAXopt 0.8.5']:.2f}× "
-                f"JAXopt ({jr['JAXopt 0.8.5']} s); `CG` {cg['time_s']:.3f} s = "
-                f"{cg['time_s'] / jc['plain JAX']:.2f}× plain JAX ({jc['plain JAX']} s) and "
-                f"{cg['time_s'] / jc['JAXopt 0.8.5']:.2f}× JAXopt ({jc['JAXopt 0.8.5']} s). "
-                "Most of the gap the issue reports comes from the product orientation of the objective, not "
-                "from the autodiff framework: with the naive `X @ W` objective the same code is "
+            add("The quoted JAX rows of the issue come from another run with another objective "
+                "orientation: they are NOT a same-run comparison, so no ratio to them is given "
+                "(same-run ratios: docs/performance.md, `python -m bilevel.bench.jax_compare`). The "
+                "classes-first orientation is a workaround any library can use (3.2–3.8× for every "
+                "torch library on this CPU), not an advantage of ours. With the naive `X @ W` "
+                "objective the same code is "
                 + (f"{res['ours:reverse:naive']['time_s']:.3f} s / {res['ours:cg:naive']['time_s']:.3f} s "
                    if "ours:reverse:naive" in res else "slower ")
-                + f"(issue's plain PyTorch loop: {ISSUE_PLAIN['reverse']} s / {ISSUE_PLAIN['cg']} s). The "
-                "JAX figures used their own objective code, so this ratio is indicative only.\n")
+                + f"(issue's plain PyTorch loop: {ISSUE_PLAIN['reverse']} s / {ISSUE_PLAIN['cg']} s).\n")
     if "equal" in parts:
         table, d = parts["equal"]
         add("## 2. Equal accuracy: time to a hypergradient within 1% and 0.1%\n")
