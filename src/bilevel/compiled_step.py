@@ -121,11 +121,11 @@ def _load(replay: _Replay, draws: tuple[list[Any], list[Any]]) -> bool:
     return True
 
 
-def _pattern(solver: Any, core: dict[str, Any], t: int) -> Hashable:
+def _pattern(solver: Any, settings: str, core: dict[str, Any], t: int) -> Hashable:
     leaves, spec = pytree.tree_flatten(core)
     consts = tuple(v if isinstance(v, (int, float, bool, str, type(None))) else type(v)
                    for v in leaves if not isinstance(v, torch.Tensor))
-    return (repr(solver), str(spec), consts, solver.phase(core, t))
+    return (settings, str(spec), consts, solver.phase(core, t))
 
 
 class CompiledStep:
@@ -143,6 +143,7 @@ class CompiledStep:
         if reason is not None:
             self._give_up(RuntimeError(reason))
         self.patterns = _patterns(ctx.problem, type(solver))
+        self.settings = repr(solver)  # (a solver's settings do not change during a run)
         self.last_compiled = False  # did the last step run as the compiled graph?
         self.compiles = 0  # graphs compiled by this run
 
@@ -153,7 +154,7 @@ class CompiledStep:
         if self.fallback is not None:
             return self._oracles(state, t)
         core = {k: v for k, v in state.items() if k not in BOOKKEEPING}
-        key = _pattern(self.solver, core, t)
+        key = _pattern(self.solver, self.settings, core, t)
         if key not in self.patterns:
             if len(self.patterns) >= MAX_PATTERNS:
                 self._give_up(RuntimeError(
