@@ -13,8 +13,10 @@ Rows (float32, one thread; the same mathematics on the same data for every libra
   5,000-image MNIST sample — 2500 train / 2500 validation, pixels in [0, 1] — T = 100 GD steps
   lr 0.5 from W = 0, CG with 30 iterations without early stop, classes-first logits Wᵀ Xᵀ):
   ``Reverse``, ``CG``, and ``Forward`` with one upper variable (a scalar λ) next to ``Reverse``;
-* one outer iteration of SOBA, stocBiO, MRBO and BSA on hyper-cleaning (mnist5k, batch 64,
-  10 inner SGD steps and 10 Neumann HVPs).
+* one outer iteration of SOBA, SABA, stocBiO, MRBO, VRBO, BSA, TTSA, AmIGO, FSLA and SUSTAIN on
+  hyper-cleaning (mnist5k, batch 64, 10 inner SGD steps and 10 Neumann HVPs), eager, with
+  per-oracle kernels (``compile="oracles"``) and, for the ``--step`` rows, as one compiled graph
+  per iteration (``compile=True``); each cell the median of 3 runs of 20 iterations.
 
 Each round times every row once, in the same order (bilevel eager, bilevel compiled, JAX): the
 tables report the median over rounds, and ratios of medians. Compile time (first call) is
