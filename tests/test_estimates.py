@@ -144,6 +144,53 @@ def test_neumann_hypergradient_equals_explicit_formula(quad):
     torch.testing.assert_close(hg2[0], hg[0], rtol=1e-12, atol=1e-12)
 
 
+def test_shared_batch_neumann_equals_the_exact_partial_sum_on_one_batch(quad):
+    """``shared=True`` (stocBiO's cheaper option): ONE lower batch B for every HVP and the cross
+    term, v = η Σ_{q=0}^{Q} (I − η A_B)^q ∇_y F and ∇̂h = ∇_x F + B̄_Bᵀ v, from one linearization
+    (one gradient with graph, then Q + 1 backward products) — against the dense partial sum; and
+    with ``G_cross`` the cross term on that batch instead."""
+    Q, eta = 5, 0.3
+    batches = lower_batches(quad, 2, seed=8)
+    _, up = quad.samplers(batch_size=5, seed=9)
+    ub = up.next()
+    Gs, F = objectives(quad, batches, ub)
+    gen = torch.Generator().manual_seed(10)
+    x, y = torch.randn(4, generator=gen, dtype=F64), torch.randn(6, generator=gen, dtype=F64)
+    calls = []
+    with O.counting() as c:
+        hg, info = neumann_hypergradient(F, lambda: calls.append(1) or Gs[0], (x,), (y,), Q=Q, eta=eta,
+                                         shared=True)
+    assert len(calls) == 1  # one batch for everything
+    n = batches[0][0].shape[0]
+    assert c["lower"] == {"grad": n, "hvp": Q * n, "cross": n}  # one linearization, Q + 1 products
+    rho = quad.info["rho"]
+    gyF, gxF = y - ub[0].mean(0), rho * (x - ub[1].mean(0))
+    A, B, _ = dense(quad, batches[0])
+    M = torch.eye(6, dtype=F64) - eta * A
+    v = eta * sum(torch.linalg.matrix_power(M, q) @ gyF for q in range(Q + 1))
+    torch.testing.assert_close(info["v"][0], v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hg[0], gxF + B.T @ v, rtol=1e-12, atol=1e-12)
+    hg2, _ = neumann_hypergradient(F, replay(Gs[:1]), (x,), (y,), Q=Q, eta=eta, shared=True, G_cross=Gs[1])
+    torch.testing.assert_close(hg2[0], gxF + dense(quad, batches[1])[1].T @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_stocbio_shared_neumann_option(quad):
+    """StocBiO(neumann="shared") runs that estimator (T + 1 lower batches per iteration instead of
+    T + Q + 1); the default stays the paper's fresh-batch one; other values are rejected."""
+    def run(**kw):
+        lo, up = quad.samplers(batch_size=5, seed=11)
+        return bl.solve(quad.problem, quad.x0, quad.y0, solver=bl.solvers.StocBiO(inner_steps=2, Q=3, **kw),
+                        steps=2, lower_data=lo, upper_data=up, track=False)
+
+    fresh, shared = run(), run(neumann="shared")
+    assert fresh.history[-1]["lower_grad"] == 2 * 5 * (2 + 3 + 1)
+    assert shared.history[-1]["lower_grad"] == 2 * 5 * (2 + 1)
+    assert shared.history[-1]["lower_hvp"] == fresh.history[-1]["lower_hvp"] == 2 * 5 * 3
+    assert not torch.equal(fresh.x, shared.x)
+    with pytest.raises(ValueError, match="neumann"):
+        bl.solvers.StocBiO(neumann="one")
+
+
 def test_sgd_lower_and_linear_system(quad):
     batches = lower_batches(quad, 6, seed=5)
     Gs, _ = objectives(quad, batches)

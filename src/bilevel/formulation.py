@@ -50,6 +50,9 @@ def batch_size(batch: Any) -> int:
     """Number of samples in a batch: leading dimension of its first tensor (1 if no tensor)."""
     if batch is None:
         return 1
+    first = batch[0] if type(batch) is tuple and batch else batch  # fast path: a tuple of tensors
+    if isinstance(first, Tensor):
+        return 1 if first.dim() == 0 else int(first.shape[0])
     leaves = [t for t in T.pytree.tree_leaves(batch) if isinstance(t, Tensor)]
     if not leaves or leaves[0].dim() == 0:
         return 1
@@ -140,6 +143,22 @@ class Problem:
         return self._call("lower", x, y, batch)
 
 
+_LEAF_SPECS: dict[int, tuple[Any, bool]] = {}  # id(spec) -> (spec, is a bare tensor)
+
+
+def _is_leaf(spec: T.Spec) -> bool:
+    """Does ``spec`` describe a bare tensor? (Memoized: an objective is built per batch, on the
+    same few specs.)"""
+    if spec is None:
+        return False
+    hit = _LEAF_SPECS.get(id(spec))
+    if hit is None or hit[0] is not spec:
+        if len(_LEAF_SPECS) > 256:
+            _LEAF_SPECS.clear()
+        hit = _LEAF_SPECS[id(spec)] = (spec, T.is_leaf_spec(spec))
+    return hit[1]
+
+
 class Objective:
     """One level's objective bound to a batch, as a function of flat leaves ``(xs, ys)``.
 
@@ -156,8 +175,7 @@ class Objective:
         self.n = batch_size(batch)
         check_batch(batch, self.n, level)
         # fast path: a bare tensor variable needs no pytree rebuild (saves ~10 us per call)
-        self._xleaf = xspec is not None and T.is_leaf_spec(xspec)
-        self._yleaf = yspec is not None and T.is_leaf_spec(yspec)
+        self._xleaf, self._yleaf = _is_leaf(xspec), _is_leaf(yspec)
 
     def __call__(self, xs: T.Leaves, ys: T.Leaves) -> Tensor:
         x = xs[0] if self._xleaf else T.unflatten(xs, self.xspec)

@@ -549,6 +549,15 @@ def _batched(t: Tensor) -> bool:
     return bool(torch._C._functorch.is_batchedtensor(t))
 
 
+def _summary(leaves: T.Leaves) -> Tensor:
+    """Σ of every entry of the iterate: finite iff no entry is NaN/inf (barring an overflow of the
+    sum itself); one scalar per step for the batched check of :func:`unroll`."""
+    out = leaves[0].detach().sum()
+    for t in leaves[1:]:
+        out = out + t.detach().sum()
+    return out
+
+
 def unroll(
     dyn: Dynamics,
     grad_fn: GradFn,
@@ -582,7 +591,7 @@ def unroll(
             buffers = carry(k, point, buffers)
         state = dyn.update(state, last_grad, k)
         if track:
-            sums.append(sum(t.detach().sum() for t in state[: len(state) // dyn.slots]))
+            sums.append(_summary(state[: len(state) // dyn.slots]))
     if track and tracing() and sums:  # traced (vmap): no host read, the check runs afterwards
         ok = torch.isfinite(torch.stack([s.reshape(()) for s in sums])).all()
         require(ok, lambda: NonFiniteError(

@@ -35,6 +35,7 @@ through reduced results (the reverse sweep of unrolled differentiation) start fr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -196,10 +197,8 @@ def rank_mean(leaves: T.Leaves) -> T.Leaves:
 
 
 def _record(fn: Fn, *kinds: str, times: int = 1) -> None:
-    if torch.compiler.is_compiling():  # counted by the caller of a compiled region
-        return
     c = _ACTIVE.get()
-    if c is not None:
+    if c is not None and not torch.compiler.is_compiling():  # compiled: counted by its caller
         level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
         for kind in kinds:
             c.add(level, kind, n * times)
@@ -220,7 +219,18 @@ def _grad(
     retain_graph: bool | None = None,
 ) -> T.Leaves:
     """``torch.autograd.grad`` that returns zeros (not None) for inputs the output ignores."""
-    outs = [out] if isinstance(out, Tensor) else list(out)
+    if not isinstance(out, Tensor) and len(out) == 1:  # one output leaf (the common case): the
+        out = out[0]                                    # fast path below, a few µs per call less
+        grad_outputs = None if grad_outputs is None else grad_outputs[0]
+    if isinstance(out, Tensor):
+        if not out.requires_grad:
+            return tuple([torch.zeros_like(t) for t in inputs])
+        gs = torch.autograd.grad(out, inputs, grad_outputs, create_graph=create_graph,
+                                 retain_graph=retain_graph, allow_unused=True)
+        if len(gs) == 1 and gs[0] is not None:
+            return gs
+        return tuple([torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)])
+    outs = list(out)
     gos = None if grad_outputs is None else list(grad_outputs)
     live = [i for i, o in enumerate(outs) if o.requires_grad]
     if not live:
@@ -237,6 +247,15 @@ def _grad(
         allow_unused=True,
     )
     return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs))
+
+
+_ON = contextlib.nullcontext()
+
+
+def _grad_on() -> Any:
+    """``torch.enable_grad()``, or a no-op when grad mode is already on (entering the context
+    manager costs microseconds on every oracle call; :func:`bilevel.solve` runs steps with it on)."""
+    return _ON if torch.is_grad_enabled() else torch.enable_grad()
 
 
 def _diffable(ts: T.Leaves) -> T.Leaves:
@@ -264,7 +283,7 @@ def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) ->
         if not create_graph:
             xs, ys = T.detach(xs), T.detach(ys)
         return _reduce(fn, f_grad_y(fn, xs, ys))
-    with torch.enable_grad():
+    with _grad_on():
         if create_graph:
             ys_ = _diffable(ys)
             return _reduce(fn, _grad(fn(xs, ys_), ys_, create_graph=True))
@@ -280,7 +299,7 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
         return _reduce(fn, k(xs, ys))
     if _functional():
         return _reduce(fn, f_grad_x(fn, T.detach(xs), T.detach(ys)))
-    with torch.enable_grad():
+    with _grad_on():
         xs_ = T.requires_grad(xs)
         return _reduce(fn, _grad(fn(xs_, T.detach(ys)), xs_))
 
@@ -293,7 +312,7 @@ def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leave
         return _reduce(fn, *k(xs, ys))
     if _functional():
         return _reduce(fn, *f_grads(fn, T.detach(xs), T.detach(ys)))
-    with torch.enable_grad():
+    with _grad_on():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         val = fn(xs_, ys_)
         g = _grad(val, xs_ + ys_)
@@ -329,7 +348,7 @@ class Linearization:
                                                                 has_aux=True)
             self._hold()
             return
-        with torch.enable_grad():
+        with _grad_on():
             self.xs = T.requires_grad(xs)
             self.ys = T.requires_grad(ys)
             self.value = fn(self.xs, self.ys)
@@ -417,7 +436,7 @@ class Linearization:
         _record(self.fn, "cross")
         if self._mode != "autograd":
             return self._out(f_cross_t(self.fn, self.xs, self.ys, tuple(u)))
-        with torch.enable_grad():
+        with _grad_on():
             w = tuple(torch.zeros_like(t).requires_grad_(True) for t in self.ys)
             jtw = _grad(self._gy, self.xs, w, create_graph=True, retain_graph=True)
             return self._out(T.detach(_grad(jtw, w, u, retain_graph=True)))
@@ -470,7 +489,7 @@ def grad_y_tangents(
 
         # randomness="same": a random op (dropout) draws one mask for all tangents, the primal's
         return _reduce(fn, gy, tuple(torch.func.vmap(tangent, randomness="same")(tuple(U), tuple(Z))))
-    with torch.enable_grad():
+    with _grad_on():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         g = _grad(fn(xs_, ys_), xs_ + ys_, create_graph=True)
         outs = [(gi, ti) for gi, ti in zip(g, tuple(U) + tuple(Z)) if gi.requires_grad]
@@ -505,7 +524,7 @@ def value_and_grad(
         g, (val, tensors) = torch.func.grad_and_value(tensor_aux, argnums=tuple(range(len(args))),
                                                       has_aux=True)(*args)
         return tuple(g), (val, fill_tensors(tensors, side["marks"], side["spec"]))
-    with torch.enable_grad():
+    with _grad_on():
         a = T.requires_grad(args)
         out = fun(a)
         val = out[0] if has_aux else out
@@ -522,7 +541,7 @@ def vjp(fun: Callable[[T.Leaves], T.Leaves], args: T.Leaves, cotangent: T.Leaves
     if _functional():
         _, pull = torch.func.vjp(lambda a: tuple(fun(a)), tuple(args))
         return T.detach(pull(tuple(cotangent))[0])
-    with torch.enable_grad():
+    with _grad_on():
         a = T.requires_grad(args)
         return T.detach(_grad(fun(a), a, cotangent))
 
@@ -636,7 +655,7 @@ class MapLinearization:
     repeated vector-Jacobian products ``(∂_z Φ)^T w`` and ``(∂_x Φ)^T w`` (fixed-point layers)."""
 
     def __init__(self, phi: Callable[[T.Leaves, T.Leaves], T.Leaves], xs: T.Leaves, zs: T.Leaves):
-        with torch.enable_grad():
+        with _grad_on():
             self.xs, self.zs = T.requires_grad(xs), T.requires_grad(zs)
             self.out = tuple(phi(self.xs, self.zs))
 

@@ -104,7 +104,7 @@ class Minibatches(Sampler):
             self._pos = 0
         lo = self._pos
         self._pos += self.batch_size
-        return tuple(t[lo : self._pos] for t in self._shuffled)
+        return tuple([t[lo : self._pos] for t in self._shuffled])  # (a list builds faster)
 
     def full(self):
         return self.tensors

@@ -33,7 +33,7 @@ def check_scalar(value: object, level: str) -> Tensor:
         )
     if not value.dtype.is_floating_point:
         raise NonScalarObjectiveError(f"{name} returned dtype {value.dtype}; expected floating point")
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())  # (a reshape is a node in the graph)
 
 
 def check_variables(leaves: Leaves, name: str) -> None:

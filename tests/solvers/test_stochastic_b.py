@@ -268,3 +268,74 @@ def test_cross_t_is_transpose_of_cross(tiny):
     Ju = lin.cross_t((u,))[0]
     torch.testing.assert_close(Ju, Dense(tiny).Jxy(x, y, tiny.lower_tensors).T @ u)
     torch.testing.assert_close(torch.dot(lin.cross((w,))[0], u), torch.dot(w, Ju))
+
+
+# --- the two same-sample estimators of MRBO / VRBO, batched over the stacked points ----------------
+
+
+def _unpaired(estimate, samples, p, q, *, out, batched=True):
+    return estimate(*p, samples), estimate(*q, samples)
+
+
+@pytest.mark.parametrize("name", ["MRBO", "VRBO", "SUSTAIN"])
+def test_batched_same_sample_estimators_equal_two_evaluations(quad, name, monkeypatch):
+    """MRBO's STORM and VRBO's SPIDER terms at the current and the previous point on the same
+    samples run as ONE evaluation at the stacked point (estimates.at_two_points; SUSTAIN inherits
+    MRBO's step): the trajectory (x, y, u, v) and the oracle counts equal those of two separate
+    evaluations, bitwise."""
+    import importlib
+
+    from bilevel.estimates import at_two_points
+
+    mod = importlib.import_module(f"bilevel.solvers.stochastic.{'vrbo' if name == 'VRBO' else 'mrbo'}")
+    assert mod.at_two_points is at_two_points
+
+    def run():
+        return bl.solve(**quad.solve_kwargs(seed=5), solver=CONFIGS[name](), steps=4, track=False)
+
+    batched = run()
+    monkeypatch.setattr(mod, "at_two_points", _unpaired)
+    plain = run()
+    for key in ("x", "y", "u", "v"):
+        assert torch.equal(batched.state[key][0], plain.state[key][0]), key
+    assert batched.state["counts"].flat() == plain.state["counts"].flat()
+
+
+def test_at_two_points_on_a_two_leaf_variable():
+    """Stacking with several leaves per variable: the split returns each point's leaves; the
+    hypergradient (x-space) and the lower gradient (y-space) equal their two evaluations."""
+    from bilevel import oracles as O
+    from bilevel.estimates import at_two_points, neumann_hypergradient, replay
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    H = A @ A.T / 6 + torch.eye(6, dtype=torch.float64)
+
+    def g(xs, ys):  # y = (a (2,), b (4,)), x = (c (3,), d (1,))
+        y = torch.cat([ys[0], ys[1]])
+        return 0.5 * y @ H @ y - y[:3] @ xs[0] * xs[1].sum() + (xs[0] ** 2).sum() * y[3:].sum()
+
+    def f(xs, ys):
+        return (ys[0] ** 2).sum() + (ys[1] * xs[1]).sum() + (xs[0] ** 3).sum()
+
+    def pt(seed):
+        r = torch.Generator().manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=r, dtype=torch.float64)  # noqa: E731
+        return (rnd(3), rnd(1)), (rnd(2), rnd(4))
+
+    p, q = pt(1), pt(2)
+
+    def hg(xs, ys, samples):
+        F, Gs = samples
+        return neumann_hypergradient(F, replay(Gs[1:]), xs, ys, Q=3, eta=0.2, G_cross=Gs[0])[0]
+
+    samples = (f, [g] * 4)
+    for est, s, out in ((hg, samples, "x"), (lambda a, b, G: O.grad_y(G, a, b), g, "y")):
+        got = at_two_points(est, s, p, q, out=out)
+        want = (est(*p, s), est(*q, s))
+        for a, b in zip(got, want):
+            assert len(a) == len(b) == 2
+            for u, w in zip(a, b):
+                assert torch.equal(u, w)
+    with pytest.raises(ValueError, match="out"):
+        at_two_points(hg, samples, p, q, out="z")

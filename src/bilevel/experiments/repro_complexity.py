@@ -567,18 +567,21 @@ def plot_sample(res: dict[str, Any], box: dict[str, Any] | None, path: Path) -> 
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     inv = [1.0 / e for e in res["eps"]]
-    for name, r in res["rows"].items():
-        ys = r["median_total"]
-        axes[0].loglog(inv, [v if math.isfinite(v) else float("nan") for v in ys], "o-",
-                       label=f"{name}: {_f(r['slope_total'])} (claim {r['claim'][0]:g})")
+    colors = plt.get_cmap("tab20").colors
+    for j, (name, r) in enumerate(res["rows"].items()):
+        pts = [(a, v) for a, v in zip(inv, r["median_total"]) if math.isfinite(v)]
+        if pts:
+            axes[0].loglog(*zip(*pts), "s--" if r["per_eps"] else "o-", color=colors[(2 * j) % 20],
+                           label=f"{name}: {_f(r['slope_total'])} (claim {r['claim'][0]:g})")
     axes[0].set_xlabel("1/ε  (ε: target of ‖∇h(x)‖² / ‖∇h(x₀)‖²)")
     axes[0].set_ylabel("per-sample oracle calls (median over seeds)")
-    axes[0].set_title("calls to ε-stationarity; legend: fitted slope")
+    axes[0].set_title("calls to ε-stationarity; legend: fitted slope (dashed: one run per ε)")
     axes[0].legend(fontsize=7)
     if box:
         for k, r in box["rows"].items():
-            axes[1].loglog(inv, [v if math.isfinite(v) else float("nan") for v in r["median_total"]], "o-",
-                           label=f"{k}: slope {_f(r['slope_total'])}")
+            pts = [(a, v) for a, v in zip(inv, r["median_total"]) if math.isfinite(v)]
+            if pts:
+                axes[1].loglog(*zip(*pts), "o-", label=f"{k}: slope {_f(r['slope_total'])}")
         axes[1].set_title("TTSA, box-constrained x: the two stationarity measures (claim 2.5)")
         axes[1].set_xlabel("1/ε (relative to the value at x₀)")
         axes[1].legend(fontsize=8)

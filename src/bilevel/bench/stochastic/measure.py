@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import json
 import math
@@ -187,41 +188,57 @@ def reach(run: RunResult, metric: str, target: float) -> tuple[float, float]:
 
 
 # --- per-iteration cost ----------------------------------------------------------------------------
-def _raw_costs(prob: bl.problems.StochasticProblem, batch_size: int, reps: int = 30) -> dict[str, float]:
-    """Seconds of one bare ``torch.autograd`` call per oracle kind on one batch (no bilevel code)."""
+def _bare_calls(prob: bl.problems.StochasticProblem, batch_size: int) -> dict[str, Callable[[], Any]]:
+    """One bare ``torch.autograd`` call per oracle kind (no bilevel code), each on a freshly drawn
+    batch as a solver's oracle calls are (a batch drawn from a sampler of its own: the draw is part
+    of the price, and the batches are as cold in the cache as the solver's): the prices of
+    :func:`per_iteration`."""
     lo, up = prob.samplers(batch_size=batch_size, seed=123)
-    bl_, bu = lo.next(), up.next()
     f, g = prob.problem.upper, prob.problem.lower
     x, y = prob.x0.clone(), prob.y0.clone()
     v = torch.randn_like(y)
 
     def grad_lower():
         yr = y.detach().requires_grad_(True)
-        return torch.autograd.grad(g(x, yr, bl_), yr)
+        return torch.autograd.grad(g(x, yr, lo.next()), yr)
 
     def grad_upper():
         xr, yr = x.detach().requires_grad_(True), y.detach().requires_grad_(True)
-        return torch.autograd.grad(f(xr, yr, bu), (xr, yr), allow_unused=True)
+        return torch.autograd.grad(f(xr, yr, up.next()), (xr, yr), allow_unused=True)
 
     def second(wrt: str):
         def fn():
             xr, yr = x.detach().requires_grad_(True), y.detach().requires_grad_(True)
-            (gy,) = torch.autograd.grad(g(xr, yr, bl_), yr, create_graph=True)
+            (gy,) = torch.autograd.grad(g(xr, yr, lo.next()), yr, create_graph=True)
             return torch.autograd.grad(gy, yr if wrt == "y" else xr, v, allow_unused=True)
         return fn
 
+    return {"grad_lower": grad_lower, "grad_upper": grad_upper, "hvp": second("y"), "cross": second("x")}
+
+
+def _raw_costs(prob: bl.problems.StochasticProblem, batch_size: int, reps: int = 30) -> dict[str, float]:
+    """Median CPU seconds of one bare ``torch.autograd`` call per oracle kind (:func:`_bare_calls`),
+    measured on their own (:func:`per_iteration` measures them interleaved with the solvers)."""
     out = {}
-    for k, fn in (("grad_lower", grad_lower), ("grad_upper", grad_upper), ("hvp", second("y")),
-                  ("cross", second("x"))):
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        out[k] = statistics.median(ts)
+    with torch.enable_grad():
+        for k, fn in _bare_calls(prob, batch_size).items():
+            for _ in range(3):
+                fn()
+            ts = []
+            for _ in range(reps):
+                t0 = time.process_time()
+                fn()
+                ts.append(time.process_time() - t0)
+            out[k] = statistics.median(ts)
     return out
+
+
+def _priced(per: dict[str, float], raw: dict[str, float]) -> float:
+    """Seconds of the counted calls per iteration at bare prices (an HVP or cross product priced as
+    its extra backward: the gradient it differentiates is counted as a lower gradient)."""
+    return (per.get("lower_grad", 0) * raw["grad_lower"] + per.get("upper_grad", 0) * raw["grad_upper"]
+            + per.get("lower_hvp", 0) * max(raw["hvp"] - raw["grad_lower"], 0.0)
+            + per.get("lower_cross", 0) * max(raw["cross"] - raw["grad_lower"], 0.0))
 
 
 def _with_steps(cls_name: str, scfg: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -235,30 +252,72 @@ def _with_steps(cls_name: str, scfg: dict[str, Any], steps: int) -> dict[str, An
     return cfg
 
 
+class _CpuTimed(bl.solvers.Solver):
+    """A solver whose ``step`` is also timed in CPU seconds of this process (``self.cpu``): on a
+    loaded machine the wall clock counts the other processes' time slices, CPU time does not."""
+
+    def __init__(self, solver: bl.solvers.Solver):
+        self.solver, self.cpu = solver, []
+        self.carries_buffers = getattr(solver, "carries_buffers", False)
+
+    def init(self, ctx, xs, ys):
+        return self.solver.init(ctx, xs, ys)
+
+    def setup(self, ctx, state):
+        self.solver.setup(ctx, state)
+
+    def step(self, ctx, state, t):
+        t0 = time.process_time()
+        out = self.solver.step(ctx, state, t)
+        self.cpu.append(time.process_time() - t0)
+        return out
+
+    def output(self, state):
+        return self.solver.output(state)
+
+    def lower_pair(self, state):
+        return self.solver.lower_pair(state)
+
+
 def per_iteration(prob: bl.problems.StochasticProblem, solvers: dict[str, dict[str, Any]], *,
                   steps: int, iters: int, max_seconds: float, batch_size: int, warmup: int = 3
                   ) -> list[dict[str, Any]]:
-    """Median wall time per outer iteration (after ``warmup`` iterations) and oracle calls per
-    iteration (in units of one call on a batch of ``batch_size``), with Q / inner steps = ``steps``.
-    Overhead ratio = measured time / the same calls priced at bare-autograd cost (:func:`_raw_costs`;
-    an HVP or cross product is priced as its extra backward, since the gradient it differentiates
-    is counted as a lower gradient)."""
-    raw = _raw_costs(prob, batch_size)
+    """Per outer iteration (after ``warmup`` iterations): median wall time (``ms``, the solver's
+    clock), mean CPU time (``cpu_ms``) and mean oracle calls (in units of one call on a batch of
+    ``batch_size``), with Q / inner steps = ``steps``.
+
+    Overhead ratio = CPU time per iteration / the same calls priced at bare-autograd cost
+    (:func:`_priced`). The prices are measured *interleaved* with the solver: after every outer
+    step (outside the solver's clock) one bare call of each kind (:func:`_bare_calls`) is timed,
+    and the medians over the run price the calls — so both sides see the same machine state."""
+    bare = _bare_calls(prob, batch_size)
     rows = []
     for name, scfg in solvers.items():
         cfg = _with_steps(name, scfg, steps)
         cfg.pop("batch_size", None)
         lo, up = prob.samplers(seed=0, kind=cfg.get("sampler", "minibatch"), batch_size=batch_size)
+        prices: dict[str, list[float]] = {k: [] for k in bare}
 
-        def stop(t: int, x: Any, y: Any, rec: dict[str, Any]) -> bool:
+        def stop(t: int, x: Any, y: Any, rec: dict[str, Any],
+                 prices: dict[str, list[float]] = prices) -> bool:
+            with torch.enable_grad():
+                for k, fn in bare.items():
+                    t0 = time.process_time()
+                    fn()
+                    prices[k].append(time.process_time() - t0)
             return t > warmup and rec["time"] > max_seconds
 
+        timed = _CpuTimed(solver_from_config(name, cfg))
+        gc.collect()
+        gc.disable()  # as timeit does: no collector pauses inside either measurement
         try:
-            res = bl.solve(prob.problem, prob.x0, prob.y0, solver=solver_from_config(name, cfg),
-                           steps=warmup + iters, lower_data=lo, upper_data=up, track=False, callback=stop)
+            res = bl.solve(prob.problem, prob.x0, prob.y0, solver=timed, steps=warmup + iters,
+                           lower_data=lo, upper_data=up, track=False, callback=stop)
         except (BilevelError, RuntimeError, ValueError) as e:
             rows.append({"solver": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             continue
+        finally:
+            gc.enable()
         h = res.history
         k = len(h) - warmup
         if k < 1:
@@ -268,13 +327,12 @@ def per_iteration(prob: bl.problems.StochasticProblem, solvers: dict[str, dict[s
         a, b = h[warmup - 1], h[-1]
         keys = {kk for kk in b if kk.startswith(("lower_", "upper_"))}
         per = {kk: (b.get(kk, 0) - a.get(kk, 0)) / k / batch_size for kk in keys}
-        t_iter = statistics.median(dts)
-        pred = (per.get("lower_grad", 0) * raw["grad_lower"] + per.get("upper_grad", 0) * raw["grad_upper"]
-                + per.get("lower_hvp", 0) * max(raw["hvp"] - raw["grad_lower"], 0.0)
-                + per.get("lower_cross", 0) * max(raw["cross"] - raw["grad_lower"], 0.0))
-        rows.append({"solver": name, "ms": 1e3 * t_iter, "iters": k, "calls": per,
-                     "raw_ms": 1e3 * pred, "overhead": t_iter / pred if pred > 0 else math.nan,
-                     "jax_ms": JAX_MS.get(name)})
+        raw = {kk: statistics.median(v[warmup:]) for kk, v in prices.items()}
+        cpu = statistics.fmean(timed.cpu[warmup:])  # a mean, as the calls are (VRBO's restarts)
+        pred = _priced(per, raw)
+        rows.append({"solver": name, "ms": 1e3 * statistics.median(dts), "cpu_ms": 1e3 * cpu,
+                     "iters": k, "calls": per, "raw_ms": 1e3 * pred,
+                     "overhead": cpu / pred if pred > 0 else math.nan, "jax_ms": JAX_MS.get(name)})
     return rows
 
 

@@ -16,7 +16,9 @@ stocBiO (:func:`bilevel.estimates.neumann_hypergradient`, paper scaling):
 The paper's schedules η_k = d/(m+k)^{1/3}, α_{k+1} = c₁η_k², β_{k+1} = c₂η_k² are
 ``lr_x = Schedule(γd, 1/3, t0=m)``, ``lr_y = Schedule(λd, 1/3, t0=m)`` and
 ``momentum_x/momentum_y = Schedule(c d², 2/3, t0=m)`` (clipped to [0, 1]; index shifted by one).
-Per iteration (k ≥ 1): 2 × (1 upper gradient + Q HVPs + 1 cross) + 2 lower gradients.
+Per iteration (k ≥ 1): 2 × (1 upper gradient + Q HVPs + 1 cross) + 2 lower gradients; the two
+evaluations of each recursion share their samples and run as one batched evaluation at the stacked
+points (:func:`bilevel.estimates.at_two_points`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,19 @@ from typing import Any
 
 from ... import _tree as T
 from ... import oracles as O
-from ...estimates import Schedule, momentum_weight, neumann_hypergradient, replay, storm
+from ...estimates import Schedule, at_two_points, momentum_weight, neumann_hypergradient, replay, storm
 from ..base import Context, Solver
 from ..upper import step_rule
 
 __all__ = ["MRBO"]
 
 LR_X = Schedule(0.1, 1 / 3)
+
+
+def _grad_y(xs: T.Leaves, ys: T.Leaves, G: O.Fn) -> T.Leaves:
+    return O.grad_y(G, xs, ys)
+
+
 MOMENTUM = Schedule(0.5, 2 / 3)
 
 
@@ -51,6 +59,9 @@ class MRBO(Solver):
     """
 
     reference = "Yang, Ji & Liang 2021 (NeurIPS), Algorithm 1"
+    #: :meth:`hypergradient` is a function of the stacked point whose samples are all objectives,
+    #: so its two same-sample evaluations can be batched (:func:`bilevel.estimates.at_two_points`)
+    stackable = True
 
     def __init__(
         self,
@@ -87,14 +98,14 @@ class MRBO(Solver):
         xs, ys = state["x"], state["y"]
         Gy = ctx.fresh_G()
         samples = self.draw(ctx, state)
-        gy = O.grad_y(Gy, xs, ys)
-        hg = self.hypergradient(xs, ys, samples)
         if state["u"] is None:
-            u, v = gy, hg
-        else:
-            xp, yp = state["x_prev"], state["y_prev"]
-            u = storm(state["u"], gy, O.grad_y(Gy, xp, yp), momentum_weight(self.momentum_y, t))
-            hg_prev = self.hypergradient(xp, yp, samples)
+            u, v = O.grad_y(Gy, xs, ys), self.hypergradient(xs, ys, samples)
+        else:  # each estimator at (x_k, y_k) and (x_{k−1}, y_{k−1}) on the same samples
+            now, prev = (xs, ys), (state["x_prev"], state["y_prev"])
+            gy, gy_prev = at_two_points(_grad_y, Gy, now, prev, out="y")
+            hg, hg_prev = at_two_points(self.hypergradient, samples, now, prev, out="x",
+                                        batched=self.stackable)
+            u = storm(state["u"], gy, gy_prev, momentum_weight(self.momentum_y, t))
             v = storm(state["v"], hg, hg_prev, momentum_weight(self.momentum_x, t))
         state["x_prev"], state["y_prev"], state["u"], state["v"] = xs, ys, u, v
         state["x"] = self.step_x(ctx, state, v, t)

@@ -49,6 +49,7 @@ class MRBOZO(MRBO):
     """
 
     reference = "MRBO (Yang, Ji & Liang 2021, Alg. 1) + PZOBO estimator (Sow, Ji & Liang 2022, Alg. 1)"
+    stackable = False  # its samples hold Gaussian directions of x's shape: two evaluations
 
     def __init__(
         self,

@@ -19,7 +19,9 @@ Indexing: the recursion's reference point (x̃_{−1}, ỹ_{−1}) is the point 
 evaluated — (x_k, y_k) after a reset, else the last inner point of the previous outer iteration —
 so the estimators always track the point they describe (the paper's extra evaluation at
 ỹ_{k,m+1} is merged into the next outer iteration's first inner step).
-Per inner step: 2 × (1 upper gradient + Q HVPs + 1 cross) + 2 lower gradients.
+Per inner step: 2 × (1 upper gradient + Q HVPs + 1 cross) + 2 lower gradients; the two evaluations
+of each recursion share S₂ and run as one batched evaluation at the stacked points
+(:func:`bilevel.estimates.at_two_points`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ import torch
 
 from ... import _tree as T
 from ... import oracles as O
-from ...estimates import Schedule, neumann_hypergradient, replay, spider
+from ...estimates import Schedule, at_two_points, neumann_hypergradient, replay, spider
 from ..base import Context, Solver
 from ..upper import step_rule
 
 __all__ = ["VRBO"]
+
+
+def _grad_y(xs: T.Leaves, ys: T.Leaves, G: O.Fn) -> T.Leaves:
+    return O.grad_y(G, xs, ys)
 
 
 def _concat(batches: list) -> Any:
@@ -89,6 +95,9 @@ class VRBO(Solver):
         hg, _ = neumann_hypergradient(F, replay(Gs[1:]), xs, ys, Q=self.Q, eta=self.eta, G_cross=Gs[0])
         return hg
 
+    def _hypergradient(self, xs: T.Leaves, ys: T.Leaves, samples: tuple) -> T.Leaves:
+        return self.hypergradient(xs, ys, *samples)
+
     def _large(self, ctx: Context) -> tuple[O.Fn, list]:
         """(F, [G_cross, G_1..G_Q, G_y]) on S₁."""
         if self.large_batches is None:
@@ -113,8 +122,11 @@ class VRBO(Solver):
         for _ in range(self.inner_steps):
             F = ctx.fresh_F()
             Gs = [ctx.fresh_G() for _ in range(self.Q + 2)]
-            v = spider(v, self.hypergradient(x_new, yt, F, Gs[:-1]), self.hypergradient(xp, yp, F, Gs[:-1]))
-            u = spider(u, O.grad_y(Gs[-1], x_new, yt), O.grad_y(Gs[-1], xp, yp))
+            # each estimator at the new and the previous point on the same samples S₂
+            now, prev = (x_new, yt), (xp, yp)
+            hg, hg_prev = at_two_points(self._hypergradient, (F, Gs[:-1]), now, prev, out="x")
+            gy, gy_prev = at_two_points(_grad_y, Gs[-1], now, prev, out="y")
+            v, u = spider(v, hg, hg_prev), spider(u, gy, gy_prev)
             xp, yp = x_new, yt
             yt = ctx.project_y(T.axpy(-beta, u, yt))
         state.update(x=x_new, y=yt, u=u, v=v, anchor=(xp, yp))
