@@ -56,10 +56,13 @@ def test_solver_draws_what_the_jax_core_consumes(problem, name):
         "saba": {"i": (steps,), "j": (steps,), "lpart": (3000 // b, b), "upart": (1000 // b, b)},
         "vrbo": {"F": (steps, T, b), "G": (steps, T, Q + 2, b)},
         "ttsa": {"y": (steps, b), "F": (steps, b), "hvp": (steps, Q, b), "cross": (steps, b), "p": (steps,)},
-        "amigo": {"sgd": (steps, T, b), "F": (steps, b), "hvp": (steps, Q, b), "cross": (steps, b)},
+        "amigo": {"sgd": (steps, T, b), "F": (steps, b), "hvp": (steps, Q, b), "cross": (steps, b),
+                  "p": (steps,)},
+        "soba": {"i": (steps, b), "j": (steps, b)},
         "fsla": {"y1": (steps, b), "y2": (steps, b), "F": (steps, b)},
     }
-    shapes["sustain"] = shapes["ttsa"]
+    shapes["sustain"] = shapes["mrbo"] = shapes["ttsa"]
+    shapes["stocbio"] = shapes["bsa"] = shapes["amigo"]
     assert {k: v.shape for k, v in idx.items()} == shapes[name]
 
 

@@ -2,16 +2,16 @@
 
     python -m bilevel.bench.jax_check --jax-python /path/to/jaxvenv/bin/python [--only saba,fsla]
 
-For each of SABA, VRBO, TTSA, AmIGO, FSLA and SUSTAIN (the rows :mod:`bilevel.bench.jax_compare`
-adds, with the same settings), :func:`record` runs our eager solver on hyper-cleaning for a few
-outer iterations with samplers that log the rows of every batch they hand out (an index column
-appended to the data and stripped again). :data:`LAYOUTS` turns one iteration's draws into the
-index arrays of the JAX core (:func:`bilevel.bench.jax_ref.stochastic_cores`) — this fails if
-the solver draws another number of batches than the reference consumes, so the JAX-free half is a
-check of the oracle/batch structure too. The JAX core then runs on exactly those batches from the
-same initial state (in the ``--jax-python`` interpreter, ``jax_ref.py --check``) and the final
-iterates are compared: the relative error of x − x₀ and of y should be float32 rounding.
-VRBO runs 12 iterations so that the large-batch restart (period 10) happens twice.
+For each stochastic row of :mod:`bilevel.bench.jax_compare` (SOBA, stocBiO, MRBO, BSA, SABA, VRBO,
+TTSA, AmIGO, FSLA, SUSTAIN, with the same settings), :func:`record` runs our eager solver on
+hyper-cleaning for a few outer iterations with samplers that log the rows of every batch they hand out
+(an index column appended to the data and stripped again). :data:`LAYOUTS` turns one iteration's
+draws into the index arrays of the JAX core (:func:`bilevel.bench.jax_ref.stochastic_cores`) — this
+fails if the solver draws another number of batches than the reference consumes, so the JAX-free
+half is a check of the oracle/batch structure too. The JAX core then runs on exactly those batches
+from the same initial state (in the ``--jax-python`` interpreter, ``jax_ref.py --check``) and the
+final iterates are compared: the relative error of x − x₀ and of y should be float32 rounding. VRBO
+runs 12 iterations so that the large-batch restart (period 10) happens twice.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ def _solvers() -> dict[str, Callable[[], Any]]:
     T, Q, eta, lr_y, lr_x = ST["inner"], ST["Q"], ST["eta"], ST["lr_y"], ST["lr_x"]
     # the settings of these rows in jax_compare.stochastic_rows (and jax_ref.EXTRA: period, momentum)
     return {
+        "soba": lambda: S.SOBA(lr_x=lr_x, lr_y=lr_y),
+        "stocbio": lambda: S.StocBiO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
+        "mrbo": lambda: S.MRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
+        "bsa": lambda: S.BSA(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
         "saba": lambda: S.SABA(lr_x=lr_x, lr_y=lr_y),
         "vrbo": lambda: S.VRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta, inner_steps=T, period=10),
         "ttsa": lambda: S.TTSA(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
@@ -53,7 +57,8 @@ def _solvers() -> dict[str, Callable[[], Any]]:
 SOLVERS = _solvers()
 #: outer iterations compared per solver (VRBO: past its second large-batch restart; SABA: long
 #: enough for batches to be drawn again, so that stored memories are read back)
-STEPS = {"saba": 12, "vrbo": 12, "ttsa": 4, "amigo": 3, "fsla": 3, "sustain": 4}
+STEPS = {"soba": 3, "stocbio": 3, "mrbo": 4, "bsa": 4, "saba": 12, "vrbo": 12, "ttsa": 4, "amigo": 3,
+         "fsla": 3, "sustain": 4}
 
 
 def _recording(base: type) -> type:
@@ -152,12 +157,35 @@ def _sampled(name: str, hvp_first: bool) -> Callable[[list, list], dict[str, np.
     return layout
 
 
-def _amigo(lo: list, up: list) -> dict[str, np.ndarray]:
-    T, Q = ST["inner"], ST["Q"]
-    _expect("amigo", len(lo), T + Q + 1, "lower")  # T SGD steps, M = Q HVPs, cross
-    _expect("amigo", len(up), 1, "upper")
+def _double(name: str, sampled: bool) -> Callable[[list, list], dict[str, np.ndarray]]:
+    """stocBiO, AmIGO: [T SGD steps, Q HVPs, cross]; BSA: [T SGD steps, p HVPs, cross]."""
+
+    def layout(lo: list, up: list) -> dict[str, np.ndarray]:
+        T, Q = ST["inner"], ST["Q"]
+        p = len(lo) - T - 1 if sampled else Q
+        if sampled and not 0 <= p < Q:
+            raise AssertionError(f"{name}: {len(lo)} lower batches in one iteration, expected {T} + p + 1")
+        _expect(name, len(lo), T + p + 1, "lower")
+        _expect(name, len(up), 1, "upper")
+        rows = [r for r, _ in lo]
+        return {"sgd": np.stack(rows[:T]), "F": up[0][0], "hvp": _padded(rows[T:T + p], Q),
+                "cross": rows[-1], "p": np.asarray(p)}
+
+    return layout
+
+
+def _soba(lo: list, up: list) -> dict[str, np.ndarray]:
+    _expect("soba", len(lo), 1, "lower")
+    _expect("soba", len(up), 1, "upper")
+    return {"i": lo[0][0], "j": up[0][0]}
+
+
+def _mrbo(lo: list, up: list) -> dict[str, np.ndarray]:
+    Q = ST["Q"]
+    _expect("mrbo", len(lo), Q + 2, "lower")  # ∇_y G, cross, Q HVPs (drawn even at t = 0)
+    _expect("mrbo", len(up), 1, "upper")
     rows = [r for r, _ in lo]
-    return {"sgd": np.stack(rows[:T]), "F": up[0][0], "hvp": np.stack(rows[T:T + Q]), "cross": rows[-1]}
+    return {"y": rows[0], "F": up[0][0], "cross": rows[1], "hvp": np.stack(rows[2:]), "p": np.asarray(Q)}
 
 
 def _fsla(lo: list, up: list) -> dict[str, np.ndarray]:
@@ -168,8 +196,9 @@ def _fsla(lo: list, up: list) -> dict[str, np.ndarray]:
 
 #: name -> (lower draws, upper draws of one iteration) -> the index arrays of the JAX core
 LAYOUTS: dict[str, Callable[[list, list], dict[str, np.ndarray]]] = {
-    "saba": _saba, "vrbo": _vrbo, "ttsa": _sampled("ttsa", True), "amigo": _amigo, "fsla": _fsla,
-    "sustain": _sampled("sustain", False),
+    "soba": _soba, "stocbio": _double("stocbio", False), "mrbo": _mrbo, "bsa": _double("bsa", True),
+    "saba": _saba, "vrbo": _vrbo, "ttsa": _sampled("ttsa", True), "amigo": _double("amigo", False),
+    "fsla": _fsla, "sustain": _sampled("sustain", False),
 }
 
 
@@ -195,9 +224,9 @@ def compare(name: str, rec: dict[str, Any], jax_python: str, data: str, tmp: str
     j = np.load(out)
     got = np.load(idx)
     extra: dict[str, Any] = {}
-    if "p" in got:  # the truncation indices drawn (p > 0 exercises the HVP chain)
+    if name in ("bsa", "ttsa", "sustain"):  # the truncation indices drawn (p > 0 exercises the HVP chain)
         extra["p"] = [int(v) for v in got["p"]]
-    if "i" in got:  # SAGA memories read back: batches drawn a second time
+    if name == "saba":  # SAGA memories read back: batches drawn a second time
         extra["repeats"] = {"lower": int(len(got["i"]) - len(set(got["i"].tolist()))),
                             "upper": int(len(got["j"]) - len(set(got["j"].tolist())))}
     dx_ours, dx_jax = rec["x"] - rec["x0"], j["x"] - rec["x0"]
@@ -210,7 +239,7 @@ def compare(name: str, rec: dict[str, Any], jax_python: str, data: str, tmp: str
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jax-python", required=True, help="interpreter with jax installed")
-    ap.add_argument("--only", default="", help="comma list (default: all six)")
+    ap.add_argument("--only", default="", help="comma list (default: all ten)")
     ap.add_argument("--tol", type=float, default=1e-4, help="largest relative error accepted")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)

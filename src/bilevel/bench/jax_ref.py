@@ -13,23 +13,23 @@ Tasks (the same mathematics, float32, as the ``bilevel`` rows they are compared 
   steps (lr 0.5) from W = 0; ``reverse`` differentiates the unrolled loop (``jax.grad`` through
   ``lax.fori_loop``), ``cg`` runs 30 CG iterations on H v = ∇_W f (HVPs by ``jax.jvp`` of
   ``jax.grad``, no early stop) and returns −∇²_{λW} g v.
-* ``soba`` / ``stocbio`` / ``mrbo`` / ``bsa`` — one outer iteration of each stochastic solver on
-  hyper-cleaning (784×10 linear classifier, one weight σ(x_i) per training sample, batch 64,
-  10 inner SGD steps and 10 Neumann HVPs with a fresh batch each, as in
-  :mod:`bilevel.solvers.stochastic`), the whole iteration one jitted function; batches are drawn
-  inside it with ``jax.random``.
-* ``saba`` / ``vrbo`` / ``ttsa`` / ``amigo`` / ``fsla`` / ``sustain`` — the same, written as
-  ``core(state, indices)`` + ``draw(key)`` (:func:`stochastic_cores`) so that
-  :mod:`bilevel.bench.jax_check` can feed the batches our solvers drew and compare the iterates
-  (``--check IDX.npz OUT.npz``). Each core follows our solver's update line by line, with its
-  oracle calls, batches and first-iteration special cases (``lax.cond`` on the iteration
-  counter). VRBO's full-data restart runs inside the step every ``period`` = 10 iterations
+* ``soba`` / ``stocbio`` / ``mrbo`` / ``bsa`` / ``saba`` / ``vrbo`` / ``ttsa`` / ``amigo`` /
+  ``fsla`` / ``sustain`` — one outer iteration of each stochastic solver on hyper-cleaning
+  (784×10 linear classifier, one weight σ(x_i) per training sample, batch 64, 10 inner SGD steps
+  and 10 Neumann HVPs with a fresh batch each, as in :mod:`bilevel.solvers.stochastic`), the
+  whole iteration one jitted function, batches drawn inside it with ``jax.random``. Each is
+  written as ``core(state, indices)`` + ``draw(key)`` (:func:`stochastic_cores`) so that
+  :mod:`bilevel.bench.jax_check` can feed it the batches our solver drew and compare the
+  iterates (``--check IDX.npz OUT.npz``). Each core follows our solver's update line by line,
+  with its oracle calls, batches, Neumann recursion (ours: Richardson steps, the product of the
+  last q factors) and first-iteration special cases (``lax.cond`` on the iteration counter).
+  VRBO's full-data restart runs inside the step every ``period`` = 10 iterations
   (``lax.cond(t % period == 0)``), exactly as ours: a timed call of 20 iterations from the
   initial state contains two restarts, in both libraries. SABA's SAGA tables live in the state
   (one fixed partition into batches); its step is two jitted calls — the iteration, then the
   row writes on the donated tables, in place (in one call XLA copies every table twice).
-  Batches are drawn with replacement within a batch (``randint``); ours are slices of a shuffled
-  copy — the same cost per oracle.
+  Batches are drawn with replacement within a batch (``randint``); ours are slices of a
+  shuffled copy — the same cost per oracle.
 
 Times: median over ``--reps`` calls after two warm-up calls (``block_until_ready``), in ms;
 ``compile_s`` is the first call. Stochastic rows time the first ``--iters`` iterations from the
@@ -115,6 +115,8 @@ def hypergrad_tasks(d, jax, jnp):
 #: dict passes the same values to our solvers): VRBO's restart period, the STORM weight of FSLA /
 #: SUSTAIN (constant), and the step of the linear systems (lr_v = lr_y).
 EXTRA = {"period": 10, "momentum": 0.5}
+#: MRBO's default STORM weights a_t = c/(t+1)^e (our ``bilevel.solvers.stochastic.mrbo.MOMENTUM``)
+MRBO_MOMENTUM = (0.5, 2 / 3)
 
 
 def _st_ops(d, jax, jnp, parts=None):
@@ -177,7 +179,7 @@ def _st_ops(d, jax, jnp, parts=None):
 
 
 def stochastic_cores(d, jax, jnp, parts=None):
-    """The six added solvers as ``name -> (core, draw, state0)``: ``core(state, idx)`` is one outer
+    """The stochastic solvers as ``name -> (core, draw, state0)``: ``core(state, idx)`` is one outer
     iteration on the given batch indices, ``draw(key)`` draws those indices (inside the jitted
     step when timed; given by :mod:`bilevel.bench.jax_check` to compare with our solvers on the
     same batches). Each core follows the update of ``bilevel.solvers.stochastic.<name>`` line by
@@ -191,6 +193,60 @@ def stochastic_cores(d, jax, jnp, parts=None):
     lax, rnd = jax.lax, jax.random
     gZ, gF, hvp, cross = o.gZ, o.gF, o.hvp, o.cross
     nl, nu = o.lpart.shape[0], o.upart.shape[0]
+
+    def soba(state, idx):
+        """SOBA (Dagréou et al. 2022, Eq. 4): ∇_y G, H v and the cross term from one vjp of
+        ∇_y G at (x, y) on batch i, ∇F on batch j; y, v, x updated at once."""
+        x, Z, v = state
+        gy, pull = jax.vjp(lambda a_, z: gZ(a_, z, idx["i"]), x, Z)
+        jv, hv = pull(v)
+        gxF, gyF = gF(x, Z, idx["j"])
+        return (x - lr_x * (gxF - jv), Z - lr_y * gy, v - lr_v * (hv - gyF))
+
+    def soba_draw(key):
+        k1, k2 = rnd.split(key)
+        return {"i": o.lower_idx(k1), "j": o.upper_idx(k2)}
+
+    def sgd(x, Z, rows):
+        return lax.fori_loop(0, T, lambda s, z: z - lr_y * gZ(x, z, rows[s]), Z)
+
+    def stocbio(state, idx):
+        """stocBiO (Ji, Yang & Liang 2021, Alg. 3): T SGD steps, then our Neumann estimator
+        (Q HVPs on fresh batches, cross term on another)."""
+        x, Z = state
+        Z = sgd(x, Z, idx["sgd"])
+        return (x - lr_x * o.neumann_hg(x, Z, idx["F"], idx["cross"], idx["hvp"]), Z)
+
+    def bsa(state, idx):
+        """BSA (Ghadimi & Wang 2018, Algs. 2–3): T SGD steps, then the randomly truncated Neumann
+        hypergradient (p HVPs, then the cross term)."""
+        x, Z = state
+        Z = sgd(x, Z, idx["sgd"])
+        return (x - lr_x * o.sampled_hg(x, Z, idx["F"], idx["cross"], idx["hvp"], idx["p"]), Z)
+
+    def double_draw(key):  # stocBiO, AmIGO, BSA: T SGD batches, B_F, Q HVP batches, cross batch
+        k1, k2, k3, k4, k5 = rnd.split(key, 5)
+        return {"sgd": o.lower_idx(k1, (T,)), "F": o.upper_idx(k2), "hvp": o.lower_idx(k3, (Q,)),
+                "cross": o.lower_idx(k4), "p": rnd.randint(k5, (), 0, Q)}
+
+    def mrbo(state, idx):
+        """MRBO (Yang, Ji & Liang 2021, Alg. 1): STORM on both levels with our Neumann estimator,
+        the same batches at the current and previous point, weights a_t = min(1, 0.5/(t+1)^(2/3))
+        (our MRBO's default schedule), plain estimates at t = 0."""
+        x, Z, xp, Zp, u, w, t = state
+        iy = idx["y"]
+
+        def hg(x_, Z_):
+            return o.neumann_hg(x_, Z_, idx["F"], idx["cross"], idx["hvp"])
+
+        gy, h = gZ(x, Z, iy), hg(x, Z)
+        at = jnp.clip(MRBO_MOMENTUM[0] / (t + 1.0) ** MRBO_MOMENTUM[1], 0.0, 1.0)
+
+        def later(_):
+            return (gy + (1.0 - at) * (u - gZ(xp, Zp, iy)), h + (1.0 - at) * (w - hg(xp, Zp)))
+
+        u, w = lax.cond(t == 0, lambda _: (gy, h), later, None)
+        return (x - lr_x * w, Z - lr_y * u, x, Z, u, w, t + 1)
 
     def saba_read(state, idx):
         """SABA (Dagréou et al. 2022, Alg. 2): SOBA's oracles at one lower batch i and one upper
@@ -271,15 +327,10 @@ def stochastic_cores(d, jax, jnp, parts=None):
         """AmIGO (Arbel & Mairal 2022, Algs. 1–2): T warm-started SGD steps on y, ∇F at the new y,
         M = Q warm-started SGD steps on ½vᵀHv − bᵀv (fresh batch each), then the cross term."""
         x, Z, v = state
-        Z = lax.fori_loop(0, T, lambda s, z: z - lr_y * gZ(x, z, idx["sgd"][s]), Z)
+        Z = sgd(x, Z, idx["sgd"])
         gx, b = gF(x, Z, idx["F"])
         v = lax.fori_loop(0, Q, lambda s, v: v - lr_v * (hvp(x, Z, idx["hvp"][s], v) - b), v)
         return (x - lr_x * (gx - cross(x, Z, idx["cross"], v)), Z, v)
-
-    def amigo_draw(key):
-        k1, k2, k3, k4 = rnd.split(key, 4)
-        return {"sgd": o.lower_idx(k1, (T,)), "F": o.upper_idx(k2), "hvp": o.lower_idx(k3, (Q,)),
-                "cross": o.lower_idx(k4)}
 
     def fsla(state, idx):
         """FSLA (Li, Gu & Huang 2022, Alg. 1): one SGD step on y (batch 1), one on the linear
@@ -334,10 +385,14 @@ def stochastic_cores(d, jax, jnp, parts=None):
     mean0 = {"gy": Z0, "hv": Z0, "jv": x0 * 0, "gxF": x0 * 0, "gyF": Z0}
     x00 = jnp.zeros_like(x0)
     return {
+        "soba": (soba, soba_draw, (x0, Z0, Z0)),
+        "stocbio": (stocbio, double_draw, (x0, Z0)),
+        "mrbo": (mrbo, sampled_draw, (x0, Z0, x0, Z0, Z0, x00, t0)),
+        "bsa": (bsa, double_draw, (x0, Z0)),
         "saba": (saba, saba_draw, (x0, Z0, Z0, mem0, mean0)),
         "vrbo": (vrbo, vrbo_draw, (x0, Z0, Z0, x00, x0, Z0, t0)),
         "ttsa": (ttsa, sampled_draw, (x0, Z0)),
-        "amigo": (amigo, amigo_draw, (x0, Z0, Z0)),
+        "amigo": (amigo, double_draw, (x0, Z0, Z0)),
         "fsla": (fsla, fsla_draw, (x0, Z0, Z0, x00, x0, Z0, Z0, t0)),
         "sustain": (sustain, sampled_draw, (x0, Z0, x0, Z0, Z0, x00, t0)),
     }
@@ -349,97 +404,10 @@ DONATE = {"saba"}
 
 
 def stochastic_tasks(d, jax, jnp):
-    A, lab, Av, labv = (jnp.asarray(d[k]) for k in ("A", "lab", "Av", "labv"))
-    n, m, bs = A.shape[0], Av.shape[0], int(d["batch"])
-    reg, T, Q, eta = float(d["reg"]), int(d["inner"]), int(d["Q"]), float(d["eta"])
-    lr_y, lr_x = float(d["lr_y"]), float(d["lr_x"])
-
-    def G(x, Z, i):
-        return jnp.dot(jax.nn.sigmoid(x[i]), _ce_vec(jnp, jax, Z, A[i], lab[i])) / i.shape[0] \
-            + reg * jnp.sum(Z * Z)
-
-    def F(x, Z, j):
-        return jnp.mean(_ce_vec(jnp, jax, Z, Av[j], labv[j]))
-
-    gZ = jax.grad(G, argnums=1)
-
-    def lower_idx(key):
-        return jax.random.randint(key, (bs,), 0, n)
-
-    def upper_idx(key):
-        return jax.random.randint(key, (bs,), 0, m)
-
-    def hvp(x, Z, i, v):
-        return jax.jvp(lambda z: gZ(x, z, i), (Z,), (v,))[1]
-
-    def cross(x, Z, i, v):
-        return jax.vjp(lambda a: gZ(a, Z, i), x)[1](v)[0]
-
-    def neumann_hg(x, Z, key):
-        """stocBiO's estimator: η Σ_{q=0}^{Q} Π (I − η H_j) ∇_Z F, a fresh batch per HVP."""
-        k1, k2, k3 = jax.random.split(key, 3)
-        j = upper_idx(k1)
-        gx, gy = jax.grad(F, argnums=(0, 1))(x, Z, j)
-        keys = jax.random.split(k2, Q)
-
-        def body(q, c):
-            p, s = c
-            p = p - eta * hvp(x, Z, lower_idx(keys[q]), p)
-            return p, s + p
-
-        _, s = jax.lax.fori_loop(0, Q, body, (gy, gy))
-        return gx - cross(x, Z, lower_idx(k3), eta * s)
-
-    def sgd_lower(x, Z, key, lr):
-        keys = jax.random.split(key, T)
-        return jax.lax.fori_loop(0, T, lambda t, z: z - lr * gZ(x, z, lower_idx(keys[t])), Z)
-
-    @jax.jit
-    def soba(state, key):
-        x, Z, v = state
-        k1, k2 = jax.random.split(key)
-        i, j = lower_idx(k1), upper_idx(k2)
-        gy, pull = jax.vjp(lambda a, z: gZ(a, z, i), x, Z)
-        jv, hv = pull(v)
-        gxF, gyF = jax.grad(F, argnums=(0, 1))(x, Z, j)
-        return (x - lr_x * (gxF - jv), Z - lr_y * gy, v - lr_y * (hv - gyF))
-
-    @jax.jit
-    def stocbio(state, key):
-        x, Z = state
-        k1, k2 = jax.random.split(key)
-        Z = sgd_lower(x, Z, k1, lr_y)
-        return (x - lr_x * neumann_hg(x, Z, k2), Z)
-
-    @jax.jit
-    def bsa(state, key):
-        """BSA (Ghadimi & Wang 2018): T SGD steps, then the randomly truncated Neumann estimate."""
-        x, Z = state
-        k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-        Z = sgd_lower(x, Z, k1, lr_y)
-        p = jax.random.randint(k2, (), 0, Q)
-        gx, gy = jax.grad(F, argnums=(0, 1))(x, Z, upper_idx(k3))
-        keys = jax.random.split(k4, Q)
-        v = jax.lax.fori_loop(0, p, lambda q, w: w - eta * hvp(x, Z, lower_idx(keys[q]), w), gy)
-        return (x - lr_x * (gx - cross(x, Z, lower_idx(k5), eta * Q * v)), Z)
-
-    @jax.jit
-    def mrbo(state, key):
-        """MRBO (Yang, Ji & Liang 2021): STORM on both levels, same samples at both points."""
-        x, Z, xp, Zp, u, w = state
-        k1, k2 = jax.random.split(key)
-        i = lower_idx(k1)
-        u = gZ(x, Z, i) + (1 - 0.5) * (u - gZ(xp, Zp, i))
-        w = neumann_hg(x, Z, k2) + (1 - 0.5) * (w - neumann_hg(xp, Zp, k2))
-        return (x - lr_x * w, Z - lr_y * u, x, Z, u, w)
-
-    x0 = jnp.full((n,), -2.0, jnp.float32)
-    Z0 = jnp.zeros((A.shape[1], 10), jnp.float32)
-    st = {"soba": (x0, Z0, Z0), "stocbio": (x0, Z0), "bsa": (x0, Z0),
-          "mrbo": (x0, Z0, x0, Z0, Z0, jnp.zeros_like(x0))}
-    tasks = {k: (fn, st[k]) for k, fn in
-             (("soba", soba), ("stocbio", stocbio), ("bsa", bsa), ("mrbo", mrbo))}
+    """name -> (step(state, key), state0): each core with its batches drawn inside one jitted
+    step (SABA: two jitted calls, see :func:`stochastic_cores`)."""
     cores = stochastic_cores(d, jax, jnp)
+    tasks = {}
     for k, (core, draw, s0) in cores.items():
         def step(state, key, core=core, draw=draw):
             return core(state, draw(key))

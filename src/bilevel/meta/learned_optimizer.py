@@ -63,13 +63,16 @@ def n_features(betas: tuple[float, ...]) -> int:
 
 def init_net(hidden: int = 20, generator: torch.Generator | None = None,
              dtype: torch.dtype = torch.float32, *, betas: tuple[float, ...] = (0.5, 0.9, 0.99),
-             init_lr: float = 0.005, lin_scale: float = 0.1) -> dict[str, Tensor]:
-    """Weights of the rule (see :class:`LearnedUpdate`): the MLP n → hidden → hidden → 1 (tanh;
-    uniform ±1/√fan-in, the last layer zero), the linear path ``"skip"`` on the same normalized
-    inputs (zero) and the linear path ``"lin"`` on the raw g, m_1, …, m_J: −init_lr/lin_scale on g,
-    zero on the averages. So the untrained rule is exactly SGD with step ``init_lr``."""
+             init_lr: float = 0.005, lin_scale: float = 1.0) -> dict[str, Tensor]:
+    """Weights of the rule (see :class:`LearnedUpdate`): the MLP n → hidden → hidden → 2 (tanh;
+    uniform ±1/√fan-in, the last layer zero: additive output 0, gate 1), the linear path
+    ``"skip"`` on the same normalized inputs (zero) and the linear path ``"lin"`` on the raw
+    g, m_1, …, m_J: −init_lr/lin_scale on g, zero on the averages. So the untrained rule is
+    exactly SGD with step ``init_lr``."""
     if not init_lr >= 0:
         raise ConfigError(f"init_lr must be >= 0, got {init_lr}")
+    if not lin_scale > 0:
+        raise ConfigError(f"lin_scale must be positive, got {lin_scale}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     nf = n_features(betas)
     sizes = [nf, hidden, hidden, 2]
@@ -102,16 +105,17 @@ class LearnedUpdate(Dynamics):
 
         m_j ← β_j m_j + (1 − β_j) g   (j = 1..J),     v ← β₂ v + (1 − β₂) g²,
         ρ = sqrt(v / (1 − β₂^{k+1}) + ε),   u = (g/ρ, m_1/ρ, …, m_J/ρ, log(ρ)/10),
-        θ ← θ + s · (MLP_φ(u) + w_skip · u) + c · w_lin · (g, m_1, …, m_J),
+        (a, b) = MLP_φ(u),   θ ← θ + s · (a + w_skip · u) + c · 2σ(b) · w_lin · (g, m_1, …, m_J),
 
     φ = {MLP weights, w_skip, w_lin} bound from ``x["net"]``. The MLP sees only bounded,
     gradient-scale-free inputs (Adam-style: the running RMS ρ; log ρ keeps the scale visible
-    in a bounded form); the linear raw path c · w_lin makes SGD (w_lin on g) and heavy ball
-    (w_lin on m_j: θ ← θ − η Σ β^i g with η = −c w_lin (1 − β)) exactly representable with
-    O(1) weights. s = ``scale`` (0.1, the paper's output scale), c = ``lin_scale``."""
+    in a bounded form); the linear raw path c · w_lin, gated per coordinate by 2σ(b), makes SGD
+    (w_lin on g) and heavy ball (w_lin on m_j: θ ← θ − η Σ β^i g with η = −c w_lin (1 − β))
+    exactly representable with O(1) weights. s = ``scale`` (0.1, the paper's output scale),
+    c = ``lin_scale``."""
 
     def __init__(self, steps: int = 100, *, betas: tuple[float, ...] = (0.5, 0.9, 0.99),
-                 beta2: float = 0.99, scale: float = 0.1, lin_scale: float = 0.1,
+                 beta2: float = 0.99, scale: float = 0.1, lin_scale: float = 1.0,
                  eps: float = 1e-12, net: dict[str, Tensor] | None = None):
         super().__init__(lr=scale, steps=steps)
         betas = tuple(float(b) for b in betas)
@@ -324,7 +328,7 @@ def tune(name: str, grid: tuple, tune_tasks: dict[str, Tensor], test_tasks: dict
 
 def compare(meta_steps: int = 150, meta_batch: int = 32, horizon: int = 100,
             unroll_steps: int = 100, hidden: int = 20, outer_lr: float = 1e-2,
-            lr_decay: float = 0.1, lin_scale: float = 0.3, init_lr: float = 0.005,
+            lr_decay: float = 0.1, lin_scale: float = 1.0, init_lr: float = 0.005,
             clip: float | None = 1.0, select_every: int = 10, seed: int = 0,
             tune_tasks: int = 128, test_tasks: int = 500, dim: int = 10,
             dtype: torch.dtype = torch.float64,
