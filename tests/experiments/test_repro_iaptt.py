@@ -40,12 +40,13 @@ def test_batched_grid_equals_per_start_runs(method):
         assert [r[i] for r in both["traj"]] == pytest.approx([r[0] for r in one["traj"]], abs=1e-12)
 
 
-def test_grid_success_criterion_and_rows():
+def test_grid_success_criterion_and_rows(tmp_path):
     res = RI.run_grid(
         ["IAGM", "IAPTTGM"],
         settings={**RI.PAPER_TOY, "inner": 4},
         grid={"x0": (1.0, 7.0), "y0": (-1.0, 2.0)},
         steps=3,
+        cache=tmp_path,
     )
     assert res["paper_idx"] == [1, 2]  # (1, 2) and (7, −1)
     for r in res["methods"].values():
@@ -54,6 +55,20 @@ def test_grid_success_criterion_and_rows():
             assert ok == (abs(xv - RI.X_STAR) / RI.X_STAR <= 0.02 and 1 - math.sin(xv * yv) <= 0.05)
     assert len(res["methods"]["IAPTTGM"]["k_star"]["1"]) == 3
     assert [row[0] for row in RI.grid_rows(res)] == ["IAGM", "IAPTTGM"]
+    # the coupled method's starts are cached one file per start; a held start defers the result
+    assert len(list(tmp_path.glob("IAPTTGM_*.json"))) == 4
+    (tmp_path / "IAPTTGM_1_-1.json").unlink()
+    (tmp_path / "IAPTTGM_1_-1.lock").write_text(str(__import__("os").getpid()))
+    assert (
+        RI.run_grid(
+            ["IAPTTGM"],
+            settings={**RI.PAPER_TOY, "inner": 4},
+            grid={"x0": (1.0, 7.0), "y0": (-1.0, 2.0)},
+            steps=3,
+            cache=tmp_path,
+        )
+        is None
+    )
     # the criterion itself: the solution succeeds, the local solution 7π/4 (with y = −2) does not
     toy = RI.grid_toy([(RI.X_STAR, -2.0), (7 * math.pi / 4, -2.0)])
     x, y = toy.x0, toy.y0
@@ -84,4 +99,3 @@ def test_llc_fast_run():
     for r in res["runs"]:
         assert len(r["x_err"]) == 5 and r["x_err"][-1] < 1.0  # from x0 = 0: ‖x − e‖/‖e‖ = 1 at the start
     assert len(RI.llc_rows(res)) == 2
-
