@@ -31,30 +31,12 @@ import torch
 import bilevel as bl
 from bilevel.sampling import FixedBatches, Minibatches
 
-from .jax_compare import JAX_REF, ST, stochastic_data
+from .jax_compare import JAX_REF, ST, stochastic_data, stochastic_solvers
 
 __all__ = ["SOLVERS", "STEPS", "LAYOUTS", "record", "indices", "compare", "main"]
 
 
-def _solvers() -> dict[str, Callable[[], Any]]:
-    S = bl.solvers
-    T, Q, eta, lr_y, lr_x = ST["inner"], ST["Q"], ST["eta"], ST["lr_y"], ST["lr_x"]
-    # the settings of these rows in jax_compare.stochastic_rows (and jax_ref.EXTRA: period, momentum)
-    return {
-        "soba": lambda: S.SOBA(lr_x=lr_x, lr_y=lr_y),
-        "stocbio": lambda: S.StocBiO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
-        "mrbo": lambda: S.MRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
-        "bsa": lambda: S.BSA(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
-        "saba": lambda: S.SABA(lr_x=lr_x, lr_y=lr_y),
-        "vrbo": lambda: S.VRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta, inner_steps=T, period=10),
-        "ttsa": lambda: S.TTSA(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
-        "amigo": lambda: S.AmIGO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, v_steps=Q),
-        "fsla": lambda: S.FSLA(lr_x=lr_x, lr_y=lr_y, momentum=0.5),
-        "sustain": lambda: S.SUSTAIN(lr_x=lr_x, lr_y=lr_y, momentum_x=0.5, Q=Q, eta=eta),
-    }
-
-
-SOLVERS = _solvers()
+SOLVERS = stochastic_solvers()  # the benchmark's rows (jax_compare)
 #: outer iterations compared per solver (VRBO: past its second large-batch restart; SABA: long
 #: enough for batches to be drawn again, so that stored memories are read back)
 STEPS = {"soba": 3, "stocbio": 3, "mrbo": 4, "bsa": 4, "saba": 12, "vrbo": 12, "ttsa": 4, "amigo": 3,

@@ -106,15 +106,17 @@ def stochastic_data() -> tuple[Any, dict[str, np.ndarray]]:
     return p, {"A": A.numpy(), "lab": lab.numpy(), "Av": Av.numpy(), "labv": labv.numpy(), **ST}
 
 
-def stochastic_rows(p: Any) -> dict[str, Any]:
+def stochastic_solvers() -> dict[str, Any]:
+    """name -> a fresh solver with the benchmark's settings (also those of jax_ref.stochastic_cores
+    and of bench.jax_check, which compares the two libraries' iterates)."""
     S = bl.solvers
     T, Q, eta, lr_y, lr_x = ST["inner"], ST["Q"], ST["eta"], ST["lr_y"], ST["lr_x"]
-    make = {
+    return {
         "soba": lambda: S.SOBA(lr_x=lr_x, lr_y=lr_y),
         "stocbio": lambda: S.StocBiO(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
         "mrbo": lambda: S.MRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
         "bsa": lambda: S.BSA(lr_x=lr_x, lr_y=lr_y, inner_steps=T, Q=Q, eta=eta),
-        # same settings in jax_ref.stochastic_cores (period, momentum: jax_ref.EXTRA) and jax_check
+        # period, momentum: also jax_ref.EXTRA
         "saba": lambda: S.SABA(lr_x=lr_x, lr_y=lr_y),
         "vrbo": lambda: S.VRBO(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta, inner_steps=T, period=10),
         "ttsa": lambda: S.TTSA(lr_x=lr_x, lr_y=lr_y, Q=Q, eta=eta),
@@ -122,6 +124,10 @@ def stochastic_rows(p: Any) -> dict[str, Any]:
         "fsla": lambda: S.FSLA(lr_x=lr_x, lr_y=lr_y, momentum=0.5),
         "sustain": lambda: S.SUSTAIN(lr_x=lr_x, lr_y=lr_y, momentum_x=0.5, Q=Q, eta=eta),
     }
+
+
+def stochastic_rows(p: Any) -> dict[str, Any]:
+    make = stochastic_solvers()
 
     def row(name: str):
         def run(compile: bool | str, steps: int = 20, result: bool = False) -> Any:
