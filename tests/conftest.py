@@ -25,3 +25,22 @@ def ref(request) -> RefProblem:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def aot_eager():
+    """Compiled-mode tests: torch.compile's ``aot_eager`` backend (capture, no code generation)."""
+    from bilevel import compiled as C
+
+    old = dict(C.settings)
+    C.settings["backend"] = "aot_eager"
+    yield
+    C.settings.update(old)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny stochastic quadratic (float64) for the compiled-mode tests."""
+    from bilevel.problems import stochastic_quadratic
+
+    return stochastic_quadratic(dim_x=2, dim_y=3, n_lower=24, n_upper=20, batch_size=4, seed=1)

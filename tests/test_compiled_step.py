@@ -16,23 +16,9 @@ import torch
 import bilevel as bl
 from bilevel import compiled as C
 from bilevel.errors import ConfigError, NonFiniteError
-from bilevel.problems import stochastic_quadratic
 
-pytestmark = pytest.mark.compiled
+pytestmark = [pytest.mark.compiled, pytest.mark.usefixtures("aot_eager")]  # fixtures: conftest
 S = bl.solvers
-
-
-@pytest.fixture(autouse=True)
-def aot_eager():
-    old = dict(C.settings)
-    C.settings["backend"] = "aot_eager"
-    yield
-    C.settings.update(old)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return stochastic_quadratic(dim_x=2, dim_y=3, n_lower=24, n_upper=20, batch_size=4, seed=1)
 
 
 SOLVERS = {

@@ -465,12 +465,7 @@ def normal_cg(
     while breakdown is None and k < iters and gam_f > stop and gam_f > 0.0:
         start_xr, block, scalars = (x, r), [], []
         for _ in range(min(every, iters - k)):  # a block: no read
-            q = matvec(p)
-            alpha = gam / T.sq_norm(q)
-            x, r = T.axpy(alpha, p, x), T.axpy(-alpha, q, r)
-            s = at(r)
-            gam_new = T.sq_norm(s)
-            p = T.axpy(gam_new / gam, p, s)
+            x, r, p, gam_new = _cgls_step(matvec, at, x, r, p, gam)
             gam = gam_new
             block.append((x, r))
             scalars.append(gam_new)
@@ -492,6 +487,18 @@ def normal_cg(
     return x, info
 
 
+def _cgls_step(matvec: MatVec, at: MatVec, x: T.Leaves, r: T.Leaves, p: T.Leaves, gam: Tensor
+               ) -> tuple[T.Leaves, T.Leaves, T.Leaves, Tensor]:
+    """One CGLS iteration: q = A p, α = γ/‖q‖², x += α p, r −= α q, s = Aᵀ r, γ' = ‖s‖²,
+    p = s + (γ'/γ) p; returns (x, r, p, γ')."""
+    q = matvec(p)
+    alpha = gam / T.sq_norm(q)
+    x, r = T.axpy(alpha, p, x), T.axpy(-alpha, q, r)
+    s = at(r)
+    gam_new = T.sq_norm(s)
+    return x, r, T.axpy(gam_new / gam, p, s), gam_new
+
+
 def _normal_cg_masked(matvec: MatVec, at: MatVec, b: T.Leaves, x0: T.Leaves | None, *, iters: int,
                       tol: float):
     """:func:`normal_cg` with ``check_every=0``: all ``iters`` iterations, masks, one read."""
@@ -507,12 +514,7 @@ def _normal_cg_masked(matvec: MatVec, at: MatVec, b: T.Leaves, x0: T.Leaves | No
     active = ~nonfinite & (gam_s > stop) & (gam_s > 0.0)
     k = torch.zeros((), dtype=torch.int64, device=gam.device)
     for _ in range(iters):
-        q = matvec(p)
-        alpha = gam / T.sq_norm(q)
-        x_new, r_new = T.axpy(alpha, p, x), T.axpy(-alpha, q, r)
-        s = at(r_new)
-        gam_new = T.sq_norm(s)
-        p = T.axpy(gam_new / gam, p, s)
+        x_new, r_new, p, gam_new = _cgls_step(matvec, at, x, r, p, gam)
         gam = gam_new
         g = gam_new.to(sd)
         nf = active & ~torch.isfinite(g)
