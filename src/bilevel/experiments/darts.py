@@ -30,6 +30,7 @@ from ..inner import GD, Adam
 from ..problems.darts import OPS, darts_toy
 from ..solvers import HypergradientDescent
 from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register
+from .plots import save_figure
 
 __all__ = ["DartsToy", "Darts", "search_figure"]
 
@@ -134,10 +135,7 @@ def search_figure(results: list[SubResult], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1)
     fig.axes[0].legend(fontsize=7)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "darts_weights.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "darts_weights.png")
 
 
 @register

@@ -33,6 +33,7 @@ from ..problems.dictionary import DictionaryToy, dictionary_learning
 from ..solvers import HypergradientDescent
 from ..solvers.base import Context, Solver
 from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register, run_dtype
+from .plots import save_figure
 
 __all__ = ["Alternating", "Warmup", "DictionaryLearning", "Dictionary", "match_figure"]
 
@@ -147,10 +148,7 @@ def match_figure(results: list[SubResult], out: Path) -> Path:
     ax.set_title("dictionary recovery vs time (one line per seed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "dictionary_match.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "dictionary_match.png")
 
 
 @register

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import SubResult, SubRun, Table, fmt, markdown_table, register
+from .plots import save_figure
 from .toy import TOY_SOLVERS
 from .trace import load_trace
 
@@ -69,8 +70,7 @@ def toy_figures(results: list[SubResult], out: Path, name: str, panel: Callable[
             ax.grid(alpha=0.3)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(10, len(labels)), fontsize=8, frameon=False)
-    paths = [out / f"{name}_errors.png"]
-    fig.savefig(paths[0], dpi=110)
+    paths = [save_figure(fig, out / f"{name}_errors.png")]
 
     def kseries(r: SubResult) -> tuple[np.ndarray, np.ndarray]:
         return _series(traces[id(r)], "k_star")
@@ -94,8 +94,7 @@ def toy_figures(results: list[SubResult], out: Path, name: str, panel: Callable[
         ax.set_ylim(0, K + 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        paths.append(out / f"{name}_kstar.png")
-        fig.savefig(paths[-1], dpi=110)
+        paths.append(save_figure(fig, out / f"{name}_kstar.png"))
     return paths
 
 

@@ -30,6 +30,7 @@ from ..inner import GD, Adam
 from ..problems.implicit_layers import Equilibrium, deq_regression, map_step, neural_ode
 from ..solvers import HypergradientDescent
 from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register, run_dtype
+from .plots import save_figure
 
 __all__ = ["DEQTrain", "DEQ", "NeuralODETrain", "NeuralODE"]
 
@@ -199,10 +200,7 @@ def deq_figure(results: list[SubResult], check: dict[str, Any], out: Path) -> Pa
     ax.set_ylabel("autograd memory [MB]")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "deq.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "deq.png")
 
 
 # --- Neural ODE ---------------------------------------------------------------------------------
@@ -346,7 +344,4 @@ def ode_figure(results: list[SubResult], mem: list[dict[str, Any]], out: Path) -
     ax.set_ylabel("test MSE")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "neural_ode.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "neural_ode.png")

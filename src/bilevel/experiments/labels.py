@@ -49,6 +49,7 @@ from .base import (
     run_device,
     run_dtype,
 )
+from .plots import save_figure
 
 __all__ = ["LabelLearning", "MetaWeightNet", "Labels", "labels_figure"]
 
@@ -258,10 +259,7 @@ def labels_figure(results: list[SubResult], out: Path) -> Path:
     ax.set_xlabel("training loss of the sample", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "labels_accuracy.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "labels_accuracy.png")
 
 
 @register

@@ -43,6 +43,7 @@ from .base import (
     run_device,
     run_dtype,
 )
+from .plots import save_figure
 
 __all__ = ["LRLearningRun", "LRLearningTable", "schedule_figure"]
 
@@ -176,10 +177,7 @@ def schedule_figure(results: list[SubResult], extras: dict[str, Any], out: Path)
     ax.set_title("loss of y_T (validation: optimised; test: held out)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "lr_learning_schedule.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "lr_learning_schedule.png")
 
 
 @register

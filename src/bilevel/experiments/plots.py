@@ -20,11 +20,19 @@ import numpy as np
 from ..errors import ConfigError
 from .trace import load_trace
 
-__all__ = ["plot_run", "plot_runs", "default_metrics"]
+__all__ = ["plot_run", "plot_runs", "default_metrics", "save_figure"]
 
 _NOT_METRICS = {"step", "time", "calls"}
 _XLABEL = {"step": "outer step", "time": "solver time [s] (evaluation excluded)",
            "calls": "per-sample oracle calls"}
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as the experiments' PNGs are written (110 dpi), creating the folder; returns
+    ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def default_metrics(trace: Sequence[dict[str, Any]]) -> list[str]:
@@ -97,9 +105,7 @@ def _figure(groups: dict[str, list[list[dict[str, Any]]]], metrics: Sequence[str
         ax.grid(alpha=0.3)
         if (i == 0 and len(groups) > 1) or (refs or {}).get(m):
             ax.legend(fontsize="small")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_run(run_dir: str | Path, metrics: Sequence[str] | None = None,

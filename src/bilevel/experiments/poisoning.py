@@ -40,6 +40,7 @@ from .base import (
     run_device,
     run_dtype,
 )
+from .plots import save_figure
 
 __all__ = ["PoisoningRun", "PoisoningTable", "poisoning_figure"]
 
@@ -186,10 +187,7 @@ def poisoning_figure(results: list[SubResult], out: Path, seed: int = 0) -> Path
                 axi.set_yticks([])
                 if row == 0:
                     axi.set_title(title, fontsize=7)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "poisoning.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "poisoning.png")
 
 
 @register

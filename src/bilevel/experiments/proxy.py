@@ -45,6 +45,7 @@ from ..problems.proxy import ProxyRidge, proxy_ridge
 from ..solvers import HypergradientDescent
 from ..solvers.base import descend
 from .base import Experiment, Setup, SubResult, SubRun, Table, fmt, markdown_table, register
+from .plots import save_figure
 
 __all__ = ["ProxyRidgeExperiment", "ProxyTable", "ScoredDescent"]
 
@@ -215,10 +216,7 @@ def curves_figure(results: list[SubResult], out: Path) -> Path:
     for a in (a1, a2):
         a.grid(alpha=0.3)
     a1.legend(fontsize=7)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "proxy_curves.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "proxy_curves.png")
 
 
 @register

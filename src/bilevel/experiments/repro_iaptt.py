@@ -42,6 +42,7 @@ import bilevel as bl
 from ..formulation import Problem
 from ..problems.toys import Box, Toy, llc_toy
 from .base import get, markdown_table
+from .plots import save_figure
 from .toy import build_toy_solver
 
 __all__ = [
@@ -489,9 +490,7 @@ def plot_llc(res: dict[str, Any], path: Path) -> Path:
         "start 0 (errors: x solid, y dotted)",
         fontsize=9,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,7 @@ from ..estimates import Schedule
 from ..formulation import Bound
 from . import runner as R
 from .base import get
+from .plots import save_figure
 
 __all__ = [
     "REPORT",
@@ -441,9 +442,7 @@ def plot(res: dict[str, list[dict[str, Any]]], path: Path, key: str = "upper_los
         ax.tick_params(labelsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

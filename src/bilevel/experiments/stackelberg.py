@@ -21,6 +21,7 @@ from ..problems.stackelberg import stackelberg_duopoly
 from . import checkpoint as CK
 from .base import SubResult, SubRun, Table, fmt, markdown_table, register
 from .iaptt_toy import _group, toy_figures
+from .plots import save_figure
 from .runner import CHECKPOINTS
 from .toy import TOY_SOLVERS
 
@@ -68,10 +69,7 @@ def equilibrium_figure(results: list[SubResult], out: Path) -> Path:
     ax.set_xlim(0, 6)
     ax.set_ylim(0, 6)
     ax.legend(fontsize=6, loc="upper right", ncol=2)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "stackelberg_equilibrium.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "stackelberg_equilibrium.png")
 
 
 @register

@@ -36,6 +36,7 @@ from .base import (
     run_device,
     run_dtype,
 )
+from .plots import save_figure
 
 __all__ = ["SurrogateLoss", "Surrogate", "surrogate_figure"]
 
@@ -176,10 +177,7 @@ def surrogate_figure(results: list[SubResult], out: Path) -> Path:
     ax.set_ylim(0, 8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "surrogate_f1.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, out / "surrogate_f1.png")
 
 
 @register
