@@ -77,11 +77,11 @@ class SRBA(Solver):
         return {"x": xs, "y": ys, "v": T.zeros_like(ys), "prev": None, "d": None, "q": int(q)}
 
     def phase(self, state: dict[str, Any], t: int) -> bool:
-        return t % state["q"] == 0  # a restart step draws other batches
+        return t % state["q"] == 0  # a restart every q steps (draws other batches)
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys, v = state["x"], state["y"], state["v"]
-        if t % state["q"] == 0 or state["d"] is None:
+        if self.phase(state, t) or state["d"] is None:  # restart on the full data
             up, lo = ctx.full_batches()
             d = _directions(ctx.G(lo), ctx.F(up), xs, ys, v)
         else:

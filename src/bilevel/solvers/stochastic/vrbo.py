@@ -109,11 +109,11 @@ class VRBO(Solver):
         return F, [ctx.G(_concat([ctx.lower_batch() for _ in range(n)])) for _ in range(self.Q + 2)]
 
     def phase(self, state: dict[str, Any], t: int) -> bool:
-        return t % self.period == 0  # a restart step draws other batches
+        return t % self.period == 0  # a restart every `period` steps (draws other batches)
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys = state["x"], state["y"]
-        if t % self.period == 0 or state["u"] is None:
+        if self.phase(state, t) or state["u"] is None:  # restart on S₁
             F, Gs = self._large(ctx)
             state["u"] = O.grad_y(Gs[-1], xs, ys)
             state["v"] = self.hypergradient(xs, ys, F, Gs[:-1])
