@@ -163,7 +163,7 @@ class CompiledStep:
                 return self._oracles(state, t)
             return self._probe(state, t, key)
         draws, counts, fn = self.patterns[key]
-        saved = self._positions()
+        saved = state.get("data") or {}  # the samplers' positions now (solve keeps them current)
         batches = {"lower": ([], []), "upper": ([], [])}
         for level, _ in draws:  # in the order the step draws them (paired samplers)
             sampler = getattr(self.ctx, f"{level}_data")
@@ -200,10 +200,6 @@ class CompiledStep:
         C._STATS["compiled_steps"] += 1
         self.last_compiled = True
         return metrics
-
-    def _positions(self) -> dict[str, Any]:
-        return {lv: getattr(self.ctx, f"{lv}_data").state_dict() for lv in ("lower", "upper")
-                if getattr(self.ctx, f"{lv}_data") is not None}
 
     def _restore(self, saved: dict[str, Any], used: dict[str, int]) -> None:
         """Put the samplers back where they were before the pre-draw, then advance each by the
