@@ -355,6 +355,15 @@ def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves, buffers: Any = None) -> dic
     return {"upper_loss": fval, "lower_grad_norm": gnorm}
 
 
+def _host(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics for the record: one-element tensors (a step may return them, e.g. from
+    a compiled graph) as Python numbers."""
+    if not any(isinstance(v, torch.Tensor) for v in metrics.values()):
+        return metrics
+    return {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+            for k, v in metrics.items()}
+
+
 def _finite_summary(xs: T.Leaves, ys: T.Leaves) -> Tensor:
     """[x all finite, y all finite] as a device tensor (no host sync)."""
     def fin(ts: T.Leaves) -> Tensor:
@@ -494,7 +503,7 @@ def solve(
                 _fail(exc, t + 1, solver, SolveResult(T.unflatten(gx, xspec), T.unflatten(gy, yspec),
                                                       list(history), good))
                 raise
-            record = {"step": t + 1, "time": state["time"], **metrics,
+            record = {"step": t + 1, "time": state["time"], **_host(metrics),
                       **state["counts"].flat()}
             if compiled_step is not None:
                 record["compiled"] = compiled_step.last_compiled
