@@ -554,9 +554,10 @@ def _batched(t: Tensor) -> bool:
 def _summary(leaves: T.Leaves) -> Tensor:
     """Σ of every entry of the iterate: finite iff no entry is NaN/inf (barring an overflow of the
     sum itself); one scalar per step for the batched check of :func:`unroll`."""
-    out = leaves[0].detach().sum()
+    t = leaves[0]
+    out = (t.detach() if t.requires_grad else t).sum()
     for t in leaves[1:]:
-        out = out + t.detach().sum()
+        out = out + (t.detach() if t.requires_grad else t).sum()
     return out
 
 

@@ -276,7 +276,8 @@ def _eager() -> bool:
     """The plain eager path — ``"autograd"`` backend, no data-parallel reducer, not tracing a
     compiled step — in one test: the oracles then skip the kernel / functional / reduction
     dispatch (a few µs per call, which a loop of small oracle calls pays hundreds of times)."""
-    return _BACKEND.get() == "autograd" and _REDUCER.get() is None and not _is_compiling()
+    # (is_compiling first: ContextVar.get cannot be traced)
+    return not _is_compiling() and _BACKEND.get() == "autograd" and _REDUCER.get() is None
 
 
 def _count(fn: Fn, kind: str) -> None:

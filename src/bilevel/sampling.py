@@ -90,6 +90,9 @@ class Minibatches(Sampler):
         self._pos = self.n  # forces a shuffle on first use
         self._perm: Tensor | None = None
         self._shuffled: tuple[Tensor, ...] = ()
+        # the generator moves only at a reshuffle: its state is taken then, not at every
+        # state_dict (bl.solve records the samplers' positions after every step)
+        self._gen_state = self.generator.get_state()
 
     def _apply(self, perm: Tensor) -> None:
         self._perm = perm
@@ -101,6 +104,7 @@ class Minibatches(Sampler):
             if self._shuffled:
                 self.epoch += 1
             self._apply(torch.randperm(self.n, generator=self.generator))
+            self._gen_state = self.generator.get_state()
             self._pos = 0
         lo = self._pos
         self._pos += self.batch_size
@@ -111,7 +115,7 @@ class Minibatches(Sampler):
 
     def state_dict(self):
         return {
-            "generator": self.generator.get_state(),
+            "generator": self._gen_state,
             "epoch": self.epoch,
             "pos": self._pos,
             "perm": self._perm,
@@ -119,6 +123,7 @@ class Minibatches(Sampler):
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        self._gen_state = self.generator.get_state()
         self.epoch, self._pos = state["epoch"], state["pos"]
         if state["perm"] is not None:
             self._apply(state["perm"])

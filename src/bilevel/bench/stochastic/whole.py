@@ -2,7 +2,7 @@
 hand-written loop of bare ``torch.autograd.grad`` calls doing the same iteration.
 
     python -m bilevel.bench stochastic --whole-iteration [--solvers StocBiO,BSA] [--iters 60]
-    python src/bilevel/bench/stochastic/whole.py --json out.json ...   (any bilevel version)
+    python -m bilevel.bench stochastic --whole-iteration --against OLD/src --rounds 3   (before / after)
 
 For every solver :class:`Bare` subclass below writes one outer iteration with nothing but the
 problem's own ``f`` / ``g`` and ``torch.autograd.grad``: the same oracle calls on the same batches
@@ -23,8 +23,9 @@ iterations of the per-iteration ratio ours / bare (both did the same work at tha
 truncation draws the same p in both) — robust to load drifting between iterations — and the ratio
 of the medians.
 
-This file imports only what every bilevel version since the stochastic benchmark has (so the same
-file can time an older checkout: ``PYTHONPATH=OLD/src python whole.py --json ...``).
+This file imports only what every bilevel version since the stochastic benchmark has, so it can
+time an older checkout too: ``--against OLD/src`` runs it as a script in fresh processes with
+``PYTHONPATH=OLD/src`` and with this checkout's sources, alternately (:func:`against`).
 """
 
 from __future__ import annotations
@@ -525,6 +526,57 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _child(src: str, args: argparse.Namespace, out: str) -> list[dict[str, Any]]:
+    """This file run in a fresh process against the bilevel sources under ``src``."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--json", out, "--steps", str(args.steps)]
+    for flag in ("solvers", "iters"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, env=env, stdout=subprocess.DEVNULL)
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def against(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--against OLD_SRC``: the two code versions (OLD_SRC, and the sources this file belongs to)
+    in alternating fresh processes (old, new, new, old, ...; ``--rounds`` pairs), each timing every
+    solver against its bare loop; per solver the medians over the rounds."""
+    import pathlib
+    import tempfile
+
+    new_src = str(pathlib.Path(bl.__file__).resolve().parents[1])
+    runs: dict[str, list[list[dict[str, Any]]]] = {"old": [], "new": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for tag in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                src = args.against if tag == "old" else new_src
+                runs[tag].append(_child(src, args, f"{tmp}/{tag}{r}.json"))
+                print(f"  round {r + 1} {tag} done", flush=True)
+    rows = []
+    for i, row in enumerate(runs["new"][0]):
+        med = {tag: {k: statistics.median(rr[i][k] for rr in runs[tag])
+                     for k in ("step_ratio", "solve_ratio", "step_ms", "solve_ms", "bare_ms")}
+               for tag in runs}
+        rows.append({"solver": row["solver"], "rounds": args.rounds, **{f"{t}_{k}": v for t in med
+                                                                          for k, v in med[t].items()}})
+    return rows
+
+
+def against_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| solver | step ÷ bare before | step ÷ bare after | solve ÷ bare before | solve ÷ bare after "
+             "| step CPU ms before | step CPU ms after | bare CPU ms (before run / after run) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['solver']} | {r['old_step_ratio']:.3f} | {r['new_step_ratio']:.3f} | "
+                     f"{r['old_solve_ratio']:.3f} | {r['new_solve_ratio']:.3f} | {r['old_step_ms']:.3g} | "
+                     f"{r['new_step_ms']:.3g} | {r['old_bare_ms']:.3g} / {r['new_bare_ms']:.3g} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bilevel bench stochastic --whole-iteration",
                                 description=__doc__.split("\n\n")[0])
@@ -534,12 +586,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="inner / Neumann steps (default 10)")
     p.add_argument("--quick", action="store_true", help="the config's small problem")
     p.add_argument("--json", help="write the rows (with the per-iteration samples) to this file")
+    p.add_argument("--against", metavar="OLD_SRC",
+                   help="before / after: also time the bilevel sources under OLD_SRC (e.g. an older "
+                        "checkout's src/), alternating fresh processes, --rounds pairs")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(1)
+    if args.against:
+        rows = against(args)
+        print(against_table(rows))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh)
+        return 0
     cfg = _problem_config("hyperclean", args.quick, None)
     prob = build_problem(cfg)
     names = args.solvers.split(",") if args.solvers else list(BARE)
