@@ -28,6 +28,7 @@ import torch
 from . import _tree as T
 from . import linalg
 from . import oracles as O
+from ._rng import advancing
 from .inner import GD, unroll
 
 __all__ = [
@@ -184,10 +185,8 @@ def sampled_neumann_hypergradient(
 def truncation_index(state: dict[str, Any], Q: int) -> int:
     """p ~ U{0, …, Q−1} from the generator state ``state["rng"]`` (advanced): the random
     truncation of :func:`sampled_neumann_hypergradient`, drawn in a solver's ``prepare``."""
-    gen = torch.Generator().set_state(state["rng"])
-    p = int(torch.randint(Q, (1,), generator=gen))
-    state["rng"] = gen.get_state()
-    return p
+    with advancing(state) as gen:
+        return int(torch.randint(Q, (1,), generator=gen))
 
 
 def replay(objectives: list) -> Callable[[], Any]:

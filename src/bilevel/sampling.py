@@ -90,9 +90,7 @@ class Minibatches(Sampler):
         self._pos = self.n  # forces a shuffle on first use
         self._perm: Tensor | None = None
         self._shuffled: tuple[Tensor, ...] = ()
-        # the generator moves only at a reshuffle: its state is taken then, not at every
-        # state_dict (bl.solve records the samplers' positions after every step)
-        self._gen_state = self.generator.get_state()
+        self._gen_state: Tensor | None = None  # the generator's state, taken once per epoch
 
     def _apply(self, perm: Tensor) -> None:
         self._perm = perm
@@ -104,7 +102,7 @@ class Minibatches(Sampler):
             if self._shuffled:
                 self.epoch += 1
             self._apply(torch.randperm(self.n, generator=self.generator))
-            self._gen_state = self.generator.get_state()
+            self._gen_state = None
             self._pos = 0
         lo = self._pos
         self._pos += self.batch_size
@@ -114,6 +112,8 @@ class Minibatches(Sampler):
         return self.tensors
 
     def state_dict(self):
+        if self._gen_state is None:  # (it changes only when an epoch is drawn: solve asks
+            self._gen_state = self.generator.get_state()  # after every step)
         return {
             "generator": self._gen_state,
             "epoch": self.epoch,
@@ -123,7 +123,7 @@ class Minibatches(Sampler):
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
-        self._gen_state = self.generator.get_state()
+        self._gen_state = state["generator"]
         self.epoch, self._pos = state["epoch"], state["pos"]
         if state["perm"] is not None:
             self._apply(state["perm"])

@@ -494,7 +494,8 @@ def solve(
                 state["t"] = t + 1
                 state["data"] = _data_state(ctx)  # the samplers' positions: an exact resume
                 x_out, y_out = solver.output(state)
-                pending.append(_finite_summary(x_out, y_out))
+                pending.append(compiled_step.last_finite if compiled_step is not None
+                               and compiled_step.last_compiled else _finite_summary(x_out, y_out))
                 tracked = bool(every) and (t + 1) % every == 0
                 if len(pending) >= int(check_every) or tracked or t + 1 == steps:
                     _check_pending(pending, t + 1)
