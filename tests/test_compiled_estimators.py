@@ -203,6 +203,33 @@ def test_thin_products_pass_rewrites_only_the_slow_layout():
         torch.testing.assert_close(g, e)
 
 
+def test_data_read_transposed_come_as_cached_transposes():
+    """An objective reading its data as X.t() (classes-first logits Wᵀ Xᵀ): the kernels take X's
+    contiguous transpose as an extra input, cached per data tensor and recomputed when the data
+    change in place; results equal eager."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (30,), generator=gen)
+
+    def ce(W, batch):
+        A, lab = batch
+        return torch.nn.functional.cross_entropy((W.t() @ A.t()).unsqueeze(0), lab.unsqueeze(0))
+
+    problem = bl.Problem(lambda x, W, b: ce(W, b),
+                         lambda x, W, b: ce(W, b) + 0.5 * (x.exp() * W * W).sum())
+    x, W0 = torch.zeros(6, 3, dtype=torch.float64), torch.zeros(6, 3, dtype=torch.float64)
+    before = C.stats()["transposed_data"]
+    for est in (H.Reverse(bl.inner.GD(0.5, 8)), H.CG(bl.inner.GD(0.5, 8), iters=5)):
+        a = est(problem, x, W0, batch=(X, labels))
+        b = bl.compile(est)(problem, x, W0, batch=(X, labels))
+        assert rel_err(b.grad, a.grad) < 1e-10
+    assert C.stats()["transposed_data"] > before
+    X.mul_(0.5)  # in place: the cached transpose is stale and must be recomputed
+    a = est(problem, x, W0, batch=(X, labels))
+    b = bl.compile(est)(problem, x, W0, batch=(X, labels))
+    assert rel_err(b.grad, a.grad) < 1e-10
+
+
 @pytest.mark.slow
 def test_inductor_compiled_estimators():
     """Real code generation (inductor, the thin-products pass on): Reverse and CG equal eager."""

@@ -49,7 +49,8 @@ class CompileFallbackWarning(UserWarning):
 #: without code generation); ``mode``: its mode (None, "reduce-overhead", "max-autotune", ...).
 settings: dict[str, Any] = {"backend": "inductor", "mode": None}
 
-_STATS = {"compiles": 0, "kernels": 0, "fallbacks": 0, "compiled_steps": 0, "eager_steps": 0}
+_STATS = {"compiles": 0, "kernels": 0, "fallbacks": 0, "compiled_steps": 0, "eager_steps": 0,
+          "transposed_data": 0}
 _FALLBACK_REASONS: list[str] = []
 
 #: problem -> {(kind, level, xspec, yspec, backend, mode): kernel}
@@ -79,7 +80,8 @@ def stats() -> dict[str, Any]:
     """``compiles`` (graphs compiled so far: a count that grows in a steady loop means
     recompiles), ``kernels`` (kernels created), ``fallbacks`` and their ``reasons``; whole-step
     mode (:mod:`bilevel.compiled_step`): ``compiled_steps`` and ``eager_steps`` (the first step
-    of each pattern)."""
+    of each pattern); ``transposed_data``: data inputs of estimator kernels read through cached
+    transposes."""
     return {**_STATS, "reasons": list(_FALLBACK_REASONS)}
 
 
@@ -229,15 +231,98 @@ _THIN: list[Any] = []
 
 
 def _estimator_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """:func:`_counting_backend` for the estimator kernels, with their data layout
+    (``settings["data_layout"]``): data read transposed come as cached contiguous copies
+    (:func:`_hoist_transposed`), and thin products take MKL's fast layout (:class:`_ThinProducts`)."""
+    if not settings["data_layout"]:
+        return _counting_backend(gm, example_inputs)
     if not _THIN:  # (inductor is imported only when compiling)
         from torch._inductor.custom_graph_pass import CustomGraphPass
 
         _THIN.append(type("ThinProducts", (_ThinProducts, CustomGraphPass), {})())
-    patches = {"post_grad_custom_post_pass": _THIN[0]} if settings["thin_products"] else None
-    return _counting_backend(gm, example_inputs, patches)
+    new, idx, example_inputs = _hoist_transposed(gm, example_inputs)
+    run = _counting_backend(new, example_inputs, {"post_grad_custom_post_pass": _THIN[0]})
+    if not idx:
+        return run
+    return lambda *args: run(*args, *[_transposed(args[i]) for i in idx])
 
 
-settings["thin_products"] = True  # the _ThinProducts pass in the estimator kernels (inductor)
+_TRANSPOSES = ("t", "T", "mT")
+
+
+def _reads_transposed(u: torch.fx.Node, p: torch.fx.Node) -> bool:
+    """Is node u the transpose of the 2-D input p (``p.t()``, ``p.T``, ``p.transpose(0, 1)``, ...)?"""
+    if not u.args or u.args[0] is not p:
+        return False
+    rest = tuple(u.args[1:])
+    if u.op == "call_method":
+        return ((u.target == "t" and not rest)
+                or (u.target == "transpose" and len(rest) == 2 and {a % 2 for a in rest} == {0, 1})
+                or (u.target == "permute" and rest in ((1, 0), ((1, 0),), ([1, 0],))))
+    if u.op == "call_function":
+        return (u.target is torch.t and not rest) or (u.target is getattr and rest[:1] in
+                                                      (("T",), ("mT",)))
+    return False
+
+
+def _hoist_transposed(gm: torch.fx.GraphModule, example_inputs: list
+                      ) -> tuple[torch.fx.GraphModule, list[int], list]:
+    """A copy of the captured graph in which every ``X.t()`` of a 2-D input X that needs no
+    gradient (a data matrix) reads a new input, X's contiguous transpose, instead: the kernel's
+    products then see both layouts of the data (as XLA's constant folding of Xᵀ gives plain JAX),
+    and the derivatives AOT autograd takes of them too. Returns (graph, indices of the inputs
+    transposed, example inputs with the transposes appended)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = [(i, p, [u for u in p.users if _reads_transposed(u, p)])
+             for i, (p, ex) in enumerate(zip(phs, example_inputs))
+             if isinstance(ex, torch.Tensor) and ex.dim() == 2 and not ex.requires_grad]
+    found = [f for f in found if f[2]]
+    if not found:
+        return gm, [], example_inputs
+    graph = torch.fx.Graph()
+    vmap: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, vmap, return_output_node=True)
+    graph.output(out[0] if isinstance(out, tuple) else out)
+    for a, b in vmap.items():  # AOT autograd reads each input's dynamo source
+        if hasattr(a, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+    last = vmap[phs[-1]]
+    for _, p, uses in found:
+        with graph.inserting_after(last):
+            last = q = graph.placeholder(f"{p.name}_transposed")
+        q._dynamo_source = None
+        if "example_value" in p.meta:
+            q.meta["example_value"] = p.meta["example_value"].t().contiguous()
+        for u in uses:
+            vmap[u].replace_all_uses_with(q)
+            graph.erase_node(vmap[u])
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    idx = [i for i, _, _ in found]
+    _STATS["transposed_data"] += len(idx)
+    return new, idx, list(example_inputs) + [example_inputs[i].t().contiguous() for i in idx]
+
+
+#: id(tensor) -> (weak reference, version, contiguous transpose), dropped with the tensor
+_TCACHE: dict[int, tuple[Any, int, torch.Tensor]] = {}
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """t.t().contiguous(), computed once per data tensor (and again if it is modified in place)."""
+    key = id(t)
+    hit = _TCACHE.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    tt = t.detach().t().contiguous()
+    _TCACHE[key] = (weakref.ref(t, lambda _, key=key: _TCACHE.pop(key, None)), t._version, tt)
+    return tt
+
+
+#: the data layout of the estimator kernels: cached transposes of data read transposed, and the
+#: _ThinProducts pass (inductor); False compiles the objective's products as written
+settings["data_layout"] = True
 
 _EST: ContextVar[bool] = ContextVar("bilevel_compiled_estimators", default=False)
 _WARNED: set[str] = set()
@@ -265,7 +350,7 @@ def _step_impl(inner: Dynamics) -> Callable[..., Any]:
 def _estimator_kernel(kind: str, fn: Objective, inner: Dynamics | None = None) -> Callable:
     per_problem = _CACHE.setdefault(fn.problem, {})
     key = ("estimator", kind, fn.level, fn.xspec, fn.yspec, settings["backend"], settings["mode"],
-           settings["thin_products"], inner)
+           settings["data_layout"], inner)
     k = per_problem.get(key)
     if k is None:
         impl = _step_impl(inner) if kind == "step" else _IMPL[kind]
