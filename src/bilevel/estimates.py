@@ -30,7 +30,7 @@ from . import linalg
 from . import oracles as O
 from ._rng import advancing
 from ._trace import tracing
-from .inner import GD, _batched, _summary, nonfinite_step, unroll
+from .inner import GD, _batched, _summary, nonfinite_error, unroll
 from .validation import first_nonfinite
 
 __all__ = [
@@ -299,7 +299,7 @@ def sgd_lower(
             sums.append(_summary(y))
         bad = first_nonfinite(sums)
         if bad is not None:
-            raise nonfinite_step(dyn, "lower", bad + 1)
+            raise nonfinite_error(dyn, "lower", bad + 1)
         return y
     state, _ = unroll(dyn, lambda y, k: O.grad_y(G_batch(), xs, y), dyn.init(ys), steps, grad_norm=False)
     return dyn.output(state)

@@ -561,13 +561,14 @@ def _summary(leaves: T.Leaves) -> Tensor:
     return out
 
 
-def nonfinite_step(dyn: Dynamics, level: str, step: int) -> NonFiniteError:
-    """The error of a non-finite iterate at ``step`` of ``dyn`` (:func:`unroll` and the loops
-    written out beside it, e.g. :func:`bilevel.estimates.sgd_lower`)."""
+def nonfinite_error(dyn: Dynamics, level: str, step: int) -> NonFiniteError:
+    """The error of :func:`unroll` for a first non-finite iterate at ``step`` (1-based)."""
     return NonFiniteError(
         f"non-finite values (NaN/inf) in the {level}-level iterate at step {step} of "
         f"{type(dyn).__name__} (lr={dyn.lr}); reduce the step size or check the objective",
-        level=level, step=step)
+        level=level,
+        step=step,
+    )
 
 
 def unroll(
@@ -616,7 +617,7 @@ def unroll(
         track = False
     bad = first_nonfinite(sums) if track and not tracing() else None
     if bad is not None:
-        raise nonfinite_step(dyn, level, start + bad + 1)
+        raise nonfinite_error(dyn, level, start + bad + 1)
     info: dict[str, Any] = {"steps": steps}
     if carry is not None:
         info["buffers"] = buffers
