@@ -58,6 +58,8 @@ __all__ = [
     "run_all",
     "load_results",
     "final_rows",
+    "value_at",
+    "budget_rows",
     "plot",
     "main",
 ]
@@ -96,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "mrbo_m": 1.0,  # η_k = d/(m + k)^{1/3}, d = 1 (not stated)
     "budget": 2.0e6,  # per-sample oracle calls per run (equal for every solver)
     "n_eval": 25,
+    "halvings": 3,  # also evaluate at budget/2, /4, /8: one long run gives the shorter budgets' ends
     "seeds": 5,
     "lbfgs_iters": 300,  # L-BFGS iterations of the final g*(x) (the lower-level verdict)
     "dataset": "mnist5k",
@@ -206,8 +209,12 @@ def make_solver(label: str, cfg: dict[str, Any]) -> bl.solvers.Solver:
     return cls(inner, upper_lr=lx, warm_start=True)  # reverse: RHG, warm-started like the others
 
 
-def _thresholds(budget: float, n: int) -> list[float]:
-    return [budget * 10 ** (-3 + 3 * i / (n - 1)) for i in range(n)] if n > 1 else [budget]
+def _thresholds(budget: float, n: int, halvings: int = 0) -> list[float]:
+    """Evaluation marks: ``n`` log-spaced call counts over the budget's last three decades, and
+    budget/2, …, budget/2^halvings — the state there is exactly the end of a run of that budget
+    (the stop rule only looks at the calls), so one long run also gives the shorter budgets."""
+    grid = [budget * 10 ** (-3 + 3 * i / (n - 1)) for i in range(n)] if n > 1 else [budget]
+    return sorted(set(grid) | {budget / 2**j for j in range(1, int(halvings) + 1)})
 
 
 def run_one(label: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +225,7 @@ def run_one(label: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
     setup = exp.build(exp.resolve(overrides=_cfg_overrides(cfg, seed, full)))
     solver = make_solver(label, cfg)
     budget = float(cfg["budget"])
-    marks = _thresholds(budget, int(cfg["n_eval"]))
+    marks = _thresholds(budget, int(cfg["n_eval"]), int(cfg.get("halvings", 0)))
     trace: list[dict[str, Any]] = []
     tree = Bound(setup.problem, setup.x0, setup.y0)
 
@@ -394,6 +401,29 @@ def final_rows(res: dict[str, list[dict[str, Any]]], key: str = "upper_loss") ->
     return [r for _, r in sorted(rows, key=lambda t: t[0])]
 
 
+def value_at(r: dict[str, Any], calls: float, key: str = "upper_loss") -> float:
+    """``key`` at the first evaluation with at least ``calls`` per-sample calls: the end of a run of
+    budget ``calls`` (the marks include budget/2^j); NaN when the run stopped before."""
+    for t in r["trace"]:
+        if t["calls"] >= calls * (1 - 1e-12):
+            return float(t[key])
+    return float("nan")
+
+
+def budget_rows(res: dict[str, list[dict[str, Any]]], budgets: Sequence[float],
+                key: str = "upper_loss") -> list[list[str]]:
+    """Per solver (sorted by the median at the largest budget): the median over seeds of ``key`` at
+    each budget, and the median relative drop over the last doubling, (f(B/2) − f(B)) / f(B/2) —
+    a curve counts as flat when that is below 1 %."""
+    rows = []
+    for s, rs in res.items():
+        med = [statistics.median(value_at(r, b, key) for r in rs) for b in budgets]
+        half = [value_at(r, budgets[-1] / 2, key) for r in rs]
+        drop = statistics.median((h - value_at(r, budgets[-1], key)) / h for h, r in zip(half, rs))
+        rows.append((med[-1], [s, str(len(rs))] + [f"{v:.4f}" for v in med] + [f"{100 * drop:.1f} %"]))
+    return [r for _, r in sorted(rows, key=lambda t: t[0])]
+
+
 FINAL_HEAD = [
     "solver",
     "seeds",
@@ -478,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(plot(res, Path(a.plot)))
         print(markdown_table(["setting", "report", "ours", "note"], settings_rows(cfg)))
         print(markdown_table(FINAL_HEAD, final_rows(res)))
+        budgets = [float(cfg["budget"]) / 2**j for j in range(int(cfg["halvings"]), -1, -1)]
+        head = ["solver", "seeds", *(f"f at {b:.3g} calls" for b in budgets), "drop, last doubling"]
+        print(markdown_table(head, budget_rows(res, budgets)))
     return 0
 
 
