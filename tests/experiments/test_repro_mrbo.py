@@ -96,6 +96,12 @@ def test_long_run_contains_the_shorter_budgets_ends(tmp_path, label):
     assert RM.value_at(long, 2.5e3) == end["upper_loss"]
     assert RM.value_at(long, 2.5e3, "step") == end["step"]
     assert RM.value_at(long, 1e4) == long["final"]["upper_loss"] and math.isnan(RM.value_at(long, 1e9))
+    cut = RM.truncate(long, 2.5e3)  # a long run read as a shorter one: same end, no lower verdict
+    assert cut["final"] == {**cut["trace"][-1]} and cut["final"]["calls"] == end["calls"]
+    assert cut["final"]["upper_loss"] == end["upper_loss"] and cut["lower"]["solved"] is None
+    assert RM.truncate(short, 2.5e3) is short and RM.truncate(long, 1e4) is long
+    row = RM.final_rows({label: [cut, short]})[0]
+    assert row[7] == f"{int(bool(short['lower']['solved']))}/1"  # judged: the short run only
     rows = RM.budget_rows({label: [long]}, [2.5e3, 5e3, 1e4])
     f5, f10 = RM.value_at(long, 5e3), long["final"]["upper_loss"]
     assert rows[0][-1] == f"{100 * (f5 - f10) / f5:.1f} %"

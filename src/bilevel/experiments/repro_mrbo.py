@@ -57,6 +57,7 @@ __all__ = [
     "run_one",
     "run_all",
     "load_results",
+    "truncate",
     "final_rows",
     "value_at",
     "budget_rows",
@@ -345,11 +346,28 @@ def run_all(
     return written
 
 
-def load_results(out: Path) -> dict[str, list[dict[str, Any]]]:
+def truncate(r: dict[str, Any], budget: float) -> dict[str, Any]:
+    """A run of a larger budget cut at ``budget``: its trace up to the first evaluation with at least
+    ``budget`` calls, which is exactly the end of a run of that budget when ``budget`` is one of its
+    marks (budget/2^j; see :func:`value_at`). The lower-level verdict (L-BFGS g* at the end) is not
+    known there: ``lower`` says so (``solved`` None)."""
+    if r["final"]["calls"] < budget * (1 + 1e-12) or float(r["cfg"]["budget"]) <= budget:
+        return r
+    for i, t in enumerate(r["trace"]):
+        if t["calls"] >= budget * (1 - 1e-12):
+            return {**r, "trace": r["trace"][: i + 1], "final": t, "truncated_from": r["cfg"]["budget"],
+                    "lower": {"solved": None, "criterion": f"not evaluated (run of {r['cfg']['budget']:.3g} "
+                                                           f"calls cut at {budget:.3g})"}}
+    return r
+
+
+def load_results(out: Path, budget: float | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The results in ``out`` by solver (sorted by seed); ``budget``: runs of a larger budget are
+    cut there (:func:`truncate`)."""
     res: dict[str, list[dict[str, Any]]] = {}
     for p in sorted(out.glob("*_s*.json")):
         r = json.loads(p.read_text())
-        res.setdefault(r["solver"], []).append(r)
+        res.setdefault(r["solver"], []).append(r if budget is None else truncate(r, budget))
     return {k: sorted(v, key=lambda r: r["seed"]) for k, v in res.items()}
 
 
@@ -380,7 +398,8 @@ def final_rows(res: dict[str, list[dict[str, Any]]], key: str = "upper_loss") ->
         acc = [r["final"]["test_acc"] for r in rs]
         f1 = [r["final"]["f1"] for r in rs]
         solved = [r["lower"].get("solved") for r in rs]
-        gaps = [r["lower"].get("gap", float("nan")) for r in rs]
+        judged = sum(1 for v in solved if v is not None)
+        gaps = [r["lower"]["gap"] for r in rs if isinstance(r["lower"].get("gap"), float)]
         rows.append(
             (
                 statistics.median(f),
@@ -392,8 +411,8 @@ def final_rows(res: dict[str, list[dict[str, Any]]], key: str = "upper_loss") ->
                     f"{statistics.median(f1):.4f}",
                     f"{statistics.median(r['final']['step'] for r in rs):.0f}",
                     f"{statistics.median(r['final']['time'] for r in rs):.1f}",
-                    f"{sum(1 for v in solved if v)}/{len(rs)}",
-                    f"{max(gaps):.2e}",
+                    f"{sum(1 for v in solved if v)}/{judged}",
+                    f"{max(gaps):.2e}" if gaps else "—",
                     "; ".join(sorted({r["error"][:60] for r in rs if r.get("error")})) or "",
                 ],
             )
@@ -504,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.no_run:
         run_all(out, cfg, solvers, range(a.seeds or int(cfg["seeds"])))
     if a.plot:
-        res = load_results(out)
+        res = load_results(out, float(cfg["budget"]))
         print(plot(res, Path(a.plot)))
         print(markdown_table(["setting", "report", "ours", "note"], settings_rows(cfg)))
         print(markdown_table(FINAL_HEAD, final_rows(res)))
