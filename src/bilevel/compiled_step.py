@@ -40,7 +40,6 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from . import _trace
 from . import compiled as C
@@ -108,8 +107,11 @@ def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
     src = ("def step(solver, ctx, core, lower, upper, t):\n"
            "    ctx.lower_data is None or load(ctx.lower_data, lower)\n"
            "    ctx.upper_data is None or load(ctx.upper_data, upper)\n"
-           "    return solver.step(ctx, core, t)\n")
-    ns: dict[str, Any] = {"load": _load}
+           "    metrics = solver.step(ctx, core, t)\n"
+           "    return metrics, finite(*solver.output(core))\n")
+    from .solvers.base import _finite_summary
+
+    ns: dict[str, Any] = {"load": _load, "finite": _finite_summary}
     name = f"<bilevel step: {solver_cls.__name__} on {problem!r}, pattern {n}>"
     exec(builtins.compile(src, name, "exec"), ns)
     return torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
@@ -121,11 +123,25 @@ def _load(replay: _Replay, draws: tuple[list[Any], list[Any]]) -> bool:
     return True
 
 
+def _signature(obj: Any) -> Hashable:
+    """The structure of a state entry: containers recursively, tensors as one marker, Python
+    scalars / strings / None by value, any other object by its type."""
+    if isinstance(obj, torch.Tensor):
+        return _TENSOR
+    if isinstance(obj, dict):
+        return (type(obj), tuple((k, _signature(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj), tuple(_signature(v) for v in obj))
+    if obj is None or isinstance(obj, (int, float, bool, str)):
+        return (type(obj), obj)  # (1 and 1.0 and True are different patterns)
+    return type(obj)
+
+
+_TENSOR = object()
+
+
 def _pattern(solver: Any, settings: str, core: dict[str, Any], t: int) -> Hashable:
-    leaves, spec = pytree.tree_flatten(core)
-    consts = tuple(v if isinstance(v, (int, float, bool, str, type(None))) else type(v)
-                   for v in leaves if not isinstance(v, torch.Tensor))
-    return (settings, str(spec), consts, solver.phase(core, t))
+    return (settings, _signature(core), solver.phase(core, t))
 
 
 class CompiledStep:
@@ -145,6 +161,7 @@ class CompiledStep:
         self.patterns = _patterns(ctx.problem, type(solver))
         self.settings = repr(solver)  # (a solver's settings do not change during a run)
         self.last_compiled = False  # did the last step run as the compiled graph?
+        self.last_finite: torch.Tensor | None = None  # its [x finite, y finite], from the graph
         self.compiles = 0  # graphs compiled by this run
 
     def __call__(self, state: dict[str, Any], t: int) -> dict[str, Any]:
@@ -174,7 +191,8 @@ class CompiledStep:
         try:  # (a frame dynamo runs eagerly would count its oracles: they go nowhere, the
             # pattern's counts are added below either way)
             with O.counting():
-                metrics = fn(self.solver, self.rctx, core, batches["lower"], batches["upper"], t)
+                metrics, self.last_finite = fn(self.solver, self.rctx, core, batches["lower"],
+                                               batches["upper"], t)
         except Exception as exc:  # capture failed: per-oracle kernels from now on
             self._give_up(exc)
             self._restore(saved, {})

@@ -28,6 +28,7 @@ import torch
 from . import _tree as T
 from . import linalg
 from . import oracles as O
+from ._rng import advancing
 from .inner import GD, unroll
 
 __all__ = [
@@ -88,17 +89,21 @@ def neumann_hypergradient(
     cheaper per HVP). Its expectation is not that of the fresh-batch estimator: E[(I − ηH_B)^q]
     ≠ (I − ηH)^q for q ≥ 2 (the powers of one random matrix), so it is biased even as Q → ∞
     (towards E[H_B⁻¹] rather than H⁻¹), the bias shrinking with the batch size.
+
+    The series' residual norms are read once, after the Q products (``check_every=Q`` of
+    :func:`bilevel.linalg.neumann`: no host read per product); the returned v is the same as with a
+    read per product, but a series that breaks down has then drawn its remaining batches.
     """
     _, gx, gy = O.grads(F, xs, ys)
     if shared:
         lin = O.Linearization(G_batch(), xs, ys)
-        v, info = linalg.neumann(lin.hvp, gy, iters=Q, alpha=eta)
+        v, info = linalg.neumann(lin.hvp, gy, iters=Q, alpha=eta, check_every=max(Q, 1))
         jv = lin.cross(v) if G_cross is None else O.cross(G_cross, xs, ys, v)
     else:
         def matvec(p: T.Leaves) -> T.Leaves:
             return O.hvp(G_batch(), xs, ys, p)
 
-        v, info = linalg.neumann(matvec, gy, iters=Q, alpha=eta)
+        v, info = linalg.neumann(matvec, gy, iters=Q, alpha=eta, check_every=max(Q, 1))
         jv = O.cross(G_batch() if G_cross is None else G_cross, xs, ys, v)
     info["v"] = v
     return T.sub(gx, jv), info
@@ -180,10 +185,8 @@ def sampled_neumann_hypergradient(
 def truncation_index(state: dict[str, Any], Q: int) -> int:
     """p ~ U{0, …, Q−1} from the generator state ``state["rng"]`` (advanced): the random
     truncation of :func:`sampled_neumann_hypergradient`, drawn in a solver's ``prepare``."""
-    gen = torch.Generator().set_state(state["rng"])
-    p = int(torch.randint(Q, (1,), generator=gen))
-    state["rng"] = gen.get_state()
-    return p
+    with advancing(state) as gen:
+        return int(torch.randint(Q, (1,), generator=gen))
 
 
 def replay(objectives: list) -> Callable[[], Any]:
@@ -265,7 +268,7 @@ def sgd_lower(
     y ← P(y − lr ∇_y G(x, y; B_t)) (the inner loop of BSA, stocBiO, AmIGO) — :class:`bilevel.inner.GD`
     run by :func:`bilevel.inner.unroll`, so a blow-up is reported with its inner step."""
     dyn = GD(lr=lr, steps=steps, projection=projection)
-    state, _ = unroll(dyn, lambda y, k: O.grad_y(G_batch(), xs, y), dyn.init(ys), steps)
+    state, _ = unroll(dyn, lambda y, k: O.grad_y(G_batch(), xs, y), dyn.init(ys), steps, grad_norm=False)
     return dyn.output(state)
 
 

@@ -82,7 +82,9 @@ class OracleCounts(dict):
     """``counts[level][kind]`` = number of per-sample oracle evaluations."""
 
     def add(self, level: str, kind: str, n: int) -> None:
-        lvl = self.setdefault(level, {})
+        lvl = self.get(level)
+        if lvl is None:
+            lvl = self[level] = {}
         lvl[kind] = lvl.get(kind, 0) + n
 
     def total(self, level: str | None = None) -> int:
@@ -267,6 +269,24 @@ def _grad_on() -> Any:
     return _ON if torch.is_grad_enabled() else torch.enable_grad()
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
+def _eager() -> bool:
+    """The plain eager path — ``"autograd"`` backend, no data-parallel reducer, not tracing a
+    compiled step — in one test: the oracles then skip the kernel / functional / reduction
+    dispatch (a few µs per call, which a loop of small oracle calls pays hundreds of times)."""
+    # (is_compiling first: ContextVar.get cannot be traced)
+    return not _is_compiling() and _BACKEND.get() == "autograd" and _REDUCER.get() is None
+
+
+def _count(fn: Fn, kind: str) -> None:
+    """:func:`_record` of one kind on the eager path (known not to be compiling)."""
+    c = _ACTIVE.get()
+    if c is not None:
+        c.add(getattr(fn, "level", "objective"), kind, getattr(fn, "n", 1))
+
+
 def _diffable(ts: T.Leaves) -> T.Leaves:
     """Keep tensors already in a graph; make the others fresh leaves that require grad."""
     return tuple(t if t.requires_grad else t.detach().requires_grad_(True) for t in ts)
@@ -284,6 +304,11 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
 
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
     """∇_y fn(x, y). With ``create_graph`` the result stays differentiable in (x, y) (unrolling)."""
+    if not create_graph and _eager():
+        _count(fn, "grad")
+        with _grad_on():
+            ys_ = T.requires_grad(ys)
+            return _grad(fn(T.detach(xs), ys_), ys_)
     _record(fn, "grad")
     k = _kernel("grad_y_graph" if create_graph else "grad_y", fn)
     if k is not None:
@@ -302,6 +327,11 @@ def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) ->
 
 def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
     """∇_x fn(x, y) at fixed y."""
+    if _eager():
+        _count(fn, "grad")
+        with _grad_on():
+            xs_ = T.requires_grad(xs)
+            return _grad(fn(xs_, T.detach(ys)), xs_)
     _record(fn, "grad")
     k = _kernel("grad_x", fn)
     if k is not None:
@@ -315,6 +345,14 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
 
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
     """(value, ∇_x fn, ∇_y fn) from one backward pass."""
+    if _eager():
+        _count(fn, "grad")
+        with _grad_on():
+            xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
+            val = fn(xs_, ys_)
+            g = _grad(val, xs_ + ys_)
+        nx = len(xs)
+        return val.detach(), g[:nx], g[nx:]
     _record(fn, "grad")
     k = _kernel("grads", fn)
     if k is not None:
@@ -452,23 +490,42 @@ class Linearization:
 
 
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
-    """One-shot H v (reverse-over-reverse)."""
+    """One-shot H v (reverse-over-reverse).
+
+    Eager (no data-parallel reduction): ∇_y g is built with x *outside* the graph (x detached, only
+    y a graph input — the product never differentiates in x) and its graph is freed by the one
+    backward; the numbers are those of ``Linearization(fn, xs, ys).hvp(v)``."""
     if _functional():
         _record(fn, "grad", "hvp")
         k = _kernel("hvp", fn)
         return _reduce(fn, k(xs, ys, v) if k is not None
                        else f_hvp(fn, T.detach(xs), T.detach(ys), tuple(v)))
-    return Linearization(fn, xs, ys).hvp(v)
+    if _reducing(fn):
+        return Linearization(fn, xs, ys).hvp(v)
+    _count(fn, "grad")  # (not compiling: that is functional)
+    _count(fn, "hvp")
+    with _grad_on():
+        ys_ = T.requires_grad(ys)
+        gy = _grad(fn(T.detach(xs), ys_), ys_, create_graph=True)
+        return _grad(gy, ys_, v)
 
 
 def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
-    """One-shot J^T v = ∇²_xy g · v."""
+    """One-shot J^T v = ∇²_xy g · v (eager: one gradient with graph, one backward that frees it;
+    the numbers of ``Linearization(fn, xs, ys).cross(v)``)."""
     if _functional():
         _record(fn, "grad", "cross")
         k = _kernel("cross", fn)
         return _reduce(fn, k(xs, ys, v) if k is not None
                        else f_cross(fn, T.detach(xs), T.detach(ys), tuple(v)))
-    return Linearization(fn, xs, ys).cross(v)
+    if _reducing(fn):
+        return Linearization(fn, xs, ys).cross(v)
+    _count(fn, "grad")  # (not compiling: that is functional)
+    _count(fn, "cross")
+    with _grad_on():
+        xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
+        gy = _grad(fn(xs_, ys_), ys_, create_graph=True)
+        return _grad(gy, xs_, v)
 
 
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:

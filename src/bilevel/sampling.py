@@ -90,6 +90,7 @@ class Minibatches(Sampler):
         self._pos = self.n  # forces a shuffle on first use
         self._perm: Tensor | None = None
         self._shuffled: tuple[Tensor, ...] = ()
+        self._gen_state: Tensor | None = None  # the generator's state, taken once per epoch
 
     def _apply(self, perm: Tensor) -> None:
         self._perm = perm
@@ -101,6 +102,7 @@ class Minibatches(Sampler):
             if self._shuffled:
                 self.epoch += 1
             self._apply(torch.randperm(self.n, generator=self.generator))
+            self._gen_state = None
             self._pos = 0
         lo = self._pos
         self._pos += self.batch_size
@@ -110,8 +112,10 @@ class Minibatches(Sampler):
         return self.tensors
 
     def state_dict(self):
+        if self._gen_state is None:  # (it changes only when an epoch is drawn: solve asks
+            self._gen_state = self.generator.get_state()  # after every step)
         return {
-            "generator": self.generator.get_state(),
+            "generator": self._gen_state,
             "epoch": self.epoch,
             "pos": self._pos,
             "perm": self._perm,
@@ -119,6 +123,7 @@ class Minibatches(Sampler):
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        self._gen_state = state["generator"]
         self.epoch, self._pos = state["epoch"], state["pos"]
         if state["perm"] is not None:
             self._apply(state["perm"])

@@ -29,6 +29,7 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._rng import seeded_generator  # noqa: F401 - re-exported (estimators' seeding)
 from ..errors import ConfigError
 from ..formulation import Bound, Problem
 from ..inner import Dynamics, unroll
@@ -50,18 +51,6 @@ class HypergradResult:
     info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     buffers: Any = None
-
-
-def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator for an estimator's random numbers: seeded with ``seed``, or from fresh
-    entropy when ``seed`` is None. Estimators keep ``gen.get_state()`` in their state (exact resume,
-    vmap), never the generator itself."""
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
 
 
 def lower_grad_fn(bound: Bound, xs: T.Leaves, *, create_graph: bool):

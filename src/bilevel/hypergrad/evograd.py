@@ -37,11 +37,12 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._rng import advancing, initial_state
 from ..errors import ConfigError
 from ..formulation import Bound
 from ..inner import Dynamics
 from ..validation import check_finite
-from .base import Estimator, seeded_generator, solve_lower
+from .base import Estimator, solve_lower
 
 __all__ = ["EvoGrad"]
 
@@ -90,16 +91,14 @@ class EvoGrad(Estimator):
         self.chunk = None if chunk is None else int(chunk)
 
     def init_state(self, bound: Bound) -> dict:
-        gen = seeded_generator(self.seed)
-        return {"rng": gen.get_state()}
+        return {"rng": initial_state(self.seed)}
 
     def compute(self, bound: Bound, state: dict):
         xs = bound.xs
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
-        gen = torch.Generator().set_state(state["rng"])
         y = T.to_vector(ys)
-        E = torch.randn(self.samples, y.numel(), generator=gen, dtype=torch.float64)
-        state["rng"] = gen.get_state()
+        with advancing(state) as gen:
+            E = torch.randn(self.samples, y.numel(), generator=gen, dtype=torch.float64)
         D = self.sigma * E.to(dtype=y.dtype, device=y.device)  # y_k − y
         l, GX, _ = O.grads_at(bound.G, xs, ys, None, y + D, batched=self.batched,
                               chunk=self.chunk)

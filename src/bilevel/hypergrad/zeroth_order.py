@@ -26,11 +26,12 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._rng import advancing, initial_state
 from .._trace import require, traced, tracing
 from ..errors import ConfigError, NonFiniteError
 from ..formulation import Bound
 from ..inner import Dynamics
-from .base import Estimator, seeded_generator, solve_lower
+from .base import Estimator, solve_lower
 
 
 class ZerothOrder(Estimator):
@@ -62,14 +63,12 @@ class ZerothOrder(Estimator):
         self.chunk = None if chunk is None else int(chunk)
 
     def init_state(self, bound: Bound) -> dict:
-        gen = seeded_generator(self.seed)
-        return {"rng": gen.get_state()}
+        return {"rng": initial_state(self.seed)}
 
     def compute(self, bound: Bound, state: dict):
         xs = bound.xs
-        gen = torch.Generator().set_state(state["rng"])
-        U = gaussian_directions(self.samples, xs, gen)
-        state["rng"] = gen.get_state()
+        with advancing(state) as gen:
+            U = gaussian_directions(self.samples, xs, gen)
 
         def run(x_pert: T.Leaves) -> T.Leaves:  # (perturbed runs carry no buffers)
             return solve_lower(bound, self.inner, x_pert, bound.init(x_pert), carry=False)[0]

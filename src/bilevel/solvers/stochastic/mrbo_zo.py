@@ -22,9 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ... import _tree as T
+from ..._rng import advancing, initial_state
 from ...estimates import Schedule, replay, sgd_lower
 from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_estimate
 from ..base import Context
@@ -72,14 +71,13 @@ class MRBOZO(MRBO):
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         state = super().init(ctx, xs, ys)
-        state["rng"] = torch.Generator().manual_seed(self.seed).get_state()
+        state["rng"] = initial_state(self.seed)
         return state
 
     def draw(self, ctx: Context, state: dict[str, Any]) -> tuple:
         """B_x = (F on D_F, [G on D_1..D_N], directions U, the lower projection)."""
-        gen = torch.Generator().set_state(state["rng"])
-        U = gaussian_directions(self.samples, state["x"], gen)
-        state["rng"] = gen.get_state()
+        with advancing(state) as gen:
+            U = gaussian_directions(self.samples, state["x"], gen)
         return ctx.fresh_F(), [ctx.fresh_G() for _ in range(self.inner_steps)], U, ctx.y_projection
 
     def hypergradient(self, xs: T.Leaves, ys: T.Leaves, samples: tuple) -> T.Leaves:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ... import _tree as T
 from ... import oracles as O
+from ..._rng import initial_state
 from ...estimates import (
     Schedule,
     momentum_weight,
@@ -74,7 +73,7 @@ class MSTSA(Solver):
         self.Q, self.eta, self.seed = int(Q), float(eta), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
-        rng = torch.Generator().manual_seed(self.seed).get_state()
+        rng = initial_state(self.seed)
         return {"x": xs, "y": ys, "x_prev": None, "y_prev": None, "d": None, "rng": rng}
 
     def prepare(self, state: dict[str, Any], t: int) -> None:

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ... import _tree as T
+from ..._rng import advancing, initial_state
 from ...estimates import Schedule, replay, sgd_lower
 from ...hypergrad.zeroth_order import gaussian_directions, zeroth_order_estimate
 from ..base import Context, Solver
@@ -65,7 +64,7 @@ class PZOBO(Solver):
         self.mu, self.seed = float(mu), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
-        return {"x": xs, "y": ys, "rng": torch.Generator().manual_seed(self.seed).get_state()}
+        return {"x": xs, "y": ys, "rng": initial_state(self.seed)}
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs, ys = state["x"], state["y"]
@@ -75,9 +74,8 @@ class PZOBO(Solver):
         def run(x: T.Leaves) -> T.Leaves:
             return sgd_lower(replay(Gs), x, ys, steps=len(Gs), lr=lr, projection=ctx.y_projection)
 
-        gen = torch.Generator().set_state(state["rng"])
-        U = gaussian_directions(self.samples, xs, gen)
-        state["rng"] = gen.get_state()
+        with advancing(state) as gen:
+            U = gaussian_directions(self.samples, xs, gen)
         hg, y_n = zeroth_order_estimate(ctx.fresh_F(), run, xs, U, self.mu, ys)
         state["x"], state["y"] = self.step_x(ctx, state, hg, t), y_n
         return {}

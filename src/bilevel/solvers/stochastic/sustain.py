@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ... import _tree as T
+from ..._rng import initial_state
 from ...estimates import Schedule, replay, sampled_neumann_hypergradient, truncation_index
 from ..base import Context
 from .mrbo import LR_X, MOMENTUM, MRBO
@@ -62,7 +61,7 @@ class SUSTAIN(MRBO):
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
         state = super().init(ctx, xs, ys)
-        state["rng"] = torch.Generator().manual_seed(self.seed).get_state()
+        state["rng"] = initial_state(self.seed)
         return state
 
     def prepare(self, state: dict[str, Any], t: int) -> None:
