@@ -561,6 +561,16 @@ def _summary(leaves: T.Leaves) -> Tensor:
     return out
 
 
+def nonfinite_error(dyn: Dynamics, level: str, step: int) -> NonFiniteError:
+    """The error of :func:`unroll` for a first non-finite iterate at ``step`` (1-based)."""
+    return NonFiniteError(
+        f"non-finite values (NaN/inf) in the {level}-level iterate at step {step} of "
+        f"{type(dyn).__name__} (lr={dyn.lr}); reduce the step size or check the objective",
+        level=level,
+        step=step,
+    )
+
+
 def unroll(
     dyn: Dynamics,
     grad_fn: GradFn,
@@ -607,13 +617,7 @@ def unroll(
         track = False
     bad = first_nonfinite(sums) if track and not tracing() else None
     if bad is not None:
-        step = start + bad + 1
-        raise NonFiniteError(
-            f"non-finite values (NaN/inf) in the {level}-level iterate at step {step} of "
-            f"{type(dyn).__name__} (lr={dyn.lr}); reduce the step size or check the objective",
-            level=level,
-            step=step,
-        )
+        raise nonfinite_error(dyn, level, start + bad + 1)
     info: dict[str, Any] = {"steps": steps}
     if carry is not None:
         info["buffers"] = buffers
