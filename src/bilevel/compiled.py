@@ -23,15 +23,20 @@ differentiation work is compiled. Objectives that are not a :class:`bilevel.form
 from __future__ import annotations
 
 import builtins
+import contextlib
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
+from . import _tree as T
 from . import oracles as O
 from .formulation import Objective
+from .inner import Dynamics, _summary, nonfinite_error
+from .validation import first_nonfinite
 
 __all__ = ["compile", "Compiled", "CompileFallbackWarning", "settings", "stats", "reset"]
 
@@ -44,7 +49,8 @@ class CompileFallbackWarning(UserWarning):
 #: without code generation); ``mode``: its mode (None, "reduce-overhead", "max-autotune", ...).
 settings: dict[str, Any] = {"backend": "inductor", "mode": None}
 
-_STATS = {"compiles": 0, "kernels": 0, "fallbacks": 0, "compiled_steps": 0, "eager_steps": 0}
+_STATS = {"compiles": 0, "kernels": 0, "fallbacks": 0, "compiled_steps": 0, "eager_steps": 0,
+          "transposed_data": 0}
 _FALLBACK_REASONS: list[str] = []
 
 #: problem -> {(kind, level, xspec, yspec, backend, mode): kernel}
@@ -61,6 +67,8 @@ _IMPL: dict[str, Callable[..., Any]] = {
     "cross": lambda fn, xs, ys, v: O.f_cross(fn, _d(xs), _d(ys), tuple(v)),
     "both": lambda fn, xs, ys, v: O.f_both(fn, _d(xs), _d(ys), tuple(v)),
     "value_grad_y_both": lambda fn, xs, ys, v: O.f_value_grad_y_both(fn, _d(xs), _d(ys), tuple(v)),
+    # estimator kernels: differentiable in (xs, ys) by their compiled backward
+    "value_grad_y_graph": lambda fn, xs, ys: O.f_value_grad_y(fn, tuple(xs), tuple(ys)),
 }
 
 
@@ -72,7 +80,8 @@ def stats() -> dict[str, Any]:
     """``compiles`` (graphs compiled so far: a count that grows in a steady loop means
     recompiles), ``kernels`` (kernels created), ``fallbacks`` and their ``reasons``; whole-step
     mode (:mod:`bilevel.compiled_step`): ``compiled_steps`` and ``eager_steps`` (the first step
-    of each pattern)."""
+    of each pattern); ``transposed_data``: data inputs of estimator kernels read through cached
+    transposes."""
     return {**_STATS, "reasons": list(_FALLBACK_REASONS)}
 
 
@@ -87,17 +96,20 @@ def reset() -> None:
     _FALLBACK_REASONS.clear()
 
 
-def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list,
+                      patches: dict[str, Any] | None = None) -> Callable:
     _STATS["compiles"] += 1
     name, mode = settings["backend"], settings["mode"]
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        if mode is None:
+        if mode is None and not patches:
             return compile_fx(gm, example_inputs)
         from torch._inductor import list_mode_options
 
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
+        return compile_fx(gm, example_inputs,
+                          config_patches={**(list_mode_options(mode) if mode else {}),
+                                          **(patches or {})})
     from torch._dynamo import lookup_backend
 
     return lookup_backend(name)(gm, example_inputs)
@@ -106,10 +118,11 @@ def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callabl
 class _Kernel:
     """One compiled oracle for one objective family; falls back to eager with a warning."""
 
-    def __init__(self, kind: str, obj: Objective):
+    def __init__(self, kind: str, obj: Objective, impl: Callable[..., Any] | None = None,
+                 backend: Callable[..., Any] = _counting_backend):
         self.kind, self.level = kind, obj.level
         problem, xspec, yspec = obj.problem, obj.xspec, obj.yspec
-        impl = _IMPL[kind]
+        impl = _IMPL[kind] if impl is None else impl
 
         def make(batch: Any) -> Objective:
             return Objective(problem, obj.level, batch, xspec, yspec)
@@ -121,7 +134,7 @@ class _Kernel:
         exec(builtins.compile(src, f"<bilevel {kind} kernel: {problem!r} {obj.level}>", "exec"), ns)
         self._eager = ns["kernel"]
         self._compiled = torch.compile(ns["kernel"], fullgraph=True, dynamic=False,
-                                       backend=_counting_backend)
+                                       backend=backend)
         self.fallback: str | None = None
         _STATS["kernels"] += 1
 
@@ -166,6 +179,262 @@ def oracle_kernel(kind: str, fn: O.Fn) -> Callable[..., Any]:
     return lambda xs, ys, *extra: k(batch, xs, ys, *extra)
 
 
+# --- compiled estimators (``bl.compile(est)``): the inner step and the linearization ---------
+#
+# Reverse-mode unrolling (RHG) differentiates T steps y_{k+1} = Φ(x, y_k); implicit estimators
+# run T steps without a graph and then many products with H at y_T. Per-oracle kernels cannot
+# serve the first (a compiled ∇_y g would have to be differentiated twice by AOT autograd), so
+# ``bl.compile(est)`` compiles, instead, the *whole step* Φ(x, ·) = update(·, ∇_y g(x, ·)) as one
+# kernel (its ∇_y g by ``torch.func.grad``): AOT autograd derives its backward, which keeps the
+# step's residuals (softmax probabilities, ...), so the reverse sweep applies (∂_y Φ)^T a and
+# (∂_x Φ)^T a with the matrix products of one gradient, chained by the ordinary autograd engine —
+# no double backward anywhere. Implicit estimators get ∇_y g at y_T as one kernel whose compiled
+# backward is every H-product (and J^T product) of the linear solve.
+
+
+class _ThinProducts:
+    """Inductor post-grad pass: C = A B with a thin A (M ≤ 64 rows, M ≤ N/4) and B stored
+    transposed (a ``.t()`` view of a row-major matrix, e.g. ``W.t() @ X.t()`` on data X) is
+    computed as C = (Bᵀ Aᵀ)ᵀ — the same numbers, but MKL's sgemm takes a slow path for the first
+    layout (measured 1.4 vs 0.9 ms for 10×784 @ 784×2500 on this CPU). Used for the estimator
+    kernels only (they reuse one data batch for all T steps)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        for n in list(graph.nodes):
+            if n.op != "call_function" or n.target is not aten.mm.default:
+                continue
+            a, b = n.args
+            va, vb = a.meta.get("val"), b.meta.get("val")
+            if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+                continue
+            (M, K), N = va.shape, vb.shape[1]
+            if not (K > 1 and vb.stride() == (1, K) and M <= 64 and 4 * M <= N):
+                continue
+            with graph.inserting_before(n):
+                bt = graph.call_function(aten.permute.default, (b, [1, 0]))
+                at = graph.call_function(aten.permute.default, (a, [1, 0]))
+                mm = graph.call_function(aten.mm.default, (bt, at))
+                out = graph.call_function(aten.permute.default, (mm, [1, 0]))
+            bt.meta["val"], at.meta["val"] = vb.permute(1, 0), va.permute(1, 0)
+            mm.meta["val"] = torch.mm(bt.meta["val"], at.meta["val"])
+            out.meta["val"] = mm.meta["val"].permute(1, 0)
+            n.replace_all_uses_with(out)
+            graph.erase_node(n)
+            self.rewrites = getattr(self, "rewrites", 0) + 1
+
+    def uuid(self) -> str:  # FX-graph-cache key of this pass
+        return "bilevel-thin-products-1"
+
+
+_THIN: list[Any] = []
+
+
+def _estimator_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """:func:`_counting_backend` for the estimator kernels, with their data layout
+    (``settings["data_layout"]``): data read transposed come as cached contiguous copies
+    (:func:`_hoist_transposed`), and thin products take MKL's fast layout (:class:`_ThinProducts`)."""
+    if not settings["data_layout"]:
+        return _counting_backend(gm, example_inputs)
+    if not _THIN:  # (inductor is imported only when compiling)
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+
+        _THIN.append(type("ThinProducts", (_ThinProducts, CustomGraphPass), {})())
+    new, idx, example_inputs = _hoist_transposed(gm, example_inputs)
+    run = _counting_backend(new, example_inputs, {"post_grad_custom_post_pass": _THIN[0]})
+    if not idx:
+        return run
+    return lambda *args: run(*args, *[_transposed(args[i]) for i in idx])
+
+
+_TRANSPOSES = ("t", "T", "mT")
+
+
+def _reads_transposed(u: torch.fx.Node, p: torch.fx.Node) -> bool:
+    """Is node u the transpose of the 2-D input p (``p.t()``, ``p.T``, ``p.transpose(0, 1)``, ...)?"""
+    if not u.args or u.args[0] is not p:
+        return False
+    rest = tuple(u.args[1:])
+    if u.op == "call_method":
+        return ((u.target == "t" and not rest)
+                or (u.target == "transpose" and len(rest) == 2 and {a % 2 for a in rest} == {0, 1})
+                or (u.target == "permute" and rest in ((1, 0), ((1, 0),), ([1, 0],))))
+    if u.op == "call_function":
+        return (u.target is torch.t and not rest) or (u.target is getattr and rest[:1] in
+                                                      (("T",), ("mT",)))
+    return False
+
+
+def _hoist_transposed(gm: torch.fx.GraphModule, example_inputs: list
+                      ) -> tuple[torch.fx.GraphModule, list[int], list]:
+    """A copy of the captured graph in which every ``X.t()`` of a 2-D input X that needs no
+    gradient (a data matrix) reads a new input, X's contiguous transpose, instead: the kernel's
+    products then see both layouts of the data (as XLA's constant folding of Xᵀ gives plain JAX),
+    and the derivatives AOT autograd takes of them too. Returns (graph, indices of the inputs
+    transposed, example inputs with the transposes appended)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = [(i, p, [u for u in p.users if _reads_transposed(u, p)])
+             for i, (p, ex) in enumerate(zip(phs, example_inputs))
+             if isinstance(ex, torch.Tensor) and ex.dim() == 2 and not ex.requires_grad]
+    found = [f for f in found if f[2]]
+    if not found:
+        return gm, [], example_inputs
+    graph = torch.fx.Graph()
+    vmap: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, vmap, return_output_node=True)
+    graph.output(out[0] if isinstance(out, tuple) else out)
+    for a, b in vmap.items():  # AOT autograd reads each input's dynamo source
+        if hasattr(a, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+    last = vmap[phs[-1]]
+    for _, p, uses in found:
+        with graph.inserting_after(last):
+            last = q = graph.placeholder(f"{p.name}_transposed")
+        q._dynamo_source = None
+        if "example_value" in p.meta:
+            q.meta["example_value"] = p.meta["example_value"].t().contiguous()
+        for u in uses:
+            vmap[u].replace_all_uses_with(q)
+            graph.erase_node(vmap[u])
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    idx = [i for i, _, _ in found]
+    _STATS["transposed_data"] += len(idx)
+    return new, idx, list(example_inputs) + [example_inputs[i].t().contiguous() for i in idx]
+
+
+#: id(tensor) -> (weak reference, version, contiguous transpose), dropped with the tensor
+_TCACHE: dict[int, tuple[Any, int, torch.Tensor]] = {}
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """t.t().contiguous(), computed once per data tensor (and again if it is modified in place)."""
+    key = id(t)
+    hit = _TCACHE.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    tt = t.detach().t().contiguous()
+    _TCACHE[key] = (weakref.ref(t, lambda _, key=key: _TCACHE.pop(key, None)), t._version, tt)
+    return tt
+
+
+#: the data layout of the estimator kernels: cached transposes of data read transposed, and the
+#: _ThinProducts pass (inductor); False compiles the objective's products as written
+settings["data_layout"] = True
+
+_EST: ContextVar[bool] = ContextVar("bilevel_compiled_estimators", default=False)
+_WARNED: set[str] = set()
+
+
+def estimators_compiled() -> bool:
+    """True inside ``bl.compile(est)(...)`` (estimators then take their compiled paths)."""
+    return _EST.get() and not torch.compiler.is_compiling()
+
+
+def _step_impl(inner: Dynamics) -> Callable[..., Any]:
+    """(G, xs, state) -> (Φ(x, state), ∇_y g at the step's point, Σ of the new iterate)."""
+
+    def impl(fn: Objective, xs, state):
+        state = tuple(state)
+        ny = len(state) // inner.slots
+        dyn = inner.bind(T.unflatten(xs, fn.xspec), T.unflatten(state[:ny], fn.yspec))
+        grad = O.f_grad_y(fn, xs, dyn.point(state))
+        new = tuple(dyn.update(state, grad, 0))
+        return new, grad, _summary(new[:ny])
+
+    return impl
+
+
+def _estimator_kernel(kind: str, fn: Objective, inner: Dynamics | None = None) -> Callable:
+    per_problem = _CACHE.setdefault(fn.problem, {})
+    key = ("estimator", kind, fn.level, fn.xspec, fn.yspec, settings["backend"], settings["mode"],
+           settings["data_layout"], inner)
+    k = per_problem.get(key)
+    if k is None:
+        impl = _step_impl(inner) if kind == "step" else _IMPL[kind]
+        k = per_problem[key] = _Kernel(kind, fn, impl, backend=_estimator_backend)
+    batch = fn.batch
+    return lambda xs, ys, *extra: k(batch, xs, ys, *extra)
+
+
+def why_not(bound: Any, inner: Dynamics | None) -> str | None:
+    """Why the compiled estimator path cannot run this problem with these dynamics (None: it can)."""
+    from .inner import GD, Momentum, Nesterov
+
+    if O._reducer() is not None:
+        return "data-parallel oracles (a process group is active)"
+    if bound.carries:
+        return "the problem carries buffers through the lower dynamics"
+    if not isinstance(bound.G, Objective):
+        return "the lower objective is not a bilevel Objective"
+    if inner is None:
+        return None
+    name = type(inner).__name__
+    if type(inner).update not in (GD.update, Momentum.update, Nesterov.update):
+        return (f"the step of {name} depends on the step index k (one compiled step serves every "
+                "k only for GD, Momentum and Nesterov/ISTA with a constant momentum)")
+    for hp, (kind, _) in inner._hp.items():
+        if kind not in ("const", "x"):
+            return f"{name}.{hp} changes with the step index k (a per-step schedule)"
+    return None
+
+
+def fallback(est: Any, reason: str, instead: str = "its eager path with per-oracle kernels") -> None:
+    """Say once per (estimator class, reason) that the compiled path is not taken, and why."""
+    msg = (f"bilevel compiled mode: {type(est).__name__} runs {instead} instead of compiled "
+           f"inner steps (reason: {reason})")
+    _STATS["fallbacks"] += 1
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        _FALLBACK_REASONS.append(msg)
+        warnings.warn(msg, CompileFallbackWarning, stacklevel=4)
+
+
+def unroll(G: Objective, inner: Dynamics, xs: T.Leaves, state: T.Leaves, steps: int, *,
+           start: int = 0, level: str = "lower", track: bool = True
+           ) -> tuple[T.Leaves, dict[str, Any]]:
+    """:func:`bilevel.inner.unroll` of ``inner`` on ∇_y G with each step one compiled kernel
+    (differentiable in ``xs`` and ``state`` by the kernel's compiled backward when they require
+    grad). Same result, finiteness check, ``info`` and oracle counts (``steps`` gradients)."""
+    k = _estimator_kernel("step", G, inner)
+    O.record(G, "grad", times=steps)
+    sums, grad = [], None
+    for _ in range(steps):
+        state, grad, s = k(xs, state)
+        sums.append(s)
+    if track:
+        bad = first_nonfinite(sums)
+        if bad is not None:
+            raise nonfinite_error(inner, level, start + bad + 1)
+    info: dict[str, Any] = {"steps": steps}
+    if grad is not None and track:
+        info["last_grad_norm"] = float(T.norm(T.detach(grad)))
+    return tuple(state), info
+
+
+class Linearization(O.Linearization):
+    """:class:`bilevel.oracles.Linearization` with (g, ∇_y g) at (x, y) one compiled kernel: its
+    compiled backward (AOT autograd, residuals kept) is every product H v, J^T v, (H v, J^T v)."""
+
+    def __init__(self, fn: Objective, xs: T.Leaves, ys: T.Leaves):
+        self.fn = fn
+        self._pending = None
+        O.record(fn, "grad")
+        self._mode = "autograd"
+        k = _estimator_kernel("value_grad_y_graph", fn)
+        with torch.enable_grad():
+            self.xs, self.ys = T.requires_grad(xs), T.requires_grad(ys)
+            val, self._gy = k(self.xs, self.ys)
+        self.value, self.grad_y = val.detach(), T.detach(self._gy)
+
+    def cross_t(self, u: T.Leaves) -> T.Leaves:
+        """J u by ``torch.func.jvp`` (a compiled backward cannot be differentiated again)."""
+        O.record(self.fn, "cross")
+        return O.f_cross_t(self.fn, T.detach(self.xs), T.detach(self.ys), tuple(u))
+
+
 class Compiled:
     """``bl.compile(est)``: the estimator ``est`` with its oracles compiled (same call, same
     result to floating-point rounding). Attribute access is forwarded to ``est``."""
@@ -178,8 +447,13 @@ class Compiled:
         self.estimator = est
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with O.backend("compiled"):
+        with O.backend("compiled"), _estimators_on():
             return self.estimator(*args, **kwargs)
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        """``est.apply`` (what solvers call on their bound problem), compiled."""
+        with O.backend("compiled"), _estimators_on():
+            return self.estimator.apply(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name == "estimator":
@@ -200,6 +474,15 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"compile({self.estimator!r})"
+
+
+@contextlib.contextmanager
+def _estimators_on() -> Iterator[None]:
+    token = _EST.set(True)
+    try:
+        yield
+    finally:
+        _EST.reset(token)
 
 
 def compile(est: Any) -> Compiled:  # noqa: A001 - the public name is bl.compile

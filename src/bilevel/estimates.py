@@ -29,7 +29,9 @@ from . import _tree as T
 from . import linalg
 from . import oracles as O
 from ._rng import advancing
-from .inner import GD, unroll
+from ._trace import tracing
+from .inner import GD, _batched, _summary, nonfinite_error, unroll
+from .validation import first_nonfinite
 
 __all__ = [
     "Schedule", "neumann_hypergradient", "storm", "spider", "SagaTable",
@@ -89,17 +91,21 @@ def neumann_hypergradient(
     cheaper per HVP). Its expectation is not that of the fresh-batch estimator: E[(I − ηH_B)^q]
     ≠ (I − ηH)^q for q ≥ 2 (the powers of one random matrix), so it is biased even as Q → ∞
     (towards E[H_B⁻¹] rather than H⁻¹), the bias shrinking with the batch size.
+
+    The series' residual norms are read once, after the Q products (``check_every=Q`` of
+    :func:`bilevel.linalg.neumann`: no host read per product); the returned v is the same as with a
+    read per product, but a series that breaks down has then drawn its remaining batches.
     """
     _, gx, gy = O.grads(F, xs, ys)
     if shared:
         lin = O.Linearization(G_batch(), xs, ys)
-        v, info = linalg.neumann(lin.hvp, gy, iters=Q, alpha=eta)
+        v, info = linalg.neumann(lin.hvp, gy, iters=Q, alpha=eta, check_every=max(Q, 1))
         jv = lin.cross(v) if G_cross is None else O.cross(G_cross, xs, ys, v)
     else:
         def matvec(p: T.Leaves) -> T.Leaves:
             return O.hvp(G_batch(), xs, ys, p)
 
-        v, info = linalg.neumann(matvec, gy, iters=Q, alpha=eta)
+        v, info = linalg.neumann(matvec, gy, iters=Q, alpha=eta, check_every=max(Q, 1))
         jv = O.cross(G_batch() if G_cross is None else G_cross, xs, ys, v)
     info["v"] = v
     return T.sub(gx, jv), info
@@ -129,10 +135,10 @@ class SagaTable:
         self.mean: T.Leaves = base
 
     def update(self, i: int, g: T.Leaves) -> T.Leaves:
-        old = self.memory[i]
-        direction = T.add(T.sub(g, old), self.mean)
-        self.mean = T.axpy(1.0 / self.n, T.sub(g, old), self.mean)
-        self.memory[i] = T.detach(g)
+        diff = T.sub(g, self.memory[i])
+        direction = T.add(diff, self.mean)
+        self.mean = T.axpy(1.0 / self.n, diff, self.mean)
+        self.memory[i] = g if not any(t.requires_grad for t in g) else T.detach(g)
         return direction
 
     def state_dict(self) -> dict[str, Any]:
@@ -256,6 +262,23 @@ def momentum_weight(schedule: Schedule, t: int) -> float:
 # --- added for the SGD-type solvers (stocBiO, BSA, AmIGO, alternating SGD, ...) ----------------------
 
 
+_GD_CACHE: dict[tuple, GD] = {}
+
+
+def _gd(lr: float, steps: int, projection: Callable[[Any], Any] | None) -> GD:
+    """``GD(lr, steps, projection)``, built once per value (a constant step builds one per run, not
+    one per outer iteration: the constructor validates its hyperparameters, ~25 µs)."""
+    if type(lr) is not float:
+        return GD(lr=lr, steps=steps, projection=projection)
+    key = (lr, steps, projection)
+    dyn = _GD_CACHE.get(key)
+    if dyn is None:
+        if len(_GD_CACHE) >= 64:  # schedules make a new value every step
+            _GD_CACHE.clear()
+        dyn = _GD_CACHE[key] = GD(lr=lr, steps=steps, projection=projection)
+    return dyn
+
+
 def sgd_lower(
     G_batch: Callable[[], O.Fn], xs: T.Leaves, ys: T.Leaves, *, steps: int, lr: float,
     projection: Callable[[Any], Any] | None = None,
@@ -263,8 +286,22 @@ def sgd_lower(
     """``steps`` SGD steps on the lower level at fixed x, a fresh batch each:
     y ← P(y − lr ∇_y G(x, y; B_t)) (the inner loop of BSA, stocBiO, AmIGO) — :class:`bilevel.inner.GD`
     run by :func:`bilevel.inner.unroll`, so a blow-up is reported with its inner step."""
-    dyn = GD(lr=lr, steps=steps, projection=projection)
-    state, _ = unroll(dyn, lambda y, k: O.grad_y(G_batch(), xs, y), dyn.init(ys), steps)
+    dyn = _gd(lr, steps, projection)
+    if type(lr) is float and O._eager() and not tracing() and not _batched(ys[0]):
+        # unroll(GD) written out (the same operations, a few Python calls per step fewer — a
+        # loop of small oracle calls pays each one): y ← P(y − lr ∇_y G), one finiteness
+        # summary per step, one read at the end
+        y, sums = tuple(ys), []
+        for _ in range(steps):
+            y = T.axpy(-lr, O.grad_y(G_batch(), xs, y), y)
+            if projection is not None:
+                y = tuple(projection(t) for t in y)
+            sums.append(_summary(y))
+        bad = first_nonfinite(sums)
+        if bad is not None:
+            raise nonfinite_error(dyn, "lower", bad + 1)
+        return y
+    state, _ = unroll(dyn, lambda y, k: O.grad_y(G_batch(), xs, y), dyn.init(ys), steps, grad_norm=False)
     return dyn.output(state)
 
 

@@ -554,10 +554,21 @@ def _batched(t: Tensor) -> bool:
 def _summary(leaves: T.Leaves) -> Tensor:
     """Σ of every entry of the iterate: finite iff no entry is NaN/inf (barring an overflow of the
     sum itself); one scalar per step for the batched check of :func:`unroll`."""
-    out = leaves[0].detach().sum()
+    t = leaves[0]
+    out = (t.detach() if t.requires_grad else t).sum()
     for t in leaves[1:]:
-        out = out + t.detach().sum()
+        out = out + (t.detach() if t.requires_grad else t).sum()
     return out
+
+
+def nonfinite_error(dyn: Dynamics, level: str, step: int) -> NonFiniteError:
+    """The error of :func:`unroll` for a first non-finite iterate at ``step`` (1-based)."""
+    return NonFiniteError(
+        f"non-finite values (NaN/inf) in the {level}-level iterate at step {step} of "
+        f"{type(dyn).__name__} (lr={dyn.lr}); reduce the step size or check the objective",
+        level=level,
+        step=step,
+    )
 
 
 def unroll(
@@ -571,6 +582,7 @@ def unroll(
     track: bool = True,
     carry: Callable[[int, T.Leaves, Any], Any] | None = None,
     buffers: Any = None,
+    grad_norm: bool = True,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Run ``steps`` updates from ``state`` (step counter starting at ``start``).
 
@@ -582,7 +594,8 @@ def unroll(
     ``carry(k, point, buffers) -> buffers`` (with the starting ``buffers``) carries state beside
     the iterate — BatchNorm running statistics, see :class:`bilevel.modules.Buffers` — updated at
     the same point as the gradient of step k, outside any graph; the final value is returned as
-    ``info["buffers"]``.
+    ``info["buffers"]``. ``grad_norm=False``: no ``info["last_grad_norm"]`` (a norm and a host read
+    a caller that discards ``info`` need not pay).
     """
     sums: list[Tensor] = []
     last_grad: T.Leaves | None = None
@@ -604,18 +617,12 @@ def unroll(
         track = False
     bad = first_nonfinite(sums) if track and not tracing() else None
     if bad is not None:
-        step = start + bad + 1
-        raise NonFiniteError(
-            f"non-finite values (NaN/inf) in the {level}-level iterate at step {step} of "
-            f"{type(dyn).__name__} (lr={dyn.lr}); reduce the step size or check the objective",
-            level=level,
-            step=step,
-        )
+        raise nonfinite_error(dyn, level, start + bad + 1)
     info: dict[str, Any] = {"steps": steps}
     if carry is not None:
         info["buffers"] = buffers
     # track=False or inside a plain vmap: no host synchronisation (traced: a tensor)
-    if last_grad is not None and (tracing() or (track and not _batched(last_grad[0]))):
+    if grad_norm and last_grad is not None and (tracing() or (track and not _batched(last_grad[0]))):
         info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))
     return state, info
 

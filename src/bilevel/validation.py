@@ -122,7 +122,8 @@ def first_nonfinite(sums: Sequence[Tensor]) -> int | None:
     """Index of the first non-finite entry of a list of per-step scalar summaries (one sync)."""
     if not sums:
         return None
-    ok = torch.isfinite(torch.stack([s.detach().reshape(()) for s in sums]))
-    if bool(ok.all()):
+    flat = torch.stack([s if s.dim() == 0 and not s.requires_grad else s.detach().reshape(())
+                        for s in sums])
+    if float(flat.mul(0).sum()) == 0.0:  # 0·s is 0 for finite s, NaN for ±inf / NaN: one read
         return None
-    return int((~ok).nonzero()[0, 0])
+    return int((~torch.isfinite(flat)).nonzero()[0, 0])

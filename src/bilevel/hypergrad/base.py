@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .. import _tree as T
+from .. import compiled as C
 from .. import oracles as O
 from .._rng import seeded_generator  # noqa: F401 - re-exported (estimators' seeding)
 from ..errors import ConfigError
@@ -77,6 +78,10 @@ def solve_lower(
             info["buffers"] = bound.buffers0
         return T.detach(ys0), info
     n = dyn.steps if steps is None else steps
+    if C.estimators_compiled() and (not carry or not bound.carries) and C.why_not(bound, dyn) is None:
+        with torch.no_grad():  # bl.compile(est): each step one compiled kernel
+            state, info = C.unroll(bound.G, dyn, xs, dyn.init(ys0), n)
+        return T.detach(dyn.output(state)), info
     dyn = dyn.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))  # hyperparameters may depend on x
     with torch.no_grad():
         state, info = unroll(dyn, lower_grad_fn(bound, xs, create_graph=False), dyn.init(ys0), n,

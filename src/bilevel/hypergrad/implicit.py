@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from .. import _tree as T
+from .. import compiled as C
 from .. import linalg
 from .. import oracles as O
 from .._trace import require, scalar, tracing
@@ -137,13 +138,23 @@ class Implicit(Estimator):
         raise NotImplementedError
 
     def compute(self, bound: Bound, state: dict[str, Any]):
+        if C.estimators_compiled():
+            why = C.why_not(bound, self.inner)
+            if why is None and not isinstance(self, Exact):
+                with O.backend("autograd"):  # compiled inner steps and linearization
+                    return self._compute(bound, state, C.Linearization)
+            if why is not None:
+                C.fallback(self, why)
+        return self._compute(bound, state, O.Linearization)
+
+    def _compute(self, bound: Bound, state: dict[str, Any], linearize: type[O.Linearization]):
         xs = bound.xs
         if bound.y_fn is not None and not state.get("start_warned", False):
             _warn_start(self)
             state["start_warned"] = True
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
         fval, gx, b = O.grads(bound.upper_with(info), xs, ys)  # (f with the carried buffers)
-        lin = O.Linearization(bound.G, xs, ys)
+        lin = linearize(bound.G, xs, ys)
         check_finite_groups([
             ("upper", "f, ∇_x f or ∇_y f at the lower point", (fval, *gx, *b)),
             ("lower", "g or ∇_y g at the lower point", (lin.value, *lin.grad_y)),

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _tree as T
+from .. import compiled as C
 from .. import oracles as O
 from ..formulation import Bound
 from ..inner import Dynamics, GradFn, unroll
@@ -83,7 +84,32 @@ class Reverse(Estimator):
         """The inner dynamics with hyperparameters evaluated at x (differentiable when xs is)."""
         return self.inner.bind(bound.x_tree(xs), bound.y_tree(bound.ys0))
 
+    def _unroll(self, bound: Bound, xs: T.Leaves, s: T.Leaves, n: int, *, graph: bool,
+                start: int = 0, carry=None, buffers=None, track: bool = True):
+        """n steps of the bound dynamics from state s (with a graph for ``graph``)."""
+        return unroll(self._bind(bound, xs), self._direction(bound, xs, create_graph=graph), s, n,
+                      start=start, carry=carry, buffers=buffers, track=track)
+
+    def _unroll_compiled(self, bound: Bound, xs: T.Leaves, s: T.Leaves, n: int, *, graph: bool,
+                         start: int = 0, carry=None, buffers=None, track: bool = True):
+        """:meth:`_unroll` with each step one compiled kernel (``bl.compile(est)``): its compiled
+        backward is the reverse sweep's (∂_y Φ)^T a and (∂_x Φ)^T a (no double backward)."""
+        assert carry is None  # (why_not excludes carried buffers)
+        return C.unroll(bound.G, self.inner, xs, s, n, start=start, track=track)
+
     def compute(self, bound: Bound, state: dict):
+        if C.estimators_compiled():
+            why = ("a custom step direction (grad_fn)" if self.grad_fn is not None
+                   else C.why_not(bound, self.inner))
+            if why is None:
+                with O.backend("autograd"):  # the derivative: autograd chaining compiled steps
+                    return self._compute(bound, state, self._unroll_compiled)
+            C.fallback(self, why, "eagerly (autograd)")
+            with O.backend("autograd"):  # (per-oracle kernels cannot be differentiated twice)
+                return self._compute(bound, state, self._unroll)
+        return self._compute(bound, state, self._unroll)
+
+    def _compute(self, bound: Bound, state: dict, run: Callable[..., tuple]):
         steps = self.inner.steps
         K = steps if self.truncate is None else int(self.truncate)
         xs = bound.xs
@@ -94,9 +120,8 @@ class Reverse(Estimator):
         b_start = bound.buffers0
         if steps > K:  # T-RHG: the first T-K steps carry no derivative
             with torch.no_grad():
-                s_trunc, tinfo = unroll(dyn, self._direction(bound, xs, create_graph=False),
-                                        dyn.init(bound.init(xs)), steps - K, carry=carry,
-                                        buffers=b_start)
+                s_trunc, tinfo = run(bound, xs, dyn.init(bound.init(xs)), steps - K, graph=False,
+                                     carry=carry, buffers=b_start)
             s_trunc = T.detach(s_trunc)
             b_start = tinfo.get("buffers")
         if self.wrt_init and bound.y_fn is not None:
@@ -112,12 +137,11 @@ class Reverse(Estimator):
         if self.checkpoint:
             seg = int(self.checkpoint) if not isinstance(self.checkpoint, bool) else 0
             gw, s_T, info = self._checkpointed(bound, w0, start_state, K, steps - K, seg,
-                                               carry, b_start)
+                                               carry, b_start, run)
         else:
             def loss(w: T.Leaves):  # f at the end of the unrolled graph (the union's f, sharded)
-                s_T, info = unroll(self._bind(bound, w[:nx]),
-                                   self._direction(bound, w[:nx], create_graph=True),
-                                   start_state(w), K, start=steps - K, carry=carry, buffers=b_start)
+                s_T, info = run(bound, w[:nx], start_state(w), K, graph=True, start=steps - K,
+                                carry=carry, buffers=b_start)
                 F = bound.upper_with(info)  # f reading the buffers after the last step
                 return O.objective(F, w[:nx], dyn.output(s_T)), (T.detach(s_T), info)
 
@@ -131,15 +155,16 @@ class Reverse(Estimator):
         info.update(steps=steps, truncate=K, checkpoint=bool(self.checkpoint))
         return T.detach(gx), T.detach(dyn.output(s_T)), info, state
 
-    def _checkpointed(self, bound, w0, start_state, K, start, seg, carry=None, buffers=None):
+    def _checkpointed(self, bound, w0, start_state, K, start, seg, carry=None, buffers=None,
+                      run=None):
         """Segmented reverse sweep: store ⌈K/c⌉ states, recompute each segment with a graph
         (the buffers are carried in the forward sweep only: recomputation never steps them)."""
+        run = self._unroll if run is None else run
         dyn = self._bind(bound, bound.xs)
         xs = bound.xs
         nx = len(xs)
         c = seg if seg > 0 else max(1, math.isqrt(K - 1) + 1 if K > 1 else 1)
         bounds = list(range(0, K, c)) + [K]
-        nograd = self._direction(bound, xs, create_graph=False)
         with torch.no_grad():
             s = T.detach(start_state(w0))
         saved = []
@@ -147,8 +172,8 @@ class Reverse(Estimator):
         with torch.no_grad():
             for a, b in zip(bounds[:-1], bounds[1:]):
                 saved.append(s)
-                s, info = unroll(dyn, nograd, s, b - a, start=start + a, carry=carry,
-                                 buffers=buffers)
+                s, info = run(bound, xs, s, b - a, graph=False, start=start + a, carry=carry,
+                              buffers=buffers)
                 buffers = info.get("buffers")
         s_T = s
         ns = len(s_T)
@@ -160,9 +185,8 @@ class Reverse(Estimator):
             a, b = bounds[i], bounds[i + 1]
 
             def segment(w: T.Leaves, a: int = a, b: int = b) -> T.Leaves:
-                direction = self._direction(bound, w[:nx], create_graph=True)
-                return unroll(self._bind(bound, w[:nx]), direction, w[nx:], b - a, start=start + a,
-                              track=False)[0]
+                return run(bound, w[:nx], w[nx:], b - a, graph=True, start=start + a,
+                           track=False)[0]
 
             g = O.vjp(segment, xs + saved[i], adj)
             gx = T.add(gx, g[:nx])

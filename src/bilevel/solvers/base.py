@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import _tree as T
 from .. import oracles as O
 from ..errors import BilevelError, ConfigError, InexactResumeWarning
-from ..formulation import Bound, Problem
+from ..formulation import Bound, Objective, Problem
 from ..inner import Dynamics, with_projection
 from ..sampling import Sampler, as_sampler
 from ..validation import check_compatible, check_finite, check_variables
@@ -94,10 +94,12 @@ class Context:
         return self.F(self.upper_batch())
 
     def F(self, batch: Any = None, buffers: Any = None):
+        if buffers is None and self.problem.buffers is None:  # what bound(...).F builds, directly
+            return Objective(self.problem, "upper", batch, self.xspec, self.yspec)
         return self.bound((), (), upper_batch=batch, buffers=buffers).F
 
     def G(self, batch: Any = None):
-        return self.bound((), (), lower_batch=batch).G
+        return Objective(self.problem, "lower", batch, self.xspec, self.yspec)  # = bound(...).G
 
     # projections --------------------------------------------------------------------------
     def project_x(self, xs: T.Leaves) -> T.Leaves:
@@ -235,10 +237,12 @@ def copy_state(obj: Any) -> Any:
         return type(obj)({k: dict(v) for k, v in obj.items()})
     if isinstance(obj, dict):  # other small dict subclasses
         return copy.deepcopy(obj)
-    if isinstance(obj, list):
-        return [copy_state(v) for v in obj]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(copy_state(v) for v in obj)
+    if isinstance(obj, list):  # (tensors inline: a SAGA memory holds one per batch)
+        return [v if type(v) is Tensor else copy_state(v) for v in obj]
+    if type(obj) is tuple:  # immutable: shared as is when it holds only tensors (flat leaves)
+        if all(type(v) is Tensor for v in obj):
+            return obj
+        return tuple([copy_state(v) for v in obj])
     if (type(obj).__module__.startswith("bilevel.") and hasattr(obj, "__dict__")
             and not isinstance(obj, (Solver, Dynamics))):
         out = copy.copy(obj)
@@ -364,23 +368,31 @@ def _host(metrics: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()}
 
 
-def _finite_summary(xs: T.Leaves, ys: T.Leaves) -> Tensor:
-    """[x all finite, y all finite] as a device tensor (no host sync)."""
-    def fin(ts: T.Leaves) -> Tensor:
-        return torch.stack([torch.isfinite(t).all() for t in ts]).all()
+def _zero_sum(ts: T.Leaves) -> Tensor:
+    """Σ 0·t over every entry: exactly 0 when all are finite, NaN as soon as one is ±inf or NaN
+    (two kernels per leaf; ``isfinite(t).all()`` costs several)."""
+    out = ts[0].mul(0).sum()
+    for t in ts[1:]:
+        out = out + t.mul(0).sum()
+    return out
 
-    return torch.stack([fin(xs), fin(ys)])
+
+def _finite_summary(xs: T.Leaves, ys: T.Leaves) -> Tensor:
+    """[x all finite, y all finite] encoded as [0 or NaN, 0 or NaN], a device tensor (no host
+    sync; see :func:`_zero_sum`)."""
+    return torch.stack([_zero_sum(xs), _zero_sum(ys)])
 
 
 def _check_pending(pending: list[Tensor], last_step: int) -> None:
     """One host sync for the summaries of the last len(pending) steps; raise at the first bad one."""
     if not pending:
         return
-    ok = torch.stack(pending)
+    codes = pending[0] if len(pending) == 1 else torch.stack(pending)
     k = len(pending)
     pending.clear()
-    if bool(ok.all()):
+    if float(codes.sum()) == 0.0:
         return
+    ok = (codes == 0).reshape(k, 2)
     i, j = (int(v) for v in (~ok).nonzero()[0])
     check_finite([torch.tensor(float("nan"))], *(("upper", "the upper variable x") if j == 0
                  else ("lower", "the lower variable y")), step=last_step - k + 1 + i)

@@ -3,6 +3,7 @@
     python -m bilevel.bench stochastic                 # = bilevel bench stochastic (full default run)
     python -m bilevel.bench stochastic --quick --out /tmp/q.md --img /tmp/img   (seconds; smoke test)
     python -m bilevel.bench stochastic --grid hyperclean --solvers MRBO,VRBO [--write]
+    python -m bilevel.bench stochastic --whole-iteration [--solvers StocBiO,BSA] [--rounds 3]
 
 For every problem (one TOML file per problem in ``bilevel/bench/configs/stochastic/``) and every
 solver listed there, each seed runs :func:`bilevel.solve` until the solver's own clock (which
@@ -25,6 +26,10 @@ for SAGA-type memories, ``batch_size`` overrides the problem's). ``[solvers.NAME
 candidate values (dotted keys reach into schedules, e.g. ``"lr_x.c" = [0.01, 0.1]``) for
 ``--grid``: a coordinate search (one key at a time) on short budgets that prints (``--write``:
 stores) the best values.
+
+``--whole-iteration`` times each solver's outer iteration against a hand-written loop of bare
+``torch.autograd.grad`` calls doing the same iteration, alternately in one process
+(:mod:`.whole`; its own options follow the flag).
 
 Layout: :mod:`.problem` (the per-problem configurations and builders) → :mod:`.measure` (timed
 runs, evaluation, aggregation, per-iteration cost, grid search) → :mod:`.report` (figures and the
@@ -80,13 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", help="folder of <problem>.toml files (default: the packaged configs)")
     p.add_argument("--replot", action="store_true",
                    help="only redraw the figures and rewrite the report from the saved JSON results")
+    p.add_argument("--whole-iteration", action="store_true",
+                   help="time whole iterations against bare-autograd loops instead (bench.stochastic.whole)")
     p.add_argument("--fresh", action="store_true",
                    help="do not keep results of problems / solvers / timing from the previous JSON")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--whole-iteration" in argv:
+        from .whole import main as whole_main
+
+        return whole_main([a for a in argv if a != "--whole-iteration"])
+    args = build_parser().parse_args(argv)
     one_thread()
     config_dir = Path(args.config_dir) if args.config_dir else None
     only = args.solvers.split(",") if args.solvers else None
@@ -144,8 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in timing:
                 print(f"  timing {r['solver']:22s} " + (f"{r['ms']:.3g} ms/iter, overhead {r['overhead']:.2f}"
                                                         if "error" not in r else r["error"]), flush=True)
-    command = "python -m bilevel.bench stochastic " + " ".join(
-        a for a in (list(sys.argv[1:] if argv is None else argv)))
+    command = "python -m bilevel.bench stochastic " + " ".join(argv)
     raw_path = out_path.with_suffix(".json")
     if raw_path.exists() and not args.quick and not args.fresh:  # keep what this call did not redo
         old = json.loads(raw_path.read_text())
