@@ -109,6 +109,19 @@ def counting(counts: OracleCounts | None = None) -> Iterator[OracleCounts]:
         _ACTIVE.reset(token)
 
 
+@contextmanager
+def batched(k: int) -> Iterator[None]:
+    """Count the block's oracle calls ``k`` times: under ``torch.func.vmap`` over k points the
+    Python code, and so each oracle's count, runs once for all k."""
+    outer = _ACTIVE.get()
+    with counting() as c:
+        yield
+    if outer is not None:
+        for level, kinds in c.items():
+            for kind, n in kinds.items():
+                outer.add(level, kind, n * k)
+
+
 BACKENDS = ("autograd", "func", "compiled")
 _BACKEND: ContextVar[str] = ContextVar("bilevel_oracle_backend", default="autograd")
 

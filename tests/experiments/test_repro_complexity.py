@@ -120,9 +120,9 @@ def test_fast_survey_memory_orders_follow_the_math(fast_run):
 
 
 def test_mrbo_zo_lower_calls_count_every_perturbed_trajectory():
-    """MRBO-ZO's row adds the lower calls the counter misses (its Q+1 trajectories run under one
-    vmap and are counted as one): :func:`mrbo_zo_lower_calls` equals the count of the same solver
-    with the trajectories run, and counted, one at a time — and that solver takes the same steps."""
+    """MRBO-ZO's Q+1 trajectories run under one vmap: :func:`mrbo_zo_lower_calls` equals the
+    count of the batched solver (each vmapped trajectory counted) and of the same solver with the
+    trajectories run, and counted, one at a time — and that solver takes the same steps."""
     from bilevel.estimates import replay, sgd_lower
     from bilevel.hypergrad.zeroth_order import zeroth_order_hypergradient
     from bilevel.solvers import solve
@@ -149,4 +149,5 @@ def test_mrbo_zo_lower_calls_count_every_perturbed_trajectory():
                          upper_data=up, track=False))
     assert torch.allclose(out[0].x, out[1].x, rtol=0, atol=1e-12)
     assert out[1].state["counts"].total("lower") == R.mrbo_zo_lower_calls(3, c)
+    assert out[0].state["counts"].total("lower") == R.mrbo_zo_lower_calls(3, c)  # vmap counted
     assert out[1].state["counts"].total("upper") == out[0].state["counts"].total("upper") == batch * 5

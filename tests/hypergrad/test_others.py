@@ -305,11 +305,17 @@ def test_core_hard_codes_no_device():
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_zeroth_order_batched_equals_one_by_one(chunk):
     """One vmapped unroll over all directions (unperturbed folded in, in chunks) gives the estimate
-    of the one-trajectory-at-a-time loop to float64 rounding."""
+    of the one-trajectory-at-a-time loop to float64 rounding, and the same oracle counts."""
     ref = mixed()
     dyn = bl.inner.Momentum(lr=ref.lr, steps=5, momentum=0.5)
-    loop = ZerothOrder(inner=dyn, samples=7, mu=1e-3, seed=3, batched=False)(ref.problem, ref.x, ref.y0)
-    batch = ZerothOrder(inner=dyn, samples=7, mu=1e-3, seed=3, chunk=chunk)(ref.problem, ref.x, ref.y0)
+    with bl.oracles.counting() as c_loop:
+        loop = ZerothOrder(inner=dyn, samples=7, mu=1e-3, seed=3, batched=False)(ref.problem, ref.x,
+                                                                                  ref.y0)
+    with bl.oracles.counting() as c_batch:
+        batch = ZerothOrder(inner=dyn, samples=7, mu=1e-3, seed=3, chunk=chunk)(ref.problem, ref.x,
+                                                                                 ref.y0)
+    # every vmapped trajectory is counted (7 perturbed + 1 unperturbed, 5 steps each)
+    assert c_batch == c_loop and c_batch.flat()["lower_grad"] > 0
     torch.testing.assert_close(batch.info["directions"], loop.info["directions"], rtol=0, atol=0)
     torch.testing.assert_close(batch.y, loop.y, rtol=1e-13, atol=1e-14)
     # δ_j = (y_j − y_0)/μ amplifies rounding of y by 1/μ: 1e-16 · 1e3 relative

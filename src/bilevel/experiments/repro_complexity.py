@@ -117,8 +117,8 @@ class Algo:
     schedule: str
     make: Callable[[float | None, dict[str, Any]], tuple[Any, int, str]]
     per_eps: bool = False
-    #: per-sample lower-level calls after t iterations, where the counter misses some (see
-    #: :func:`mrbo_zo_lower_calls`); the row uses the larger of this and the counted number
+    #: per-sample lower-level calls after t iterations by formula (see :func:`mrbo_zo_lower_calls`;
+    #: the counter once missed some); the row uses the larger of this and the counted number
     lower_calls: Callable[[int, dict[str, Any]], int] | None = None
     #: the iteration cap of a horizon-free run, when the config's ``max_iters`` is too small
     max_iters: int | None = None
@@ -176,9 +176,9 @@ def mrbo_zo_lower_calls(t: int, c: dict[str, Any]) -> int:
     """Per-sample lower-level gradients of MRBO-ZO after t ≥ 1 iterations: per iteration ∇_y G at the
     current and the previous point (2) and two hypergradient estimates (current and previous point,
     the STORM pair; one at t = 1) of Q+1 trajectories of N SGD steps each, on batches of b:
-    b·[(2 + 2(Q+1)N)·t − (1 + (Q+1)N)]. The oracle counter sees the Q+1 trajectories, which run
-    under one ``torch.func.vmap``, as one (it counts N per estimate), so the row uses this formula
-    (tested against a count with the trajectories run one at a time)."""
+    b·[(2 + 2(Q+1)N)·t − (1 + (Q+1)N)]. The oracle counter saw the Q+1 trajectories, which run
+    under one ``torch.func.vmap``, as one until ``oracles.batched`` fixed it; the formula stays as
+    an independent check (tested against the counter, batched and one trajectory at a time)."""
     n, q, b = _qmin(c), ZO_SAMPLES, c["batch"]
     return b * ((2 + 2 * (q + 1) * n) * t - (1 + (q + 1) * n))
 

@@ -149,13 +149,8 @@ def vmap(
     in_dims = (0 if x_batched else None, None if y_fn is not None else 0, _in_dims(ub), _in_dims(lb),
                st_dims)
     fn = torch.func.vmap(one, in_dims=in_dims, out_dims=(0, 0, 0, 0, None, 0), randomness="same")
-    outer = O._ACTIVE.get()
-    with O.counting() as counts:
+    with O.batched(B):  # the traced function runs once: B tasks' worth of oracle calls
         grad, ys, info_t, pt_t, sh_t, flags = fn(x, None if y_fn is not None else y, ub, lb, st_leaves)
-    if outer is not None:  # the traced function ran once: B tasks' worth of oracle calls
-        for level, kinds in counts.items():
-            for kind, n in kinds.items():
-                outer.add(level, kind, n * B)
     if flags.numel() and not bool(flags.all()):
         bad = (~flags).nonzero()
         i, j = int(bad[0, 0]), int(bad[0, 1])

@@ -178,7 +178,8 @@ def batched_lower(
         D = T.from_vector(U[lo : lo + size], xs)
         Xp = tuple(x + mu * d for x, d in zip(xs, D))
         # (traced: checks inside this inner vmap cannot leave it; Y is checked below instead)
-        with O.backend("func"), (traced() if tracing() else contextlib.nullcontext()):
+        with O.backend("func"), (traced() if tracing() else contextlib.nullcontext()), \
+                O.batched(D[0].shape[0]):  # (vmap: one count per oracle for all the trajectories)
             outs.append(tuple(torch.func.vmap(lambda *x: tuple(run_lower(tuple(x))))(*Xp)))
     Y = tuple(torch.cat(parts) for parts in zip(*outs))
     if tracing():  # under hypergrad.vmap: checked per task after the transform
