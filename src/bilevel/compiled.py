@@ -16,8 +16,20 @@ estimator gets them without a line of its own changed:
   Errors the objective raises in eager mode too (e.g. a non-scalar output) propagate unchanged.
 
 The per-iteration arithmetic of the algorithms (axpy's, schedules) stays eager; only the
-differentiation work is compiled. Objectives that are not a :class:`bilevel.formulation.Objective`
-(have no stable identity to cache a kernel on) run in their eager ``torch.func`` form.
+differentiation work is compiled.
+
+Estimators (``bl.compile(est)``) go further: ``Reverse`` and the lower solve of the implicit
+estimators run each block of ``settings["steps_per_kernel"]`` inner steps as one kernel (the step
+Φ(x, y) = update(y, ∇_y g(x, y)) with its ∇_y g by ``torch.func.grad``), whose compiled backward
+(AOT autograd) is the reverse sweep; the implicit estimators' H- and Jᵀ-products are the compiled
+backward of one ∇_y g kernel at y_T (:class:`Linearization`). Their kernels read data used
+transposed (``X.t()``) from cached contiguous copies and reorder thin products for MKL
+(``settings["data_layout"]``). Settings they cannot honour (a step that depends on the step
+index: Adam, schedules; custom directions; carried buffers; data-parallel) fall back to the eager
+path with a :class:`CompileFallbackWarning` giving the reason.
+
+Objectives that are not a :class:`bilevel.formulation.Objective` (have no stable identity to
+cache a kernel on) run in their eager ``torch.func`` form.
 """
 
 from __future__ import annotations
