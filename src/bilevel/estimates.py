@@ -29,7 +29,9 @@ from . import _tree as T
 from . import linalg
 from . import oracles as O
 from ._rng import advancing
-from .inner import GD, unroll
+from ._trace import tracing
+from .inner import GD, _batched, _summary, nonfinite_error, unroll
+from .validation import first_nonfinite
 
 __all__ = [
     "Schedule", "neumann_hypergradient", "storm", "spider", "SagaTable",
@@ -133,10 +135,10 @@ class SagaTable:
         self.mean: T.Leaves = base
 
     def update(self, i: int, g: T.Leaves) -> T.Leaves:
-        old = self.memory[i]
-        direction = T.add(T.sub(g, old), self.mean)
-        self.mean = T.axpy(1.0 / self.n, T.sub(g, old), self.mean)
-        self.memory[i] = T.detach(g)
+        diff = T.sub(g, self.memory[i])
+        direction = T.add(diff, self.mean)
+        self.mean = T.axpy(1.0 / self.n, diff, self.mean)
+        self.memory[i] = g if not any(t.requires_grad for t in g) else T.detach(g)
         return direction
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,6 +262,23 @@ def momentum_weight(schedule: Schedule, t: int) -> float:
 # --- added for the SGD-type solvers (stocBiO, BSA, AmIGO, alternating SGD, ...) ----------------------
 
 
+_GD_CACHE: dict[tuple, GD] = {}
+
+
+def _gd(lr: float, steps: int, projection: Callable[[Any], Any] | None) -> GD:
+    """``GD(lr, steps, projection)``, built once per value (a constant step builds one per run, not
+    one per outer iteration: the constructor validates its hyperparameters, ~25 µs)."""
+    if type(lr) is not float:
+        return GD(lr=lr, steps=steps, projection=projection)
+    key = (lr, steps, projection)
+    dyn = _GD_CACHE.get(key)
+    if dyn is None:
+        if len(_GD_CACHE) >= 64:  # schedules make a new value every step
+            _GD_CACHE.clear()
+        dyn = _GD_CACHE[key] = GD(lr=lr, steps=steps, projection=projection)
+    return dyn
+
+
 def sgd_lower(
     G_batch: Callable[[], O.Fn], xs: T.Leaves, ys: T.Leaves, *, steps: int, lr: float,
     projection: Callable[[Any], Any] | None = None,
@@ -267,7 +286,21 @@ def sgd_lower(
     """``steps`` SGD steps on the lower level at fixed x, a fresh batch each:
     y ← P(y − lr ∇_y G(x, y; B_t)) (the inner loop of BSA, stocBiO, AmIGO) — :class:`bilevel.inner.GD`
     run by :func:`bilevel.inner.unroll`, so a blow-up is reported with its inner step."""
-    dyn = GD(lr=lr, steps=steps, projection=projection)
+    dyn = _gd(lr, steps, projection)
+    if type(lr) is float and O._eager() and not tracing() and not _batched(ys[0]):
+        # unroll(GD) written out (the same operations, a few Python calls per step fewer — a
+        # loop of small oracle calls pays each one): y ← P(y − lr ∇_y G), one finiteness
+        # summary per step, one read at the end
+        y, sums = tuple(ys), []
+        for _ in range(steps):
+            y = T.axpy(-lr, O.grad_y(G_batch(), xs, y), y)
+            if projection is not None:
+                y = tuple(projection(t) for t in y)
+            sums.append(_summary(y))
+        bad = first_nonfinite(sums)
+        if bad is not None:
+            raise nonfinite_error(dyn, "lower", bad + 1)
+        return y
     state, _ = unroll(dyn, lambda y, k: O.grad_y(G_batch(), xs, y), dyn.init(ys), steps, grad_norm=False)
     return dyn.output(state)
 

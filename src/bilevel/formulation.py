@@ -115,6 +115,8 @@ class Problem:
     def _call(self, level: str, x: Any, y: Any, batch: Any, buffers: Any = None) -> Tensor:
         fn = self.upper if level == "upper" else self.lower
         arity = self._arity[level]
+        if batch is not None and arity != "none" and not (level == "upper" and self._upper_buffers):
+            return check_scalar(fn(x, y, batch), level)  # the common case, without **kw
         kw = {"buffers": self.buffers.init if buffers is None else buffers} if (
             level == "upper" and self._upper_buffers) else {}
         if batch is None:

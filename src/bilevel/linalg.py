@@ -72,10 +72,12 @@ def _read(values: list[Tensor]) -> list[Any]:
     return [values[0].tolist()] if len(values) == 1 else torch.stack(values).tolist()
 
 
-def _norm1(r: T.Leaves) -> Tensor:
-    """‖r‖ (one kernel for a single leaf; the residual tests of :func:`fixed_point` run on it every
-    product, so the four dispatches of ``T.norm`` there would cost more than the arithmetic)."""
-    return torch.linalg.vector_norm(r[0]) if len(r) == 1 else T.norm(r)
+def _norms(rs: list[T.Leaves]) -> list[Tensor]:
+    """[‖r‖ for r in rs]: one ``_foreach_norm`` for single-leaf vectors (the residual tests of
+    :func:`fixed_point` read a block of norms at once; ``T.norm`` costs four dispatches each)."""
+    if all(len(r) == 1 for r in rs):
+        return list(torch._foreach_norm([r[0] for r in rs]))
+    return [T.norm(r) for r in rs]
 
 
 def _start(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None) -> tuple[T.Leaves, T.Leaves]:
@@ -573,18 +575,17 @@ def fixed_point(
     every = check_every_for(b, check_every)
     if tracing() or every == 0:
         return _fixed_point_masked(matvec, b, x0, iters=iters, alpha=alpha, tol=tol, growth=growth)
-    bnorm_t = _norm1(b)
     x = T.zeros_like(b) if x0 is None else tuple(x0)
     x_best = x
     res, best, k, breakdown, done, bnorm = float("nan"), float("inf"), 0, None, False, None
     while not done and k < iters:
-        block_x, norms = [], []
+        block_x, rs = [], []
         for _ in range(min(every, iters - k)):  # a block: no read
             r = T.sub(matvec(x), b)
             block_x.append(x)
-            norms.append(_norm1(r))
+            rs.append(r)
             x = T.axpy(-alpha, r, x)
-        vals = _read(norms if bnorm is not None else [bnorm_t, *norms])  # one sync
+        vals = _read(_norms(rs if bnorm is not None else [b, *rs]))  # one sync
         if bnorm is None:
             bnorm = vals.pop(0)
         for j, res in enumerate(vals):
@@ -601,7 +602,7 @@ def fixed_point(
             x, done = block_x[j], True  # stopped at the j-th iterate of the block
             break
     if bnorm is None:
-        bnorm = float(bnorm_t)
+        bnorm = float(_norms([b])[0])
     if breakdown is not None and k > 0:
         x, res = x_best, best
     converged = breakdown is None and (res <= tol * bnorm if tol > 0 else True)

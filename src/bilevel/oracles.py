@@ -280,11 +280,27 @@ def _eager() -> bool:
     return not _is_compiling() and _BACKEND.get() == "autograd" and _REDUCER.get() is None
 
 
-def _count(fn: Fn, kind: str) -> None:
-    """:func:`_record` of one kind on the eager path (known not to be compiling)."""
+def _flat(xs: T.Leaves, ys: T.Leaves) -> bool:
+    """The flattest eager path applies: one leaf each, plain eager autograd, grad mode on (what
+    :func:`bilevel.solve` runs). Its oracles below are written out without helper calls — a
+    loop of small oracle calls pays every Python call between two kernels."""
+    return (len(ys) == 1 and len(xs) == 1 and not _is_compiling() and _BACKEND.get() == "autograd"
+            and _REDUCER.get() is None and torch.is_grad_enabled())
+
+
+def _count(fn: Fn, kind: str, kind2: str | None = None) -> None:
+    """:func:`_record` of one or two kinds on the eager path (known not to be compiling)."""
     c = _ACTIVE.get()
     if c is not None:
-        c.add(getattr(fn, "level", "objective"), kind, getattr(fn, "n", 1))
+        level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
+        c.add(level, kind, n)
+        if kind2 is not None:
+            c.add(level, kind2, n)
+
+
+def _fixed(ts: T.Leaves) -> T.Leaves:
+    """``T.detach(ts)``, skipped for one leaf outside any graph (a detach costs a dispatch)."""
+    return ts if len(ts) == 1 and not ts[0].requires_grad else T.detach(ts)
 
 
 def _diffable(ts: T.Leaves) -> T.Leaves:
@@ -304,11 +320,19 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
 
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
     """∇_y fn(x, y). With ``create_graph`` the result stays differentiable in (x, y) (unrolling)."""
+    if not create_graph and _flat(xs, ys):
+        c = _ACTIVE.get()
+        if c is not None:
+            c.add(getattr(fn, "level", "objective"), "grad", getattr(fn, "n", 1))
+        x, y = xs[0], ys[0].detach().requires_grad_(True)
+        out = fn((x.detach() if x.requires_grad else x,), (y,))
+        g = torch.autograd.grad(out, y, allow_unused=True)[0] if out.requires_grad else None
+        return (torch.zeros_like(y) if g is None else g,)
     if not create_graph and _eager():
         _count(fn, "grad")
         with _grad_on():
             ys_ = T.requires_grad(ys)
-            return _grad(fn(T.detach(xs), ys_), ys_)
+            return _grad(fn(_fixed(xs), ys_), ys_)
     _record(fn, "grad")
     k = _kernel("grad_y_graph" if create_graph else "grad_y", fn)
     if k is not None:
@@ -331,7 +355,7 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
         _count(fn, "grad")
         with _grad_on():
             xs_ = T.requires_grad(xs)
-            return _grad(fn(xs_, T.detach(ys)), xs_)
+            return _grad(fn(xs_, _fixed(ys)), xs_)
     _record(fn, "grad")
     k = _kernel("grad_x", fn)
     if k is not None:
@@ -345,6 +369,15 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
 
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
     """(value, ∇_x fn, ∇_y fn) from one backward pass."""
+    if _flat(xs, ys):
+        c = _ACTIVE.get()
+        if c is not None:
+            c.add(getattr(fn, "level", "objective"), "grad", getattr(fn, "n", 1))
+        x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
+        val = fn((x,), (y,))
+        gx, gy = torch.autograd.grad(val, (x, y), allow_unused=True) if val.requires_grad else (None, None)
+        return (val.detach(), (torch.zeros_like(x) if gx is None else gx,),
+                (torch.zeros_like(y) if gy is None else gy,))
     if _eager():
         _count(fn, "grad")
         with _grad_on():
@@ -378,6 +411,16 @@ class Linearization:
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
         self._pending: tuple | None = None  # data-parallel: local (value, ∇_y g) to reduce
+        if _flat(xs, ys):  # the autograd branch below, written out (see _flat)
+            c = _ACTIVE.get()
+            if c is not None:
+                c.add(getattr(fn, "level", "objective"), "grad", getattr(fn, "n", 1))
+            self._mode = "autograd"
+            self.xs, self.ys = (xs[0].detach().requires_grad_(True),), (ys[0].detach().requires_grad_(True),)
+            value = fn(self.xs, self.ys)
+            self._gy = _grad(value, self.ys, create_graph=True)
+            self.value, self.grad_y = value.detach(), (self._gy[0].detach(),)
+            return
         _record(fn, "grad")
         self._mode = get_backend() if not torch.compiler.is_compiling() else "func"
         if self._mode == "compiled":  # value and ∇_y g come with the first product (one kernel)
@@ -495,6 +538,20 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     Eager (no data-parallel reduction): ∇_y g is built with x *outside* the graph (x detached, only
     y a graph input — the product never differentiates in x) and its graph is freed by the one
     backward; the numbers are those of ``Linearization(fn, xs, ys).hvp(v)``."""
+    if _flat(xs, ys):
+        c = _ACTIVE.get()
+        if c is not None:
+            level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
+            c.add(level, "grad", n)
+            c.add(level, "hvp", n)
+        x, y = xs[0], ys[0].detach().requires_grad_(True)
+        out = fn((x.detach() if x.requires_grad else x,), (y,))
+        hv = None
+        if out.requires_grad:
+            gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0]
+            if gy is not None and gy.requires_grad:
+                hv = torch.autograd.grad(gy, y, v[0], allow_unused=True)[0]
+        return (torch.zeros_like(y) if hv is None else hv,)
     if _functional():
         _record(fn, "grad", "hvp")
         k = _kernel("hvp", fn)
@@ -502,17 +559,30 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
                        else f_hvp(fn, T.detach(xs), T.detach(ys), tuple(v)))
     if _reducing(fn):
         return Linearization(fn, xs, ys).hvp(v)
-    _count(fn, "grad")  # (not compiling: that is functional)
-    _count(fn, "hvp")
+    _count(fn, "grad", "hvp")  # (not compiling: that is functional)
     with _grad_on():
         ys_ = T.requires_grad(ys)
-        gy = _grad(fn(T.detach(xs), ys_), ys_, create_graph=True)
+        gy = _grad(fn(_fixed(xs), ys_), ys_, create_graph=True)
         return _grad(gy, ys_, v)
 
 
 def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot J^T v = ∇²_xy g · v (eager: one gradient with graph, one backward that frees it;
     the numbers of ``Linearization(fn, xs, ys).cross(v)``)."""
+    if _flat(xs, ys):
+        c = _ACTIVE.get()
+        if c is not None:
+            level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
+            c.add(level, "grad", n)
+            c.add(level, "cross", n)
+        x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
+        out = fn((x,), (y,))
+        jv = None
+        if out.requires_grad:
+            gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0]
+            if gy is not None and gy.requires_grad:
+                jv = torch.autograd.grad(gy, x, v[0], allow_unused=True)[0]
+        return (torch.zeros_like(x) if jv is None else jv,)
     if _functional():
         _record(fn, "grad", "cross")
         k = _kernel("cross", fn)
@@ -520,8 +590,7 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
                        else f_cross(fn, T.detach(xs), T.detach(ys), tuple(v)))
     if _reducing(fn):
         return Linearization(fn, xs, ys).cross(v)
-    _count(fn, "grad")  # (not compiling: that is functional)
-    _count(fn, "cross")
+    _count(fn, "grad", "cross")  # (not compiling: that is functional)
     with _grad_on():
         xs_, ys_ = T.requires_grad(xs), T.requires_grad(ys)
         gy = _grad(fn(xs_, ys_), ys_, create_graph=True)

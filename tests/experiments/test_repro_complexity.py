@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from bilevel import solvers as S
 from bilevel._memory import allocated_bytes
 from bilevel.experiments import repro_complexity as R
 
@@ -116,3 +117,36 @@ def test_fast_survey_memory_orders_follow_the_math(fast_run):
     assert 0.7 < m["Forward"]["slope_mem"] <= 1.0 + 1e-12
     d = res["sweeps"]["d"]["rows"]
     assert 1.0 < d["Closed form"]["slope_mem"] <= 2.0 + 1e-12
+
+
+def test_mrbo_zo_lower_calls_count_every_perturbed_trajectory():
+    """MRBO-ZO's row adds the lower calls the counter misses (its Q+1 trajectories run under one
+    vmap and are counted as one): :func:`mrbo_zo_lower_calls` equals the count of the same solver
+    with the trajectories run, and counted, one at a time — and that solver takes the same steps."""
+    from bilevel.estimates import replay, sgd_lower
+    from bilevel.hypergrad.zeroth_order import zeroth_order_hypergradient
+    from bilevel.solvers import solve
+
+    class OneAtATime(S.MRBOZO):
+        def hypergradient(self, xs, ys, samples):
+            F, Gs, U, proj = samples
+
+            def run(x):
+                return sgd_lower(replay(Gs), x, ys, steps=len(Gs), lr=self.inner_lr, projection=proj)
+
+            return zeroth_order_hypergradient(F, run, xs, run(xs), U, self.mu, batched=False)
+
+    prob, c = R._build(R.CONFIGS["fast"])
+    c = dict(c, seed=0)
+    batched, batch, kind = R.ALGOS["MRBO-ZO"].make(None, c)
+    one = OneAtATime(lr_x=batched.lr_x, lr_y=batched.lr_y, momentum_x=batched.momentum_x,
+                     inner_steps=batched.inner_steps, inner_lr=batched.inner_lr, samples=batched.samples,
+                     mu=batched.mu, seed=batched.seed)
+    out = []
+    for solver in (batched, one):
+        lo, up = prob.samplers(batch_size=batch, seed=0, kind=kind)
+        out.append(solve(prob.problem, prob.x0, prob.y0, solver=solver, steps=3, lower_data=lo,
+                         upper_data=up, track=False))
+    assert torch.allclose(out[0].x, out[1].x, rtol=0, atol=1e-12)
+    assert out[1].state["counts"].total("lower") == R.mrbo_zo_lower_calls(3, c)
+    assert out[1].state["counts"].total("upper") == out[0].state["counts"].total("upper") == batch * 5

@@ -99,3 +99,25 @@ def test_llc_fast_run():
     for r in res["runs"]:
         assert len(r["x_err"]) == 5 and r["x_err"][-1] < 1.0  # from x0 = 0: ‖x − e‖/‖e‖ = 1 at the start
     assert len(RI.llc_rows(res)) == 2
+
+
+def test_table1_fast_configuration(tmp_path):
+    """Table 1's measurement on a tiny setting: every (method, start) probed once and timed once per
+    round; IA-GM differentiates all K steps like RHG (same graph), IAPTT-GM at most as many (k* ≤ K);
+    the implicit NS holds no trajectory (a smaller graph than RHG's)."""
+    settings = {**RI.PAPER_TOY, "inner": 6, "ig_iters": 3}
+    res = RI.run_table1(["RHG", "NS", "IAGM", "IAPTTGM"], settings=settings, starts=RI.PAPER_STARTS[:2],
+                        rounds=2, steps=11)
+    ms = res["methods"]
+    for m, r in ms.items():
+        assert len(r["probe"]) == 2 and all(len(t) == 2 for t in r["times"]), m
+        for p in r["probe"]:
+            assert p["graph_bytes"] and p["alloc_bytes"] and p["x_rel"] >= 0
+            assert min(p["alloc_bytes"]) >= 0
+    graph = {m: max(b for p in r["probe"] for b in p["graph_bytes"]) for m, r in ms.items()}
+    assert graph["IAGM"] == graph["RHG"] and graph["IAPTTGM"] <= graph["RHG"] and graph["NS"] < graph["RHG"]
+    ks = [k for p in ms["IAPTTGM"]["probe"] for k in p["k_star"]]
+    assert ks and all(1 <= k <= 6 for k in ks)
+    assert all(k == 6 for p in ms["IAGM"]["probe"] for k in p["k_star"])
+    rows = RI.table1_rows(res)
+    assert [r[0] for r in rows] == list(ms) and rows[0][6] == "1.00"  # RHG ÷ RHG

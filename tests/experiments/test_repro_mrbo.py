@@ -82,3 +82,26 @@ def test_fast_run_all_solvers_with_lower_verdict(tmp_path):
     assert int((tmp_path / "MRBO_s1.lock").read_text()) == os.getpid()
     # the saved results are plain JSON (re-plotting reads only these files)
     assert json.loads((tmp_path / "VRBO_s0.json").read_text())["solver"] == "VRBO"
+
+
+@pytest.mark.parametrize("label", ["MRBO", "BSA"])
+def test_long_run_contains_the_shorter_budgets_ends(tmp_path, label):
+    """The marks at budget/2^j are exactly the end of a run of that budget (same iterates: the stop
+    rule only reads the calls), so one long run gives every shorter budget's final values."""
+    cfg = {**RM.QUICK, "n_train": 200, "n_val": 50, "n_test": 50, "budget": 1.0e4, "halvings": 2}
+    long = RM.run_one(label, 0, cfg)
+    short = RM.run_one(label, 0, {**cfg, "budget": 2.5e3})
+    end = short["final"]
+    assert RM.value_at(long, 2.5e3, "calls") == end["calls"]
+    assert RM.value_at(long, 2.5e3) == end["upper_loss"]
+    assert RM.value_at(long, 2.5e3, "step") == end["step"]
+    assert RM.value_at(long, 1e4) == long["final"]["upper_loss"] and math.isnan(RM.value_at(long, 1e9))
+    cut = RM.truncate(long, 2.5e3)  # a long run read as a shorter one: same end, no lower verdict
+    assert cut["final"] == {**cut["trace"][-1]} and cut["final"]["calls"] == end["calls"]
+    assert cut["final"]["upper_loss"] == end["upper_loss"] and cut["lower"]["solved"] is None
+    assert RM.truncate(short, 2.5e3) is short and RM.truncate(long, 1e4) is long
+    row = RM.final_rows({label: [cut, short]})[0]
+    assert row[7] == f"{int(bool(short['lower']['solved']))}/1"  # judged: the short run only
+    rows = RM.budget_rows({label: [long]}, [2.5e3, 5e3, 1e4])
+    f5, f10 = RM.value_at(long, 5e3), long["final"]["upper_loss"]
+    assert rows[0][-1] == f"{100 * (f5 - f10) / f5:.1f} %"

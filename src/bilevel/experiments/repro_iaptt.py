@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -39,11 +40,12 @@ from torch import Tensor
 
 import bilevel as bl
 
+from .._memory import allocated_bytes
 from ..formulation import Problem
 from ..problems.toys import Box, Toy, llc_toy
 from .base import get, markdown_table
 from .plots import save_figure
-from .toy import build_toy_solver
+from .toy import MemoryProbe, build_toy_solver
 
 __all__ = [
     "PAPER_TOY",
@@ -56,6 +58,10 @@ __all__ = [
     "toy_solver",
     "run_grid",
     "grid_rows",
+    "TABLE1",
+    "PAPER_TABLE1",
+    "run_table1",
+    "table1_rows",
     "start_weight",
     "run_llc",
     "llc_rows",
@@ -333,6 +339,116 @@ def plot_grid(res: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# --- Table 1: memory and runtime from the paper's starts --------------------------------------------
+#: the methods of the paper's Table 1 (IA-GM added: IAPTT-GM without the truncation)
+TABLE1 = ("LS", "NS", "RHG", "BDA", "IAPTTGM", "IAGM")
+#: the paper's Table 1 (Sec. 4.1): the process's memory [GB] and the runtime [s] of the toy
+PAPER_TABLE1: dict[str, tuple[float, float]] = {
+    "LS": (10.426, 5.120),
+    "NS": (10.387, 10.815),
+    "RHG": (10.153, 9.990),
+    "BDA": (10.154, 16.800),
+    "IAPTTGM": (10.153, 10.835),
+}
+
+
+class _Table1Probe(MemoryProbe):
+    """:class:`~bilevel.experiments.toy.MemoryProbe` (graph bytes every ``every`` steps) that also
+    records ``alloc_bytes``, the peak bytes of every tensor one whole outer step creates
+    (:func:`bilevel._memory.allocated_bytes`: saved, temporary and linear-solver tensors alike), on
+    the steps halfway between (the two probes are not nested)."""
+
+    def step(self, ctx: Any, state: dict[str, Any], t: int) -> dict[str, Any]:
+        if t % self.every == self.every // 2:
+            out, peak = allocated_bytes(lambda: self.solver.step(ctx, state, t))
+            return {**out, "alloc_bytes": peak}
+        return super().step(ctx, state, t)
+
+
+def _table1_run(method: str, start: tuple[float, float], settings: dict[str, Any], steps: int,
+                probe: bool) -> dict[str, Any]:
+    toy = grid_toy([start])
+    x, y = toy.start()
+    solver = toy_solver(method, settings)
+    recs: list[dict[str, Any]] = []
+    res = bl.solve(toy.problem, x, y, solver=_Table1Probe(solver, every=10) if probe else solver,
+                   steps=steps, x_projection=toy.x_projection, y_projection=toy.y_projection, track=False,
+                   callback=lambda t, xv, yv, rec: recs.append(rec) if probe else None)
+    xv, yv = float(res.x[0]), float(res.y[0])
+    out = {"time": float(res.state["time"]), "x_rel": abs(xv - X_STAR) / X_STAR,
+           "gap": 1.0 - math.sin(xv * yv)}
+    if probe:
+        for key in ("graph_bytes", "alloc_bytes", "k_star"):
+            out[key] = [float(r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    return out
+
+
+def run_table1(methods: Sequence[str] = TABLE1, settings: dict[str, Any] = PAPER_TOY,
+               starts: Sequence[tuple[float, float]] = PAPER_STARTS, rounds: int = 3,
+               steps: int | None = None) -> dict[str, Any]:
+    """Table 1 from the paper's starts with its settings: per (method, start) one probed run (graph
+    and allocated bytes, k*, final errors) and ``rounds`` timed runs without probes, interleaved
+    (every round runs every method from every start, the order rotated each round), so the time
+    ratios compare runs made side by side on the shared machine."""
+    steps = int(settings["outer"] if steps is None else steps)
+    out: dict[str, Any] = {"settings": dict(settings), "steps": steps, "starts": [list(s) for s in starts],
+                           "rounds": rounds, "methods": {m: {"probe": [], "times": [[] for _ in starts]}
+                                                         for m in methods}}
+    for m in methods:
+        for s in starts:
+            out["methods"][m]["probe"].append(_table1_run(m, s, settings, steps, probe=True))
+    cases = [(m, i) for m in methods for i in range(len(starts))]
+    for r in range(rounds):
+        for m, i in cases[r % len(cases):] + cases[: r % len(cases)]:
+            out["methods"][m]["times"][i].append(_table1_run(m, starts[i], settings, steps, False)["time"])
+    return out
+
+
+def table1_rows(res: dict[str, Any]) -> list[list[str]]:
+    """Per method: the paper's memory and runtime, our bytes (graph mean / max, allocated max), the
+    median time per run, its ratio to RHG (median over rounds of the per-round mean over starts),
+    mean k*, final x errors from the paper's starts."""
+    ms = res["methods"]
+
+    def per_round(m: str) -> list[float]:
+        t = np.asarray(ms[m]["times"], dtype=float)  # (starts, rounds)
+        return t.mean(axis=0).tolist()
+
+    ref = per_round("RHG") if "RHG" in ms else None
+    rows = []
+    for m, r in ms.items():
+        graph = [b for p in r["probe"] for b in p["graph_bytes"]]
+        alloc = [b for p in r["probe"] for b in p["alloc_bytes"]]
+        ks = [k for p in r["probe"] for k in p["k_star"]]
+        t = per_round(m)
+        paper = PAPER_TABLE1.get(m)
+        rows.append([
+            m,
+            f"{paper[0]:.3f}" if paper else "—",
+            f"{paper[1]:.3f} ({paper[1] / PAPER_TABLE1['RHG'][1]:.2f})" if paper else "—",
+            f"{np.mean(graph):.0f} / {max(graph):.0f}" if graph else "n/a",
+            f"{max(alloc):.0f}" if alloc else "n/a",
+            f"{float(np.median(t)):.2f}",
+            f"{float(np.median(np.asarray(t) / np.asarray(ref))):.2f}" if ref else "—",
+            f"{np.mean(ks):.1f}" if ks else "—",
+            " ".join(f"{p['x_rel']:.3g}" for p in r["probe"]),
+        ])
+    return rows
+
+
+TABLE1_HEAD = [
+    "method",
+    "paper: memory (GB)",
+    "paper: runtime (s) (÷ RHG)",
+    "ours: graph bytes mean / max",
+    "ours: allocated bytes per step, max",
+    "ours: time per run (s), median",
+    "time ÷ RHG (median of rounds)",
+    "mean k*",
+    "final x error from (1, 2) (5, 1) (7, −1)",
+]
+
+
 # --- the LLC toy: IA-GM vs IA-GM(A) ---------------------------------------------------------------
 def start_weight(dynamics: bl.inner.Dynamics) -> float:
     """c = ∂y1_K/∂z1 of the K-step lower map on the LLC toy (g = ½‖y1‖² − xᵀy1, one coordinate):
@@ -497,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bilevel.experiments.repro_iaptt", description=__doc__.split("\n")[0]
     )
-    p.add_argument("what", choices=("grid", "llc"))
+    p.add_argument("what", choices=("grid", "llc", "table1"))
     p.add_argument("--out", default="runs/repro_iaptt")
     p.add_argument("--img", default="docs/img")
     p.add_argument("--steps", type=int, help="upper iterations (default: the paper's)")
@@ -509,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lrs", default="0.5,0.05,0.01", help="llc: lower step sizes")
     p.add_argument("--variants", default="IAGM,IAGMA", help="llc: IAGM, IAGMA, IAGMA-const")
     p.add_argument("--tag", default="", help="suffix of the JSON / PNG names")
+    p.add_argument("--rounds", type=int, default=3, help="table1: interleaved timing rounds")
     p.add_argument("--x0s", help="grid: comma-separated x0 values (default: the 6 x 5 grid)")
     p.add_argument("--y0s", help="grid: comma-separated y0 values")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -516,7 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     raw = out / f"{a.what}{a.tag}.json"
-    if a.what == "grid":
+    if a.what == "table1":
+        if a.replot:
+            res = json.loads(raw.read_text())
+        else:
+            ms = [m for m in a.methods.split(",") if m] if a.methods != ",".join(METHODS) else list(TABLE1)
+            res = run_table1(ms, rounds=a.rounds, steps=a.steps)
+            res["loadavg_end"] = list(os.getloadavg())
+            raw.write_text(json.dumps(res))
+        print(markdown_table(TABLE1_HEAD, table1_rows(res)))
+    elif a.what == "grid":
         if a.replot:
             res = json.loads(raw.read_text())
         else:

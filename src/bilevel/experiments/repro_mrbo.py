@@ -57,7 +57,10 @@ __all__ = [
     "run_one",
     "run_all",
     "load_results",
+    "truncate",
     "final_rows",
+    "value_at",
+    "budget_rows",
     "plot",
     "main",
 ]
@@ -96,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
     "mrbo_m": 1.0,  # η_k = d/(m + k)^{1/3}, d = 1 (not stated)
     "budget": 2.0e6,  # per-sample oracle calls per run (equal for every solver)
     "n_eval": 25,
+    "halvings": 3,  # also evaluate at budget/2, /4, /8: one long run gives the shorter budgets' ends
     "seeds": 5,
     "lbfgs_iters": 300,  # L-BFGS iterations of the final g*(x) (the lower-level verdict)
     "dataset": "mnist5k",
@@ -206,8 +210,12 @@ def make_solver(label: str, cfg: dict[str, Any]) -> bl.solvers.Solver:
     return cls(inner, upper_lr=lx, warm_start=True)  # reverse: RHG, warm-started like the others
 
 
-def _thresholds(budget: float, n: int) -> list[float]:
-    return [budget * 10 ** (-3 + 3 * i / (n - 1)) for i in range(n)] if n > 1 else [budget]
+def _thresholds(budget: float, n: int, halvings: int = 0) -> list[float]:
+    """Evaluation marks: ``n`` log-spaced call counts over the budget's last three decades, and
+    budget/2, …, budget/2^halvings — the state there is exactly the end of a run of that budget
+    (the stop rule only looks at the calls), so one long run also gives the shorter budgets."""
+    grid = [budget * 10 ** (-3 + 3 * i / (n - 1)) for i in range(n)] if n > 1 else [budget]
+    return sorted(set(grid) | {budget / 2**j for j in range(1, int(halvings) + 1)})
 
 
 def run_one(label: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +226,7 @@ def run_one(label: str, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
     setup = exp.build(exp.resolve(overrides=_cfg_overrides(cfg, seed, full)))
     solver = make_solver(label, cfg)
     budget = float(cfg["budget"])
-    marks = _thresholds(budget, int(cfg["n_eval"]))
+    marks = _thresholds(budget, int(cfg["n_eval"]), int(cfg.get("halvings", 0)))
     trace: list[dict[str, Any]] = []
     tree = Bound(setup.problem, setup.x0, setup.y0)
 
@@ -338,11 +346,28 @@ def run_all(
     return written
 
 
-def load_results(out: Path) -> dict[str, list[dict[str, Any]]]:
+def truncate(r: dict[str, Any], budget: float) -> dict[str, Any]:
+    """A run of a larger budget cut at ``budget``: its trace up to the first evaluation with at least
+    ``budget`` calls, which is exactly the end of a run of that budget when ``budget`` is one of its
+    marks (budget/2^j; see :func:`value_at`). The lower-level verdict (L-BFGS g* at the end) is not
+    known there: ``lower`` says so (``solved`` None)."""
+    if r["final"]["calls"] < budget * (1 + 1e-12) or float(r["cfg"]["budget"]) <= budget:
+        return r
+    for i, t in enumerate(r["trace"]):
+        if t["calls"] >= budget * (1 - 1e-12):
+            return {**r, "trace": r["trace"][: i + 1], "final": t, "truncated_from": r["cfg"]["budget"],
+                    "lower": {"solved": None, "criterion": f"not evaluated (run of {r['cfg']['budget']:.3g} "
+                                                           f"calls cut at {budget:.3g})"}}
+    return r
+
+
+def load_results(out: Path, budget: float | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The results in ``out`` by solver (sorted by seed); ``budget``: runs of a larger budget are
+    cut there (:func:`truncate`)."""
     res: dict[str, list[dict[str, Any]]] = {}
     for p in sorted(out.glob("*_s*.json")):
         r = json.loads(p.read_text())
-        res.setdefault(r["solver"], []).append(r)
+        res.setdefault(r["solver"], []).append(r if budget is None else truncate(r, budget))
     return {k: sorted(v, key=lambda r: r["seed"]) for k, v in res.items()}
 
 
@@ -373,7 +398,8 @@ def final_rows(res: dict[str, list[dict[str, Any]]], key: str = "upper_loss") ->
         acc = [r["final"]["test_acc"] for r in rs]
         f1 = [r["final"]["f1"] for r in rs]
         solved = [r["lower"].get("solved") for r in rs]
-        gaps = [r["lower"].get("gap", float("nan")) for r in rs]
+        judged = sum(1 for v in solved if v is not None)
+        gaps = [r["lower"]["gap"] for r in rs if isinstance(r["lower"].get("gap"), float)]
         rows.append(
             (
                 statistics.median(f),
@@ -385,12 +411,35 @@ def final_rows(res: dict[str, list[dict[str, Any]]], key: str = "upper_loss") ->
                     f"{statistics.median(f1):.4f}",
                     f"{statistics.median(r['final']['step'] for r in rs):.0f}",
                     f"{statistics.median(r['final']['time'] for r in rs):.1f}",
-                    f"{sum(1 for v in solved if v)}/{len(rs)}",
-                    f"{max(gaps):.2e}",
+                    f"{sum(1 for v in solved if v)}/{judged}",
+                    f"{max(gaps):.2e}" if gaps else "—",
                     "; ".join(sorted({r["error"][:60] for r in rs if r.get("error")})) or "",
                 ],
             )
         )
+    return [r for _, r in sorted(rows, key=lambda t: t[0])]
+
+
+def value_at(r: dict[str, Any], calls: float, key: str = "upper_loss") -> float:
+    """``key`` at the first evaluation with at least ``calls`` per-sample calls: the end of a run of
+    budget ``calls`` (the marks include budget/2^j); NaN when the run stopped before."""
+    for t in r["trace"]:
+        if t["calls"] >= calls * (1 - 1e-12):
+            return float(t[key])
+    return float("nan")
+
+
+def budget_rows(res: dict[str, list[dict[str, Any]]], budgets: Sequence[float],
+                key: str = "upper_loss") -> list[list[str]]:
+    """Per solver (sorted by the median at the largest budget): the median over seeds of ``key`` at
+    each budget, and the median relative drop over the last doubling, (f(B/2) − f(B)) / f(B/2) —
+    a curve counts as flat when that is below 1 %."""
+    rows = []
+    for s, rs in res.items():
+        med = [statistics.median(value_at(r, b, key) for r in rs) for b in budgets]
+        half = [value_at(r, budgets[-1] / 2, key) for r in rs]
+        drop = statistics.median((h - value_at(r, budgets[-1], key)) / h for h, r in zip(half, rs))
+        rows.append((med[-1], [s, str(len(rs))] + [f"{v:.4f}" for v in med] + [f"{100 * drop:.1f} %"]))
     return [r for _, r in sorted(rows, key=lambda t: t[0])]
 
 
@@ -474,10 +523,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.no_run:
         run_all(out, cfg, solvers, range(a.seeds or int(cfg["seeds"])))
     if a.plot:
-        res = load_results(out)
+        res = load_results(out, float(cfg["budget"]))
         print(plot(res, Path(a.plot)))
         print(markdown_table(["setting", "report", "ours", "note"], settings_rows(cfg)))
         print(markdown_table(FINAL_HEAD, final_rows(res)))
+        budgets = [float(cfg["budget"]) / 2**j for j in range(int(cfg["halvings"]), -1, -1)]
+        head = ["solver", "seeds", *(f"f at {b:.3g} calls" for b in budgets), "drop, last doubling"]
+        print(markdown_table(head, budget_rows(res, budgets)))
     return 0
 
 

@@ -237,10 +237,12 @@ def copy_state(obj: Any) -> Any:
         return type(obj)({k: dict(v) for k, v in obj.items()})
     if isinstance(obj, dict):  # other small dict subclasses
         return copy.deepcopy(obj)
-    if isinstance(obj, list):
-        return [copy_state(v) for v in obj]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(copy_state(v) for v in obj)
+    if isinstance(obj, list):  # (tensors inline: a SAGA memory holds one per batch)
+        return [v if type(v) is Tensor else copy_state(v) for v in obj]
+    if type(obj) is tuple:  # immutable: shared as is when it holds only tensors (flat leaves)
+        if all(type(v) is Tensor for v in obj):
+            return obj
+        return tuple([copy_state(v) for v in obj])
     if (type(obj).__module__.startswith("bilevel.") and hasattr(obj, "__dict__")
             and not isinstance(obj, (Solver, Dynamics))):
         out = copy.copy(obj)
