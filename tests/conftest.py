@@ -44,3 +44,27 @@ def tiny():
     from bilevel.problems import stochastic_quadratic
 
     return stochastic_quadratic(dim_x=2, dim_y=3, n_lower=24, n_upper=20, batch_size=4, seed=1)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--solve-compile", default=None, choices=("step", "oracles"),
+        help="run every bl.solve(...) that does not pass compile= in that compiled mode (aot_eager "
+             "backend): the whole suite as a check of the compiled paths (slow; not run by CI)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _solve_compile(request):
+    mode = request.config.getoption("--solve-compile")
+    if mode is None:
+        yield
+        return
+    from bilevel import compiled as C
+    from bilevel.solvers import base
+
+    old_default, old_backend = base.solve.__kwdefaults__["compile"], C.settings["backend"]
+    base.solve.__kwdefaults__["compile"] = mode
+    C.settings["backend"] = "aot_eager"
+    yield
+    base.solve.__kwdefaults__["compile"] = old_default
+    C.settings["backend"] = old_backend

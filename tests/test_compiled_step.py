@@ -28,6 +28,10 @@ SOLVERS = {
     "TTSA": lambda: S.TTSA(Q=2),
     # restarts on drawn large batches every 2 steps: Solver.phase (several graphs: slow to trace)
     "VRBO": lambda: S.VRBO(Q=1, inner_steps=1, period=2, large_batches=2),
+    # a deterministic-family solver: an estimator (lower GD + CG in traced mode) inside the step,
+    # its metrics returned as tensors and read by solve after the step
+    "HGD-CG": lambda: S.HypergradientDescent(bl.hypergrad.CG(bl.inner.GD(lr=0.2, steps=3), iters=3),
+                                             upper=0.3),
 }
 SLOW = {"VRBO"}
 
@@ -55,6 +59,11 @@ def test_whole_step_equals_eager(tiny, name):
     assert _same(comp.state["data"], eager.state["data"])  # samplers at the same position
     flags = [r["compiled"] for r in comp.history]
     assert flags[0] is False and any(flags)  # the first step probes its pattern eagerly
+    for rc, re in zip(comp.history, eager.history):  # the per-step metrics, as Python numbers
+        for k, v in re.items():
+            if k not in ("time", "compiled"):
+                assert type(rc[k]) is type(v), k
+                assert rc[k] == (pytest.approx(v, rel=1e-10) if isinstance(v, float) else v), k
     if name != "SOBA":
         return
     # later runs: patterns known (every step compiled); the first graph of a pattern is

@@ -330,7 +330,7 @@ _WARNED: set[str] = set()
 
 def estimators_compiled() -> bool:
     """True inside ``bl.compile(est)(...)`` (estimators then take their compiled paths)."""
-    return _EST.get() and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and _EST.get()  # (no ContextVar read while tracing)
 
 
 def _step_impl(inner: Dynamics) -> Callable[..., Any]:

@@ -109,13 +109,21 @@ def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
            "    ctx.upper_data is None or load(ctx.upper_data, upper)\n"
            "    metrics = solver.step(ctx, core, t)\n"
            "    return metrics, finite(*solver.output(core))\n")
-    from .solvers.base import _finite_summary
-
-    ns: dict[str, Any] = {"load": _load, "finite": _finite_summary}
+    ns: dict[str, Any] = {"load": _load, "finite": _finite_code}
     name = f"<bilevel step: {solver_cls.__name__} on {problem!r}, pattern {n}>"
     exec(builtins.compile(src, name, "exec"), ns)
     return torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
                          backend=C._counting_backend)
+
+
+def _finite_code(xs: Any, ys: Any) -> torch.Tensor:
+    """``solve``'s finiteness summary of (x, y), [0 or NaN, 0 or NaN], computed inside the graph
+    with ``isfinite`` (a compiler may fold the eager summary's 0·t to 0)."""
+    def code(ts: Any) -> torch.Tensor:
+        ok = torch.stack([torch.isfinite(t).all() for t in ts]).all()
+        return torch.where(ok, ts[0].new_zeros(()), ts[0].new_full((), float("nan")))
+
+    return torch.stack([code(xs), code(ys)])
 
 
 def _load(replay: _Replay, draws: tuple[list[Any], list[Any]]) -> bool:

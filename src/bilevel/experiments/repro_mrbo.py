@@ -97,7 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "vrbo_period": 3,  # VRBO q (not stated); S1 = the full training set
     "vrbo_inner": 3,  # VRBO m (not stated)
     "mrbo_m": 1.0,  # η_k = d/(m + k)^{1/3}, d = 1 (not stated)
-    "budget": 2.0e6,  # per-sample oracle calls per run (equal for every solver)
+    "budget": 8.0e6,  # per-sample oracle calls per run (equal for every solver; 2x the report stocBiO)
     "n_eval": 25,
     "halvings": 3,  # also evaluate at budget/2, /4, /8: one long run gives the shorter budgets' ends
     "seeds": 5,

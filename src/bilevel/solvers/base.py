@@ -359,6 +359,15 @@ def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves, buffers: Any = None) -> dic
     return {"upper_loss": fval, "lower_grad_norm": gnorm}
 
 
+def _host(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics for the record: one-element tensors (a step may return them, e.g. from
+    a compiled graph) as Python numbers."""
+    if not any(isinstance(v, torch.Tensor) for v in metrics.values()):
+        return metrics
+    return {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+            for k, v in metrics.items()}
+
+
 def _zero_sum(ts: T.Leaves) -> Tensor:
     """Σ 0·t over every entry: exactly 0 when all are finite, NaN as soon as one is ±inf or NaN
     (two kernels per leaf; ``isfinite(t).all()`` costs several)."""
@@ -506,7 +515,7 @@ def solve(
                 _fail(exc, t + 1, solver, SolveResult(T.unflatten(gx, xspec), T.unflatten(gy, yspec),
                                                       list(history), good))
                 raise
-            record = {"step": t + 1, "time": state["time"], **metrics,
+            record = {"step": t + 1, "time": state["time"], **_host(metrics),
                       **state["counts"].flat()}
             if compiled_step is not None:
                 record["compiled"] = compiled_step.last_compiled

@@ -64,7 +64,7 @@ class HypergradientDescent(Solver):
             state["buffers"] = info["buffers"]
         state["x"], state["upper"] = descend(self.upper, state["upper"], grad, t, ctx.project_x)
         state["y"] = ctx.project_y(ys)
-        out = {"hypergrad_norm": float(T.norm(grad))}
+        out = {"hypergrad_norm": T.norm(grad)}  # (a tensor: solve reads it after the step)
         if "linear_solve" in info:
             sinfo = info["linear_solve"]
             out["linear_residual"] = sinfo["residual"]
