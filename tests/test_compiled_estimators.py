@@ -27,6 +27,30 @@ H = bl.hypergrad
 STEPS = 15
 
 
+@pytest.fixture(autouse=True)
+def one_step_per_kernel():
+    """Kernels of one inner step, so that capture stays fast (the production default, 5 steps per
+    kernel, traces graphs 5 times larger); ``test_several_steps_per_kernel`` checks those."""
+    old = C.settings["steps_per_kernel"]
+    C.settings["steps_per_kernel"] = 1
+    yield
+    C.settings["steps_per_kernel"] = old
+
+
+def test_several_steps_per_kernel():
+    """n steps per kernel (and the 1-step kernel for the rest of the steps) equal eager, with the
+    truncation and checkpoint segments cutting across kernels."""
+    C.settings["steps_per_kernel"] = 2
+    ref = REFERENCE_PROBLEMS["ridge"]()
+    gd = bl.inner.GD(ref.lr, 7)
+    for est in (H.Reverse(gd, truncate=5, checkpoint=3), H.CG(gd, iters=4)):
+        with bl.oracles.counting() as c_eager:
+            a = est(ref.problem, ref.x, ref.y0)
+        with bl.oracles.counting() as c_comp:
+            b = bl.compile(est)(ref.problem, ref.x, ref.y0)
+        assert rel_err(b.grad, a.grad) < 1e-10 and c_comp == c_eager
+
+
 def _estimators(lr: float) -> dict:
     gd = bl.inner.GD(lr, STEPS)
     return {

@@ -16,8 +16,20 @@ estimator gets them without a line of its own changed:
   Errors the objective raises in eager mode too (e.g. a non-scalar output) propagate unchanged.
 
 The per-iteration arithmetic of the algorithms (axpy's, schedules) stays eager; only the
-differentiation work is compiled. Objectives that are not a :class:`bilevel.formulation.Objective`
-(have no stable identity to cache a kernel on) run in their eager ``torch.func`` form.
+differentiation work is compiled.
+
+Estimators (``bl.compile(est)``) go further: ``Reverse`` and the lower solve of the implicit
+estimators run each block of ``settings["steps_per_kernel"]`` inner steps as one kernel (the step
+Φ(x, y) = update(y, ∇_y g(x, y)) with its ∇_y g by ``torch.func.grad``), whose compiled backward
+(AOT autograd) is the reverse sweep; the implicit estimators' H- and Jᵀ-products are the compiled
+backward of one ∇_y g kernel at y_T (:class:`Linearization`). Their kernels read data used
+transposed (``X.t()``) from cached contiguous copies and reorder thin products for MKL
+(``settings["data_layout"]``). Settings they cannot honour (a step that depends on the step
+index: Adam, schedules; custom directions; carried buffers; data-parallel) fall back to the eager
+path with a :class:`CompileFallbackWarning` giving the reason.
+
+Objectives that are not a :class:`bilevel.formulation.Objective` (have no stable identity to
+cache a kernel on) run in their eager ``torch.func`` form.
 """
 
 from __future__ import annotations
@@ -323,6 +335,9 @@ def _transposed(t: torch.Tensor) -> torch.Tensor:
 #: the data layout of the estimator kernels: cached transposes of data read transposed, and the
 #: _ThinProducts pass (inductor); False compiles the objective's products as written
 settings["data_layout"] = True
+#: inner steps per compiled kernel call (Reverse / the lower solve): n > 1 saves n − 1 calls'
+#: overhead per n steps, for a graph (and compile time) n times larger
+settings["steps_per_kernel"] = 5
 
 _EST: ContextVar[bool] = ContextVar("bilevel_compiled_estimators", default=False)
 _WARNED: set[str] = set()
@@ -333,27 +348,32 @@ def estimators_compiled() -> bool:
     return not torch.compiler.is_compiling() and _EST.get()  # (no ContextVar read while tracing)
 
 
-def _step_impl(inner: Dynamics) -> Callable[..., Any]:
-    """(G, xs, state) -> (Φ(x, state), ∇_y g at the step's point, Σ of the new iterate)."""
+def _step_impl(inner: Dynamics, n: int) -> Callable[..., Any]:
+    """(G, xs, state) -> (n steps Φ(x, ·) of state, ∇_y g at the last step's point, the n sums
+    Σ of the new iterates (finiteness check))."""
 
     def impl(fn: Objective, xs, state):
         state = tuple(state)
         ny = len(state) // inner.slots
         dyn = inner.bind(T.unflatten(xs, fn.xspec), T.unflatten(state[:ny], fn.yspec))
-        grad = O.f_grad_y(fn, xs, dyn.point(state))
-        new = tuple(dyn.update(state, grad, 0))
-        return new, grad, _summary(new[:ny])
+        sums = []
+        for _ in range(n):
+            grad = O.f_grad_y(fn, xs, dyn.point(state))
+            state = tuple(dyn.update(state, grad, 0))
+            sums.append(_summary(state[:ny]))
+        return state, grad, torch.stack(sums)
 
     return impl
 
 
-def _estimator_kernel(kind: str, fn: Objective, inner: Dynamics | None = None) -> Callable:
+def _estimator_kernel(kind: str, fn: Objective, inner: Dynamics | None = None, n: int = 1
+                      ) -> Callable:
     per_problem = _CACHE.setdefault(fn.problem, {})
     key = ("estimator", kind, fn.level, fn.xspec, fn.yspec, settings["backend"], settings["mode"],
-           settings["data_layout"], inner)
+           settings["data_layout"], inner, n)
     k = per_problem.get(key)
     if k is None:
-        impl = _step_impl(inner) if kind == "step" else _IMPL[kind]
+        impl = _step_impl(inner, n) if kind == "step" else _IMPL[kind]
         k = per_problem[key] = _Kernel(kind, fn, impl, backend=_estimator_backend)
     batch = fn.batch
     return lambda xs, ys, *extra: k(batch, xs, ys, *extra)
@@ -398,14 +418,16 @@ def unroll(G: Objective, inner: Dynamics, xs: T.Leaves, state: T.Leaves, steps: 
     """:func:`bilevel.inner.unroll` of ``inner`` on ∇_y G with each step one compiled kernel
     (differentiable in ``xs`` and ``state`` by the kernel's compiled backward when they require
     grad). Same result, finiteness check, ``info`` and oracle counts (``steps`` gradients)."""
-    k = _estimator_kernel("step", G, inner)
+    n = max(1, int(settings["steps_per_kernel"]))
     O.record(G, "grad", times=steps)
     sums, grad = [], None
-    for _ in range(steps):
-        state, grad, s = k(xs, state)
-        sums.append(s)
+    for size, count in ((n, steps // n), (1, steps % n)):
+        k = _estimator_kernel("step", G, inner, size) if count else None
+        for _ in range(count):
+            state, grad, s = k(xs, state)
+            sums.append(s)
     if track:
-        bad = first_nonfinite(sums)
+        bad = first_nonfinite(torch.cat(sums).unbind() if sums else [])
         if bad is not None:
             raise nonfinite_error(inner, level, start + bad + 1)
     info: dict[str, Any] = {"steps": steps}

@@ -421,6 +421,8 @@ class Linearization:
     ∇_y g (pure, vmap-able); with ``"compiled"`` every product is one compiled kernel.
     """
 
+    _flat = False  # built on the flat eager path (see _flat)
+
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
         self._pending: tuple | None = None  # data-parallel: local (value, ∇_y g) to reduce
@@ -428,7 +430,7 @@ class Linearization:
             c = _ACTIVE.get()
             if c is not None:
                 c.add(getattr(fn, "level", "objective"), "grad", getattr(fn, "n", 1))
-            self._mode = "autograd"
+            self._mode, self._flat = "autograd", True
             self.xs, self.ys = (xs[0].detach().requires_grad_(True),), (ys[0].detach().requires_grad_(True),)
             value = fn(self.xs, self.ys)
             self._gy = _grad(value, self.ys, create_graph=True)
@@ -520,6 +522,10 @@ class Linearization:
 
     def both(self, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
         """(H v, J^T v) from a single backward pass (and, data-parallel, one all-reduce)."""
+        if self._flat:  # built on the flat path: plain eager, one leaf each, nothing to reduce
+            _count(self.fn, "hvp", "cross")
+            g = _grad(self._gy, self.xs + self.ys, v, retain_graph=True)
+            return g[1:], g[:1]
         _record(self.fn, "hvp", "cross")
         if self._mode == "compiled":
             if self._first is None and "grad_y" not in self.__dict__ and self._pending is None:

@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"torch {torch.__version__}, one thread",
               "load_avg_at_end": os.getloadavg(), "rounds": a.rounds, "median_s": med,
+              "per_round_s": {k: {m: v for m, v in d.items() if v} for k, d in res.items()},
+              "settings": {k: v for k, v in C.settings.items() if isinstance(v, (str, int, bool))
+                           or v is None},
               "compile_s": compile_s, "recompiles_during_timed_rounds": recompiles,
               "jax": {k: {kk: v[kk] for kk in ("compile_s", "jax")} for k, v in jax_info.items()},
               "check": check}
