@@ -551,6 +551,20 @@ class Linearization:
             return self._out(T.detach(_grad(jtw, w, u, retain_graph=True)))
 
 
+def _flat_product(fn: Fn, x: Tensor, y: Tensor, wrt: Tensor, v: Tensor) -> Tensor:
+    """(∂/∂wrt ∇_y fn(x, y))ᵀ v for one-leaf variables (y requires grad; wrt is y for H v, x for
+    Jᵀ v): one gradient with graph and one backward that frees it; zeros where fn does not
+    depend on the variables."""
+    out = fn((x,), (y,))
+    if out.requires_grad:
+        gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0]
+        if gy is not None and gy.requires_grad:
+            r = torch.autograd.grad(gy, wrt, v, allow_unused=True)[0]
+            if r is not None:
+                return r
+    return torch.zeros_like(wrt)
+
+
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot H v (reverse-over-reverse).
 
@@ -558,19 +572,10 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     y a graph input — the product never differentiates in x) and its graph is freed by the one
     backward; the numbers are those of ``Linearization(fn, xs, ys).hvp(v)``."""
     if _flat(xs, ys):
-        c = _ACTIVE.get()
-        if c is not None:
-            level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
-            c.add(level, "grad", n)
-            c.add(level, "hvp", n)
-        x, y = xs[0], ys[0].detach().requires_grad_(True)
-        out = fn((x.detach() if x.requires_grad else x,), (y,))
-        hv = None
-        if out.requires_grad:
-            gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0]
-            if gy is not None and gy.requires_grad:
-                hv = torch.autograd.grad(gy, y, v[0], allow_unused=True)[0]
-        return (torch.zeros_like(y) if hv is None else hv,)
+        _record(fn, "grad", "hvp")
+        x = xs[0].detach() if xs[0].requires_grad else xs[0]
+        y = ys[0].detach().requires_grad_(True)
+        return (_flat_product(fn, x, y, y, v[0]),)
     if _functional():
         _record(fn, "grad", "hvp")
         k = _kernel("hvp", fn)
@@ -589,19 +594,9 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot J^T v = ∇²_xy g · v (eager: one gradient with graph, one backward that frees it;
     the numbers of ``Linearization(fn, xs, ys).cross(v)``)."""
     if _flat(xs, ys):
-        c = _ACTIVE.get()
-        if c is not None:
-            level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
-            c.add(level, "grad", n)
-            c.add(level, "cross", n)
+        _record(fn, "grad", "cross")
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
-        out = fn((x,), (y,))
-        jv = None
-        if out.requires_grad:
-            gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0]
-            if gy is not None and gy.requires_grad:
-                jv = torch.autograd.grad(gy, x, v[0], allow_unused=True)[0]
-        return (torch.zeros_like(x) if jv is None else jv,)
+        return (_flat_product(fn, x, y, x, v[0]),)
     if _functional():
         _record(fn, "grad", "cross")
         k = _kernel("cross", fn)
