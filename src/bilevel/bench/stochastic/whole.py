@@ -144,6 +144,15 @@ class Bare:
             v = torch.add(v, hvp(self.g, x, y, b, v) - gy, alpha=-eta)
         return v
 
+    def descend(self, x: torch.Tensor, y: torch.Tensor, t: int,
+                v_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The upper step of the Neumann-type double loops: (∇_x F, ∇_y F) on an upper batch,
+        v = v_of(∇_y F), Jᵀv on a lower batch, x ← x − α_t (∇_x F − Jᵀv); y is kept."""
+        gx, gy = grads(self.f, x, y, self.up.next())
+        v = v_of(gy)  # (its lower batches are drawn before the cross product's)
+        jv = cross(self.g, x, y, self.lo.next(), v)
+        self.x, self.y = torch.add(x, gx - jv, alpha=-self.lr_x(t)), y
+
     def sampled(self, x: torch.Tensor, y: torch.Tensor, gy: torch.Tensor, p: int, Q: int, eta: float,
                 Gs: Sequence[Any] | None = None) -> torch.Tensor:
         """v = η Q Π_{i=1}^{p} (I − ηH_i) ∇_y F."""
@@ -163,10 +172,7 @@ class StocBiO(Bare):
     def step(self, t):
         x = self.x
         y = self.inner(x, self.y, self.T, self.lr_y(t))
-        gx, gy = grads(self.f, x, y, self.up.next())
-        v = self.neumann(x, y, gy, self.Q, self.eta)
-        jv = cross(self.g, x, y, self.lo.next(), v)
-        self.x, self.y = torch.add(x, gx - jv, alpha=-self.lr_x(t)), y
+        self.descend(x, y, t, lambda gy: self.neumann(x, y, gy, self.Q, self.eta))
 
 
 class BSA(Bare):
@@ -178,10 +184,7 @@ class BSA(Bare):
         p = self.rng.randrange(self.Q)
         x = self.x
         y = self.inner(x, self.y, self.T, self.lr_y(t))
-        gx, gy = grads(self.f, x, y, self.up.next())
-        v = self.sampled(x, y, gy, p, self.Q, self.eta)
-        jv = cross(self.g, x, y, self.lo.next(), v)
-        self.x, self.y = torch.add(x, gx - jv, alpha=-self.lr_x(t)), y
+        self.descend(x, y, t, lambda gy: self.sampled(x, y, gy, p, self.Q, self.eta))
 
 
 class TTSA(Bare):
@@ -193,10 +196,7 @@ class TTSA(Bare):
         p = self.rng.randrange(self.Q)
         x = self.x
         y = torch.add(self.y, grad_y(self.g, x, self.y, self.lo.next()), alpha=-self.lr_y(t))
-        gx, gy = grads(self.f, x, y, self.up.next())
-        v = self.sampled(x, y, gy, p, self.Q, self.eta)
-        jv = cross(self.g, x, y, self.lo.next(), v)
-        self.x, self.y = torch.add(x, gx - jv, alpha=-self.lr_x(t)), y
+        self.descend(x, y, t, lambda gy: self.sampled(x, y, gy, p, self.Q, self.eta))
 
 
 class AmIGO(Bare):
