@@ -295,10 +295,9 @@ def _eager() -> bool:
 
 def _flat(xs: T.Leaves, ys: T.Leaves) -> bool:
     """The flattest eager path applies: one leaf each, plain eager autograd, grad mode on (what
-    :func:`bilevel.solve` runs). Its oracles below are written out without helper calls — a
-    loop of small oracle calls pays every Python call between two kernels."""
-    return (len(ys) == 1 and len(xs) == 1 and not _is_compiling() and _BACKEND.get() == "autograd"
-            and _REDUCER.get() is None and torch.is_grad_enabled())
+    :func:`bilevel.solve` runs). Its oracles below call autograd directly, without the
+    leafwise helpers — a loop of small oracle calls pays every Python call between two kernels."""
+    return len(ys) == 1 and len(xs) == 1 and _eager() and torch.is_grad_enabled()
 
 
 def _count(fn: Fn, kind: str, kind2: str | None = None) -> None:
@@ -334,9 +333,7 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
     """∇_y fn(x, y). With ``create_graph`` the result stays differentiable in (x, y) (unrolling)."""
     if not create_graph and _flat(xs, ys):
-        c = _ACTIVE.get()
-        if c is not None:
-            c.add(getattr(fn, "level", "objective"), "grad", getattr(fn, "n", 1))
+        _count(fn, "grad")
         x, y = xs[0], ys[0].detach().requires_grad_(True)
         out = fn((x.detach() if x.requires_grad else x,), (y,))
         g = torch.autograd.grad(out, y, allow_unused=True)[0] if out.requires_grad else None
@@ -383,9 +380,7 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
     """(value, ∇_x fn, ∇_y fn) from one backward pass."""
     if _flat(xs, ys):
-        c = _ACTIVE.get()
-        if c is not None:
-            c.add(getattr(fn, "level", "objective"), "grad", getattr(fn, "n", 1))
+        _count(fn, "grad")
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
         val = fn((x,), (y,))
         gx, gy = torch.autograd.grad(val, (x, y), allow_unused=True) if val.requires_grad else (None, None)
@@ -427,9 +422,7 @@ class Linearization:
         self.fn = fn
         self._pending: tuple | None = None  # data-parallel: local (value, ∇_y g) to reduce
         if _flat(xs, ys):  # the autograd branch below, written out (see _flat)
-            c = _ACTIVE.get()
-            if c is not None:
-                c.add(getattr(fn, "level", "objective"), "grad", getattr(fn, "n", 1))
+            _count(fn, "grad")
             self._mode, self._flat = "autograd", True
             self.xs, self.ys = (xs[0].detach().requires_grad_(True),), (ys[0].detach().requires_grad_(True),)
             value = fn(self.xs, self.ys)
@@ -572,7 +565,7 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     y a graph input — the product never differentiates in x) and its graph is freed by the one
     backward; the numbers are those of ``Linearization(fn, xs, ys).hvp(v)``."""
     if _flat(xs, ys):
-        _record(fn, "grad", "hvp")
+        _count(fn, "grad", "hvp")
         x = xs[0].detach() if xs[0].requires_grad else xs[0]
         y = ys[0].detach().requires_grad_(True)
         return (_flat_product(fn, x, y, y, v[0]),)
@@ -594,7 +587,7 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot J^T v = ∇²_xy g · v (eager: one gradient with graph, one backward that frees it;
     the numbers of ``Linearization(fn, xs, ys).cross(v)``)."""
     if _flat(xs, ys):
-        _record(fn, "grad", "cross")
+        _count(fn, "grad", "cross")
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
         return (_flat_product(fn, x, y, x, v[0]),)
     if _functional():
