@@ -157,14 +157,10 @@ class _Kernel:
             return self._compiled(tuple(xs), tuple(ys), batch, *extra)
         except Exception as exc:  # capture failed, or the objective is wrong: tell them apart
             out = self._eager(xs, ys, batch, *extra)  # re-raises the user's own errors
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-            self.fallback = reason
-            _STATS["fallbacks"] += 1
-            msg = (f"bilevel compiled mode: the {self.level}-level objective could not be captured "
-                   f"by torch.compile for the {self.kind} oracle; running it eagerly instead "
-                   f"(reason: {reason})")
-            _FALLBACK_REASONS.append(msg)
-            warnings.warn(msg, CompileFallbackWarning, stacklevel=3)
+            self.fallback = reason = reason_of(exc)
+            report_fallback(f"bilevel compiled mode: the {self.level}-level objective could not be "
+                            f"captured by torch.compile for the {self.kind} oracle; running it "
+                            f"eagerly instead (reason: {reason})", stacklevel=3)
             return out
 
 
@@ -403,13 +399,26 @@ def why_not(bound: Any, inner: Dynamics | None) -> str | None:
 
 def fallback(est: Any, reason: str, instead: str = "its eager path with per-oracle kernels") -> None:
     """Say once per (estimator class, reason) that the compiled path is not taken, and why."""
-    msg = (f"bilevel compiled mode: {type(est).__name__} runs {instead} instead of compiled "
-           f"inner steps (reason: {reason})")
+    report_fallback(f"bilevel compiled mode: {type(est).__name__} runs {instead} instead of "
+                    f"compiled inner steps (reason: {reason})", once=True, stacklevel=4)
+
+
+def reason_of(exc: BaseException) -> str:
+    """An exception as a one-line fallback reason: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+
+
+def report_fallback(msg: str, *, once: bool = False, stacklevel: int = 3) -> None:
+    """Count a fallback in :func:`stats`, keep ``msg`` among its reasons and warn with it
+    (:class:`CompileFallbackWarning`; ``once``: only the first time this message is reported).
+    ``stacklevel`` is that of the caller's own ``warnings.warn``."""
     _STATS["fallbacks"] += 1
-    if msg not in _WARNED:
+    if once:
+        if msg in _WARNED:
+            return
         _WARNED.add(msg)
-        _FALLBACK_REASONS.append(msg)
-        warnings.warn(msg, CompileFallbackWarning, stacklevel=4)
+    _FALLBACK_REASONS.append(msg)
+    warnings.warn(msg, CompileFallbackWarning, stacklevel=stacklevel + 1)
 
 
 def unroll(G: Objective, inner: Dynamics, xs: T.Leaves, state: T.Leaves, steps: int, *,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import builtins
 import copy
-import warnings
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -260,11 +259,7 @@ class CompiledStep:
             return self.solver.step(self.ctx, state, t)
 
     def _give_up(self, exc: BaseException) -> None:
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-        self.fallback = reason
-        C._STATS["fallbacks"] += 1
-        msg = (f"bilevel compiled mode: one step of {type(self.solver).__name__} could not be "
-               f"captured as one graph by torch.compile; using per-oracle compiled kernels instead "
-               f"(reason: {reason})")
-        C._FALLBACK_REASONS.append(msg)
-        warnings.warn(msg, C.CompileFallbackWarning, stacklevel=4)
+        self.fallback = reason = C.reason_of(exc)
+        C.report_fallback(f"bilevel compiled mode: one step of {type(self.solver).__name__} could "
+                          "not be captured as one graph by torch.compile; using per-oracle "
+                          f"compiled kernels instead (reason: {reason})", stacklevel=4)
