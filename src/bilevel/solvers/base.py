@@ -419,7 +419,10 @@ def _zero_dot(ts: T.Leaves, zeros: dict | None) -> Tensor:
             z = zeros.get(key)
             if z is None:
                 z = zeros[key] = torch.zeros(n, dtype=t.dtype, device=t.device)
-        d = torch.dot(t.reshape(-1), z) if z is not None else t.mul(0).sum()
+        if z is None:
+            d = t.mul(0).sum()
+        else:
+            d = torch.dot(t if t.ndim == 1 else t.reshape(-1), z)
         out = d if out is None else out + d
     return out
 
@@ -438,7 +441,7 @@ def _check_pending(pending: list[Any], last_step: int) -> None:
     k = len(pending)
     if k == 1:
         c = pending[0]
-        if float(c[0] + c[1] if type(c) is tuple else c.sum()) == 0.0:
+        if (c[0].item() + c[1].item() if type(c) is tuple else c.sum().item()) == 0.0:
             pending.clear()
             return
     codes = torch.stack([torch.stack(c) if type(c) is tuple else c.reshape(2) for c in pending])
