@@ -419,10 +419,7 @@ def _zero_dot(ts: T.Leaves, zeros: dict | None) -> Tensor:
             z = zeros.get(key)
             if z is None:
                 z = zeros[key] = torch.zeros(n, dtype=t.dtype, device=t.device)
-        if z is None:
-            d = t.mul(0).sum()
-        else:
-            d = torch.dot(t if t.ndim == 1 else t.reshape(-1), z)
+        d = t.mul(0).sum() if z is None else torch.dot(t if t.ndim == 1 else t.reshape(-1), z)
         out = d if out is None else out + d
     return out
 
