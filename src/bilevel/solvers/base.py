@@ -438,7 +438,7 @@ def _check_pending(pending: list[Any], last_step: int) -> None:
     k = len(pending)
     if k == 1:
         c = pending[0]
-        if (c[0].item() + c[1].item() if type(c) is tuple else c.sum().item()) == 0.0:
+        if float(c[0] + c[1] if type(c) is tuple else c.sum()) == 0.0:  # (one host sync)
             pending.clear()
             return
     codes = torch.stack([torch.stack(c) if type(c) is tuple else c.reshape(2) for c in pending])
