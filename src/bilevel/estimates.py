@@ -126,28 +126,55 @@ class SagaTable:
 
     ``update(i, g)`` returns the variance-reduced direction  g − m_i + (1/n) Σ_j m_j  and stores
     g as m_i. Memories start at ``init`` (zeros by default).
+
+    The memories are an immutable tuple (``memory[i]``: the leaves stored for batch i), replaced
+    by a new tuple at each update, so a copy of the table (:meth:`_state_copy`, what
+    :func:`bilevel.solvers.base.copy_state` uses for the last good state of every outer step)
+    shares them: O(1) instead of a copy of n entries.
     """
 
     def __init__(self, n: int, like: T.Leaves, init: T.Leaves | None = None):
         self.n = int(n)
         base = T.zeros_like(like) if init is None else T.detach(init)
-        self.memory: list[T.Leaves] = [base] * self.n
+        self.memory: tuple[T.Leaves, ...] = (base,) * self.n
         self.mean: T.Leaves = base
 
     def update(self, i: int, g: T.Leaves) -> T.Leaves:
-        diff = T.sub(g, self.memory[i])
-        direction = T.add(diff, self.mean)
-        self.mean = T.axpy(1.0 / self.n, diff, self.mean)
-        self.memory[i] = g if not any(t.requires_grad for t in g) else T.detach(g)
+        mem = self.memory
+        if not 0 <= i < self.n:
+            raise IndexError(f"SAGA batch index {i} out of range for {self.n} batches")
+        old = mem[i]
+        if len(g) == 1 == len(old):  # (the common one-leaf variable, without the leafwise helpers)
+            diff = g[0] - old[0]
+            mean = self.mean[0]
+            direction: T.Leaves = (diff + mean,)
+            self.mean = (torch.add(mean, diff, alpha=1.0 / self.n),)
+            if g[0].requires_grad:
+                g = (g[0].detach(),)
+        else:
+            diff_l = T.sub(g, old)
+            direction = T.add(diff_l, self.mean)
+            self.mean = T.axpy(1.0 / self.n, diff_l, self.mean)
+            if any(t.requires_grad for t in g):
+                g = T.detach(g)
+        self.memory = mem[:i] + (tuple(g),) + mem[i + 1:]
         return direction
+
+    def _state_copy(self) -> SagaTable:
+        """An independent copy sharing the (immutable) memories and mean."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # (tables pickled with a list memory)
+        self.__dict__.update(state)
+        self.memory = tuple(self.memory)
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": self.memory, "mean": self.mean}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory, self.mean = list(state["memory"]), state["mean"]
-
-
+        self.memory, self.mean = tuple(state["memory"]), state["mean"]
 
 
 # --- added for the momentum / variance-reduced solvers (MSTSA, SUSTAIN, MRBO, VRBO, ...) ----------

@@ -227,28 +227,49 @@ def solver_name(solver: Any) -> str:
     return f"{name}[{solver_name(inner)}]" if isinstance(inner, Solver) else name
 
 
+#: values a state copy shares as they are (immutable, or tensors, never written in place)
+_SHARED = frozenset({Tensor, int, float, bool, str, complex, bytes, type(None)})
+
+
 def copy_state(obj: Any) -> Any:
     """A structural copy of a state: containers (dict, list, tuple) and the small bilevel objects
     inside (oracle counts, SAGA tables) are copied, tensors are shared — the package never writes
-    into a state tensor in place, so this is enough for the copy to be independent."""
-    if type(obj) is dict:
-        return {k: copy_state(v) for k, v in obj.items()}
-    if isinstance(obj, O.OracleCounts):  # {level: {kind: int}}: two levels (cheaper than deepcopy)
+    into a state tensor in place, so this is enough for the copy to be independent. An object with
+    a ``_state_copy()`` method is copied by it (a SAGA table shares its immutable memory: O(1))."""
+    tp = type(obj)
+    if tp is dict:
+        return {k: v if type(v) in _SHARED else copy_state(v) for k, v in obj.items()}
+    if tp is tuple:  # immutable: shared as is when it holds only tensors (flat leaves)
+        for v in obj:
+            if type(v) is not Tensor:
+                return tuple([copy_state(v) for v in obj])
+        return obj
+    if tp in _SHARED:
+        return obj
+    if tp is O.OracleCounts:  # {level: {kind: int}}: two levels (cheaper than deepcopy)
+        return tp({k: dict(v) for k, v in obj.items()})
+    own = getattr(tp, "_state_copy", None)
+    if own is not None:
+        return own(obj)
+    if isinstance(obj, O.OracleCounts):
         return type(obj)({k: dict(v) for k, v in obj.items()})
     if isinstance(obj, dict):  # other small dict subclasses
         return copy.deepcopy(obj)
-    if isinstance(obj, list):  # (tensors inline: a SAGA memory holds one per batch)
-        return [v if type(v) is Tensor else copy_state(v) for v in obj]
-    if type(obj) is tuple:  # immutable: shared as is when it holds only tensors (flat leaves)
-        if all(type(v) is Tensor for v in obj):
-            return obj
-        return tuple([copy_state(v) for v in obj])
-    if (type(obj).__module__.startswith("bilevel.") and hasattr(obj, "__dict__")
+    if isinstance(obj, list):  # (tensors inline)
+        return [v if type(v) in _SHARED else copy_state(v) for v in obj]
+    if (tp.__module__.startswith("bilevel.") and hasattr(obj, "__dict__")
             and not isinstance(obj, (Solver, Dynamics))):
         out = copy.copy(obj)
         out.__dict__.update({k: copy_state(v) for k, v in vars(obj).items()})
         return out
     return obj
+
+
+def _last_good(state: dict[str, Any]) -> dict[str, Any]:
+    """:func:`copy_state` of the state before a step of :func:`solve` (the partial result of an
+    error in that step), sharing ``state["data"]``: solve puts a fresh dict of sampler positions
+    there after every step (and copies a resumed state first), and nothing writes into it."""
+    return {k: v if type(v) in _SHARED or k == "data" else copy_state(v) for k, v in state.items()}
 
 
 def _leaf_shapes(leaves: Any) -> list[tuple[tuple[int, ...], torch.dtype]] | None:
@@ -288,11 +309,16 @@ def _data_state(ctx: Context) -> dict[str, Any]:
     """The position (and random state) of each level's sampler — for a DataLoader: epoch,
     batches consumed, the state of its generators at the start of the epoch — kept in the solver
     state as ``state["data"]`` so that ``bl.solve(state=...)`` resumes the data exactly."""
-    out: dict[str, Any] = {}
+    return {level: fn() for level, fn in _data_fns(ctx)}
+
+
+def _data_fns(ctx: Context) -> list[tuple[str, Callable[[], Any]]]:
+    """The ``state_dict`` methods :func:`_data_state` calls, looked up once per run."""
+    out = []
     for level in _LEVELS:
-        s = getattr(ctx, f"{level}_data")
-        if s is not None and callable(getattr(s, "state_dict", None)):
-            out[level] = s.state_dict()
+        fn = getattr(getattr(ctx, f"{level}_data"), "state_dict", None)
+        if callable(fn):
+            out.append((level, fn))
     return out
 
 
@@ -359,6 +385,13 @@ def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves, buffers: Any = None) -> dic
     return {"upper_loss": fval, "lower_grad_norm": gnorm}
 
 
+def _unflattener(spec: T.Spec) -> Callable[[T.Leaves], Any]:
+    """``leaves -> T.unflatten(leaves, spec)``, direct for a bare tensor."""
+    if T.is_leaf_spec(spec):
+        return lambda leaves: leaves[0]
+    return lambda leaves: T.unflatten(leaves, spec)
+
+
 def _host(metrics: dict[str, Any]) -> dict[str, Any]:
     """A step's metrics for the record: one-element tensors (a step may return them, e.g. from
     a compiled graph) as Python numbers."""
@@ -368,29 +401,49 @@ def _host(metrics: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()}
 
 
-def _zero_sum(ts: T.Leaves) -> Tensor:
-    """Σ 0·t over every entry: exactly 0 when all are finite, NaN as soon as one is ±inf or NaN
-    (two kernels per leaf; ``isfinite(t).all()`` costs several)."""
-    out = ts[0].mul(0).sum()
-    for t in ts[1:]:
-        out = out + t.mul(0).sum()
+#: leaves up to this many entries get a cached zero vector for their finiteness summary
+_ZEROS_MAX = 1 << 20
+
+
+def _zero_dot(ts: T.Leaves, zeros: dict | None) -> Tensor:
+    """Σ ⟨t, 0⟩ over the leaves: exactly 0 when all entries are finite (no overflow, unlike a
+    sum), NaN as soon as one is ±inf or NaN — one BLAS dot per leaf against a zero vector cached
+    in ``zeros`` (per run, keyed by size, dtype and device; leaves above ``_ZEROS_MAX`` entries, or
+    without a cache, fall back to Σ 0·t, two kernels)."""
+    out = None
+    for t in ts:
+        n = t.numel()
+        z = None
+        if zeros is not None and n <= _ZEROS_MAX:
+            key = (n, t.dtype, t.device)
+            z = zeros.get(key)
+            if z is None:
+                z = zeros[key] = torch.zeros(n, dtype=t.dtype, device=t.device)
+        d = t.mul(0).sum() if z is None else torch.dot(t if t.ndim == 1 else t.reshape(-1), z)
+        out = d if out is None else out + d
     return out
 
 
-def _finite_summary(xs: T.Leaves, ys: T.Leaves) -> Tensor:
-    """[x all finite, y all finite] encoded as [0 or NaN, 0 or NaN], a device tensor (no host
-    sync; see :func:`_zero_sum`)."""
-    return torch.stack([_zero_sum(xs), _zero_sum(ys)])
+def _finite_summary(xs: T.Leaves, ys: T.Leaves, zeros: dict | None = None) -> tuple[Tensor, Tensor]:
+    """(x all finite, y all finite) encoded as (0 or NaN, 0 or NaN), device tensors (no host
+    sync; see :func:`_zero_dot`)."""
+    return _zero_dot(xs, zeros), _zero_dot(ys, zeros)
 
 
-def _check_pending(pending: list[Tensor], last_step: int) -> None:
-    """One host sync for the summaries of the last len(pending) steps; raise at the first bad one."""
+def _check_pending(pending: list[Any], last_step: int) -> None:
+    """One host sync for the summaries of the last len(pending) steps (each a pair of
+    :func:`_finite_summary` or a 2-element tensor [x code, y code]); raise at the first bad one."""
     if not pending:
         return
-    codes = pending[0] if len(pending) == 1 else torch.stack(pending)
     k = len(pending)
+    if k == 1:
+        c = pending[0]
+        if float(c[0] + c[1] if type(c) is tuple else c.sum()) == 0.0:  # (one host sync)
+            pending.clear()
+            return
+    codes = torch.stack([torch.stack(c) if type(c) is tuple else c.reshape(2) for c in pending])
     pending.clear()
-    if float(codes.sum()) == 0.0:
+    if k > 1 and float(codes.sum()) == 0.0:
         return
     ok = (codes == 0).reshape(k, 2)
     i, j = (int(v) for v in (~ok).nonzero()[0])
@@ -483,9 +536,10 @@ def solve(
     history: list[dict[str, Any]] = []
     pass_state = callback is not None and _takes_state(callback)
     every = int(track) if not isinstance(track, bool) else (1 if track else 0)
-    if int(check_every) < 1:
+    check_every = int(check_every)
+    if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
-    pending: list[Tensor] = []  # per step: [x finite, y finite] (device flags)
+    pending: list[Any] = []  # per step: (x finite, y finite) (device flags)
     mode = _compile_mode(compile)
     step, compiled_step = solver.step, None
     if mode == "step":
@@ -493,39 +547,54 @@ def solve(
 
         compiled_step = CompiledStep(solver, ctx)
         step = lambda ctx, state, t: compiled_step(state, t)  # noqa: E731
+    data_fns = _data_fns(ctx)
+    counts_var, set_grad = O._ACTIVE, torch._C._set_grad_enabled
+    zeros: dict = {}  # the finiteness summaries' zero vectors (per run)
+    x_tree, y_tree = _unflattener(xspec), _unflattener(yspec)
+    flat_keys: dict[tuple[str, str], str] = {}
     with torch.no_grad(), O.backend("compiled" if mode == "oracles" else O.get_backend()):
         for t in range(int(state["t"]), steps):
-            good = copy_state(state)  # the last good state, attached to an error of this step
+            good = _last_good(state)  # attached to an error of this step
             try:
                 t0 = time.perf_counter()
                 solver.prepare(state, t)
-                with torch.enable_grad(), O.counting(state["counts"]):
+                token = counts_var.set(state["counts"])  # (= O.counting(counts) and enable_grad, inline)
+                set_grad(True)
+                try:
                     metrics = step(ctx, state, t)
+                finally:
+                    set_grad(False)
+                    counts_var.reset(token)
                 state["time"] += time.perf_counter() - t0
                 state["t"] = t + 1
-                state["data"] = _data_state(ctx)  # the samplers' positions: an exact resume
+                state["data"] = {lv: fn() for lv, fn in data_fns}  # the samplers' positions
                 x_out, y_out = solver.output(state)
                 pending.append(compiled_step.last_finite if compiled_step is not None
-                               and compiled_step.last_compiled else _finite_summary(x_out, y_out))
+                               and compiled_step.last_compiled else _finite_summary(x_out, y_out, zeros))
                 tracked = bool(every) and (t + 1) % every == 0
-                if len(pending) >= int(check_every) or tracked or t + 1 == steps:
+                if len(pending) >= check_every or tracked or t + 1 == steps:
                     _check_pending(pending, t + 1)
             except Exception as exc:  # (with check_every > 1: the state before the checking step)
                 gx, gy = solver.output(good)
                 _fail(exc, t + 1, solver, SolveResult(T.unflatten(gx, xspec), T.unflatten(gy, yspec),
                                                       list(history), good))
                 raise
-            record = {"step": t + 1, "time": state["time"], **_host(metrics),
-                      **state["counts"].flat()}
+            record = {"step": t + 1, "time": state["time"]}
+            if metrics:
+                record.update(_host(metrics))
+            for lv, kinds in state["counts"].items():  # (= counts.flat(), the keys built once per run)
+                for kind, n in kinds.items():
+                    key = flat_keys.get((lv, kind))
+                    if key is None:
+                        key = flat_keys[lv, kind] = f"{lv}_{kind}"
+                    record[key] = n
             if compiled_step is not None:
                 record["compiled"] = compiled_step.last_compiled
             if tracked:
                 record.update(_track(ctx, x_out, y_out, state.get("buffers")))
             history.append(record)
-            extra = {"state": state} if pass_state else {}
-            if callback is not None and callback(
-                t + 1, T.unflatten(x_out, xspec), T.unflatten(y_out, yspec), record, **extra
-            ):
+            if callback is not None and callback(t + 1, x_tree(x_out), y_tree(y_out), record,
+                                                 **({"state": state} if pass_state else {})):
                 break
         _check_pending(pending, int(state["t"]))
     x_out, y_out = solver.output(state)
