@@ -129,6 +129,14 @@ def test_compile_setting_is_checked(tiny):
         bl.solve(**tiny.solve_kwargs(), solver=S.SOBA(), steps=1, compile="fast")
 
 
+def test_loops_setting_is_checked(tiny, monkeypatch):
+    from bilevel import compiled_step as CS
+
+    monkeypatch.setitem(CS.settings, "loops", "scan")
+    with pytest.raises(ConfigError, match="'unroll' or 'while_loop', got 'scan'"):
+        bl.solve(**tiny.solve_kwargs(), solver=S.SOBA(), steps=1, compile="step")
+
+
 def test_a_solver_that_cannot_be_one_graph_says_why(tiny):
     kw = dict(batch_size=4, seed=0, kind="fixed")
     lo, up = tiny.samplers(**kw)
@@ -140,3 +148,56 @@ def test_a_solver_that_cannot_be_one_graph_says_why(tiny):
                         lower_data=lo, upper_data=up, compile="step")
     torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
     assert not any(r["compiled"] for r in comp.history)
+
+
+@pytest.mark.parametrize("name", ["stocBiO", "BSA"])
+def test_inner_loop_as_while_loop_equals_eager(tiny, monkeypatch, name):
+    """``settings["loops"] = "while_loop"``: the inner SGD loop of the double-loop solvers is one
+    ``while_loop`` over the stacked pre-drawn batches: same iterates, counts, sampler positions."""
+    from bilevel import compiled_step as CS
+
+    make = {"stocBiO": lambda: S.StocBiO(inner_steps=3, Q=2),
+            "BSA": lambda: S.BSA(inner_steps=3, Q=2)}[name]
+    kw = dict(batch_size=4, seed=3)
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=4, track=False)
+    monkeypatch.setitem(CS.settings, "loops", "while_loop")
+    CS._CODE.clear()  # (patterns recorded with unrolled graphs by earlier tests)
+    comp = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=4, track=False, compile="step")
+    assert any(r["compiled"] for r in comp.history)
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(comp.y, eager.y, rtol=1e-12, atol=1e-14)
+    assert comp.state["counts"] == eager.state["counts"]
+    assert _same(comp.state["data"], eager.state["data"])
+    CS._CODE.clear()
+
+
+def test_while_loop_inner_loop_still_reports_non_finite_iterates(tiny, monkeypatch):
+    """lr_y = 30 makes the lower iterate grow ~27× per inner step: from 1e299 a compiled step
+    overflows inside the while_loop; the run stops there with the eager step's exact error."""
+    from bilevel import compiled_step as CS
+
+    monkeypatch.setitem(CS.settings, "loops", "while_loop")
+    CS._CODE.clear()
+    make = lambda: S.StocBiO(inner_steps=3, Q=1, lr_y=30.0)  # noqa: E731
+    bl.solve(**tiny.solve_kwargs(batch_size=4, seed=3), solver=make(), steps=6, track=False,
+             compile="step")  # (records the patterns: no eager probe below)
+    huge = {**tiny.solve_kwargs(batch_size=4, seed=3), "y0": torch.full_like(tiny.y0, 1e299)}
+    with pytest.raises(NonFiniteError, match="lower-level iterate at step 1 of GD.*outer step 3"):
+        bl.solve(**huge, solver=make(), steps=6, track=False, compile="step")
+    CS._CODE.clear()
+
+
+def test_while_loop_carries_the_finiteness_of_every_inner_iterate(tiny):
+    """The carried flag of the while_loop form (run here eagerly, in traced mode) is False as soon
+    as one inner iterate is non-finite, even if later ones are finite again (a projection)."""
+    from bilevel import _trace
+    from bilevel.estimates import _gd, _sgd_while_loop
+
+    lo, _ = tiny.samplers(batch_size=4, seed=0)
+    stacked = tuple(torch.stack(ts) for ts in zip(*[lo.next() for _ in range(3)]))
+    ctx = bl.solvers.base.Context(tiny.problem, bl._tree.flatten(tiny.x0)[1], bl._tree.flatten(tiny.y0)[1])
+    for y0, clip, ok in ((tiny.y0, None, True), (torch.full_like(tiny.y0, 1e307), None, False),
+                         (torch.full_like(tiny.y0, 1e307), lambda t: torch.nan_to_num(t), False)):
+        with _trace.traced() as checks:
+            _sgd_while_loop(_gd(30.0, 3, clip), ctx.G, stacked, (tiny.x0,), (y0,), 3, 30.0, clip)
+        assert bool(checks[-1].ok) is ok

@@ -53,7 +53,12 @@ MAX_PATTERNS = 32
 #: ``dynamic``: torch.compile's ``dynamic`` (None: automatic — the first graph of a pattern is
 #: specialised to its step counter t, the second is symbolic in t; True: symbolic from the start,
 #: shapes too)
-settings: dict[str, Any] = {"dynamic": None}
+#: ``loops``: how a graph holds the inner SGD loop of the double-loop solvers
+#: (:func:`bilevel.estimates.sgd_lower`): ``"unroll"`` (T copies of the step: fastest per call,
+#: compile time grows with T) or ``"while_loop"`` (one copy inside ``torch``'s ``while_loop``, the
+#: batches stacked and indexed by the loop counter: compile time about constant in T, each call
+#: 10–30 % slower; ``python -m bilevel.bench loops``)
+settings: dict[str, Any] = {"dynamic": None, "loops": "unroll"}
 
 #: state entries owned by :func:`bilevel.solve` (never passed to the compiled step)
 BOOKKEEPING = ("t", "time", "counts", "solver", "data")
@@ -93,6 +98,32 @@ class _Replay:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sampler, name)
+
+
+def stacked_draws(ctx: Any, n: int) -> tuple[Callable[[Any], Any], Any] | None:
+    """Inside a compiled step with ``settings["loops"] == "while_loop"``: if the context ``ctx``
+    replays at least ``n`` pre-drawn lower batches of one structure, take them: ``(make,
+    stacked)`` with ``make(batch)`` the lower objective on a batch (``ctx.G``) and ``stacked`` the
+    ``n`` batches stacked leaf by leaf (row k = the k-th draw). Else None (draw one by one)."""
+    if settings["loops"] != "while_loop" or not torch.compiler.is_compiling() or n < 2:
+        return None
+    replay = getattr(ctx, "lower_data", None)
+    if not isinstance(replay, _Replay):
+        return None
+    items = replay.queue[:n]
+    if len(items) < n:
+        return None
+    flat = [torch.utils._pytree.tree_flatten(b) for b in items]
+    spec = flat[0][1]
+    if any(f[1] != spec or [t.shape for t in f[0]] != [t.shape for t in flat[0][0]] for f in flat) or \
+            not all(isinstance(t, torch.Tensor) for t in flat[0][0]):
+        return None
+    del replay.queue[:n]
+    replay.last_index = replay.indices[n - 1]
+    del replay.indices[:n]
+    stacked = torch.utils._pytree.tree_unflatten([torch.stack(ts) for ts in zip(*[f[0] for f in flat])],
+                                                 spec)
+    return ctx.G, stacked
 
 
 def _patterns(problem: Any, solver_cls: type) -> dict[Hashable, tuple]:
@@ -147,7 +178,7 @@ def _signature(obj: Any) -> Hashable:
 _TENSOR = object()
 
 
-def _pattern(solver: Any, settings: str, core: dict[str, Any], t: int) -> Hashable:
+def _pattern(solver: Any, settings: Hashable, core: dict[str, Any], t: int) -> Hashable:
     return (settings, _signature(core), solver.phase(core, t))
 
 
@@ -166,7 +197,13 @@ class CompiledStep:
         if reason is not None:
             self._give_up(RuntimeError(reason))
         self.patterns = _patterns(ctx.problem, type(solver))
-        self.settings = repr(solver)  # (a solver's settings do not change during a run)
+        if settings["loops"] not in ("unroll", "while_loop"):
+            from .errors import ConfigError
+
+            raise ConfigError(f"bilevel.compiled_step.settings['loops'] must be 'unroll' or "
+                              f"'while_loop', got {settings['loops']!r}")
+        # (a solver's settings do not change during a run; the loop form is part of the graph)
+        self.settings = (repr(solver), settings["loops"])
         self.last_compiled = False  # did the last step run as the compiled graph?
         self.last_finite: torch.Tensor | None = None  # its [x finite, y finite], from the graph
         self.compiles = 0  # graphs compiled by this run

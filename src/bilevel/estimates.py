@@ -308,12 +308,20 @@ def _gd(lr: float, steps: int, projection: Callable[[Any], Any] | None) -> GD:
 
 def sgd_lower(
     G_batch: Callable[[], O.Fn], xs: T.Leaves, ys: T.Leaves, *, steps: int, lr: float,
-    projection: Callable[[Any], Any] | None = None,
+    projection: Callable[[Any], Any] | None = None, ctx: Any = None,
 ) -> T.Leaves:
     """``steps`` SGD steps on the lower level at fixed x, a fresh batch each:
     y ← P(y − lr ∇_y G(x, y; B_t)) (the inner loop of BSA, stocBiO, AmIGO) — :class:`bilevel.inner.GD`
-    run by :func:`bilevel.inner.unroll`, so a blow-up is reported with its inner step."""
+    run by :func:`bilevel.inner.unroll`, so a blow-up is reported with its inner step.
+
+    ``ctx``: the solver context when ``G_batch`` is its ``fresh_G``; then a whole-step compiled
+    graph may run the loop as one ``while_loop`` (:data:`bilevel.compiled_step.settings`)."""
     dyn = _gd(lr, steps, projection)
+    from .compiled_step import stacked_draws  # (compiled_step imports this module's users)
+
+    drawn = None if ctx is None else stacked_draws(ctx, steps)
+    if drawn is not None:
+        return _sgd_while_loop(dyn, *drawn, xs, ys, steps, lr, projection)
     if type(lr) is float and O._eager() and not tracing() and not _batched(ys[0]):
         # unroll(GD) written out (the same operations, a few Python calls per step fewer — a
         # loop of small oracle calls pays each one): y ← P(y − lr ∇_y G), one finiteness
@@ -330,6 +338,31 @@ def sgd_lower(
         return y
     state, _ = unroll(dyn, lambda y, k: O.grad_y(G_batch(), xs, y), dyn.init(ys), steps, grad_norm=False)
     return dyn.output(state)
+
+
+def _sgd_while_loop(dyn: Any, make: Callable[[Any], O.Fn], stacked: Any, xs: T.Leaves, ys: T.Leaves,
+                    steps: int, lr: Any, projection: Callable[[Any], Any] | None) -> T.Leaves:
+    """:func:`sgd_lower`'s loop as one ``while_loop`` (inside a compiled step): batch k is row k of
+    ``stacked``; the finiteness of every iterate is carried and checked after the loop."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    from ._trace import require
+
+    def cond(k: torch.Tensor, ok: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
+        return k < steps
+
+    def body(k: torch.Tensor, ok: torch.Tensor, *y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        at = k.reshape(1)
+        batch = torch.utils._pytree.tree_map(lambda s: s.index_select(0, at)[0], stacked)
+        y = T.axpy(-lr, O.grad_y(make(batch), xs, y), y)
+        if projection is not None:
+            y = tuple(projection(t) for t in y)
+        return (k + 1, ok & torch.isfinite(_summary(y)), *y)
+
+    start = (torch.zeros((), dtype=torch.int64), torch.ones((), dtype=torch.bool), *ys)
+    _, ok, *y = while_loop(cond, body, start)
+    require(ok, lambda: nonfinite_error(dyn, "lower", 1, steps))
+    return tuple(y)
 
 
 def sgd_linear_system(

@@ -561,13 +561,16 @@ def _summary(leaves: T.Leaves) -> Tensor:
     return out
 
 
-def nonfinite_error(dyn: Dynamics, level: str, step: int) -> NonFiniteError:
-    """The error of :func:`unroll` for a first non-finite iterate at ``step`` (1-based)."""
+def nonfinite_error(dyn: Dynamics, level: str, step: int, last: int | None = None) -> NonFiniteError:
+    """The error of :func:`unroll` for a first non-finite iterate at ``step`` (1-based), or, where
+    the step is not known (traced mode), somewhere within steps ``step..last``."""
+    where = f"at step {step} of" if last is None else "of"
+    within = "" if last is None else f" within steps {step}..{last}"
     return NonFiniteError(
-        f"non-finite values (NaN/inf) in the {level}-level iterate at step {step} of "
-        f"{type(dyn).__name__} (lr={dyn.lr}); reduce the step size or check the objective",
+        f"non-finite values (NaN/inf) in the {level}-level iterate {where} "
+        f"{type(dyn).__name__} (lr={dyn.lr}){within}; reduce the step size or check the objective",
         level=level,
-        step=step,
+        step=step if last is None else None,
     )
 
 
@@ -609,10 +612,7 @@ def unroll(
             sums.append(_summary(state[: len(state) // dyn.slots]))
     if track and tracing() and sums:  # traced (vmap): no host read, the check runs afterwards
         ok = torch.isfinite(torch.stack([s.reshape(()) for s in sums])).all()
-        require(ok, lambda: NonFiniteError(
-            f"non-finite values (NaN/inf) in the {level}-level iterate of {type(dyn).__name__} "
-            f"(lr={dyn.lr}) within steps {start + 1}..{start + steps}; reduce the step size or "
-            "check the objective", level=level))
+        require(ok, lambda: nonfinite_error(dyn, level, start + 1, start + steps))
     if track and any(_batched(t) for t in state):  # inside a plain vmap: the caller checks
         track = False
     bad = first_nonfinite(sums) if track and not tracing() else None

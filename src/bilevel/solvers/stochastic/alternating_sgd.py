@@ -51,8 +51,8 @@ class AlternatingSGD(Solver):
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs = state["x"]
         steps = self.inner_steps if self.double_loop else 1
-        ys = sgd_lower(lambda: ctx.fresh_G(), xs, state["y"], steps=steps,
-                       lr=self.lr_y(t), projection=ctx.y_projection)
+        ys = sgd_lower(ctx.fresh_G, xs, state["y"], steps=steps,
+                       lr=self.lr_y(t), projection=ctx.y_projection, ctx=ctx)
         gx = O.grad_x(ctx.fresh_F(), xs, ys)
         state["x"] = self.step_x(ctx, state, gx, t)
         state["y"] = ys

@@ -68,7 +68,7 @@ class AmIGO(Solver):
         G_batch = ctx.fresh_G
 
         ys = sgd_lower(G_batch, xs, state["y"], steps=self.inner_steps, lr=self.lr_y(t),
-                       projection=ctx.y_projection)
+                       projection=ctx.y_projection, ctx=ctx)
         _, gx, b = O.grads(ctx.fresh_F(), xs, ys)
         v = sgd_linear_system(G_batch, xs, ys, state["v"], b, steps=self.v_steps, lr=self.lr_v(t))
         hg = T.sub(gx, O.cross(G_batch(), xs, ys, v))

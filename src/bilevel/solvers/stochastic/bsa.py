@@ -74,7 +74,7 @@ class BSA(Solver):
         G_batch = ctx.fresh_G
 
         ys = sgd_lower(G_batch, xs, state["y"], steps=self.inner_steps, lr=self.lr_y(t),
-                       projection=ctx.y_projection)
+                       projection=ctx.y_projection, ctx=ctx)
         p = state["p"]
         hg, _ = sampled_neumann_hypergradient(ctx.fresh_F(), G_batch, xs, ys, Q=self.Q,
                                               eta=self.eta, p=p)
