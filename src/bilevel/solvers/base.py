@@ -268,7 +268,8 @@ def copy_state(obj: Any) -> Any:
 def _last_good(state: dict[str, Any]) -> dict[str, Any]:
     """:func:`copy_state` of the state before a step of :func:`solve` (the partial result of an
     error in that step), sharing ``state["data"]``: solve puts a fresh dict of sampler positions
-    there after every step (and copies a resumed state first), and nothing writes into it."""
+    there after every step (and copies a resumed state first), and nothing writes into it — a
+    sampler's ``state_dict`` returns a snapshot (every sampler of the package builds a new dict)."""
     return {k: v if type(v) in _SHARED or k == "data" else copy_state(v) for k, v in state.items()}
 
 
