@@ -170,7 +170,7 @@ class SagaTable:
             self.mean = T.axpy(1.0 / self.n, diff_l, self.mean)
             if any(t.requires_grad for t in g):
                 g = T.detach(g)
-        self.memory = mem[:i] + (tuple(g),) + mem[i + 1:]
+        self.memory = tuple(mem[:i]) + (tuple(g),) + tuple(mem[i + 1:])  # (a list, if set directly)
         return direction
 
     def _state_copy(self) -> SagaTable:

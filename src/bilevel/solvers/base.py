@@ -593,8 +593,9 @@ def solve(
             if tracked:
                 record.update(_track(ctx, x_out, y_out, state.get("buffers")))
             history.append(record)
-            if callback is not None and callback(t + 1, x_tree(x_out), y_tree(y_out), record,
-                                                 **({"state": state} if pass_state else {})):
+            if callback is not None and (
+                    callback(t + 1, x_tree(x_out), y_tree(y_out), record, state=state) if pass_state
+                    else callback(t + 1, x_tree(x_out), y_tree(y_out), record)):
                 break
         _check_pending(pending, int(state["t"]))
     x_out, y_out = solver.output(state)

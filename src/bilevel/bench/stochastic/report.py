@@ -255,58 +255,89 @@ in y only, evaluates the two same-sample terms of a STORM / SPIDER recursion (MR
 as two plain calls and checks, counts and records nothing. `bl.solve` runs the solver and its
 callback runs the bare iteration after every step (alternating in one process); CPU time of the
 process; *step* = the solver's `prepare` + `step`, *solve* = everything `bl.solve` does per
-iteration (step, counting, sampler positions, state copy, finiteness check, history record);
-ratios = medians of the per-iteration ratios ours ÷ bare. Hyper-cleaning setting above (inner /
-Neumann / linear-system steps = 10), 60 timed iterations per solver and round (SOBA, SABA 300; FSLA
-150; TTSA 100; VRBO 12). Before = main at 465c7b0 (start of the 2026-12-02 04:24 session), after =
-this branch; the two versions in alternating fresh processes (before, after, after, before, ...),
-4 rounds, medians over the rounds:
+iteration (step, counting, sampler positions, copy of the last good state, finiteness check,
+history record, the callback call); ratios = medians of the per-iteration ratios ours ÷ bare.
+Hyper-cleaning setting above (inner / Neumann / linear-system steps = 10), 60 timed iterations per
+solver and round (SOBA, SABA 300; FSLA 150; TTSA 100; VRBO 12). Before = main at 3de80a7 (start of
+the 2026-12-02 07:08 session), after = branch `eager3` at cfc92ac; the two versions in alternating
+fresh processes (before, after, after, before, ...), 4 rounds, medians over the rounds:
 
     python -m bilevel.bench stochastic --whole-iteration --against OLD/src --rounds 4
 
-run 2026-12-02 05:50–05:57 UTC, load average 3.35 → 3.82 (2 cores shared by 4 workers; CPU
-times, not wall times; single rounds scatter by a few %, so read the ratios as ±0.03).
+run 2026-12-02 07:55–07:59 UTC on a **loaded** machine: two nice-10 long runs (issue 14) and other
+workers on the 2 cores, load average 3.6 → 3.9. CPU times, not wall times; the bare loop's own CPU
+time differs by up to 1.4× between the before and after processes (load, not code: the ratios are
+per iteration, ours and bare side by side), and single rounds scatter by a few %, so read the
+ratios as ±0.03. An earlier run of the same comparison (07:47–07:51, one commit before) gave the
+same picture (SOBA solve 1.186 → 1.130, SABA 1.327 → 1.160, FSLA 1.129 → 1.096).
 
 | solver | step ÷ bare before | step ÷ bare after | solve ÷ bare before | solve ÷ bare after | bare CPU ms |
 |---|---|---|---|---|---|
-| StocBiO | 1.205 | 1.079 | 1.223 | 1.090 | 18–23 |
-| BSA | 1.169 | 1.075 | 1.194 | 1.093 | 15.5 |
-| SOBA | 1.121 | 1.100 | 1.280 | 1.204 | 2.1 |
-| SABA | 1.147 | 1.131 | 1.503 | 1.362 | 2.1 |
-| MRBO | 1.075 | 1.002 | 1.090 | 1.012 | 29–30 |
-| VRBO | 1.074 | 0.991 | 1.075 | 0.992 | 305–310 |
-| TTSA | 1.136 | 1.058 | 1.194 | 1.090 | 7.5 |
-| AmIGO | 1.160 | 1.070 | 1.179 | 1.083 | 18–20 |
-| FSLA | 1.102 | 1.079 | 1.189 | 1.138 | 3.8–4.5 |
-| SUSTAIN | 1.037 | 0.998 | 1.073 | 1.020 | 14 |
+| StocBiO | 1.083 | 1.092 | 1.096 | 1.100 | 18–21 |
+| BSA | 1.078 | 1.078 | 1.099 | 1.089 | 13–15 |
+| SOBA | 1.101 | 1.076 | 1.204 | 1.135 | 1.5–2.1 |
+| SABA | 1.105 | 1.083 | 1.333 | 1.164 | 1.9–2.1 |
+| MRBO | 1.032 | 0.989 | 1.043 | 0.995 | 23–33 |
+| VRBO | 1.008 | 0.985 | 1.009 | 0.985 | 262–321 |
+| TTSA | 1.063 | 1.053 | 1.102 | 1.074 | 7.8–9.1 |
+| AmIGO | 1.065 | 1.061 | 1.077 | 1.068 | 19–24 |
+| FSLA | 1.064 | 1.063 | 1.122 | 1.096 | 4.1–5.0 |
+| SUSTAIN | 0.989 | 0.962 | 1.007 | 0.973 | 14–17 |
 
-Reached: ≤ 1.1 per step for nine of the ten (SOBA at 1.100), and per `bl.solve` iteration for
-stocBiO, BSA, MRBO, VRBO, TTSA, AmIGO and SUSTAIN. Not reached: SABA's step (1.13 in this run; 1.11
-after a last change, one later run), and the `bl.solve` loop of the ~2 ms single-loop solvers:
-SOBA 1.20, FSLA 1.14, SABA 1.36 — `solve` adds ~0.15–0.2 ms per iteration (the copy of the last
-good state, the samplers' positions, the finiteness check, the history record; for SABA the copy of
-its SAGA memories, 46 entries per table), which weighs 10–20 % there and < 2 % in a 15 ms iteration.
+Reached: ≤ 1.1 per step for all ten (SABA 1.105 → 1.083), and per `bl.solve` iteration for eight
+(FSLA 1.12 → 1.10 newly; stocBiO at 1.100). Not reached: the `bl.solve` iteration of SOBA (1.135)
+and SABA (1.164). What `solve` adds per iteration on top of the step fell from ~0.15 ms (SOBA) /
+~0.43 ms (SABA) to ~0.13 / ~0.17 ms, although the after-processes ran ~1.4× slower (bare 2.1 vs
+1.5 ms): about −40 % / −60 % at equal speed. Where the rest goes (SOBA, per iteration, CPU µs on
+this loaded machine, each piece timed in the loop): the finiteness check of x and y ~40 (two dot
+products, an add and one host read — each torch call costs 5–15 µs here right after a step, ~2 µs
+in a warm loop), the last-good-state copy ~20 (it also frees the iterates of two steps ago, which
+the bare loop frees inside its step), the sampler positions ~10, the record ~10, the loop and
+callback the rest. The step's own excess (0.076 of SOBA's 0.135) sits mostly in the oracle layer:
+timed per piece against the bare calls, ~+60 µs in the `Linearization` of G, ~+50 in `grads` of F,
+~+25 in the updates (leafwise helpers, the upper rule), ~+15 each in the products and in drawing
+the batches with their `Objective`s. SABA's extra over SOBA: five SAGA tables in the good state (O(1)
+each now) with the memory entries they replace freed there, and `FixedBatches.state_dict`, which
+copies the generator state (5 KB) every step.
 
-The results are unchanged — bitwise: x, y and the oracle counts of all 20 solvers of the benchmark
-config after 6 iterations (VRBO 12) on this problem are identical before and after, the bare loops
-give the solvers' iterates, and the suite passes. What changed (each a few µs per call, which a
-loop of ~20 oracle calls between kernels pays many times): the one-shot HVP builds ∇_y g with x
-outside the graph and frees it (no `retain_graph`, no `Linearization` object); the oracles
-(`grad_y`, `grads`, `hvp`, `cross`, `Linearization`) have a flat eager path for one-leaf variables
-(one test of backend / reducer / compiling, counting inline, no helper layers); `Context.G` / `F`
-build the `Objective` directly (not a whole `Bound`); `Problem._call` without `**kw`; `sgd_lower`'s
-GD loop written out (the same operations and finiteness summaries, the shared error of
-`inner.nonfinite_error`), its `GD` cached per constant step; the Neumann series of stocBiO / MRBO /
-VRBO reads its residual norms once per series (`check_every=Q`; the same v, and after a breakdown
-it has drawn its remaining batches) and takes them with one `_foreach_norm`; finiteness tests as
-Σ 0·t (exactly 0 or NaN; two kernels instead of `isfinite().all()`'s several) in `solve` and
-`first_nonfinite`; `unroll` skips the unused last-gradient norm for `sgd_lower`; `SagaTable.update`
-computes g − m_i once; `copy_state` shares tuples of tensors. Pre-transposed batches in the
-samplers (each epoch's shuffle stored as Aᵀ so that the objective's `A.T.contiguous()` is free)
-were tried and not kept: bare loops with and without them (bitwise the same iterates, alternating
-steps, 80 / 400 steps) differ by 0.997× (stocBiO) and 1.02× (SOBA), within the noise — the copy
-only moves (a shuffled Aᵀ batch is a strided slice that must still be made contiguous, and the
-per-epoch column gather costs more than the row gather).
+The results are unchanged — bitwise: x, y, the oracle counts and the record fields of all 20
+solvers of the benchmark config after 6 iterations (VRBO 12) on this problem are identical before
+and after, and a run resumed after 3 steps ends bitwise at the uninterrupted run's x and y. What
+changed (this session): a SAGA table's memories are an immutable tuple (an update builds the new
+tuple; `SagaTable._state_copy` shares it), so copying the last good state of SABA is O(1) per table
+instead of a copy of its 46 entries — `copy_state` uses an object's `_state_copy` when it has one and
+takes type-dispatched fast paths; the last good state shares `state["data"]` (solve puts a fresh
+dict of sampler positions there after every step); the finiteness summary of x and y is one BLAS
+dot per leaf against a zero vector cached per run (exactly 0 for finite entries, NaN for ±inf /
+NaN; a sum would overflow), still one host read per check; the counting context, grad mode, the
+samplers' `state_dict` methods, the record's count keys and the callback's unflatten (a bare tensor
+directly) are set up once per run instead of per step; `SagaTable.update` has a one-leaf path
+(the same operations). `tests/solvers/test_base_loop.py` pins the semantics: the partial state of a
+step that turns NaN equals, bitwise, the state of the clean run one step shorter (SAGA memories
+included; a table copied by reference fails it) and resumes to the clean run; copies of a table
+are independent both ways; finiteness summaries flag ±inf / NaN in 2-D, non-contiguous, float64
+and bfloat16 leaves and never a huge finite one; records keep every field.
+
+**The previous session's whole-iteration work** (main 465c7b0 → 3de80a7, same measure, run
+2026-12-02 05:50–05:57, load average 3.4–3.8): step ÷ bare StocBiO 1.205 → 1.079, BSA 1.169 →
+1.075, SOBA 1.121 → 1.100, SABA 1.147 → 1.131, MRBO 1.075 → 1.002, VRBO 1.074 → 0.991, TTSA 1.136 →
+1.058, AmIGO 1.160 → 1.070, FSLA 1.102 → 1.079, SUSTAIN 1.037 → 0.998 (bitwise the same results).
+What changed then (each a few µs per call, which a loop of ~20 oracle calls between kernels pays
+many times): the one-shot HVP builds ∇_y g with x outside the graph and frees it (no
+`retain_graph`, no `Linearization` object); the oracles (`grad_y`, `grads`, `hvp`, `cross`,
+`Linearization`) have a flat eager path for one-leaf variables (one test of backend / reducer /
+compiling, counting inline, no helper layers); `Context.G` / `F` build the `Objective` directly
+(not a whole `Bound`); `Problem._call` without `**kw`; `sgd_lower`'s GD loop written out (the same
+operations and finiteness summaries, the shared error of `inner.nonfinite_error`), its `GD` cached
+per constant step; the Neumann series of stocBiO / MRBO / VRBO reads its residual norms once per
+series (`check_every=Q`; the same v, and after a breakdown it has drawn its remaining batches) and
+takes them with one `_foreach_norm`; `unroll` skips the unused last-gradient norm for `sgd_lower`;
+`copy_state` shares tuples of tensors. Pre-transposed batches in the samplers (each epoch's shuffle
+stored as Aᵀ so that the objective's `A.T.contiguous()` is free) were tried and not kept: bare
+loops with and without them (bitwise the same iterates, alternating steps, 80 / 400 steps) differ
+by 0.997× (stocBiO) and 1.02× (SOBA), within the noise — the copy only moves (a shuffled Aᵀ batch
+is a strided slice that must still be made contiguous, and the per-epoch column gather costs more
+than the row gather).
 
 **The earlier, priced measure (previous session).** Before / after of the first eager-overhead
 work, by the priced ratio (main c9d8434 vs branch `eager` f0eb829, alternating processes, 6 rounds;
