@@ -1,21 +1,25 @@
 """Whole-step compiled mode: one outer iteration of a stochastic solver as one torch.compile graph.
 
-Run:  .venv/bin/python examples/compiled_solver.py [steps] [backend]
+Run:  .venv/bin/python examples/compiled_solver.py [steps] [backend] [loops]
 
 stocBiO on a stochastic quadratic (float64), eager and with ``compile="step"``: the same batches,
 the same iterates (to rounding), the same oracle counts; the first step of each pattern runs
 eagerly, the others as the compiled graph (``record["compiled"]``). ``backend`` is torch.compile's
-("inductor" by default; "aot_eager" checks capture without generating code).
+("inductor" by default; "aot_eager" checks capture without generating code). ``loops``:
+"unroll" (default: the inner SGD steps and Neumann terms written out in the graph) or
+"while_loop" (each as one loop in the graph: faster to compile, a little slower per step).
 """
 
 import sys
 import time
 
 import bilevel as bl
+import bilevel.compiled_step as CS
 from bilevel.problems import stochastic_quadratic
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 bl.compiled.settings["backend"] = sys.argv[2] if len(sys.argv) > 2 else "inductor"
+CS.settings["loops"] = sys.argv[3] if len(sys.argv) > 3 else "unroll"
 P = stochastic_quadratic(dim_x=10, dim_y=20, kappa=3, batch_size=32, seed=0)
 
 

@@ -150,14 +150,14 @@ def test_a_solver_that_cannot_be_one_graph_says_why(tiny):
     assert not any(r["compiled"] for r in comp.history)
 
 
-@pytest.mark.parametrize("name", ["stocBiO", "BSA"])
+@pytest.mark.parametrize("name", ["stocBiO", "BSA", "STABLE"])
 def test_inner_loop_as_while_loop_equals_eager(tiny, monkeypatch, name):
     """``settings["loops"] = "while_loop"``: the inner SGD loop of the double-loop solvers is one
     ``while_loop`` over the stacked pre-drawn batches: same iterates, counts, sampler positions."""
     from bilevel import compiled_step as CS
 
     make = {"stocBiO": lambda: S.StocBiO(inner_steps=3, Q=2),
-            "BSA": lambda: S.BSA(inner_steps=3, Q=2)}[name]
+            "BSA": lambda: S.BSA(inner_steps=3, Q=2), "STABLE": lambda: S.STABLE(Q=3)}[name]
     kw = dict(batch_size=4, seed=3)
     eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=4, track=False)
     monkeypatch.setitem(CS.settings, "loops", "while_loop")

@@ -125,13 +125,17 @@ def test_batchnorm_unroll_example_carries_exact_statistics(capsys):
 @pytest.mark.compiled
 @pytest.mark.slow  # ~2 min of graph tracing on a loaded 2-core machine (tests/test_compiled_step.py
 # covers the same path in the default suite)
-def test_compiled_solver_example_equals_eager(capsys, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["compiled_solver.py", "12", "aot_eager"])
-    old = dict(bl.compiled.settings)
+@pytest.mark.parametrize("loops", ["unroll", "while_loop"])
+def test_compiled_solver_example_equals_eager(capsys, monkeypatch, loops):
+    import bilevel.compiled_step as CS
+
+    monkeypatch.setattr("sys.argv", ["compiled_solver.py", "12", "aot_eager", loops])
+    old, old_step = dict(bl.compiled.settings), dict(CS.settings)
     try:
         out = _run("compiled_solver.py", capsys)
     finally:
         bl.compiled.settings.update(old)
+        CS.settings.update(old_step)
     assert "same oracle counts: True" in out
     assert float(re.search(r"max \|x_compiled - x_eager\| = (\S+),", out).group(1)) < 1e-10
     assert "(12 of 12 steps compiled" in out  # the second run: every pattern known

@@ -452,3 +452,27 @@ def test_minres_and_normal_cg_masked_forms_run_under_vmap(gen):
             # whose condition number is squared; the unbatched forms agree bitwise, above)
             torch.testing.assert_close(X[i], x_ref[0], rtol=1e-6, atol=1e-9)
             assert int(K[i]) == info["iterations"] and bool(C[i]) == info["converged"]
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.9])  # converging; diverging (best iterate, masks)
+def test_indexed_matvec_as_one_loop_equals_the_python_loop(alpha):
+    """``IndexedMatVec`` (A_k v on the k-th of stacked matrices) runs the masked fixed point as one
+    ``while_loop`` (eagerly here, in traced mode): the same iterate and info as the Python loop
+    over the same products."""
+    from bilevel import _trace
+    from bilevel._loops import row
+    from bilevel.linalg import IndexedMatVec, fixed_point
+
+    gen = torch.Generator().manual_seed(4)
+    M = torch.randn(6, 5, 5, generator=gen, dtype=torch.float64)
+    A = M @ M.transpose(1, 2) / 5 + torch.eye(5, dtype=torch.float64)
+    b = (torch.randn(5, generator=gen, dtype=torch.float64),)
+    queue = list(A)
+    with _trace.traced():
+        want, wi = fixed_point(lambda v: (queue.pop(0) @ v[0],), b, iters=6, alpha=alpha, growth=2.0)
+        got, gi = fixed_point(IndexedMatVec(lambda k, v: (row(A, k) @ v[0],)), b, iters=6, alpha=alpha,
+                              growth=2.0)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for key in ("iterations", "residual", "converged"):
+        assert torch.equal(torch.as_tensor(gi[key]), torch.as_tensor(wi[key])), key
+    assert bool(wi["converged"]) is (alpha < 0.5)

@@ -74,6 +74,7 @@ def neumann_hypergradient(
     eta: float,
     G_cross: O.Fn | None = None,
     shared: bool = False,
+    ctx: Any = None,
 ) -> tuple[T.Leaves, dict[str, Any]]:
     """Stochastic Neumann hypergradient (stocBiO Alg. 3).
 
@@ -92,6 +93,9 @@ def neumann_hypergradient(
     ≠ (I − ηH)^q for q ≥ 2 (the powers of one random matrix), so it is biased even as Q → ∞
     (towards E[H_B⁻¹] rather than H⁻¹), the bias shrinking with the batch size.
 
+    ``ctx``: the solver context when ``G_batch`` is its ``fresh_G`` (a whole-step compiled graph
+    may then run the Q products as one ``while_loop``, see :func:`sgd_lower`).
+
     The series' residual norms are read once, after the Q products (``check_every=Q`` of
     :func:`bilevel.linalg.neumann`: no host read per product); the returned v is the same as with a
     read per product, but a series that breaks down has then drawn its remaining batches.
@@ -102,8 +106,17 @@ def neumann_hypergradient(
         v, info = linalg.neumann(lin.hvp, gy, iters=Q, alpha=eta, check_every=max(Q, 1))
         jv = lin.cross(v) if G_cross is None else O.cross(G_cross, xs, ys, v)
     else:
-        def matvec(p: T.Leaves) -> T.Leaves:
-            return O.hvp(G_batch(), xs, ys, p)
+        from .compiled_step import stacked_draws  # (compiled_step imports this module's users)
+
+        drawn = None if ctx is None else stacked_draws(ctx, Q)
+        if drawn is not None:  # inside a compiled step: the Q products as one loop
+            from ._loops import row
+
+            make, stacked = drawn
+            matvec: Any = linalg.IndexedMatVec(lambda k, p: O.hvp(make(row(stacked, k)), xs, ys, p))
+        else:
+            def matvec(p: T.Leaves) -> T.Leaves:
+                return O.hvp(G_batch(), xs, ys, p)
 
         v, info = linalg.neumann(matvec, gy, iters=Q, alpha=eta, check_every=max(Q, 1))
         jv = O.cross(G_batch() if G_cross is None else G_cross, xs, ys, v)
@@ -344,23 +357,17 @@ def _sgd_while_loop(dyn: Any, make: Callable[[Any], O.Fn], stacked: Any, xs: T.L
                     steps: int, lr: Any, projection: Callable[[Any], Any] | None) -> T.Leaves:
     """:func:`sgd_lower`'s loop as one ``while_loop`` (inside a compiled step): batch k is row k of
     ``stacked``; the finiteness of every iterate is carried and checked after the loop."""
-    from torch._higher_order_ops.while_loop import while_loop
-
+    from ._loops import fori_loop, row
     from ._trace import require
 
-    def cond(k: torch.Tensor, ok: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
-        return k < steps
-
-    def body(k: torch.Tensor, ok: torch.Tensor, *y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        at = k.reshape(1)
-        batch = torch.utils._pytree.tree_map(lambda s: s.index_select(0, at)[0], stacked)
-        y = T.axpy(-lr, O.grad_y(make(batch), xs, y), y)
+    def body(k: torch.Tensor, carry: tuple[torch.Tensor, T.Leaves]) -> tuple[torch.Tensor, T.Leaves]:
+        ok, y = carry
+        y = T.axpy(-lr, O.grad_y(make(row(stacked, k)), xs, y), y)
         if projection is not None:
             y = tuple(projection(t) for t in y)
-        return (k + 1, ok & torch.isfinite(_summary(y)), *y)
+        return ok & torch.isfinite(_summary(y)), y
 
-    start = (torch.zeros((), dtype=torch.int64), torch.ones((), dtype=torch.bool), *ys)
-    _, ok, *y = while_loop(cond, body, start)
+    ok, y = fori_loop(steps, body, (torch.ones((), dtype=torch.bool), tuple(ys)))
     require(ok, lambda: nonfinite_error(dyn, "lower", 1, steps))
     return tuple(y)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -662,24 +663,33 @@ def _traced_info(k: Tensor, res: Tensor, bnorm: Tensor, converged: Tensor, broke
             "breakdown": None, "broke_down": broke}
 
 
+@dataclass
+class IndexedMatVec:
+    """A product that changes with the iteration: ``at(k, v)`` is A_k v (e.g. a stochastic HVP on
+    the k-th of pre-drawn batches, k a 0-dim integer tensor). The masked :func:`fixed_point` runs
+    it as one loop (:func:`bilevel._loops.fori_loop`) — inside a compiled step only."""
+
+    at: Callable[[Tensor, T.Leaves], T.Leaves]
+
+
 def _fixed_point_masked(matvec, b, x0, *, iters, alpha, tol, growth):
     """:func:`fixed_point` with masks (``check_every=0``, traced mode): stops (freezes) at
     ‖r‖ ≤ tol·‖b‖ when tol > 0, and on a non-finite or growing residual (then returns the best
-    iterate), as the block form does."""
+    iterate), as the block form does. An :class:`IndexedMatVec` runs as one loop."""
     bnorm = T.norm(b)
     x = T.zeros_like(b) if x0 is None else tuple(x0)
-    x_best = x
     res = torch.full_like(bnorm, float("nan"))
     best = torch.full_like(bnorm, float("inf"))
-    nonfinite = diverging = torch.zeros_like(bnorm, dtype=torch.bool)
-    active = torch.ones_like(nonfinite)
+    no = torch.zeros_like(bnorm, dtype=torch.bool)
     k = torch.zeros((), dtype=torch.int64, device=bnorm.device)
-    for i in range(iters):
-        r = T.sub(matvec(x), b)
+
+    def body(i: Any, c: tuple) -> tuple:
+        x, x_best, res, best, nonfinite, diverging, active, k = c
+        r = T.sub(matvec.at(i, x) if isinstance(matvec, IndexedMatVec) else matvec(x), b)
         rn = T.norm(r)
         res = torch.where(active, rn, res)
         nf = active & ~torch.isfinite(rn)
-        dv = active & ~nf & (rn > growth * torch.maximum(best, bnorm)) if i > 0 else torch.zeros_like(nf)
+        dv = active & ~nf & (rn > growth * torch.maximum(best, bnorm)) & (i > 0)
         run = active & ~nf & ~dv
         improve = run & (rn <= best)
         best = torch.where(improve, rn, best)
@@ -687,9 +697,17 @@ def _fixed_point_masked(matvec, b, x0, *, iters, alpha, tol, growth):
         if tol > 0:
             run = run & ~(rn <= tol * bnorm)
         x = _where(run, T.axpy(-alpha, r, x), x)
-        k = k + run.to(k.dtype)
-        nonfinite, diverging = nonfinite | nf, diverging | dv
-        active = run
+        return x, x_best, res, best, nonfinite | nf, diverging | dv, run, k + run.to(k.dtype)
+
+    c = (x, x, res, best, no, no, ~no, k)
+    if isinstance(matvec, IndexedMatVec):
+        from ._loops import fori_loop
+
+        c = fori_loop(iters, body, c)
+    else:
+        for i in range(iters):
+            c = body(i, c)
+    x, x_best, res, best, nonfinite, diverging, _, k = c
     broke = nonfinite | diverging
     use_best = broke & (k > 0)
     x, res = _where(use_best, x_best, x), torch.where(use_best, best, res)

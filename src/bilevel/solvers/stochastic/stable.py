@@ -112,7 +112,7 @@ class STABLE(Solver):
 
         G_fresh = ctx.fresh_G
 
-        hg, _ = neumann_hypergradient(ctx.fresh_F(), G_fresh, xs, ys, Q=self.Q, eta=self.eta)
+        hg, _ = neumann_hypergradient(ctx.fresh_F(), G_fresh, xs, ys, Q=self.Q, eta=self.eta, ctx=ctx)
         x_new = self.step_x(ctx, state, hg, t)
         lin = O.Linearization(G_fresh(), xs, ys)  # ∇_y G and ∇²_yx G Δx on the same batch φ
         r = lin.cross_t(T.sub(x_new, xs))

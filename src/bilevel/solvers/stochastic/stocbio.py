@@ -76,7 +76,7 @@ class StocBiO(Solver):
         ys = sgd_lower(G_batch, xs, state["y"], steps=self.inner_steps, lr=self.lr_y(t),
                        projection=ctx.y_projection, ctx=ctx)
         hg, _ = neumann_hypergradient(ctx.fresh_F(), G_batch, xs, ys, Q=self.Q, eta=self.eta,
-                                      shared=self.neumann == "shared")
+                                      shared=self.neumann == "shared", ctx=ctx)
         state["x"] = self.step_x(ctx, state, hg, t)
         state["y"] = ys
         return {}
