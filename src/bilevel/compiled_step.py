@@ -54,10 +54,11 @@ MAX_PATTERNS = 32
 #: specialised to its step counter t, the second is symbolic in t; True: symbolic from the start,
 #: shapes too)
 #: ``loops``: how a graph holds the inner SGD loop of the double-loop solvers
-#: (:func:`bilevel.estimates.sgd_lower`): ``"unroll"`` (T copies of the step: fastest per call,
-#: compile time grows with T) or ``"while_loop"`` (one copy inside ``torch``'s ``while_loop``, the
-#: batches stacked and indexed by the loop counter: compile time about constant in T, each call
-#: 10–30 % slower; ``python -m bilevel.bench loops``)
+#: (:func:`bilevel.estimates.sgd_lower`) and the Neumann series of
+#: :func:`bilevel.estimates.neumann_hypergradient`: ``"unroll"`` (T copies of the step: fastest
+#: per call, compile time grows with T) or ``"while_loop"`` (one copy inside ``torch``'s
+#: ``while_loop``, the batches stacked and indexed by the loop counter: compile time about
+#: constant in T, each step 17–45 % slower; docs/performance.md, ``python -m bilevel.bench loops``)
 settings: dict[str, Any] = {"dynamic": None, "loops": "unroll"}
 
 #: state entries owned by :func:`bilevel.solve` (never passed to the compiled step)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._timing import median_time
+
 __all__ = ["inner_loops", "main"]
 
 
@@ -61,15 +63,6 @@ def _stacked(p: Any, T: int, batch: int, seed: int) -> tuple[Tensor, ...]:
     return A[rows].contiguous(), lab[rows].contiguous(), idx[rows].contiguous()
 
 
-def _per_call(fn: Callable[[], Any], reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", default="10,100", help="inner-loop lengths T")
@@ -90,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for T in (int(s) for s in a.steps.split(",")):
         data = _stacked(p, T, 64, seed=T)
         ref = loops["unrolled"](x, y0, *data)  # eager
-        row: dict[str, Any] = {"eager_ms": 1e3 * _per_call(lambda d=data: loops["unrolled"](x, y0, *d), 3)}
+        eager = median_time(lambda d=data: loops["unrolled"](x, y0, *d), 3, warmup=0)[0]
+        row: dict[str, Any] = {"eager_ms": 1e3 * eager}
         fns = {}
         for name, fn in loops.items():
             c = torch.compile(fn, fullgraph=True, dynamic=False, backend=a.backend)
@@ -102,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(a.rounds):  # interleaved rounds
             for name, c in fns.items():
-                times[name].append(_per_call(lambda c=c, d=data: c(x, y0, *d), a.reps))
+                times[name].append(median_time(lambda c=c, d=data: c(x, y0, *d), a.reps, warmup=0)[0])
         for name, ts in times.items():
             row[f"{name}_ms"] = 1e3 * statistics.median(ts)
         out["rows"][T] = row
