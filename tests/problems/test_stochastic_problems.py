@@ -199,3 +199,35 @@ def test_hyperclean_hypergradient(hc):
     ev = hc.evaluate(x, ys)
     assert ev["inner_distance"] < 1e-6 and ev["grad_norm"] == pytest.approx(float(hg.norm()), rel=1e-6)
     assert 0.0 <= ev["test_error"] <= 1.0
+
+
+class _Products(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the (rows, cols) of every matrix product's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_hyperclean_products_keep_the_classes_first():
+    """Every matrix product of the SOBA-family oracles (∇_y g with its graph, H v and the cross
+    term from one backward, ∇ f) has the 10 classes as its row dimension — the orientation
+    single-threaded BLAS is fast at; a transposed view of Z as an operand would make autograd
+    return its gradient as Aᵀ (784 × b) @ (b × 10) (docs/performance.md)."""
+    from bilevel.estimates import soba_oracles
+
+    p = hyperclean(0.5, source="mnist5k", n_train=300, n_val=100, n_test=100, batch_size=32)
+    x, y = p.x0 + 0.1, 0.01 * torch.randn(784, 10, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(784, 10, generator=torch.Generator().manual_seed(1))
+    G = bl.formulation.Bound(p.problem, x, y, lower_batch=p.lower_data.next()).G
+    F = bl.formulation.Bound(p.problem, x, y, upper_batch=p.upper_data.next()).F
+    with _Products() as rec:
+        soba_oracles(G, F, (x,), (y,), (v,))
+    assert len(rec.shapes) >= 5
+    assert all(s[0] == 10 for s in rec.shapes), rec.shapes
