@@ -137,17 +137,137 @@ def test_loops_setting_is_checked(tiny, monkeypatch):
         bl.solve(**tiny.solve_kwargs(), solver=S.SOBA(), steps=1, compile="step")
 
 
+def test_guards_setting_is_checked(tiny, monkeypatch):
+    from bilevel import compiled_step as CS
+
+    monkeypatch.setitem(CS.settings, "guards", "none")
+    with pytest.raises(ConfigError, match="'trim' or 'full', got 'none'"):
+        bl.solve(**tiny.solve_kwargs(), solver=S.SOBA(), steps=1, compile="step")
+
+
+def test_trimmed_guards_drop_only_global_code_identity():
+    """The filter keeps tensor, constant, local and global-state guards; it drops (and records)
+    guards on which module / function / class / builtin a global name refers to."""
+    import types
+
+    from torch._dynamo.types import GuardFilterEntry
+
+    from bilevel import compiled_step as CS
+
+    def entry(kind, value, is_global=True, name="G['x']"):
+        return GuardFilterEntry(name=name, has_value=True, value=value, guard_type=kind,
+                                derived_guard_types=(), is_global=is_global, orig_guard=None)
+
+    scope = {"m": types, "f": len}
+    trim = CS._TrimGuards(scope)
+    entries = [entry("TENSOR_MATCH", torch.zeros(1)), entry("CONSTANT_MATCH", True),
+               entry("GLOBAL_STATE", None, is_global=False), entry("ID_MATCH", types, is_global=False),
+               entry("MODULE_MATCH", types, name="G['m']"), entry("BUILTIN_MATCH", len, name="G['f']"),
+               entry("CLOSURE_MATCH", CS._load, name="G['m'].__name__")]
+    assert trim(entries) == [True, True, True, True, False, False, False]
+    assert [n for n, _ in trim.dropped] == ["G['m']", "G['f']", "G['m'].__name__"]
+    trim.dropped.pop()  # (a name of another object: checked below)
+    assert trim.valid()
+    scope["f"] = abs  # a rebound global: the graph's assumption no longer holds
+    assert not trim.valid()
+    del scope["f"]  # a name that no longer resolves
+    assert not trim.valid()
+
+
+def test_a_rebound_global_function_is_traced_again(tiny, monkeypatch):
+    """Trimmed guards are checked once per run: a module function monkeypatched between two runs
+    of the same problem and solver settings is used by the second run (not the stale graph)."""
+    from bilevel.solvers.stochastic import soba
+
+    kw = dict(batch_size=4, seed=0)
+    bl.solve(**tiny.solve_kwargs(**kw), solver=S.SOBA(), steps=4, track=False, compile="step")
+    plain = soba.soba_oracles
+
+    def halved(*args, **kwargs):  # every oracle output halved: a different trajectory
+        return tuple(tuple(0.5 * t for t in out) for out in plain(*args, **kwargs))
+
+    monkeypatch.setattr(soba, "soba_oracles", halved)
+    comp = bl.solve(**tiny.solve_kwargs(**kw), solver=S.SOBA(), steps=4, track=False, compile="step")
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=S.SOBA(), steps=4, track=False)
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    assert any(r["compiled"] for r in comp.history)
+    monkeypatch.undo()
+    unpatched = bl.solve(**tiny.solve_kwargs(**kw), solver=S.SOBA(), steps=4, track=False)
+    assert not torch.allclose(unpatched.x, eager.x)
+
+
 def test_a_solver_that_cannot_be_one_graph_says_why(tiny):
-    kw = dict(batch_size=4, seed=0, kind="fixed")
-    lo, up = tiny.samplers(**kw)
-    eager = bl.solve(tiny.problem, tiny.x0, tiny.y0, solver=S.SABA(), steps=3, track=False,
-                     lower_data=lo, upper_data=up)
-    lo, up = tiny.samplers(**kw)
-    with pytest.warns(C.CompileFallbackWarning, match="SABA indexes its SAGA memories"):
-        comp = bl.solve(tiny.problem, tiny.x0, tiny.y0, solver=S.SABA(), steps=3, track=False,
-                        lower_data=lo, upper_data=up, compile="step")
+    class NoGraph(S.SOBA):
+        step_not_compilable = "this solver's step reads a Python random number"
+
+    kw = dict(batch_size=4, seed=0)
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=NoGraph(), steps=3, track=False)
+    with pytest.warns(C.CompileFallbackWarning, match="reads a Python random number"):
+        comp = bl.solve(**tiny.solve_kwargs(**kw), solver=NoGraph(), steps=3, track=False,
+                        compile="step")
     torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
     assert not any(r["compiled"] for r in comp.history)
+
+
+@pytest.mark.parametrize("init_memory", ["zero", "full"])
+def test_saba_is_one_graph_for_every_batch_index(tiny, init_memory):
+    """SABA's SAGA memories in compiled steps: stacked tensors indexed by the drawn batch index as
+    a tensor, so one graph serves every index; iterates, memories and counts equal eager; a
+    compiled run's state resumes eagerly (back to the row form) like the uninterrupted run."""
+    kw = dict(batch_size=4, seed=0, kind="fixed")
+    make = lambda: S.SABA(lr_x=0.2, lr_y=0.5, init_memory=init_memory)  # noqa: E731
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=9, track=False)
+    before = C.stats()["compiles"]
+    comp = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=6, track=False, compile="step")
+    lo, _ = tiny.samplers(**kw)
+    drawn = [(lo.next(), lo.last_index)[1] for _ in range(6)]  # the lower batch of each step
+    compiled = [i for i, r in zip(drawn, comp.history) if r["compiled"]]
+    assert len(compiled) >= 4 and len(set(compiled)) >= 3  # several indices ...
+    assert C.stats()["compiles"] - before <= 3  # ... one graph (t-specialised, then symbolic)
+    table = comp.state["memory"]["gy"]
+    assert table._stacked is not None
+    resumed = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=9, track=False,
+                       state=comp.state)
+    assert table._stacked is not None  # (the resumed run copied the state: never mutated)
+    torch.testing.assert_close(resumed.x, eager.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(resumed.y, eager.y, rtol=1e-12, atol=1e-14)
+    assert resumed.state["counts"] == eager.state["counts"]
+    for key, tab in eager.state["memory"].items():
+        got = resumed.state["memory"][key]
+        torch.testing.assert_close(got.mean, tab.mean, rtol=1e-12, atol=1e-14)
+        for a, b in zip(got.memory, tab.memory):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    seed = [M.clone() for tab in comp.state["memory"].values() for M in tab._stacked]
+    for _ in range(2):  # compiled resumes write rows in place: never into the state they copied
+        again = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=9, track=False,
+                         state=comp.state, compile="step")
+        torch.testing.assert_close(again.x, eager.x, rtol=1e-12, atol=1e-14)
+        assert sum(r["compiled"] for r in again.history) == 3
+        now = [M for tab in comp.state["memory"].values() for M in tab._stacked]
+        assert all(torch.equal(a, b) for a, b in zip(seed, now))
+
+
+def test_saba_compiled_failure_keeps_the_memories_of_the_last_good_state(tiny):
+    """A compiled SABA step that diverges raises like eager; its partial result (the state before
+    the failing step) has the memories of the eager run's partial result: the failing step's rows
+    were not written, earlier steps' were."""
+    kw = dict(batch_size=4, seed=0, kind="fixed")
+    make = lambda: S.SABA(lr_x=0.1, lr_y=40.0)  # noqa: E731  (diverges after a few steps)
+    errs = []
+    for compile in (False, "step", "step"):  # (the second compiled run: every step compiled)
+        with pytest.raises(NonFiniteError) as info:
+            bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=200, track=False,
+                     compile=compile)
+        errs.append(info.value)
+    eager, _, comp = errs
+    assert comp.outer_step == eager.outer_step > 3
+    assert sum(r["compiled"] for r in comp.partial.history) == len(comp.partial.history)
+    torch.testing.assert_close(comp.partial.x, eager.partial.x, rtol=1e-12, atol=1e-14)
+    for key, tab in eager.partial.state["memory"].items():
+        got = comp.partial.state["memory"][key]
+        torch.testing.assert_close(got.mean, tab.mean, rtol=1e-12, atol=1e-14)
+        for a, b in zip(got.memory, tab.memory):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["stocBiO", "BSA", "STABLE"])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import types
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -59,7 +60,12 @@ MAX_PATTERNS = 32
 #: per call, compile time grows with T) or ``"while_loop"`` (one copy inside ``torch``'s
 #: ``while_loop``, the batches stacked and indexed by the loop counter: compile time about
 #: constant in T, each step 17–45 % slower; docs/performance.md, ``python -m bilevel.bench loops``)
-settings: dict[str, Any] = {"dynamic": None, "loops": "unroll"}
+#: ``guards``: ``"trim"`` drops dynamo's per-call guards on the identity of global code objects
+#: (modules, functions, classes, builtins the step reaches through module globals: about half of
+#: a step's guards, 8–12 % of a SOBA step) and checks them once per run instead
+#: (:class:`_TrimGuards`); tensor, constant, aliasing and global-state guards stay per call.
+#: ``"full"``: every dynamo guard before every call.
+settings: dict[str, Any] = {"dynamic": None, "loops": "unroll", "guards": "trim"}
 
 #: state entries owned by :func:`bilevel.solve` (never passed to the compiled step)
 BOOKKEEPING = ("t", "time", "counts", "solver", "data")
@@ -132,9 +138,53 @@ def _patterns(problem: Any, solver_cls: type) -> dict[Hashable, tuple]:
     return _CODE.setdefault(problem, {}).setdefault(solver_cls, {})
 
 
+#: dynamo guard kinds that check *which* global code object a name refers to
+_CODE_GUARDS = frozenset({"CLOSURE_MATCH", "FUNCTION_MATCH", "MODULE_MATCH", "BUILTIN_MATCH",
+                          "CLASS_MATCH", "ID_MATCH", "DUPLICATE_INPUT"})
+_CODE_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
+
+
+class _TrimGuards:
+    """``guard_filter_fn`` of a step graph (``settings["guards"] == "trim"``): drops the guards on
+    global code identity (``bilevel.oracles.hvp is <function>``, ``oracles.T is bilevel._tree``,
+    ``builtins.len``, ...) — they only fail if a module attribute is rebound — and records each
+    as (name, object). :meth:`valid`, called once per run before a pattern's graph is used,
+    re-evaluates the names: a rebound one (a monkeypatched function) makes the pattern trace
+    again. Everything else (tensor metadata, constants, aliasing, grad mode) stays a per-call
+    guard."""
+
+    def __init__(self, scope: dict[str, Any]):
+        self.scope = scope  # the step function's globals: dynamo's ``G``
+        self.dropped: list[tuple[str, Any]] = []
+        self._check: Callable[..., Any] | None = None
+        self._checked_n = 0
+
+    def __call__(self, entries: Any) -> list[bool]:
+        keep = []
+        for e in entries:
+            drop = (e.is_global and e.guard_type in _CODE_GUARDS and e.has_value
+                    and isinstance(e.value, _CODE_TYPES + (dict,)))
+            if drop:
+                self.dropped.append((e.name, e.value))
+            keep.append(not drop)
+        return keep
+
+    def valid(self) -> bool:
+        """Do all dropped names still refer to the objects the graph was traced with?"""
+        if self._check is None or self._checked_n != len(self.dropped):  # (one expression)
+            parts = " and ".join(f"({name}) is V[{i}]" for i, (name, _) in enumerate(self.dropped))
+            self._check = eval(f"lambda G, V: {parts or 'True'}", {"__builtins__": {}})  # noqa: S307
+            self._checked_n = len(self.dropped)
+        try:
+            return bool(self._check(self.scope, [v for _, v in self.dropped]))
+        except Exception:  # (a name that no longer resolves)
+            return False
+
+
 def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
     """A compiled step function with a fresh code object (one per pattern: torch.compile's cache
-    and recompile limit are per code object)."""
+    and recompile limit are per code object); its :class:`_TrimGuards` (or None) is its
+    ``trim`` attribute."""
     src = ("def step(solver, ctx, core, lower, upper, t):\n"
            "    ctx.lower_data is None or load(ctx.lower_data, lower)\n"
            "    ctx.upper_data is None or load(ctx.upper_data, upper)\n"
@@ -143,8 +193,12 @@ def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
     ns: dict[str, Any] = {"load": _load, "finite": _finite_code}
     name = f"<bilevel step: {solver_cls.__name__} on {problem!r}, pattern {n}>"
     exec(builtins.compile(src, name, "exec"), ns)
-    return torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
-                         backend=C._counting_backend)
+    trim = _TrimGuards(ns) if settings["guards"] == "trim" else None
+    fn = torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
+                       backend=C._counting_backend,
+                       options=None if trim is None else {"guard_filter_fn": trim})
+    fn.trim = trim
+    return fn
 
 
 def _finite_code(xs: Any, ys: Any) -> torch.Tensor:
@@ -165,6 +219,11 @@ def _load(replay: _Replay, draws: tuple[list[Any], list[Any]]) -> bool:
 def _signature(obj: Any) -> Hashable:
     """The structure of a state entry: containers recursively, tensors as one marker, Python
     scalars / strings / None by value, any other object by its type."""
+    tp = type(obj)
+    if tp is torch.Tensor:
+        return _TENSOR
+    if tp is tuple and all(type(v) is torch.Tensor for v in obj):  # (flat leaves: the common case)
+        return (tuple, (_TENSOR,) * len(obj))
     if isinstance(obj, torch.Tensor):
         return _TENSOR
     if isinstance(obj, dict):
@@ -198,13 +257,23 @@ class CompiledStep:
         if reason is not None:
             self._give_up(RuntimeError(reason))
         self.patterns = _patterns(ctx.problem, type(solver))
-        if settings["loops"] not in ("unroll", "while_loop"):
-            from .errors import ConfigError
+        for name, allowed in (("loops", ("unroll", "while_loop")), ("guards", ("trim", "full"))):
+            if settings[name] not in allowed:
+                from .errors import ConfigError
 
-            raise ConfigError(f"bilevel.compiled_step.settings['loops'] must be 'unroll' or "
-                              f"'while_loop', got {settings['loops']!r}")
+                raise ConfigError(f"bilevel.compiled_step.settings[{name!r}] must be "
+                                  f"{' or '.join(map(repr, allowed))}, got {settings[name]!r}")
         # (a solver's settings do not change during a run; the loop form is part of the graph)
-        self.settings = (repr(solver), settings["loops"])
+        self.settings = (repr(solver), settings["loops"], settings["guards"])
+        self.plans: dict[Hashable, tuple] = {}  # pattern -> CompiledStep._plan (this run)
+        self.indices: dict[int, torch.Tensor] = {}  # batch index -> 0-dim tensor (this run)
+        from .solvers.base import Solver
+
+        # deferred writes (one host read per step), the state's form for the graph
+        self.commits = getattr(type(solver), "commit", Solver.commit) is not Solver.commit
+        self.graph_state = getattr(solver, "graph_state", None)
+        self.replays = [(lv, r) for lv, r in (("lower", self.rctx.lower_data),
+                                              ("upper", self.rctx.upper_data)) if r is not None]
         self.last_compiled = False  # did the last step run as the compiled graph?
         self.last_finite: torch.Tensor | None = None  # its [x finite, y finite], from the graph
         self.compiles = 0  # graphs compiled by this run
@@ -224,45 +293,81 @@ class CompiledStep:
                     f"state, or {type(self.solver).__name__}.phase, keep changing)"))
                 return self._oracles(state, t)
             return self._probe(state, t, key)
-        draws, counts, fn = self.patterns[key]
+        plan = self.plans.get(key)
+        if plan is None:  # first use of the pattern in this run
+            fn = self.patterns[key][2]
+            if fn.trim is not None and not fn.trim.valid():  # a global was rebound: trace anew
+                del self.patterns[key]
+                return self._probe(state, t, key)
+            plan = self.plans[key] = self._plan(key)
+        samplers, counts, fn = plan
         saved = state.get("data") or {}  # the samplers' positions now (solve keeps them current)
-        batches = {"lower": ([], []), "upper": ([], [])}
-        for level, _ in draws:  # in the order the step draws them (paired samplers)
-            sampler = getattr(self.ctx, f"{level}_data")
-            batches[level][0].append(sampler.next())
-            batches[level][1].append(getattr(sampler, "last_index", None))
-        _trace.COMPILE_CHECKS.clear()
+        lower: tuple[list[Any], list[Any]] = ([], [])
+        upper: tuple[list[Any], list[Any]] = ([], [])
+        for sampler, is_lower in samplers:  # in the order the step draws them (paired samplers)
+            out = lower if is_lower else upper
+            out[0].append(sampler.next())
+            index = getattr(sampler, "last_index", None)
+            out[1].append(self._index(index, out[0][-1]) if type(index) is int else index)
+        if self.graph_state is not None:
+            self.graph_state(core)
+        checks = _trace.COMPILE_CHECKS
+        checks.clear()
         compiles = C._STATS["compiles"]
-        try:  # (a frame dynamo runs eagerly would count its oracles: they go nowhere, the
-            # pattern's counts are added below either way)
-            with O.counting():
-                metrics, self.last_finite = fn(self.solver, self.rctx, core, batches["lower"],
-                                               batches["upper"], t)
+        token = O._ACTIVE.set(O.OracleCounts())  # (= O.counting(): a frame dynamo runs eagerly
+        try:  # would count its oracles; they go nowhere, the pattern's counts are added below)
+            metrics, self.last_finite = fn(self.solver, self.rctx, core, lower, upper, t)
         except Exception as exc:  # capture failed: per-oracle kernels from now on
+            O._ACTIVE.reset(token)
             self._give_up(exc)
             self._restore(saved, {})
             return self._oracles(state, t)
-        self.compiles += C._STATS["compiles"] - compiles
-        if self.compiles > 2 * len(self.patterns) + 2:  # a graph per step: nothing gained
-            self._give_up(RuntimeError(
-                f"{self.compiles} graphs for {len(self.patterns)} patterns: a Python value the "
-                "step reads changes from step to step (e.g. a batch index or a float in the "
-                "state), so it recompiles"))
-        checks = list(_trace.COMPILE_CHECKS)
-        _trace.COMPILE_CHECKS.clear()
-        left = {lv: len(getattr(self.rctx, f"{lv}_data").queue) for lv in batches
-                if getattr(self.rctx, f"{lv}_data") is not None}
-        if any(left.values()):  # the step drew fewer batches than its pattern's probe
-            self._restore(saved, {lv: len(batches[lv][0]) - n for lv, n in left.items()})
-        if checks and not bool(torch.stack([c.ok for c in checks]).all()):
-            raise next(c.error() for c in checks if not bool(c.ok))
+        O._ACTIVE.reset(token)
+        new = C._STATS["compiles"] - compiles
+        if new:
+            self.compiles += new
+            if self.compiles > 2 * len(self.patterns) + 2:  # a graph per step: nothing gained
+                self._give_up(RuntimeError(
+                    f"{self.compiles} graphs for {len(self.patterns)} patterns: a Python value the "
+                    "step reads changes from step to step (e.g. a batch index or a float in the "
+                    "state), so it recompiles"))
+        if any(r.queue for _, r in self.replays):  # the step drew fewer batches than its probe
+            self._restore(saved, {lv: len((lower if lv == "lower" else upper)[0]) - len(r.queue)
+                                  for lv, r in self.replays})
+        if checks:
+            pending = list(checks)
+            checks.clear()
+            if not bool(torch.stack([c.ok for c in pending]).all()):
+                if self.commits:
+                    self.solver.commit(core, False)
+                raise next(c.error() for c in pending if not bool(c.ok))
+        if self.commits:  # deferred in-place writes, only for a step with finite x and y
+            self.solver.commit(core, float(self.last_finite.sum()) == 0.0)
         state.update(core)
-        for level, d in counts.items():
-            for kind, n in d.items():
-                state["counts"].add(level, kind, n)
+        add = state["counts"].add
+        for level, kind, n in counts:
+            add(level, kind, n)
         C._STATS["compiled_steps"] += 1
         self.last_compiled = True
         return metrics
+
+    def _index(self, i: int, batch: Any) -> torch.Tensor:
+        """A drawn batch index as a 0-dim tensor on the batch's device (a graph input: a Python
+        int would be a constant of the graph, one graph per index)."""
+        out = self.indices.get(i)
+        if out is None:
+            leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+            out = self.indices[i] = torch.tensor(i, device=leaves[0].device if leaves else None)
+        return out
+
+    def _plan(self, key: Hashable) -> tuple[list[tuple[Any, bool]], list[tuple[str, str, int]], Any]:
+        """What a compiled step of pattern ``key`` does in this run, resolved once: the samplers
+        to draw from in order (and whether each is the lower one), the pattern's oracle counts
+        as (level, kind, n) and its compiled function."""
+        draws, counts, fn = self.patterns[key]
+        samplers = [(getattr(self.ctx, f"{level}_data"), level == "lower") for level, _ in draws]
+        flat = [(level, kind, n) for level, d in counts.items() for kind, n in d.items()]
+        return samplers, flat, fn
 
     def _restore(self, saved: dict[str, Any], used: dict[str, int]) -> None:
         """Put the samplers back where they were before the pre-draw, then advance each by the

@@ -138,56 +138,123 @@ class SagaTable:
     """SAGA memory over a fixed partition into ``n`` batches.
 
     ``update(i, g)`` returns the variance-reduced direction  g − m_i + (1/n) Σ_j m_j  and stores
-    g as m_i. Memories start at ``init`` (zeros by default).
+    g as m_i. Memories start at ``init`` (zeros by default). Two forms:
 
-    The memories are an immutable tuple (``memory[i]``: the leaves stored for batch i), replaced
-    by a new tuple at each update, so a copy of the table (:meth:`_state_copy`, what
-    :func:`bilevel.solvers.base.copy_state` uses for the last good state of every outer step)
-    shares them: O(1) instead of a copy of n entries.
+    * rows (eager, ``i`` a Python int): an immutable tuple (``memory[i]``: the leaves stored for
+      batch i), replaced by a new tuple at each update, so a copy of the table
+      (:meth:`_state_copy`, what :func:`bilevel.solvers.base.copy_state` uses for the last good
+      state of every outer step) shares it: O(1) instead of a copy of n entries;
+    * stacked (``i`` a 0-dim tensor: whole-step compiled mode, one graph for every batch): one
+      ``[n, *shape]`` tensor per leaf. The graph reads row i and leaves the new row pending;
+      :meth:`commit`, after the graph, writes it in place (O(row); a functional update would copy
+      the table every step). Copy-on-write keeps copies independent: a copy (:meth:`_state_copy`)
+      marks both tables, and a marked table clones its memories before its next write. The last
+      good state of a step takes a :meth:`_weak_copy` (no mark): the live table writes only after
+      the step succeeded, when that copy is no longer needed.
+
+    :meth:`stack` switches to the stacked form; an update with an int switches back.
     """
 
     def __init__(self, n: int, like: T.Leaves, init: T.Leaves | None = None):
         self.n = int(n)
         base = T.zeros_like(like) if init is None else T.detach(init)
-        self.memory: tuple[T.Leaves, ...] = (base,) * self.n
+        self._rows: tuple[T.Leaves, ...] | None = (base,) * self.n
+        self._stacked: T.Leaves | None = None
+        self._pending: tuple[torch.Tensor, T.Leaves] | None = None  # (index, row) to write
+        self._cow = False  # does a copy share the stacked memories?
         self.mean: T.Leaves = base
 
-    def update(self, i: int, g: T.Leaves) -> T.Leaves:
-        mem = self.memory
+    @property
+    def memory(self) -> tuple[T.Leaves, ...]:
+        """m_1 … m_n, one tuple of leaves per batch (copies of the stacked rows there)."""
+        if self._rows is None:
+            return tuple(zip(*(M.clone().unbind(0) for M in self._stacked)))
+        return self._rows
+
+    def stack(self) -> None:
+        """Switch to the stacked form (a no-op if it is already)."""
+        if self._stacked is None:
+            self._stacked = tuple(torch.stack(leaf) for leaf in zip(*self._rows))
+            self._rows, self._cow = None, False
+
+    def update(self, i: int | torch.Tensor, g: T.Leaves) -> T.Leaves:
+        if isinstance(i, torch.Tensor):
+            if self._pending is not None:
+                raise RuntimeError("a SAGA table takes one update per compiled step (the row of "
+                                   "the first is written after the step)")
+            self.stack()
+            idx = i.reshape(1)  # (out of range: index_select raises, compiled code checks too)
+            direction, g = self._saga(tuple(M.index_select(0, idx)[0] for M in self._stacked), g)
+            self._pending = (idx, g)
+            return direction
         if not 0 <= i < self.n:
             raise IndexError(f"SAGA batch index {i} out of range for {self.n} batches")
-        old = mem[i]
+        mem = self.memory
+        direction, g = self._saga(mem[i], g)
+        self._rows, self._stacked = tuple(mem[:i]) + (tuple(g),) + tuple(mem[i + 1:]), None
+        return direction
+
+    def commit(self, ok: bool = True) -> None:
+        """Write the pending row of a tensor-index update into the stacked memories in place
+        (``ok=False``: drop it — the step failed, and its last good state, a weak copy taken
+        before it, still holds the memories as they were)."""
+        pending, self._pending = self._pending, None
+        if pending is None or not ok:
+            return
+        if self._cow:  # a copy shares the memories: copy them before writing
+            self._stacked, self._cow = tuple(M.clone() for M in self._stacked), False
+        idx, row = pending
+        for M, v in zip(self._stacked, row):
+            M.index_copy_(0, idx, v.unsqueeze(0))
+
+    def _saga(self, old: T.Leaves, g: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
+        """The direction g − m_i + mean for the stored m_i = ``old``; updates the mean and
+        returns (direction, g detached)."""
         if len(g) == 1 == len(old):  # (the common one-leaf variable, without the leafwise helpers)
             diff = g[0] - old[0]
             mean = self.mean[0]
             direction: T.Leaves = (diff + mean,)
             self.mean = (torch.add(mean, diff, alpha=1.0 / self.n),)
-            if g[0].requires_grad:
-                g = (g[0].detach(),)
-        else:
-            diff_l = T.sub(g, old)
-            direction = T.add(diff_l, self.mean)
-            self.mean = T.axpy(1.0 / self.n, diff_l, self.mean)
-            if any(t.requires_grad for t in g):
-                g = T.detach(g)
-        self.memory = tuple(mem[:i]) + (tuple(g),) + tuple(mem[i + 1:])  # (a list, if set directly)
-        return direction
+            return direction, ((g[0].detach(),) if g[0].requires_grad else g)
+        diff_l = T.sub(g, old)
+        direction = T.add(diff_l, self.mean)
+        self.mean = T.axpy(1.0 / self.n, diff_l, self.mean)
+        return direction, (T.detach(g) if any(t.requires_grad for t in g) else g)
 
     def _state_copy(self) -> SagaTable:
-        """An independent copy sharing the (immutable) memories and mean."""
+        """An independent copy sharing the memories and mean (copy-on-write in the stacked
+        form: both tables are marked)."""
+        out = self._weak_copy()
+        if self._stacked is not None:
+            self._cow = out._cow = True
+        return out
+
+    def _weak_copy(self) -> SagaTable:
+        """A copy sharing the memories without marking them (valid until this table's next
+        write)."""
+        if self._pending is not None:
+            raise RuntimeError("a SAGA table with an uncommitted compiled update cannot be copied")
         out = object.__new__(type(self))
         out.__dict__.update(self.__dict__)
         return out
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # (tables pickled with a list memory)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "memory" in state:  # (tables pickled before the stacked form: a tuple or list memory)
+            state["_rows"], state["_stacked"] = tuple(state.pop("memory")), None
+        state.setdefault("_pending", None)
+        state.setdefault("_cow", False)
         self.__dict__.update(state)
-        self.memory = tuple(self.memory)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"n": self.n, "memory": self.memory, "mean": self.mean}
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": self.memory, "mean": self.mean}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory, self.mean = tuple(state["memory"]), state["mean"]
+        self._rows, self._stacked, self.mean = tuple(state["memory"]), None, state["mean"]
+        self._pending, self._cow = None, False
 
 
 # --- added for the momentum / variance-reduced solvers (MSTSA, SUSTAIN, MRBO, VRBO, ...) ----------

@@ -184,6 +184,17 @@ class Solver:
         (:mod:`bilevel.compiled_step`) records one pattern per distinct value. None by default."""
         return None
 
+    def graph_state(self, state: dict[str, Any]) -> None:
+        """Put ``state`` into the form a compiled step takes, in place (whole-step compiled mode
+        calls it at the start of a run and before each compiled step, outside the graph; e.g.
+        SABA stacks its SAGA memories). Nothing by default."""
+
+    def commit(self, state: dict[str, Any], ok: bool) -> None:
+        """After a compiled step (outside the graph): apply (``ok``: the step's x and y are
+        finite) or drop the writes the graph deferred, e.g. SABA's rows into its stacked SAGA
+        memories, written in place — a copy per step of each whole table otherwise. Nothing by
+        default."""
+
     def step_x(self, ctx: Context, state: dict[str, Any], grad: T.Leaves, t: int) -> T.Leaves:
         """The upper step  x ← P_X(U(x, d_t))  with this solver's rule ``self.upper`` (see
         :mod:`bilevel.solvers.upper`): updates ``state["x"]`` and the rule's state
@@ -231,24 +242,28 @@ def solver_name(solver: Any) -> str:
 _SHARED = frozenset({Tensor, int, float, bool, str, complex, bytes, type(None)})
 
 
-def copy_state(obj: Any) -> Any:
+def copy_state(obj: Any, weak: bool = False) -> Any:
     """A structural copy of a state: containers (dict, list, tuple) and the small bilevel objects
     inside (oracle counts, SAGA tables) are copied, tensors are shared — the package never writes
-    into a state tensor in place, so this is enough for the copy to be independent. An object with
-    a ``_state_copy()`` method is copied by it (a SAGA table shares its immutable memory: O(1))."""
+    into a state tensor in place that a copy shares, so this is enough for the copy to be
+    independent. An object with a ``_state_copy()`` method is copied by it (a SAGA table shares
+    its memory: O(1); in its stacked form it copies on its next write). ``weak=True`` (the last
+    good state of a step, used only if that step fails): ``_weak_copy()`` where an object has one
+    (shares without copy-on-write: valid until the live object's next write, which happens only
+    once the step has succeeded)."""
     tp = type(obj)
     if tp is dict:
-        return {k: v if type(v) in _SHARED else copy_state(v) for k, v in obj.items()}
+        return {k: v if type(v) in _SHARED else copy_state(v, weak) for k, v in obj.items()}
     if tp is tuple:  # immutable: shared as is when it holds only tensors (flat leaves)
         for v in obj:
             if type(v) is not Tensor:
-                return tuple([copy_state(v) for v in obj])
+                return tuple([copy_state(v, weak) for v in obj])
         return obj
     if tp in _SHARED:
         return obj
     if tp is O.OracleCounts:  # {level: {kind: int}}: two levels (cheaper than deepcopy)
         return tp({k: dict(v) for k, v in obj.items()})
-    own = getattr(tp, "_state_copy", None)
+    own = (weak and getattr(tp, "_weak_copy", None)) or getattr(tp, "_state_copy", None)
     if own is not None:
         return own(obj)
     if isinstance(obj, O.OracleCounts):
@@ -256,21 +271,23 @@ def copy_state(obj: Any) -> Any:
     if isinstance(obj, dict):  # other small dict subclasses
         return copy.deepcopy(obj)
     if isinstance(obj, list):  # (tensors inline)
-        return [v if type(v) in _SHARED else copy_state(v) for v in obj]
+        return [v if type(v) in _SHARED else copy_state(v, weak) for v in obj]
     if (tp.__module__.startswith("bilevel.") and hasattr(obj, "__dict__")
             and not isinstance(obj, (Solver, Dynamics))):
         out = copy.copy(obj)
-        out.__dict__.update({k: copy_state(v) for k, v in vars(obj).items()})
+        out.__dict__.update({k: copy_state(v, weak) for k, v in vars(obj).items()})
         return out
     return obj
 
 
 def _last_good(state: dict[str, Any]) -> dict[str, Any]:
-    """:func:`copy_state` of the state before a step of :func:`solve` (the partial result of an
-    error in that step), sharing ``state["data"]``: solve puts a fresh dict of sampler positions
-    there after every step (and copies a resumed state first), and nothing writes into it — a
-    sampler's ``state_dict`` returns a snapshot (every sampler of the package builds a new dict)."""
-    return {k: v if type(v) in _SHARED or k == "data" else copy_state(v) for k, v in state.items()}
+    """:func:`copy_state` (weak) of the state before a step of :func:`solve` (the partial result
+    of an error in that step), sharing ``state["data"]``: solve puts a fresh dict of sampler
+    positions there after every step (and copies a resumed state first), and nothing writes into
+    it — a sampler's ``state_dict`` returns a snapshot (every sampler of the package builds a new
+    dict)."""
+    return {k: v if type(v) in _SHARED or k == "data" else copy_state(v, True)
+            for k, v in state.items()}
 
 
 def _leaf_shapes(leaves: Any) -> list[tuple[tuple[int, ...], torch.dtype]] | None:
@@ -547,6 +564,7 @@ def solve(
         from ..compiled_step import CompiledStep
 
         compiled_step = CompiledStep(solver, ctx)
+        solver.graph_state(state)  # (once, outside the clock; each compiled step checks it too)
         step = lambda ctx, state, t: compiled_step(state, t)  # noqa: E731
     data_fns = _data_fns(ctx)
     counts_var, set_grad = O._ACTIVE, torch._C._set_grad_enabled

@@ -12,8 +12,11 @@ and, with v ≈ H⁻¹ ∇_y f (the paper's v is −v),
     y ← P_Y(y − ρ D_y),   v ← v − ρ D_v,   x ← P_X(x − γ D_x)      (constant steps)
 
 Needs ``lower_data``/``upper_data`` = :class:`bilevel.sampling.FixedBatches` (the batch index is read
-from ``last_index``). Memories start at zero (``init_memory="zero"``, as in benchopt) or are
-filled by one pass over all batches at the first iteration (``"full"``, counted and timed).
+from ``last_index``; a 0-dim tensor in whole-step compiled mode, where the memories are stacked
+tensors whose rows are written in place after each step: one graph for every batch,
+:class:`~bilevel.estimates.SagaTable`). Memories start at zero
+(``init_memory="zero"``, as in benchopt) or are filled by one pass over all batches at the first
+iteration (``"full"``, counted and timed).
 Per iteration the oracle cost equals SOBA's.
 """
 
@@ -45,8 +48,6 @@ class SABA(Solver):
     """
 
     reference = "Dagréou, Ablin, Vaiter & Moreau 2022 (NeurIPS), Algorithm 2 (SABA)"
-    step_not_compilable = ("SABA indexes its SAGA memories with the drawn batch index, a Python "
-                           "int: one graph per index")
 
     def __init__(
         self,
@@ -88,6 +89,17 @@ class SABA(Solver):
             mem["gxF"].update(j, gx)
             mem["gyF"].update(j, gyF)
         state["filled"] = True
+
+    def graph_state(self, state: dict[str, Any]) -> None:
+        """Compiled steps index the memories with the batch index as a tensor (one graph for
+        every batch): the tables in their stacked form (:meth:`SagaTable.stack`)."""
+        for table in state["memory"].values():
+            table.stack()
+
+    def commit(self, state: dict[str, Any], ok: bool) -> None:
+        """Write the rows the compiled step left pending into the stacked memories."""
+        for table in state["memory"].values():
+            table.commit(ok)
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         if not state["filled"]:
