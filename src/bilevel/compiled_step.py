@@ -14,11 +14,13 @@ every solver gets it without code of its own:
   :meth:`Solver.phase` (e.g. VRBO's large-batch restart every ``period`` steps). That eager step
   records how many batches each level draws, in which order, and the step's oracle counts, which
   every compiled step of the pattern then adds — so ``state["counts"]`` equals eager.
-* **the step counter** is a Python int that dynamo makes symbolic: schedules t ↦ c/(t+t0)^e are
-  computed inside the graph, and a new t causes no recompile.
+* **the step counter** is a Python int that dynamo treats as symbolic from a pattern's first
+  graph: schedules t ↦ c/(t+t0)^e are computed inside the graph, and a new t causes no recompile.
 * **checks** (non-finite values, linear-solver breakdowns with ``strict=True``) run in traced mode
   (:mod:`bilevel._trace`): the linear solvers run their full budget with masks, and the deferred
-  checks are evaluated after the step (one host read), so errors still say what failed.
+  checks are evaluated after the step (one host read). A failed check reruns the step eagerly from
+  the state before it (the graph's updates are not applied yet), so the error is the eager step's
+  own, with its exact step numbers.
 * **a clear fallback.** If dynamo cannot capture the step (data-dependent Python control flow,
   ``.item()``, random numbers from a ``torch.Generator``, a data-parallel reducer ...), the run
   continues with per-oracle compiled kernels (:mod:`bilevel.compiled`) and a
@@ -51,9 +53,8 @@ __all__ = ["CompiledStep", "BOOKKEEPING", "MAX_PATTERNS", "settings"]
 #: kernels with a warning
 MAX_PATTERNS = 32
 
-#: ``dynamic``: torch.compile's ``dynamic`` (None: automatic — the first graph of a pattern is
-#: specialised to its step counter t, the second is symbolic in t; True: symbolic from the start,
-#: shapes too)
+#: ``dynamic``: torch.compile's ``dynamic`` (None: automatic — the step counter t is symbolic from
+#: a pattern's first graph, shapes are static until they change; True: shapes symbolic too)
 #: ``loops``: how a graph holds the inner SGD loop of the double-loop solvers
 #: (:func:`bilevel.estimates.sgd_lower`) and the Neumann series of
 #: :func:`bilevel.estimates.neumann_hypergradient`: ``"unroll"`` (T copies of the step: fastest
@@ -181,15 +182,32 @@ class _TrimGuards:
             return False
 
 
+#: the step counter's name in the compiled step function (a dynamo source: ``L['<name>']``)
+_COUNTER = "bilevel_step_counter"
+
+
+def _counter_is_dynamic() -> None:
+    """Mark the step counter symbolic from a pattern's first graph (``torch.compiler.config.
+    dynamic_sources``; the name is ours alone): automatic dynamism would specialise the first
+    graph to its t and compile a second one, symbolic, at the next t."""
+    cfg = torch.compiler.config
+    have = [e for e in cfg.dynamic_sources.split(",") if e]
+    source = f"L['{_COUNTER}']"
+    if source not in have:
+        cfg.dynamic_sources = ",".join([*have, source])
+
+
 def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
     """A compiled step function with a fresh code object (one per pattern: torch.compile's cache
     and recompile limit are per code object); its :class:`_TrimGuards` (or None) is its
     ``trim`` attribute."""
-    src = ("def step(solver, ctx, core, lower, upper, t):\n"
+    src = (f"def step(solver, ctx, core, lower, upper, {_COUNTER}):\n"
            "    ctx.lower_data is None or load(ctx.lower_data, lower)\n"
            "    ctx.upper_data is None or load(ctx.upper_data, upper)\n"
-           "    metrics = solver.step(ctx, core, t)\n"
+           f"    metrics = solver.step(ctx, core, {_COUNTER})\n"
            "    return metrics, finite(*solver.output(core))\n")
+    if settings["dynamic"] is None:
+        _counter_is_dynamic()
     ns: dict[str, Any] = {"load": _load, "finite": _finite_code}
     name = f"<bilevel step: {solver_cls.__name__} on {problem!r}, pattern {n}>"
     exec(builtins.compile(src, name, "exec"), ns)
@@ -266,7 +284,6 @@ class CompiledStep:
         # (a solver's settings do not change during a run; the loop form is part of the graph)
         self.settings = (repr(solver), settings["loops"], settings["guards"])
         self.plans: dict[Hashable, tuple] = {}  # pattern -> CompiledStep._plan (this run)
-        self.indices: dict[int, torch.Tensor] = {}  # batch index -> 0-dim tensor (this run)
         from .solvers.base import Solver
 
         # deferred writes (one host read per step), the state's form for the graph
@@ -340,7 +357,10 @@ class CompiledStep:
             if not bool(torch.stack([c.ok for c in pending]).all()):
                 if self.commits:
                     self.solver.commit(core, False)
-                raise next(c.error() for c in pending if not bool(c.ok))
+                error = next(c.error() for c in pending if not bool(c.ok))
+                self._restore(saved, {})  # the eager step from the state before the step (not
+                self.solver.step(self.ctx, state, t)  # updated yet): its exact error, if it fails
+                raise error
         if self.commits:  # deferred in-place writes, only for a step with finite x and y
             self.solver.commit(core, float(self.last_finite.sum()) == 0.0)
         state.update(core)
@@ -351,14 +371,13 @@ class CompiledStep:
         self.last_compiled = True
         return metrics
 
-    def _index(self, i: int, batch: Any) -> torch.Tensor:
+    @staticmethod
+    def _index(i: int, batch: Any) -> torch.Tensor:
         """A drawn batch index as a 0-dim tensor on the batch's device (a graph input: a Python
-        int would be a constant of the graph, one graph per index)."""
-        out = self.indices.get(i)
-        if out is None:
-            leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-            out = self.indices[i] = torch.tensor(i, device=leaves[0].device if leaves else None)
-        return out
+        int would be a constant of the graph, one graph per index). A new tensor per draw: two
+        draws sharing one would be an aliasing the graph is specialised to."""
+        leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+        return torch.tensor(i, device=leaves[0].device if leaves else None)
 
     def _plan(self, key: Hashable) -> tuple[list[tuple[Any, bool]], list[tuple[str, str, int]], Any]:
         """What a compiled step of pattern ``key`` does in this run, resolved once: the samplers

@@ -427,6 +427,9 @@ def _sgd_while_loop(dyn: Any, make: Callable[[Any], O.Fn], stacked: Any, xs: T.L
     from ._loops import fori_loop, row
     from ._trace import require
 
+    # (a loop body takes tensors, not the symbolic float of a schedule of the step counter)
+    lr = torch.scalar_tensor(lr, dtype=ys[0].dtype, device=ys[0].device)
+
     def body(k: torch.Tensor, carry: tuple[torch.Tensor, T.Leaves]) -> tuple[torch.Tensor, T.Leaves]:
         ok, y = carry
         y = T.axpy(-lr, O.grad_y(make(row(stacked, k)), xs, y), y)
