@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5, help="calls per row per round (hypergradients)")
     ap.add_argument("--only", default="", help="comma list of rows (default: all)")
-    ap.add_argument("--step", default="soba,stocbio,mrbo,bsa,ttsa,amigo,fsla",
+    ap.add_argument("--step", default="soba,saba,stocbio,mrbo,bsa,ttsa,amigo,fsla,sustain,vrbo",
                     help="stochastic rows that also get the whole-step compiled column "
                          "(compile='step'; its compile time grows with the oracle calls per step)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
