@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             t0 = time.perf_counter()  # whole step: eager first steps, then one graph per pattern
             fn("step", 20)  # the first 20 steps' patterns (a run of the same seed draws the same)
+            fn("step", 20)  # (a pattern met once, e.g. the first step's, runs compiled only now)
             compile_s[k + ":step"] = time.perf_counter() - t0
     before = C.stats()["compiles"]
     for r in range(a.rounds):
