@@ -210,7 +210,8 @@ def test_records_hold_step_time_metrics_and_flat_counts(quad):
     for (t, xshape, yshape, rec, flat, st), r in zip(seen, res.history):
         assert xshape == quad.x0.shape and yshape == quad.y0.shape and st == t
         assert rec == r and rec["probe"] == t - 1 and rec["label"] == "s"
-        assert {k: rec[k] for k in flat} == flat and set(rec) == {"step", "time", "probe", "label", *flat}
+        assert {k: rec[k] for k in flat} == flat  # ("compiled": only with --solve-compile)
+        assert set(rec) - {"compiled"} == {"step", "time", "probe", "label", *flat}
     assert res.history[-1]["time"] == res.state["time"] > 0
 
 
