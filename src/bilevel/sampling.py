@@ -135,7 +135,8 @@ class Minibatches(Sampler):
 
 class FixedBatches(Sampler):
     """A fixed partition into ⌊n / batch_size⌋ batches (seeded); :meth:`next` draws a batch index
-    uniformly at random and remembers it in ``last_index`` (for SAGA-style memories).
+    uniformly at random and remembers it in ``last_index`` (for SAGA-style memories; inside a
+    whole-step compiled step the solver reads it as a 0-dim tensor, one graph for every index).
     """
 
     def __init__(self, *tensors: Tensor, batch_size: int = 64, seed: int = 0):
