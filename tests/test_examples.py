@@ -125,11 +125,12 @@ def test_batchnorm_unroll_example_carries_exact_statistics(capsys):
 @pytest.mark.compiled
 @pytest.mark.slow  # ~2 min of graph tracing on a loaded 2-core machine (tests/test_compiled_step.py
 # covers the same path in the default suite)
-@pytest.mark.parametrize("loops", ["unroll", "while_loop"])
-def test_compiled_solver_example_equals_eager(capsys, monkeypatch, loops):
+@pytest.mark.parametrize("loops, solver", [("unroll", "stocbio"), ("while_loop", "stocbio"),
+                                           ("unroll", "saba")])
+def test_compiled_solver_example_equals_eager(capsys, monkeypatch, loops, solver):
     import bilevel.compiled_step as CS
 
-    monkeypatch.setattr("sys.argv", ["compiled_solver.py", "12", "aot_eager", loops])
+    monkeypatch.setattr("sys.argv", ["compiled_solver.py", "12", "aot_eager", loops, solver])
     old, old_step = dict(bl.compiled.settings), dict(CS.settings)
     try:
         out = _run("compiled_solver.py", capsys)
