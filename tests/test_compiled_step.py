@@ -152,9 +152,11 @@ def test_trimmed_guards_drop_only_global_code_identity():
     guards on which module / function / class / builtin a global name refers to."""
     import types
 
-    from torch._dynamo.types import GuardFilterEntry
-
     from bilevel import compiled_step as CS
+
+    if not CS._GUARD_FILTER:
+        pytest.skip("this torch has no guard_filter_fn")
+    from torch._dynamo.types import GuardFilterEntry
 
     def entry(kind, value, is_global=True, name="G['x']"):
         return GuardFilterEntry(name=name, has_value=True, value=value, guard_type=kind,

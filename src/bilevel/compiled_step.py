@@ -65,7 +65,8 @@ MAX_PATTERNS = 32
 #: (modules, functions, classes, builtins the step reaches through module globals: about half of
 #: a step's guards, 8–12 % of a SOBA step) and checks them once per run instead
 #: (:class:`_TrimGuards`); tensor, constant, aliasing and global-state guards stay per call.
-#: ``"full"``: every dynamo guard before every call.
+#: ``"full"``: every dynamo guard before every call (also what a torch without ``guard_filter_fn``
+#: gets).
 settings: dict[str, Any] = {"dynamic": None, "loops": "unroll", "guards": "trim"}
 
 #: state entries owned by :func:`bilevel.solve` (never passed to the compiled step)
@@ -139,6 +140,10 @@ def _patterns(problem: Any, solver_cls: type) -> dict[Hashable, tuple]:
     return _CODE.setdefault(problem, {}).setdefault(solver_cls, {})
 
 
+#: does this torch take a ``guard_filter_fn`` (with the entries' ``is_global`` and ``value``)?
+#: Without it every guard stays ("full").
+_GUARD_FILTER = hasattr(torch.compiler, "skip_guard_on_globals_unsafe")
+
 #: dynamo guard kinds that check *which* global code object a name refers to
 _CODE_GUARDS = frozenset({"CLOSURE_MATCH", "FUNCTION_MATCH", "MODULE_MATCH", "BUILTIN_MATCH",
                           "CLASS_MATCH", "ID_MATCH", "DUPLICATE_INPUT"})
@@ -190,7 +195,9 @@ def _counter_is_dynamic() -> None:
     """Mark the step counter symbolic from a pattern's first graph (``torch.compiler.config.
     dynamic_sources``; the name is ours alone): automatic dynamism would specialise the first
     graph to its t and compile a second one, symbolic, at the next t."""
-    cfg = torch.compiler.config
+    cfg = getattr(torch.compiler, "config", None)
+    if not isinstance(getattr(cfg, "dynamic_sources", None), str):  # (an older torch: automatic)
+        return
     have = [e for e in cfg.dynamic_sources.split(",") if e]
     source = f"L['{_COUNTER}']"
     if source not in have:
@@ -211,7 +218,7 @@ def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
     ns: dict[str, Any] = {"load": _load, "finite": _finite_code}
     name = f"<bilevel step: {solver_cls.__name__} on {problem!r}, pattern {n}>"
     exec(builtins.compile(src, name, "exec"), ns)
-    trim = _TrimGuards(ns) if settings["guards"] == "trim" else None
+    trim = _TrimGuards(ns) if settings["guards"] == "trim" and _GUARD_FILTER else None
     fn = torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
                        backend=C._counting_backend,
                        options=None if trim is None else {"guard_filter_fn": trim})
