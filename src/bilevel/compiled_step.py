@@ -63,7 +63,7 @@ MAX_PATTERNS = 32
 #: constant in T, each step 17–45 % slower; docs/performance.md, ``python -m bilevel.bench loops``)
 #: ``guards``: ``"trim"`` drops dynamo's per-call guards on the identity of global code objects
 #: (modules, functions, classes, builtins the step reaches through module globals: about half of
-#: a step's guards, 8–12 % of a SOBA step) and checks them once per run instead
+#: a step's guards; 18 µs of a SOBA graph call of 251) and checks them once per run instead
 #: (:class:`_TrimGuards`); tensor, constant, aliasing and global-state guards stay per call.
 #: ``"full"``: every dynamo guard before every call (also what a torch without ``guard_filter_fn``
 #: gets).
@@ -267,6 +267,14 @@ def _pattern(solver: Any, settings: Hashable, core: dict[str, Any], t: int) -> H
     return (settings, _signature(core), solver.phase(core, t))
 
 
+def _hook(solver: Any, name: str) -> Callable[..., Any] | None:
+    """``solver``'s method ``name`` if its class overrides :class:`Solver`'s no-op default."""
+    from .solvers.base import Solver
+
+    own = getattr(type(solver), name, None)
+    return None if own is None or own is getattr(Solver, name) else getattr(solver, name)
+
+
 class CompiledStep:
     """``solver.step`` of one run as a compiled graph (see the module docstring)."""
 
@@ -291,11 +299,9 @@ class CompiledStep:
         # (a solver's settings do not change during a run; the loop form is part of the graph)
         self.settings = (repr(solver), settings["loops"], settings["guards"])
         self.plans: dict[Hashable, tuple] = {}  # pattern -> CompiledStep._plan (this run)
-        from .solvers.base import Solver
-
-        # deferred writes (one host read per step), the state's form for the graph
-        self.commits = getattr(type(solver), "commit", Solver.commit) is not Solver.commit
-        self.graph_state = getattr(solver, "graph_state", None)
+        # the solver's hooks around the graph, None where it keeps Solver's no-op default: the
+        # state's form for the graph, and its deferred writes (one host read per step)
+        self.graph_state, self.commit = _hook(solver, "graph_state"), _hook(solver, "commit")
         self.replays = [(lv, r) for lv, r in (("lower", self.rctx.lower_data),
                                               ("upper", self.rctx.upper_data)) if r is not None]
         self.last_compiled = False  # did the last step run as the compiled graph?
@@ -362,14 +368,14 @@ class CompiledStep:
             pending = list(checks)
             checks.clear()
             if not bool(torch.stack([c.ok for c in pending]).all()):
-                if self.commits:
-                    self.solver.commit(core, False)
+                if self.commit is not None:
+                    self.commit(core, False)
                 error = next(c.error() for c in pending if not bool(c.ok))
                 self._restore(saved, {})  # the eager step from the state before the step (not
                 self.solver.step(self.ctx, state, t)  # updated yet): its exact error, if it fails
                 raise error
-        if self.commits:  # deferred in-place writes, only for a step with finite x and y
-            self.solver.commit(core, float(self.last_finite.sum()) == 0.0)
+        if self.commit is not None:  # deferred in-place writes, only if x and y are finite
+            self.commit(core, float(self.last_finite.sum()) == 0.0)
         state.update(core)
         add = state["counts"].add
         for level, kind, n in counts:
