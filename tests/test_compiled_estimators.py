@@ -216,7 +216,7 @@ def test_thin_products_pass_rewrites_only_the_slow_layout():
 
     X, w, P = torch.randn(200, 30), torch.randn(30, 4), torch.randn(4, 200)
     gm = make_fx(f, tracing_mode="fake")(w, X, P)
-    pass_ = C._ThinProducts()
+    pass_ = C._Products()
     pass_(gm.graph)
     gm.recompile()
     assert pass_.rewrites == 1

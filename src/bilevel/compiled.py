@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from . import _gemm
 from . import _tree as T
 from . import oracles as O
 from .formulation import Objective
@@ -200,14 +201,27 @@ def oracle_kernel(kind: str, fn: O.Fn) -> Callable[..., Any]:
 # backward is every H-product (and J^T product) of the linear solve.
 
 
-class _ThinProducts:
-    """Inductor post-grad pass: C = A B with a thin A (M ≤ 64 rows, M ≤ N/4) and B stored
-    transposed (a ``.t()`` view of a row-major matrix, e.g. ``W.t() @ X.t()`` on data X) is
-    computed as C = (Bᵀ Aᵀ)ᵀ — the same numbers, but MKL's sgemm takes a slow path for the first
-    layout (measured 1.4 vs 0.9 ms for 10×784 @ 784×2500 on this CPU). Used for the estimator
-    kernels only (they reuse one data batch for all T steps)."""
+class _Products:
+    """Inductor post-grad pass over the compiled kernels' matrix products.
+
+    * ``thin`` (the estimator kernels, which reuse one data batch for all T steps): C = A B with a
+      thin A (M ≤ 64 rows, M ≤ N/4) and B stored transposed (a ``.t()`` view of a row-major
+      matrix, e.g. ``W.t() @ X.t()`` on data X) is computed as C = (Bᵀ Aᵀ)ᵀ — the same numbers,
+      but MKL's sgemm takes a slow path for the first layout (measured 1.4 vs 0.9 ms for
+      10×784 @ 784×2500 on an Intel Xeon);
+    * then, with ``settings["gemm"] == "auto"``, the large float32 products become
+      ``bilevel::mm`` (:mod:`bilevel._gemm`: the fastest of BLAS and oneDNN for their shapes)."""
+
+    def __init__(self, thin: bool = True) -> None:
+        self.thin, self.rewrites = thin, 0
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.thin:
+            self._thin(graph)
+        if settings["gemm"] == "auto":
+            _gemm.rewrite(graph)
+
+    def _thin(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
         for n in list(graph.nodes):
             if n.op != "call_function" or n.target is not aten.mm.default:
@@ -229,30 +243,55 @@ class _ThinProducts:
             out.meta["val"] = mm.meta["val"].permute(1, 0)
             n.replace_all_uses_with(out)
             graph.erase_node(n)
-            self.rewrites = getattr(self, "rewrites", 0) + 1
+            self.rewrites += 1
 
-    def uuid(self) -> str:  # FX-graph-cache key of this pass
-        return "bilevel-thin-products-1"
+    def uuid(self) -> str:  # FX-graph-cache key of this pass (bump the version when it changes)
+        return f"bilevel-products-2-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}"
 
 
-_THIN: list[Any] = []
+_PASSES: dict[bool, Any] = {}
+
+
+def _products_pass(thin: bool) -> Any:
+    """The :class:`_Products` pass as an inductor ``CustomGraphPass`` (inductor is imported only
+    when compiling)."""
+    if thin not in _PASSES:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+
+        _PASSES[thin] = type("Products", (_Products, CustomGraphPass), {})(thin)
+    return _PASSES[thin]
+
+
+def check_settings() -> None:
+    """Reject a ``settings["gemm"]`` the kernels cannot honour."""
+    if settings["gemm"] not in ("auto", "aten"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"bilevel.compiled.settings['gemm'] must be 'auto' or 'aten', got "
+                          f"{settings['gemm']!r}")
 
 
 def _estimator_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     """:func:`_counting_backend` for the estimator kernels, with their data layout
     (``settings["data_layout"]``): data read transposed come as cached contiguous copies
-    (:func:`_hoist_transposed`), and thin products take MKL's fast layout (:class:`_ThinProducts`)."""
+    (:func:`_hoist_transposed`), and their products go through :class:`_Products`."""
     if not settings["data_layout"]:
-        return _counting_backend(gm, example_inputs)
-    if not _THIN:  # (inductor is imported only when compiling)
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-
-        _THIN.append(type("ThinProducts", (_ThinProducts, CustomGraphPass), {})())
+        return _step_backend(gm, example_inputs)
     new, idx, example_inputs = _hoist_transposed(gm, example_inputs)
-    run = _counting_backend(new, example_inputs, {"post_grad_custom_post_pass": _THIN[0]})
+    run = _counting_backend(new, example_inputs,
+                            {"post_grad_custom_post_pass": _products_pass(thin=True)})
     if not idx:
         return run
     return lambda *args: run(*args, *[_transposed(args[i]) for i in idx])
+
+
+def _step_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """:func:`_counting_backend` with the large products by :mod:`bilevel._gemm`
+    (``settings["gemm"] == "auto"``): the whole solver steps of :mod:`bilevel.compiled_step`."""
+    if settings["gemm"] != "auto" or settings["backend"] != "inductor":
+        return _counting_backend(gm, example_inputs)
+    return _counting_backend(gm, example_inputs,
+                             {"post_grad_custom_post_pass": _products_pass(thin=False)})
 
 
 _TRANSPOSES = ("t", "T", "mT")
@@ -329,8 +368,13 @@ def _transposed(t: torch.Tensor) -> torch.Tensor:
 
 
 #: the data layout of the estimator kernels: cached transposes of data read transposed, and the
-#: _ThinProducts pass (inductor); False compiles the objective's products as written
+#: thin-product rule of the _Products pass (inductor); False compiles the objective's products
+#: in the layout it writes them (``settings["gemm"]`` still applies)
 settings["data_layout"] = True
+#: the estimator kernels' large float32 CPU products (:mod:`bilevel._gemm`): "auto" computes each
+#: with the fastest of BLAS and oneDNN for its shapes (timed once per process; results agree to
+#: rounding, not bit for bit across processes), "aten" with BLAS (``torch.mm``) only
+settings["gemm"] = "auto"
 #: inner steps per compiled kernel call (Reverse / the lower solve): n > 1 saves n − 1 calls'
 #: overhead per n steps, for a graph (and compile time) n times larger
 settings["steps_per_kernel"] = 5
@@ -364,9 +408,10 @@ def _step_impl(inner: Dynamics, n: int) -> Callable[..., Any]:
 
 def _estimator_kernel(kind: str, fn: Objective, inner: Dynamics | None = None, n: int = 1
                       ) -> Callable:
+    check_settings()
     per_problem = _CACHE.setdefault(fn.problem, {})
     key = ("estimator", kind, fn.level, fn.xspec, fn.yspec, settings["backend"], settings["mode"],
-           settings["data_layout"], inner, n)
+           settings["data_layout"], settings["gemm"], inner, n)
     k = per_problem.get(key)
     if k is None:
         impl = _step_impl(inner, n) if kind == "step" else _IMPL[kind]

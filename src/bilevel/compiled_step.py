@@ -220,7 +220,7 @@ def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
     exec(builtins.compile(src, name, "exec"), ns)
     trim = _TrimGuards(ns) if settings["guards"] == "trim" and _GUARD_FILTER else None
     fn = torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
-                       backend=C._counting_backend,
+                       backend=C._step_backend,
                        options=None if trim is None else {"guard_filter_fn": trim})
     fn.trim = trim
     return fn
@@ -290,6 +290,7 @@ class CompiledStep:
         if reason is not None:
             self._give_up(RuntimeError(reason))
         self.patterns = _patterns(ctx.problem, type(solver))
+        C.check_settings()
         for name, allowed in (("loops", ("unroll", "while_loop")), ("guards", ("trim", "full"))):
             if settings[name] not in allowed:
                 from .errors import ConfigError
@@ -297,7 +298,7 @@ class CompiledStep:
                 raise ConfigError(f"bilevel.compiled_step.settings[{name!r}] must be "
                                   f"{' or '.join(map(repr, allowed))}, got {settings[name]!r}")
         # (a solver's settings do not change during a run; the loop form is part of the graph)
-        self.settings = (repr(solver), settings["loops"], settings["guards"])
+        self.settings = (repr(solver), settings["loops"], settings["guards"], C.settings["gemm"])
         self.plans: dict[Hashable, tuple] = {}  # pattern -> CompiledStep._plan (this run)
         # the solver's hooks around the graph, None where it keeps Solver's no-op default: the
         # state's form for the graph, and its deferred writes (one host read per step)
