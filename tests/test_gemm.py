@@ -109,14 +109,14 @@ def test_inductor_runs_the_rewritten_product(monkeypatch):
         return torch.tanh(X @ W).sum(0)
 
     X, W = torch.randn(700, 400), torch.randn(400, 10)
-    got = torch.compile(f, backend=C._step_backend, fullgraph=True)(X, W)
+    got = torch.compile(f, backend=C._kernel_backend, fullgraph=True)(X, W)
     torch.testing.assert_close(got, f(X, W), rtol=1e-5, atol=1e-4)
     assert list(G.choices().values()) == ["onednn"]
 
 
 @pytest.mark.usefixtures("aot_eager")
 def test_unknown_gemm_setting_is_rejected(monkeypatch, tiny):
-    """By ``bl.compile(est)`` and by ``bl.solve(..., compile="step")``, before anything runs."""
+    """By ``bl.compile(est)`` and by ``bl.solve(..., compile="step" / "oracles")``."""
     import bilevel as bl
     from bilevel.solvers import SOBA  # noqa: I001
     from tests.reference_problems import REFERENCE_PROBLEMS
@@ -125,5 +125,6 @@ def test_unknown_gemm_setting_is_rejected(monkeypatch, tiny):
     ref = REFERENCE_PROBLEMS["ridge"]()
     with pytest.raises(ConfigError, match="'auto' or 'aten', got 'mkl'"):
         bl.compile(bl.hypergrad.Reverse(bl.inner.GD(ref.lr, 3)))(ref.problem, ref.x, ref.y0)
-    with pytest.raises(ConfigError, match="'auto' or 'aten', got 'mkl'"):
-        bl.solve(**tiny.solve_kwargs(), solver=SOBA(), steps=1, compile="step")
+    for mode in ("step", "oracles"):
+        with pytest.raises(ConfigError, match="'auto' or 'aten', got 'mkl'"):
+            bl.solve(**tiny.solve_kwargs(), solver=SOBA(), steps=1, compile=mode)

@@ -128,11 +128,21 @@ def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list,
     return lookup_backend(name)(gm, example_inputs)
 
 
+def _kernel_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """:func:`_counting_backend` with the large products by :mod:`bilevel._gemm`
+    (``settings["gemm"] == "auto"``): the oracle kernels and the whole solver steps of
+    :mod:`bilevel.compiled_step`."""
+    if settings["gemm"] != "auto" or settings["backend"] != "inductor":
+        return _counting_backend(gm, example_inputs)
+    return _counting_backend(gm, example_inputs,
+                             {"post_grad_custom_post_pass": _products_pass(thin=False)})
+
+
 class _Kernel:
     """One compiled oracle for one objective family; falls back to eager with a warning."""
 
     def __init__(self, kind: str, obj: Objective, impl: Callable[..., Any] | None = None,
-                 backend: Callable[..., Any] = _counting_backend):
+                 backend: Callable[..., Any] = _kernel_backend):
         self.kind, self.level = kind, obj.level
         problem, xspec, yspec = obj.problem, obj.xspec, obj.yspec
         impl = _IMPL[kind] if impl is None else impl
@@ -180,9 +190,11 @@ def oracle_kernel(kind: str, fn: O.Fn) -> Callable[..., Any]:
     if not isinstance(fn, Objective) or fn.buffers is not None:  # carried buffers: eager
         return _Uncompiled(kind, fn)
     per_problem = _CACHE.setdefault(fn.problem, {})
-    key = (kind, fn.level, fn.xspec, fn.yspec, settings["backend"], settings["mode"])
+    key = (kind, fn.level, fn.xspec, fn.yspec, settings["backend"], settings["mode"],
+           settings["gemm"])
     k = per_problem.get(key)
     if k is None:
+        check_settings()
         k = per_problem[key] = _Kernel(kind, fn)
     batch = fn.batch
     return lambda xs, ys, *extra: k(batch, xs, ys, *extra)
@@ -276,22 +288,13 @@ def _estimator_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callab
     (``settings["data_layout"]``): data read transposed come as cached contiguous copies
     (:func:`_hoist_transposed`), and their products go through :class:`_Products`."""
     if not settings["data_layout"]:
-        return _step_backend(gm, example_inputs)
+        return _kernel_backend(gm, example_inputs)
     new, idx, example_inputs = _hoist_transposed(gm, example_inputs)
     run = _counting_backend(new, example_inputs,
                             {"post_grad_custom_post_pass": _products_pass(thin=True)})
     if not idx:
         return run
     return lambda *args: run(*args, *[_transposed(args[i]) for i in idx])
-
-
-def _step_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """:func:`_counting_backend` with the large products by :mod:`bilevel._gemm`
-    (``settings["gemm"] == "auto"``): the whole solver steps of :mod:`bilevel.compiled_step`."""
-    if settings["gemm"] != "auto" or settings["backend"] != "inductor":
-        return _counting_backend(gm, example_inputs)
-    return _counting_backend(gm, example_inputs,
-                             {"post_grad_custom_post_pass": _products_pass(thin=False)})
 
 
 _TRANSPOSES = ("t", "T", "mT")
@@ -371,9 +374,9 @@ def _transposed(t: torch.Tensor) -> torch.Tensor:
 #: thin-product rule of the _Products pass (inductor); False compiles the objective's products
 #: in the layout it writes them (``settings["gemm"]`` still applies)
 settings["data_layout"] = True
-#: the estimator kernels' large float32 CPU products (:mod:`bilevel._gemm`): "auto" computes each
-#: with the fastest of BLAS and oneDNN for its shapes (timed once per process; results agree to
-#: rounding, not bit for bit across processes), "aten" with BLAS (``torch.mm``) only
+#: the compiled kernels' large float32 CPU products (:mod:`bilevel._gemm`; inductor): "auto"
+#: computes each with the faster of BLAS and oneDNN for its shapes (timed when the kernel compiles;
+#: the ways agree to rounding, not bit for bit), "aten" with BLAS (``torch.mm``) only
 settings["gemm"] = "auto"
 #: inner steps per compiled kernel call (Reverse / the lower solve): n > 1 saves n − 1 calls'
 #: overhead per n steps, for a graph (and compile time) n times larger

@@ -220,7 +220,7 @@ def _step_code(solver_cls: type, problem: Any, n: int) -> Callable[..., Any]:
     exec(builtins.compile(src, name, "exec"), ns)
     trim = _TrimGuards(ns) if settings["guards"] == "trim" and _GUARD_FILTER else None
     fn = torch.compile(ns["step"], fullgraph=True, dynamic=settings["dynamic"],
-                       backend=C._step_backend,
+                       backend=C._kernel_backend,
                        options=None if trim is None else {"guard_filter_fn": trim})
     fn.trim = trim
     return fn
