@@ -54,6 +54,10 @@ def test_fastest_is_the_best_time_of_interleaved_calls(monkeypatch):
     monkeypatch.setattr(G, "_WAYS", {n: way(n) for n in cost})
     assert G._fastest(torch.ones(2, 2), torch.ones(2, 2), rounds=3) == "onednn_t"
     assert calls == list(cost) * 4  # one warm-up round, then 3 interleaved rounds
+    # a close call (oneDNN 10 % faster, within the margin) keeps BLAS
+    calls.clear()
+    cost.update(aten=[1.0] * 4, onednn=[0.9] * 4, onednn_t=[2.0] * 4)
+    assert G._fastest(torch.ones(2, 2), torch.ones(2, 2), rounds=3) == "aten"
 
 
 def _graph(f, *args):
@@ -94,9 +98,31 @@ def test_pass_rewrites_large_float32_products_with_the_chosen_way(monkeypatch, c
 
 
 @needs_onednn
+def test_pass_rewrites_a_linear_layer_as_product_plus_bias(monkeypatch):
+    """``F.linear`` (aten.addmm(bias, x, Wᵀ)): the product by the chosen way, then + bias; an
+    addmm with β ≠ 1 is left alone."""
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_fastest", lambda a, b: "onednn")
+
+    def f(x, W, bias, c):
+        return torch.nn.functional.linear(x, W, bias), torch.addmm(c, x, W.t(), beta=0.5)
+
+    gen = torch.Generator().manual_seed(2)
+    x, W = torch.randn(700, 400, generator=gen), torch.randn(10, 400, generator=gen)
+    bias, c = torch.randn(10, generator=gen), torch.randn(700, 10, generator=gen)
+    gm = _graph(f, x, W, bias, c)
+    assert G.rewrite(gm.graph) == 1
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.bilevel.mm.default in targets and targets.count(torch.ops.aten.addmm.default) == 1
+    for got, want in zip(gm(x, W, bias, c), f(x, W, bias, c)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
 def test_inductor_runs_the_rewritten_product(monkeypatch):
-    """Through inductor (the Products pass of the whole-step backend, on-disk cache off so that
-    the pass runs): a forced oneDNN way, equal to eager to float32 rounding."""
+    """Through inductor (the kernels' Products pass, on-disk cache off so that the pass runs): a
+    product and a linear layer by a forced oneDNN way, equal to eager to float32 rounding."""
     import torch._inductor.config as ic
 
     monkeypatch.setattr(ic, "fx_graph_cache", False)
@@ -105,13 +131,13 @@ def test_inductor_runs_the_rewritten_product(monkeypatch):
     monkeypatch.setitem(C.settings, "backend", "inductor")
     monkeypatch.setitem(C.settings, "gemm", "auto")
 
-    def f(X, W):
-        return torch.tanh(X @ W).sum(0)
+    def f(X, W, V, bias):
+        return torch.tanh(X @ W).sum(0) + torch.nn.functional.linear(X, V, bias).sum(0)
 
-    X, W = torch.randn(700, 400), torch.randn(400, 10)
-    got = torch.compile(f, backend=C._kernel_backend, fullgraph=True)(X, W)
-    torch.testing.assert_close(got, f(X, W), rtol=1e-5, atol=1e-4)
-    assert list(G.choices().values()) == ["onednn"]
+    X, W, V, bias = torch.randn(700, 400), torch.randn(400, 10), torch.randn(10, 400), torch.randn(10)
+    got = torch.compile(f, backend=C._kernel_backend, fullgraph=True)(X, W, V, bias)
+    torch.testing.assert_close(got, f(X, W, V, bias), rtol=1e-5, atol=1e-3)
+    assert list(G.choices().values()) == ["onednn", "onednn"]  # X @ W and X @ Vᵀ
 
 
 @pytest.mark.usefixtures("aot_eager")

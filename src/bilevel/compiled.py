@@ -258,7 +258,7 @@ class _Products:
             self.rewrites += 1
 
     def uuid(self) -> str:  # FX-graph-cache key of this pass (bump the version when it changes)
-        return f"bilevel-products-2-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}"
+        return f"bilevel-products-4-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}"
 
 
 _PASSES: dict[bool, Any] = {}
