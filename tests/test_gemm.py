@@ -60,6 +60,14 @@ def test_fastest_is_the_best_time_of_interleaved_calls(monkeypatch):
     assert G._fastest(torch.ones(2, 2), torch.ones(2, 2), rounds=3) == "aten"
 
 
+def test_a_way_that_rejects_the_layout_is_not_a_candidate(monkeypatch):
+    def rejects(a, b):
+        raise RuntimeError("unsupported layout")
+
+    monkeypatch.setattr(G, "_WAYS", {**G._WAYS, "onednn": rejects, "onednn_t": rejects})
+    assert G._fastest(torch.ones(3, 4), torch.ones(4, 2), rounds=2) == "aten"
+
+
 def _graph(f, *args):
     from torch.fx.experimental.proxy_tensor import make_fx
 

@@ -51,12 +51,12 @@ def _onednn_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _WAYS: dict[str, Product] = {"aten": _aten, "onednn": _onednn, "onednn_t": _onednn_t}
-#: (a.shape, a.stride(), b.shape, b.stride()) -> the way chosen for it in this process
+#: (a.shape, a.stride(), b.shape, b.stride(), threads) -> the way chosen for it in this process
 _CHOSEN: dict[tuple, str] = {}
 
 
 def choices() -> dict[tuple, str]:
-    """The way chosen for each float32 (a.shape, a.stride(), b.shape, b.stride()) so far."""
+    """The way chosen so far for each float32 (a.shape, a.stride(), b.shape, b.stride(), threads)."""
     return dict(_CHOSEN)
 
 
@@ -69,11 +69,18 @@ def _fastest(a: torch.Tensor, b: torch.Tensor, rounds: int = 7) -> str:
     """The way with the smallest best time over ``rounds`` interleaved calls of each (the best
     time: a neighbour's load only ever adds to a call's time), "aten" unless another way's is below
     :data:`MARGIN` times its."""
-    best = dict.fromkeys(_WAYS, float("inf"))
-    for way in _WAYS.values():  # warm-up (oneDNN creates its primitive on the first call)
-        way(a, b)
+    ways = {}
+    for name, way in _WAYS.items():  # warm-up (oneDNN creates its primitive on the first call)
+        try:
+            way(a, b)
+        except RuntimeError:  # a layout this way does not take: not a candidate
+            if name == "aten":
+                raise
+            continue
+        ways[name] = way
+    best = dict.fromkeys(ways, float("inf"))
     for _ in range(rounds):
-        for name, way in _WAYS.items():
+        for name, way in ways.items():
             t0 = time.perf_counter()
             way(a, b)
             best[name] = min(best[name], time.perf_counter() - t0)
@@ -132,7 +139,7 @@ def rewrite(graph: torch.fx.Graph) -> int:
         a, b = _sample(va), _sample(vb)
         if a is None or b is None:
             continue
-        key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride())
+        key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), torch.get_num_threads())
         if key not in _CHOSEN:
             _CHOSEN[key] = _fastest(a, b)
         if _CHOSEN[key] == "aten":

@@ -258,7 +258,9 @@ class _Products:
             self.rewrites += 1
 
     def uuid(self) -> str:  # FX-graph-cache key of this pass (bump the version when it changes)
-        return f"bilevel-products-4-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}"
+        # (the products' timing depends on the thread count: a part of the key)
+        return (f"bilevel-products-5-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}-"
+                f"{_gemm.MARGIN}-{torch.get_num_threads()}")
 
 
 _PASSES: dict[bool, Any] = {}
