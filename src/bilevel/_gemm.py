@@ -13,10 +13,10 @@ product's shapes and strides (the best of 7 interleaved calls each):
 * ``onednn_t``: the same for ``(bᵀ aᵀ)ᵀ``, copied to row-major;
 
 and a product for which a oneDNN way is faster by more than 15 % (:data:`MARGIN`) becomes
-``bilevel::mm(a, b, way)``. The choice is made once per (shapes, strides) and process, and is part
-of the compiled kernel (inductor's on-disk cache keeps it). The three agree to float32 rounding,
-not bit for bit.
-``bilevel.compiled.settings["gemm"] = "aten"`` leaves every product to BLAS.
+``bilevel::mm(a, b, way)``. The choice is made once per (shapes, strides, thread count) and
+process, and is part of the compiled kernel (inductor's on-disk cache keeps it). The three agree
+to float32 rounding, not bit for bit. ``bilevel.compiled.settings["gemm"] = "aten"`` leaves every
+product to BLAS.
 """
 
 from __future__ import annotations
