@@ -6,6 +6,8 @@ the rewritten graph computes the same numbers, eagerly and compiled by inductor.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 
 import pytest
 import torch
@@ -128,6 +130,8 @@ def test_pass_rewrites_a_linear_layer_as_product_plus_bias(monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="inductor's C++ code generation needs a compiler")
 def test_inductor_runs_the_rewritten_product(monkeypatch):
     """Through inductor (the kernels' Products pass, on-disk cache off so that the pass runs): a
     product and a linear layer by a forced oneDNN way, equal to eager to float32 rounding."""
