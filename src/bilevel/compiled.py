@@ -276,13 +276,20 @@ def _products_pass(thin: bool) -> Any:
     return _PASSES[thin]
 
 
+def check_choices(where: str, values: dict[str, Any], allowed: dict[str, tuple[str, ...]]) -> None:
+    """Reject a setting of ``values`` (the ``settings`` of module ``where``) outside its allowed
+    values, with a :class:`~bilevel.errors.ConfigError` naming it."""
+    for name, ok in allowed.items():
+        if values[name] not in ok:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{where}.settings[{name!r}] must be {' or '.join(map(repr, ok))}, "
+                              f"got {values[name]!r}")
+
+
 def check_settings() -> None:
     """Reject a ``settings["gemm"]`` the kernels cannot honour."""
-    if settings["gemm"] not in ("auto", "aten"):
-        from .errors import ConfigError
-
-        raise ConfigError(f"bilevel.compiled.settings['gemm'] must be 'auto' or 'aten', got "
-                          f"{settings['gemm']!r}")
+    check_choices("bilevel.compiled", settings, {"gemm": ("auto", "aten")})
 
 
 def _estimator_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:

@@ -291,12 +291,8 @@ class CompiledStep:
             self._give_up(RuntimeError(reason))
         self.patterns = _patterns(ctx.problem, type(solver))
         C.check_settings()
-        for name, allowed in (("loops", ("unroll", "while_loop")), ("guards", ("trim", "full"))):
-            if settings[name] not in allowed:
-                from .errors import ConfigError
-
-                raise ConfigError(f"bilevel.compiled_step.settings[{name!r}] must be "
-                                  f"{' or '.join(map(repr, allowed))}, got {settings[name]!r}")
+        C.check_choices("bilevel.compiled_step", settings,
+                        {"loops": ("unroll", "while_loop"), "guards": ("trim", "full")})
         # (a solver's settings do not change during a run; the loop form is part of the graph)
         self.settings = (repr(solver), settings["loops"], settings["guards"], C.settings["gemm"])
         self.plans: dict[Hashable, tuple] = {}  # pattern -> CompiledStep._plan (this run)
