@@ -637,8 +637,13 @@ def grad_y_tangents(
         outs = [(gi, ti) for gi, ti in zip(g, tuple(U) + tuple(Z)) if gi.requires_grad]
         if not outs:
             return _reduce(fn, T.detach(g[len(xs) :]), tuple(torch.zeros_like(t) for t in Z))
-        d = torch.autograd.grad([o for o, _ in outs], ys_, [t for _, t in outs],
-                                is_grads_batched=True, allow_unused=True)
+        if nb == 1:  # one tangent: a plain backward (a batched one adds a product and a bmm)
+            d = torch.autograd.grad([o for o, _ in outs], ys_, [t[0] for _, t in outs],
+                                    allow_unused=True)
+            d = tuple(None if di is None else di.unsqueeze(0) for di in d)
+        else:
+            d = torch.autograd.grad([o for o, _ in outs], ys_, [t for _, t in outs],
+                                    is_grads_batched=True, allow_unused=True)
     d = tuple(torch.zeros_like(z) if di is None else di for di, z in zip(d, Z))
     return _reduce(fn, T.detach(g[len(xs) :]), d)
 

@@ -276,7 +276,9 @@ def test_forward_reverse_products_equal_jvp_products(name):
     b = Forward(inner=dyn)(ref.problem, ref.x, _start(ref))
     with bl.oracles.backend("func"):
         c = Forward(inner=dyn)(ref.problem, ref.x, _start(ref))
+    d = Forward(inner=dyn, chunk=1)(ref.problem, ref.x, _start(ref))  # one tangent per pass
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(c.grad, a.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(d.grad, a.grad, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="products"):
         Forward(inner=dyn, products="fd")

@@ -25,6 +25,7 @@ import torch
 import bilevel as bl
 from bilevel.estimates import SagaTable
 from bilevel.problems import stochastic_quadratic
+from bilevel.solvers import base
 from bilevel.solvers.base import _check_pending, _finite_summary, copy_state
 
 S = bl.solvers
@@ -162,12 +163,20 @@ def test_finiteness_summaries_flag_every_nonfinite_entry_and_no_finite_one(dtype
         for level in ("upper", "lower"):
             y = torch.ones(4, 6, dtype=dtype)
             y[2, 5] = bad
-            leaves = (torch.ones(2, dtype=dtype), y.T)  # a non-contiguous 2-D leaf
-            xs, ys = (leaves, big) if level == "upper" else (big, leaves)
-            for cache in (zeros, None):
-                with pytest.raises(bl.NonFiniteError, match=f"{level} level at step 9") as e:
-                    _check_pending([_finite_summary(xs, ys, cache)], 9)
-                assert e.value.step == 9 and e.value.level == level
+            # a non-contiguous 2-D leaf (device path), a contiguous one (host path for small
+            # float32 / float64 CPU leaves), one above the host path's size
+            for leaves in ((torch.ones(2, dtype=dtype), y.T), (torch.ones(2, dtype=dtype), y),
+                           (torch.ones(base._HOST_MAX + 1, dtype=dtype), y)):
+                xs, ys = (leaves, big) if level == "upper" else (big, leaves)
+                for cache in (zeros, None):
+                    with pytest.raises(bl.NonFiniteError, match=f"{level} level at step 9") as e:
+                        _check_pending([_finite_summary(xs, ys, cache)], 9)
+                    assert e.value.step == 9 and e.value.level == level
+                    pending = [_finite_summary(big, big, cache), _finite_summary(xs, ys, cache)]
+                    with pytest.raises(bl.NonFiniteError, match=f"{level} level at step 9"):
+                        _check_pending(pending, 9)  # steps 8, 9 pending (one sync)
+    on_host = _finite_summary(big, (wide,), zeros)
+    assert all(type(c) is float for c in on_host) == (dtype != torch.bfloat16)
 
 
 def test_pending_summaries_name_the_first_bad_step_also_mixed_with_compiled_ones():

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -421,13 +422,39 @@ def _host(metrics: dict[str, Any]) -> dict[str, Any]:
 
 #: leaves up to this many entries get a cached zero vector for their finiteness summary
 _ZEROS_MAX = 1 << 20
+#: CPU float leaves up to this many entries are summarised on the host (numpy's BLAS dot, a
+#: fraction of a torch call's dispatch; OpenBLAS keeps dots of this size on one thread)
+_HOST_MAX = 10_000
+_HOST_DTYPES = frozenset({torch.float32, torch.float64})
 
 
-def _zero_dot(ts: T.Leaves, zeros: dict | None) -> Tensor:
+def _host_dot(ts: T.Leaves, zeros: dict) -> float | None:
+    """Σ ⟨t, 0⟩ by numpy for small contiguous CPU float32 / float64 leaves (a Python float); None
+    where one leaf does not qualify (the caller falls back to torch)."""
+    out = 0.0
+    for t in ts:
+        n = t.numel()
+        if (n > _HOST_MAX or not t.is_cpu or t.dtype not in _HOST_DTYPES or t.requires_grad
+                or not t.is_contiguous()):
+            return None
+        key = (n, t.dtype, None)
+        z = zeros.get(key)
+        if z is None:
+            z = zeros[key] = np.zeros(n, dtype=np.float32 if t.dtype == torch.float32 else np.float64)
+        out += float(np.dot(t.numpy().reshape(-1), z))
+    return out
+
+
+def _zero_dot(ts: T.Leaves, zeros: dict | None) -> Tensor | float:
     """Σ ⟨t, 0⟩ over the leaves: exactly 0 when all entries are finite (no overflow, unlike a
     sum), NaN as soon as one is ±inf or NaN — one BLAS dot per leaf against a zero vector cached
-    in ``zeros`` (per run, keyed by size, dtype and device; leaves above ``_ZEROS_MAX`` entries, or
-    without a cache, fall back to Σ 0·t, two kernels)."""
+    in ``zeros`` (per run, keyed by size, dtype and device): on the host for small CPU leaves
+    (:func:`_host_dot`, a float), else a device tensor (no host sync; leaves above ``_ZEROS_MAX``
+    entries, or without a cache, fall back to Σ 0·t, two kernels)."""
+    if zeros is not None:
+        host = _host_dot(ts, zeros)
+        if host is not None:
+            return host
     out = None
     for t in ts:
         n = t.numel()
@@ -442,15 +469,24 @@ def _zero_dot(ts: T.Leaves, zeros: dict | None) -> Tensor:
     return out
 
 
-def _finite_summary(xs: T.Leaves, ys: T.Leaves, zeros: dict | None = None) -> tuple[Tensor, Tensor]:
-    """(x all finite, y all finite) encoded as (0 or NaN, 0 or NaN), device tensors (no host
-    sync; see :func:`_zero_dot`)."""
+def _finite_summary(xs: T.Leaves, ys: T.Leaves, zeros: dict | None = None) -> tuple[Any, Any]:
+    """(x all finite, y all finite) encoded as (0 or NaN, 0 or NaN): Python floats for small CPU
+    leaves, else device tensors (no host sync; see :func:`_zero_dot`)."""
     return _zero_dot(xs, zeros), _zero_dot(ys, zeros)
+
+
+def _codes(c: Any) -> Tensor:
+    """One pending summary as a 2-element tensor [x code, y code]."""
+    if type(c) is not tuple:
+        return c.reshape(2)
+    dev = next((v.device for v in c if isinstance(v, Tensor)), None)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev) for v in c])
 
 
 def _check_pending(pending: list[Any], last_step: int) -> None:
     """One host sync for the summaries of the last len(pending) steps (each a pair of
-    :func:`_finite_summary` or a 2-element tensor [x code, y code]); raise at the first bad one."""
+    :func:`_finite_summary`, host floats or device tensors, or a 2-element tensor [x code,
+    y code]); raise at the first bad one."""
     if not pending:
         return
     k = len(pending)
@@ -459,12 +495,19 @@ def _check_pending(pending: list[Any], last_step: int) -> None:
         if float(c[0] + c[1] if type(c) is tuple else c.sum()) == 0.0:  # (one host sync)
             pending.clear()
             return
-    codes = torch.stack([torch.stack(c) if type(c) is tuple else c.reshape(2) for c in pending])
-    pending.clear()
-    if k > 1 and float(codes.sum()) == 0.0:
-        return
-    ok = (codes == 0).reshape(k, 2)
-    i, j = (int(v) for v in (~ok).nonzero()[0])
+    if all(type(c) is tuple and type(c[0]) is float and type(c[1]) is float for c in pending):
+        bad = [(i, j) for i, c in enumerate(pending) for j in (0, 1) if c[j] != 0.0]  # (host)
+        pending.clear()
+        if not bad:
+            return
+        i, j = bad[0]
+    else:
+        codes = torch.stack([_codes(c).to(torch.float64) for c in pending])
+        pending.clear()
+        if k > 1 and float(codes.sum()) == 0.0:
+            return
+        ok = (codes == 0).reshape(k, 2)
+        i, j = (int(v) for v in (~ok).nonzero()[0])
     check_finite([torch.tensor(float("nan"))], *(("upper", "the upper variable x") if j == 0
                  else ("lower", "the lower variable y")), step=last_step - k + 1 + i)
 
