@@ -476,9 +476,9 @@ def _finite_summary(xs: T.Leaves, ys: T.Leaves, zeros: dict | None = None) -> tu
 
 
 def _codes(c: Any) -> Tensor:
-    """One pending summary as a 2-element tensor [x code, y code]."""
+    """One pending summary as a 2-element float64 tensor [x code, y code]."""
     if type(c) is not tuple:
-        return c.reshape(2)
+        return c.reshape(2).to(torch.float64)
     dev = next((v.device for v in c if isinstance(v, Tensor)), None)
     return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev) for v in c])
 
@@ -502,7 +502,7 @@ def _check_pending(pending: list[Any], last_step: int) -> None:
             return
         i, j = bad[0]
     else:
-        codes = torch.stack([_codes(c).to(torch.float64) for c in pending])
+        codes = torch.stack([_codes(c) for c in pending])
         pending.clear()
         if k > 1 and float(codes.sum()) == 0.0:
             return
