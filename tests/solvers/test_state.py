@@ -213,3 +213,23 @@ def test_non_bilevel_errors_get_a_note_and_the_partial_result():
                  track=False)
     assert info.value.outer_step == 2 and len(info.value.partial.history) == 1
     assert any("outer step 2 of AID" in n for n in info.value.__notes__)
+
+
+@pytest.mark.parametrize("name", bl.solvers.stochastic.__all__)
+def test_one_state_seeds_several_identical_resumes_for_every_stochastic_solver(name):
+    """The state passed in is copied with everything mutable in it (a random.Random included:
+    BSA / TTSA draw their truncation index from one), so two resumes from it draw the same."""
+    from bilevel.problems import stochastic_quadratic
+
+    p = stochastic_quadratic(dim_x=3, dim_y=4, n_lower=32, n_upper=32, batch_size=8, seed=0)
+    solver = getattr(bl.solvers, name)()
+
+    def run(steps, state=None):
+        lo, up = p.samplers(seed=0, batch_size=8, kind="fixed" if name in ("SABA", "SRBA") else "minibatch")
+        return bl.solve(p.problem, p.x0, p.y0, solver=solver, steps=steps, lower_data=lo,
+                        upper_data=up, track=False, state=state)
+
+    part = run(2)
+    a, b = run(5, part.state), run(5, part.state)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y), name
+    assert not torch.equal(a.x, part.x)  # the resumed steps moved

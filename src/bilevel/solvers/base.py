@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
 import time
 import warnings
 from collections.abc import Callable
@@ -247,8 +248,9 @@ def copy_state(obj: Any, weak: bool = False) -> Any:
     """A structural copy of a state: containers (dict, list, tuple) and the small bilevel objects
     inside (oracle counts, SAGA tables) are copied, tensors are shared — the package never writes
     into a state tensor in place that a copy shares, so this is enough for the copy to be
-    independent. An object with a ``_state_copy()`` method is copied by it (a SAGA table shares
-    its memory: O(1); in its stacked form it copies on its next write). ``weak=True`` (the last
+    independent; a ``random.Random`` is copied with its generator state. An object with a
+    ``_state_copy()`` method is copied by it (a SAGA table shares its memory: O(1); in its
+    stacked form it copies on its next write). ``weak=True`` (the last
     good state of a step, used only if that step fails): ``_weak_copy()`` where an object has one
     (shares without copy-on-write: valid until the live object's next write, which happens only
     once the step has succeeded)."""
@@ -264,6 +266,8 @@ def copy_state(obj: Any, weak: bool = False) -> Any:
         return obj
     if tp is O.OracleCounts:  # {level: {kind: int}}: two levels (cheaper than deepcopy)
         return tp({k: dict(v) for k, v in obj.items()})
+    if isinstance(obj, random.Random):  # (BSA / TTSA draw their truncation index from one)
+        return copy.copy(obj)  # (its __reduce__ carries the generator state: an independent copy)
     own = (weak and getattr(tp, "_weak_copy", None)) or getattr(tp, "_state_copy", None)
     if own is not None:
         return own(obj)
