@@ -62,6 +62,61 @@ def test_batched_finiteness_check_names_the_first_bad_step(check_every):
     assert e.value.step == 4 and e.value.level == "upper"  # 1e300 is finite, 1e400 is not
 
 
+class _BlowupThenRaise(_Blowup):
+    """_Blowup whose step raises once x is non-finite (e.g. a solver that reads it)."""
+
+    def step(self, ctx, state, t):
+        if not all(bool(torch.isfinite(u).all()) for u in state["x"]):
+            raise RuntimeError("x is not finite")
+        return super().step(ctx, state, t)
+
+
+def _blowup_run(**kw):
+    P = bl.Problem(lambda x, y: (x * y).sum(), lambda x, y: ((y - x) ** 2).sum())
+    x = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(bl.NonFiniteError) as e:
+        bl.solve(P, x, x.clone(), **{"solver": _Blowup(), "steps": 20, "track": False, **kw})
+    return e.value
+
+
+@pytest.mark.parametrize("check_every", [None, 1, 3, 10])
+def test_small_cpu_iterates_fail_with_the_last_good_state_whatever_the_batching(check_every):
+    """Small CPU iterates: the state before each pending step is kept, so a batched check names
+    the first bad step (4) and carries the state after step 3 and the history up to it."""
+    err = _blowup_run(check_every=check_every)
+    assert err.step == err.outer_step == 4 and "outer step 4 of _Blowup" in str(err)
+    part = err.partial
+    assert [r["step"] for r in part.history] == [1, 2, 3] and part.state["t"] == 3
+    assert torch.equal(part.x, torch.full((2,), 1e300, dtype=torch.float64))
+
+
+def test_device_iterates_are_checked_every_step_by_default(monkeypatch):
+    monkeypatch.setattr(base, "_HOST_MAX", -1)  # every leaf on the device path
+    assert _soba_syncs(None) == 20
+    err = _blowup_run(check_every=3)  # steps 4..6 pending: the state before the checking step
+    assert err.step == 4 and err.outer_step == 6 and err.partial.state["t"] == 5
+
+
+def test_an_error_after_an_unchecked_non_finite_step_reports_that_step():
+    """Step 5 raises because x went non-finite at step 4, which was not checked yet: the error is
+    the NonFiniteError of step 4 (the RuntimeError its cause), with the state before step 4."""
+    err = _blowup_run(solver=_BlowupThenRaise())
+    assert err.step == err.outer_step == 4 and isinstance(err.__cause__, RuntimeError)
+    assert err.partial.state["t"] == 3 and len(err.partial.history) == 3
+
+
+def test_callbacks_taking_the_state_only_see_checked_iterates_and_a_stop_is_checked():
+    seen = []
+
+    def keep(t, x, y, rec, state):
+        seen.append(bool(torch.isfinite(state["x"][0]).all()))
+
+    err = _blowup_run(callback=keep)
+    assert err.step == 4 and seen == [True] * 3
+    err = _blowup_run(callback=lambda t, x, y, rec: t == 6)  # stops at 6, step 4 still pending
+    assert err.step == err.outer_step == 4 and err.partial.state["t"] == 3
+
+
 def _cg_syncs(iters: int, **kw) -> int:
     lo, up = W.data()
     est = bl.hypergrad.CG(bl.inner.GD(lr=0.5, steps=20), iters=iters, tol=1e-30, **kw)

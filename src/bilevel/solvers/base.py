@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import _tree as T
 from .. import oracles as O
-from ..errors import BilevelError, ConfigError, InexactResumeWarning
+from ..errors import BilevelError, ConfigError, InexactResumeWarning, NonFiniteError
 from ..formulation import Bound, Objective, Problem
 from ..inner import Dynamics, with_projection
 from ..sampling import Sampler, as_sampler
@@ -396,6 +396,28 @@ def _fail(exc: BaseException, t: int, solver: Solver, partial: SolveResult) -> N
         exc.add_note(f"bilevel: raised at {where}; the partial result is attached as .partial")
 
 
+def _failure(exc: Exception, t: int, good: dict[str, Any], checks: _FiniteChecks, solver: Solver,
+             history: list[dict[str, Any]], xspec: T.Spec, yspec: T.Spec) -> Exception:
+    """The error to raise for a failure during outer step ``t`` of :func:`solve` (``good``: the
+    state before it), the partial result attached (:func:`_fail`). Where earlier steps' checks
+    were pending, the first non-finite iterate among them is the error (this one its cause); a
+    failed check whose step's state was kept (:class:`_FiniteChecks`) carries that state and the
+    history before it, else the state before step ``t`` and the history so far."""
+    err = exc
+    if checks.failed is None and checks.pending:
+        try:
+            checks.check(t - 1)
+        except NonFiniteError as nf:
+            err = nf
+    step, hist = t, list(history)
+    if checks.failed is not None and checks.failed[1] is not None:
+        step, good = checks.failed
+        hist = [r for r in history if r["step"] < step]
+    gx, gy = solver.output(good)
+    _fail(err, step, solver, SolveResult(T.unflatten(gx, xspec), T.unflatten(gy, yspec), hist, good))
+    return err
+
+
 def _track(ctx: Context, xs: T.Leaves, ys: T.Leaves, buffers: Any = None) -> dict[str, float]:
     """Upper value and lower gradient norm on the full data (not timed, not counted); an upper
     objective that reads buffers gets the solver's carried ones (``state["buffers"]``)."""
@@ -430,6 +452,12 @@ _ZEROS_MAX = 1 << 20
 #: fraction of a torch call's dispatch; OpenBLAS keeps dots of this size on one thread)
 _HOST_MAX = 10_000
 _HOST_DTYPES = frozenset({torch.float32, torch.float64})
+
+
+def _on_host(ts: T.Leaves) -> bool:
+    """Do all leaves qualify for :func:`_host_dot` (small contiguous CPU float32 / float64)?"""
+    return all(t.numel() <= _HOST_MAX and t.is_cpu and t.dtype in _HOST_DTYPES and not t.requires_grad
+               and t.is_contiguous() for t in ts)
 
 
 def _host_dot(ts: T.Leaves, zeros: dict) -> float | None:
@@ -516,6 +544,57 @@ def _check_pending(pending: list[Any], last_step: int) -> None:
                  else ("lower", "the lower variable y")), step=last_step - k + 1 + i)
 
 
+#: ``check_every=None``: iterates summarised on the host (:func:`_on_host`) are checked in batches of
+#: this many steps, each step's last good state kept (the error still names its step and carries
+#: the state before it); device iterates are checked every step
+_HOST_BATCH = 16
+
+
+class _FiniteChecks:
+    """The finiteness checks of :func:`solve`'s iterates, batched by ``check_every``.
+
+    A pending step is a summary (:func:`_finite_summary`, or a compiled step's flags) or, where
+    the run's iterates are small CPU leaves, the iterates themselves as a list ``[x, y]``,
+    summarised at the check (one tight loop: a summary right after a step costs ~4× as much, the
+    step having evicted its code from the caches). Those runs keep the last good state of each
+    pending step (references: small leaves), so a failure names the first bad step and carries
+    the state before it; device runs keep only the checking step's."""
+
+    def __init__(self, every: int | None, defer: bool = True):
+        self.every, self.defer, self.limit = every, (None if defer else False), every or 1
+        self.pending: list[Any] = []
+        self.goods: list[Any] = []  # per pending step: the state before it (None: not kept)
+        self.zeros: dict = {}  # the summaries' zero vectors (per run)
+        self.failed: tuple[int, Any] | None = None  # (first bad step, the state before it or None)
+
+    def add(self, xs: T.Leaves, ys: T.Leaves, good: Any, flags: Any = None) -> bool:
+        """Queue one step's iterates (``flags``: a compiled step's summary); is a check due?"""
+        if self.defer is None:
+            self.defer = _on_host(xs) and _on_host(ys)
+            self.limit = self.every or (_HOST_BATCH if self.defer else 1)
+        if flags is not None:
+            self.pending.append(flags)
+        elif self.defer:
+            self.pending.append([xs, ys])
+        else:
+            self.pending.append(_finite_summary(xs, ys, self.zeros))
+        self.goods.append(good if self.defer else None)
+        return len(self.pending) >= self.limit
+
+    def check(self, last_step: int) -> None:
+        """:func:`_check_pending` for the steps up to ``last_step``; on a failure ``failed``."""
+        if not self.pending:
+            return
+        zeros, goods = self.zeros, self.goods
+        pending = [_finite_summary(e[0], e[1], zeros) if type(e) is list else e for e in self.pending]
+        self.pending, self.goods = [], []
+        try:
+            _check_pending(pending, last_step)
+        except NonFiniteError as exc:
+            self.failed = (exc.step, goods[exc.step - (last_step - len(pending) + 1)])
+            raise
+
+
 _COMPILE_MODES = {False: None, None: None, True: "step", "step": "step", "oracles": "oracles"}
 
 
@@ -541,14 +620,18 @@ def solve(
     track: bool | int = True,
     state: dict[str, Any] | None = None,
     compile: bool | str = False,
-    check_every: int = 1,
+    check_every: int | None = None,
 ) -> SolveResult:
     """Run ``solver`` for ``steps`` outer iterations from (x0, y0).
 
-    Non-finite x or y raise :class:`~bilevel.errors.NonFiniteError` naming the step; the checks
-    of ``check_every`` steps are batched into one host synchronisation (GPU: set it to e.g. 50;
-    tracking steps and the end are always checked; a callback may then see up to
-    ``check_every - 1`` unchecked iterates).
+    Non-finite x or y raise :class:`~bilevel.errors.NonFiniteError` naming the first bad step;
+    the checks of ``check_every`` steps are batched into one host synchronisation (GPU: set it to
+    e.g. 50). Tracking steps, the end and each step before a callback that takes ``state`` are
+    always checked; a plain callback may see up to ``check_every - 1`` unchecked iterates. Where
+    x and y are small CPU tensors (≤ 10k entries per leaf) the state before each pending step is
+    kept, so the error's partial result is the last good state whatever ``check_every``; on a
+    device it is the state before the checking step. ``None`` (default): batches of 16 steps for
+    small CPU iterates, every step on a device.
 
     ``track`` (True or every-N) records f(x, y) and ‖∇_y g(x, y)‖ on the full data each
     (N-th) step, outside the clock. ``callback(t, x, y, record)`` runs after each step and may
@@ -601,11 +684,13 @@ def solve(
     history: list[dict[str, Any]] = []
     pass_state = callback is not None and _takes_state(callback)
     every = int(track) if not isinstance(track, bool) else (1 if track else 0)
-    check_every = int(check_every)
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
-    pending: list[Any] = []  # per step: (x finite, y finite) (device flags)
+    if check_every is not None:
+        check_every = int(check_every)
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1 (or None: automatic), got {check_every}")
     mode = _compile_mode(compile)
+    # (a compiled step writes SAGA tables in place: a kept weak last-good copy would not survive)
+    checks = _FiniteChecks(check_every, defer=mode != "step")
     step, compiled_step = solver.step, None
     if mode == "step":
         from ..compiled_step import CompiledStep
@@ -615,7 +700,6 @@ def solve(
         step = lambda ctx, state, t: compiled_step(state, t)  # noqa: E731
     data_fns = _data_fns(ctx)
     counts_var, set_grad = O._ACTIVE, torch._C._set_grad_enabled
-    zeros: dict = {}  # the finiteness summaries' zero vectors (per run)
     x_tree, y_tree = _unflattener(xspec), _unflattener(yspec)
     flat_keys: dict[tuple[str, str], str] = {}
     with torch.no_grad(), O.backend("compiled" if mode == "oracles" else O.get_backend()):
@@ -635,16 +719,16 @@ def solve(
                 state["t"] = t + 1
                 state["data"] = {lv: fn() for lv, fn in data_fns}  # the samplers' positions
                 x_out, y_out = solver.output(state)
-                pending.append(compiled_step.last_finite if compiled_step is not None
-                               and compiled_step.last_compiled else _finite_summary(x_out, y_out, zeros))
+                due = checks.add(x_out, y_out, good, compiled_step.last_finite if compiled_step
+                                 is not None and compiled_step.last_compiled else None)
                 tracked = bool(every) and (t + 1) % every == 0
-                if len(pending) >= check_every or tracked or t + 1 == steps:
-                    _check_pending(pending, t + 1)
-            except Exception as exc:  # (with check_every > 1: the state before the checking step)
-                gx, gy = solver.output(good)
-                _fail(exc, t + 1, solver, SolveResult(T.unflatten(gx, xspec), T.unflatten(gy, yspec),
-                                                      list(history), good))
-                raise
+                if due or tracked or t + 1 == steps or pass_state:  # (a checkpoint sees checked state)
+                    checks.check(t + 1)
+            except Exception as exc:
+                err = _failure(exc, t + 1, good, checks, solver, history, xspec, yspec)
+                if err is exc:
+                    raise
+                raise err from exc
             record = {"step": t + 1, "time": state["time"]}
             if metrics:
                 record.update(_host(metrics))
@@ -663,6 +747,10 @@ def solve(
                     callback(t + 1, x_tree(x_out), y_tree(y_out), record, state=state) if pass_state
                     else callback(t + 1, x_tree(x_out), y_tree(y_out), record)):
                 break
-        _check_pending(pending, int(state["t"]))
+        try:  # (a callback stopped the run with steps pending)
+            checks.check(int(state["t"]))
+        except NonFiniteError as exc:
+            _failure(exc, int(state["t"]), _last_good(state), checks, solver, history, xspec, yspec)
+            raise
     x_out, y_out = solver.output(state)
     return SolveResult(T.unflatten(x_out, xspec), T.unflatten(y_out, yspec), history, state)
