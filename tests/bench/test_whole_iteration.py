@@ -104,5 +104,6 @@ def test_timing_runs_and_reports_ratios():
 
     row = whole.time_solver(Prob(), "StocBiO", CONFIGS["StocBiO"], steps=2, iters=3, warmup=1, batch_size=B)
     assert row["iters"] == 3 and row["bare_ms"] > 0 and row["step_ratio"] > 0 and row["solve_ratio"] > 0
+    assert row["solve_ratio_of_sums"] == pytest.approx(sum(row["solve_cpu"]) / sum(row["bare_cpu"]))
     assert row["x_rel_diff"] < 1e-12
     assert "| StocBiO | 3 |" in whole.table([row])

@@ -318,6 +318,51 @@ included; a table copied by reference fails it) and resumes to the clean run; co
 are independent both ways; finiteness summaries flag ±inf / NaN in 2-D, non-contiguous, float64
 and bfloat16 leaves and never a huge finite one; records keep every field.
 
+**Finiteness on the host** (2026-12-02, late). For small CPU leaves (float32 / float64,
+contiguous, ≤ 10,000 entries, where OpenBLAS keeps a dot on one thread) the finiteness summary of
+x and y is now a numpy dot against a cached zero vector, a Python float, so the check after each
+step is a float comparison instead of a torch add and a host read; other leaves (GPU, bfloat16,
+non-contiguous, larger) keep the device path. Timed per piece inside `bl.solve`'s loop (SOBA, wall
+µs per iteration, medians of 350): summary 23.5 → 19.4, check 8.9 → 1.1. Same command as above,
+`--against` main 8451fc7, 4 rounds, SOBA / FSLA / SABA (2026-12-02 20:5x–21:0x, unloaded): solve ÷
+bare 1.148 → 1.139, 1.117 → 1.115, 1.157 → 1.145; step ÷ bare 1.086 → 1.081, 1.074 → 1.073, 1.078
+→ 1.067 (the step did not change: that spread is the noise). So ≤ 1.1 per `bl.solve` iteration is
+still not reached for SOBA, SABA and (in this run) FSLA. The cost left is spread thin: right after a
+step every Python or torch call of the loop runs cold (the same numpy dot takes ~6 µs there and
+~0.5 µs in a warm loop), and no single piece is above ~20 µs. `tests/solvers/test_base_loop.py`
+covers both paths (contiguous and non-contiguous leaves, a leaf above the host size, several pending
+steps).
+
+**Deferred checks** (2026-12-03). `bl.solve(..., check_every=k)`; by default (`None`) small CPU
+iterates are no longer summarised right after each step: the step's x and y (and the state before
+it) are queued and the summaries of up to 16 steps are taken in one tight loop, where each costs
+~1 µs instead of 16–21 µs (per piece inside the loop, SOBA / SABA / FSLA, wall µs). Exactness is
+kept: the error names the first bad step and carries the state before it and the history before
+it; tracked steps, the last step and every callback that takes `state` see checked iterates; an
+error in a later step while a non-finite one is pending raises that step's `NonFiniteError` with
+the other as its cause (`tests/test_hostsync.py`: the partial result equals the clean run one step
+shorter for `check_every` None / 1 / 3 / 10). Device iterates keep a check every step by default.
+The table now also gives *solve ÷ bare, totals* (total CPU time over total bare time: the batched
+summaries land in one iteration in 16, which a median under-weights). `--against` main 3e46d7a (the
+session's start), SOBA / SABA / FSLA, two runs on an idle machine (load average 0.2–0.3), 10:1x
+UTC; raw `docs/whole_iteration_dec03_against_r1.json` (4 rounds) and `_r2.json` (6 rounds):
+
+| before → after | solve ÷ bare (4 rounds) | (6 rounds) | totals (4) | totals (6) | step ÷ bare (4) | (6) |
+|---|---|---|---|---|---|---|
+| SOBA | 1.164 → 1.152 | 1.156 → 1.163 | 1.154 → 1.164 | 1.149 → 1.167 | 1.094 → 1.112 | 1.089 → 1.117 |
+| SABA | 1.185 → 1.141 | 1.177 → 1.156 | 1.276 → 1.180 | 1.253 → 1.195 | 1.082 → 1.079 | 1.078 → 1.089 |
+| FSLA | 1.147 → 1.140 | 1.131 → 1.125 | 1.140 → 1.133 | 1.127 → 1.124 | 1.086 → 1.099 | 1.080 → 1.080 |
+
+A gain for SABA (its totals −5 to −8 %), within the noise for FSLA, none for SOBA. SOBA's step
+itself got slower by ~2.5 % in both runs although its code did not change: the queued iterates
+and states of up to 16 steps (~0.9 MB for SOBA) keep the allocator from handing the next step the
+buffers it just freed, still in cache. In one process, interleaved (`bench.stochastic.whole`'s
+`time_solver` with the number of deferred checks per read set to 1, 4, 16; 4 rounds): SOBA
+step ÷ bare 1.099 / 1.115 / 1.114, solve ÷ bare 1.180 / 1.178 / 1.169; SABA step 1.081 / 1.081 /
+1.089, solve 1.200 / 1.179 / 1.160 — 16 stays the default, being the best `solve` in both.
+≤ 1.1 per `bl.solve` iteration is still not reached for SOBA, SABA and FSLA (1.12–1.17 on this
+machine today).
+
 **The previous session's whole-iteration work** (main 465c7b0 → 3de80a7, same measure, run
 2026-12-02 05:50–05:57, load average 3.4–3.8): step ÷ bare StocBiO 1.205 → 1.079, BSA 1.169 →
 1.075, SOBA 1.121 → 1.100, SABA 1.147 → 1.131, MRBO 1.075 → 1.002, VRBO 1.074 → 0.991, TTSA 1.136 →
