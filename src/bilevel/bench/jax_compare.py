@@ -45,6 +45,7 @@ import torch
 import bilevel as bl
 from bilevel import compiled as C
 
+from ._timing import median_time
 from .hypergrad import cross_entropy, make_lambda
 
 JAX_REF = Path(__file__).with_name("jax_ref.py")
@@ -144,15 +145,6 @@ def stochastic_rows(p: Any) -> dict[str, Any]:
     return {k: row(k) for k in make}
 
 
-def time_call(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def run_jax(py: str | None, data: str, task: str, reps: int) -> dict[str, Any] | None:
     if py is None:
         return None
@@ -216,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(a.rounds):
         for k, fn in rows.items():
             if k in hg_names:
-                res[k]["eager"].append(time_call(lambda fn=fn: fn(False), a.reps))
+                res[k]["eager"].append(median_time(lambda fn=fn: fn(False), a.reps, warmup=0)[0])
                 if k in compiled_rows:
-                    res[k]["compiled"].append(time_call(lambda fn=fn: fn(True), a.reps))
+                    res[k]["compiled"].append(median_time(lambda fn=fn: fn(True), a.reps, warmup=0)[0])
             else:
                 # the median of 3 runs of 20 iterations (as the JAX side: median of 3 calls)
                 res[k]["eager"].append(statistics.median(fn(False) for _ in range(3)))
