@@ -117,6 +117,15 @@ def test_callbacks_taking_the_state_only_see_checked_iterates_and_a_stop_is_chec
     assert err.step == err.outer_step == 4 and err.partial.state["t"] == 3
 
 
+def test_a_stop_with_a_bad_device_step_pending_attaches_no_partial_result(monkeypatch):
+    """Device iterates keep no state per pending step: a callback stop at 5 with step 4 unchecked
+    (check_every=3) raises step 4's error without a partial result — the live state holds the
+    non-finite iterate, which must not be handed back as the last good one."""
+    monkeypatch.setattr(base, "_HOST_MAX", -1)
+    err = _blowup_run(check_every=3, callback=lambda t, x, y, rec: t == 5)
+    assert err.step == 4 and not hasattr(err, "partial")
+
+
 def _cg_syncs(iters: int, **kw) -> int:
     lo, up = W.data()
     est = bl.hypergrad.CG(bl.inner.GD(lr=0.5, steps=20), iters=iters, tol=1e-30, **kw)

@@ -396,13 +396,14 @@ def _fail(exc: BaseException, t: int, solver: Solver, partial: SolveResult) -> N
         exc.add_note(f"bilevel: raised at {where}; the partial result is attached as .partial")
 
 
-def _failure(exc: Exception, t: int, good: dict[str, Any], checks: _FiniteChecks, solver: Solver,
+def _failure(exc: Exception, t: int, good: dict[str, Any] | None, checks: _FiniteChecks, solver: Solver,
              history: list[dict[str, Any]], xspec: T.Spec, yspec: T.Spec) -> Exception:
     """The error to raise for a failure during outer step ``t`` of :func:`solve` (``good``: the
     state before it), the partial result attached (:func:`_fail`). Where earlier steps' checks
     were pending, the first non-finite iterate among them is the error (this one its cause); a
     failed check whose step's state was kept (:class:`_FiniteChecks`) carries that state and the
-    history before it, else the state before step ``t`` and the history so far."""
+    history before it, else ``good`` (``None`` only where a kept state is certain) and the
+    history so far."""
     err = exc
     if checks.failed is None and checks.pending:
         try:
@@ -454,10 +455,15 @@ _HOST_MAX = 10_000
 _HOST_DTYPES = frozenset({torch.float32, torch.float64})
 
 
+def _host_leaf(t: Tensor) -> bool:
+    """Does ``t`` qualify for :func:`_host_dot` (small contiguous CPU float32 / float64, no graph)?"""
+    return (t.numel() <= _HOST_MAX and t.is_cpu and t.dtype in _HOST_DTYPES and not t.requires_grad
+            and t.is_contiguous())
+
+
 def _on_host(ts: T.Leaves) -> bool:
-    """Do all leaves qualify for :func:`_host_dot` (small contiguous CPU float32 / float64)?"""
-    return all(t.numel() <= _HOST_MAX and t.is_cpu and t.dtype in _HOST_DTYPES and not t.requires_grad
-               and t.is_contiguous() for t in ts)
+    """Do all leaves qualify for :func:`_host_dot`?"""
+    return all(_host_leaf(t) for t in ts)
 
 
 def _host_dot(ts: T.Leaves, zeros: dict) -> float | None:
@@ -465,10 +471,9 @@ def _host_dot(ts: T.Leaves, zeros: dict) -> float | None:
     where one leaf does not qualify (the caller falls back to torch)."""
     out = 0.0
     for t in ts:
-        n = t.numel()
-        if (n > _HOST_MAX or not t.is_cpu or t.dtype not in _HOST_DTYPES or t.requires_grad
-                or not t.is_contiguous()):
+        if not _host_leaf(t):
             return None
+        n = t.numel()
         key = (n, t.dtype, None)
         z = zeros.get(key)
         if z is None:
@@ -561,6 +566,7 @@ class _FiniteChecks:
     the state before it; device runs keep only the checking step's."""
 
     def __init__(self, every: int | None, defer: bool = True):
+        # defer: None = decided at the first step (:func:`_on_host`), False = never
         self.every, self.defer, self.limit = every, (None if defer else False), every or 1
         self.pending: list[Any] = []
         self.goods: list[Any] = []  # per pending step: the state before it (None: not kept)
@@ -750,7 +756,10 @@ def solve(
         try:  # (a callback stopped the run with steps pending)
             checks.check(int(state["t"]))
         except NonFiniteError as exc:
-            _failure(exc, int(state["t"]), _last_good(state), checks, solver, history, xspec, yspec)
+            # the state before the bad step where it was kept; device iterates: none was, and the
+            # live state holds the bad iterate, so no partial result is attached
+            if checks.failed is not None and checks.failed[1] is not None:
+                _failure(exc, int(state["t"]), None, checks, solver, history, xspec, yspec)
             raise
     x_out, y_out = solver.output(state)
     return SolveResult(T.unflatten(x_out, xspec), T.unflatten(y_out, yspec), history, state)
