@@ -467,17 +467,23 @@ def time_solver(prob: Any, name: str, scfg: dict[str, Any], *, steps: int, iters
     st, so, ba = timed.cpu[k], solve_cpu[k], bare_cpu[k]
     x, y = res.x, res.y
     return {
-        "solver": name, "iters": len(ba),
-        "step_ms": 1e3 * statistics.median(st), "solve_ms": 1e3 * statistics.median(so),
-        "bare_ms": 1e3 * statistics.median(ba),
-        "step_ratio": statistics.median([a / b for a, b in zip(st, ba)]),
-        "solve_ratio": statistics.median([a / b for a, b in zip(so, ba)]),
-        "step_ratio_of_medians": statistics.median(st) / statistics.median(ba),
-        "solve_ratio_of_medians": statistics.median(so) / statistics.median(ba),
-        "step_ratio_of_sums": sum(st) / sum(ba), "solve_ratio_of_sums": sum(so) / sum(ba),
+        "solver": name, **_ratios(st, so, ba),
         # float32, different op order in places: the iterates agree to rounding, not bitwise
         "x_rel_diff": _rel(x, bare.x), "y_rel_diff": _rel(y, bare.y),
         "step_cpu": st, "solve_cpu": so, "bare_cpu": ba,
+    }
+
+
+def _ratios(st: list[float], so: list[float], ba: list[float]) -> dict[str, Any]:
+    """Medians (ms) and the three kinds of ratio ours ÷ bare of per-iteration CPU times: median of
+    the per-iteration ratios, ratio of the medians, ratio of the totals."""
+    med = statistics.median
+    return {
+        "iters": len(ba), "step_ms": 1e3 * med(st), "solve_ms": 1e3 * med(so), "bare_ms": 1e3 * med(ba),
+        "step_ratio": med([a / b for a, b in zip(st, ba)]),
+        "solve_ratio": med([a / b for a, b in zip(so, ba)]),
+        "step_ratio_of_medians": med(st) / med(ba), "solve_ratio_of_medians": med(so) / med(ba),
+        "step_ratio_of_sums": sum(st) / sum(ba), "solve_ratio_of_sums": sum(so) / sum(ba),
     }
 
 
@@ -508,14 +514,7 @@ def whole_iteration(prob: Any, solvers: dict[str, dict[str, Any]], *, steps: int
     out = []
     for name in names:
         p = pooled[name]
-        st, so, ba = p["step_cpu"], p["solve_cpu"], p["bare_cpu"]
-        p.update(iters=len(ba), step_ms=1e3 * statistics.median(st), solve_ms=1e3 * statistics.median(so),
-                 bare_ms=1e3 * statistics.median(ba),
-                 step_ratio=statistics.median([a / b for a, b in zip(st, ba)]),
-                 solve_ratio=statistics.median([a / b for a, b in zip(so, ba)]),
-                 step_ratio_of_medians=statistics.median(st) / statistics.median(ba),
-                 solve_ratio_of_medians=statistics.median(so) / statistics.median(ba),
-                 step_ratio_of_sums=sum(st) / sum(ba), solve_ratio_of_sums=sum(so) / sum(ba))
+        p.update(_ratios(p["step_cpu"], p["solve_cpu"], p["bare_cpu"]))
         out.append(p)
     return out
 
