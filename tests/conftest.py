@@ -51,6 +51,10 @@ def pytest_addoption(parser):
         "--solve-compile", default=None, choices=("step", "oracles"),
         help="run every bl.solve(...) that does not pass compile= in that compiled mode (aot_eager "
              "backend): the whole suite as a check of the compiled paths (slow; not run by CI)")
+    parser.addoption(
+        "--estimator-compile", action="store_true", default=False,
+        help="run every hypergradient estimator call as bl.compile(est) would (compiled oracles, "
+             "aot_eager backend), the estimator tests as a check of that path (slow; not run by CI)")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -67,4 +71,29 @@ def _solve_compile(request):
     C.settings["backend"] = "aot_eager"
     yield
     base.solve.__kwdefaults__["compile"] = old_default
+    C.settings["backend"] = old_backend
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _estimator_compile(request):
+    """``--estimator-compile``: ``Estimator.apply`` (what ``est(...)``, ``bl.compile(est)`` and
+    every solver call) runs inside ``bl.compile``'s context, so each estimator test checks the
+    compiled oracles against its exact reference."""
+    if not request.config.getoption("--estimator-compile"):
+        yield
+        return
+    from bilevel import compiled as C
+    from bilevel import oracles as O
+    from bilevel.hypergrad.base import Estimator
+
+    plain, old_backend = Estimator.apply, C.settings["backend"]
+
+    def apply(self, *args, **kwargs):
+        with O.backend("compiled"), C._estimators_on():
+            return plain(self, *args, **kwargs)
+
+    Estimator.apply = apply
+    C.settings["backend"] = "aot_eager"
+    yield
+    Estimator.apply = plain
     C.settings["backend"] = old_backend

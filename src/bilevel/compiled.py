@@ -47,6 +47,7 @@ import torch
 from . import _gemm
 from . import _tree as T
 from . import oracles as O
+from ._warnings import retry_quietly
 from .formulation import Objective
 from .inner import Dynamics, _summary, nonfinite_error
 from .validation import first_nonfinite
@@ -165,7 +166,7 @@ class _Kernel:
         if self.fallback is not None:
             return self._eager(xs, ys, batch, *extra)
         try:
-            return self._compiled(tuple(xs), tuple(ys), batch, *extra)
+            return retry_quietly(self._compiled, tuple(xs), tuple(ys), batch, *extra)
         except Exception as exc:  # capture failed, or the objective is wrong: tell them apart
             out = self._eager(xs, ys, batch, *extra)  # re-raises the user's own errors
             self.fallback = reason = reason_of(exc)

@@ -46,6 +46,7 @@ import torch
 from . import _trace
 from . import compiled as C
 from . import oracles as O
+from ._warnings import retry_quietly
 
 __all__ = ["CompiledStep", "BOOKKEEPING", "MAX_PATTERNS", "settings"]
 
@@ -343,7 +344,7 @@ class CompiledStep:
         compiles = C._STATS["compiles"]
         token = O._ACTIVE.set(O.OracleCounts())  # (= O.counting(): a frame dynamo runs eagerly
         try:  # would count its oracles; they go nowhere, the pattern's counts are added below)
-            metrics, self.last_finite = fn(self.solver, self.rctx, core, lower, upper, t)
+            metrics, self.last_finite = retry_quietly(fn, self.solver, self.rctx, core, lower, upper, t)
         except Exception as exc:  # capture failed: per-oracle kernels from now on
             O._ACTIVE.reset(token)
             self._give_up(exc)

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import _tree as T
 from ._trace import fill_tensors, split_tensors
+from ._warnings import forward_ad_ready
 
 __all__ = [
     "backend",
@@ -623,6 +624,7 @@ def grad_y_tangents(
     _record(fn, "grad")
     _record(fn, "hvp", "cross", times=nb)
     if _functional():
+        forward_ad_ready()
         xs, ys = T.detach(xs), T.detach(ys)
         gy = f_grad_y(fn, xs, ys)
 
@@ -760,6 +762,7 @@ def f_value_grad_y_both(
 
 def f_cross_t(fn: Fn, xs: T.Leaves, ys: T.Leaves, u: T.Leaves) -> T.Leaves:
     """J u = ∇²_yx fn · u as the jvp of x -> ∇_y fn(x, y) along u."""
+    forward_ad_ready()
     ys = tuple(ys)
     return tuple(torch.func.jvp(lambda a: f_grad_y(fn, a, ys), (tuple(xs),), (tuple(u),))[1])
 

@@ -359,7 +359,7 @@ class _Table1Probe(MemoryProbe):
     the steps halfway between (the two probes are not nested)."""
 
     def step(self, ctx: Any, state: dict[str, Any], t: int) -> dict[str, Any]:
-        if t % self.every == self.every // 2:
+        if t % self.every == self.every // 2 and self.probes():
             out, peak = allocated_bytes(lambda: self.solver.step(ctx, state, t))
             return {**out, "alloc_bytes": peak}
         return super().step(ctx, state, t)

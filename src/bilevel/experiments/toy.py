@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import oracles as O
 from .._memory import saved_bytes
 from ..hypergrad import Exact
 from ..problems.toys import TOYS, Toy
@@ -46,7 +47,9 @@ class MemoryProbe(Solver):
     """Runs ``solver``; every N steps adds ``graph_bytes``, the peak bytes of tensors held for backward.
 
     Not available for solvers built on ``torch.func`` transforms (BA's dense Hessian), which refuse
-    the saved-tensor hooks.
+    the saved-tensor hooks, nor under compiled or functional oracles (``bl.solve(...,
+    compile=...)``, ``bl.oracles.backend("func")``): such steps run unprobed and their records carry
+    no ``graph_bytes``.
     """
 
     def __init__(self, solver: Solver, every: int = 10):
@@ -63,8 +66,14 @@ class MemoryProbe(Solver):
     def output(self, state: dict[str, Any]):
         return self.solver.output(state)
 
+    @staticmethod
+    def probes() -> bool:
+        """Can a step be probed now? Plain eager autograd oracles only (the hooks see no tensors
+        of a compiled graph, and torch.func transforms refuse them)."""
+        return O.get_backend() == "autograd"
+
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
-        if t % self.every or not self.enabled:
+        if t % self.every or not self.enabled or not self.probes():
             return self.solver.step(ctx, state, t)
         out, peak = saved_bytes(lambda: self.solver.step(ctx, state, t))
         return {**out, "graph_bytes": peak}

@@ -26,6 +26,7 @@ from torch.func import jvp, vmap
 from .. import _tree as T
 from .. import oracles as O
 from .._trace import require, tracing
+from .._warnings import forward_ad_ready
 from ..errors import NonFiniteError
 from ..formulation import Bound
 from ..inner import Dynamics
@@ -74,6 +75,7 @@ class Forward(Estimator):
         self.products = products
 
     def compute(self, bound: Bound, state: dict):
+        forward_ad_ready()
         dyn = self.inner
         xs = bound.xs
         n = T.numel(xs)

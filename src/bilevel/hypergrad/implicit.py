@@ -56,6 +56,7 @@ from .. import compiled as C
 from .. import linalg
 from .. import oracles as O
 from .._trace import require, scalar, tracing
+from .._warnings import forward_ad_ready
 from ..errors import (
     ConfigError,
     LinearSolveError,
@@ -457,6 +458,7 @@ class Exact(Implicit):
         def g_vec(v: torch.Tensor) -> torch.Tensor:
             return bound.G(T.detach(lin.xs), T.from_vector(v, ys))
 
+        forward_ad_ready()  # (torch.func.hessian is forward-over-reverse)
         H = O.reduced(bound.G, torch.func.hessian(g_vec)(T.to_vector(T.detach(ys))))
         check_finite([H], "lower", "the dense Hessian of g")
         if self.damping:
