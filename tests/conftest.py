@@ -89,6 +89,8 @@ def _estimator_compile(request):
     plain, old_backend = Estimator.apply, C.settings["backend"]
 
     def apply(self, *args, **kwargs):
+        if O.get_backend() == "func":  # inside hypergrad.vmap: as bl.compile(est) would be (no
+            return plain(self, *args, **kwargs)  # kernels under vmap), the functional oracles
         with O.backend("compiled"), C._estimators_on():
             return plain(self, *args, **kwargs)
 

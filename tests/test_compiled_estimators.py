@@ -181,6 +181,23 @@ def test_fallback_when_the_step_depends_on_k(kind):
     assert rel_err(b.grad, a.grad) < 1e-10
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_zeroth_order_under_compile_equals_eager(batched):
+    """bl.compile(ZerothOrder): the batched trajectories run under torch.func.vmap, where compiled
+    kernels cannot (it used to fail with vmap's ``.item()`` error): the functional oracles, with a
+    fallback warning; one by one, every trajectory is compiled inner steps."""
+    ref = REFERENCE_PROBLEMS["ridge"]()
+    est = H.ZerothOrder(bl.inner.GD(ref.lr, 10), samples=20, batched=batched)
+    a = est(ref.problem, ref.x, ref.y0)
+    C._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = bl.compile(est)(ref.problem, ref.x, ref.y0)
+    said = [str(w.message) for w in caught if issubclass(w.category, C.CompileFallbackWarning)]
+    assert bool(said) == batched and all("inside torch.func.vmap" in m for m in said)
+    assert rel_err(b.grad, a.grad) < 1e-10
+
+
 def test_fallback_when_the_objective_cannot_be_captured():
     ref = REFERENCE_PROBLEMS["ridge"]()
 

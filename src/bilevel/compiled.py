@@ -397,8 +397,12 @@ _WARNED: set[str] = set()
 
 
 def estimators_compiled() -> bool:
-    """True inside ``bl.compile(est)(...)`` (estimators then take their compiled paths)."""
-    return not torch.compiler.is_compiling() and _EST.get()  # (no ContextVar read while tracing)
+    """True inside ``bl.compile(est)(...)`` (estimators then take their compiled paths), except
+    where the oracles must stay pure ``torch.func`` — the ``"func"`` backend, inside
+    :func:`bilevel.hypergrad.vmap` or the vmap of a batched ``ZerothOrder`` over its directions:
+    a compiled kernel does not run under ``torch.func.vmap`` (nor do its host-side checks)."""
+    # (no ContextVar read while tracing)
+    return not torch.compiler.is_compiling() and _EST.get() and O._BACKEND.get() != "func"
 
 
 def _step_impl(inner: Dynamics, n: int) -> Callable[..., Any]:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _tree as T
+from .. import compiled as C
 from .. import oracles as O
 from .._rng import advancing, initial_state
 from .._trace import require, traced, tracing
@@ -78,6 +79,9 @@ class ZerothOrder(Estimator):
                 "ZerothOrder(batched=True) runs the perturbed trajectories under vmap, where the "
                 "problem's carried buffers cannot follow; pass batched=False")
         if self.batched:
+            if C.estimators_compiled():
+                C.fallback(self, "compiled kernels do not run inside torch.func.vmap",
+                           "its trajectories batched by torch.func.vmap (functional oracles)")
             hg, ys = zeroth_order_estimate(bound.F, run, xs, U, self.mu, bound.ys0,
                                            chunk=self.chunk)
             info = {"steps": self.inner.steps}

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 import bilevel as bl
+from bilevel._warnings import forward_ad_ready
 
 from .._timing import MB, median, one_thread, peak_rss, run_isolated, saved_bytes
 from .problem import ITERS, LR, N_TRAIN, N_VAL, SEED, STEPS, Bench, Fn, load_data, reference_hypergradient
@@ -195,6 +196,7 @@ def _prime(b: Bench) -> None:
         (gW,) = torch.autograd.grad(b.lower(lam, W), W, create_graph=True)
         torch.autograd.grad(gW, (lam, W), torch.ones_like(gW))
     gfun = torch.func.grad(b.lower, argnums=1)
+    forward_ad_ready()
     torch.func.jvp(lambda w: gfun(b.lam, w), (b.W0,), (b.W0,))
 
 
