@@ -6,6 +6,8 @@ bases) two warnings that torch itself emits â€” not the user's code, not ours â€
 * the first forward-mode derivative of the process (``torch.func.jvp``: compiled or functional
   ``Forward``, ``grad_y_tangents``, J u products) loads torch's jvp decompositions with the
   deprecated ``torch.jit.script``: a ``DeprecationWarning``;
+* importing inductor (the first compiled kernel of the process) imports ``torch.utils.mkldnn``,
+  which uses the deprecated ``torch.jit.script_method``: a ``DeprecationWarning``;
 * dynamo, tracing a compiled kernel whose input is a non-leaf tensor (the unrolled state of a
   compiled ``Reverse``, a start y0(x)), reads that tensor's ``.grad``: a ``UserWarning``. Tracing
   then fails, and the kernel would fall back to eager (itself a warning, so an error too).
@@ -31,7 +33,7 @@ R = TypeVar("R")
 
 #: (category, message regex) of the torch-internal warnings above
 NOISE: tuple[tuple[type[Warning], str], ...] = (
-    (DeprecationWarning, r"`torch\.jit\.script` is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.script(_method)?` is deprecated"),
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
 )
 

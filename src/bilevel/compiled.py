@@ -47,7 +47,7 @@ import torch
 from . import _gemm
 from . import _tree as T
 from . import oracles as O
-from ._warnings import retry_quietly
+from ._warnings import quiet, retry_quietly
 from .formulation import Objective
 from .inner import Dynamics, _summary, nonfinite_error
 from .validation import first_nonfinite
@@ -115,7 +115,8 @@ def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list,
     _STATS["compiles"] += 1
     name, mode = settings["backend"], settings["mode"]
     if name == "inductor":
-        from torch._inductor.compile_fx import compile_fx
+        with quiet():  # (its first import warns that torch.jit.script_method is deprecated)
+            from torch._inductor.compile_fx import compile_fx
 
         if mode is None and not patches:
             return compile_fx(gm, example_inputs)

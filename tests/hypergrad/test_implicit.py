@@ -55,8 +55,7 @@ def test_cg_error_decreases_with_iterations(ref: RefProblem):
 def test_neumann_and_fixed_point_converge_geometrically(ref: RefProblem, cls):
     """Error of the truncated series ~ (1 − α μ)^Q with α = 1/L: strictly decreasing, and small."""
     iters = [4, 8, 16, 32, 64, 128]
-    kw = {"alpha": ref.lr} if cls is Neumann else {"lr": ref.lr}
-    errs = _errors(ref, lambda q: cls(inner=None, iters=q, **kw), iters)
+    errs = _errors(ref, lambda q: cls(inner=None, iters=q, alpha=ref.lr), iters)
     assert all(b < a or b < 1e-14 for a, b in zip(errs, errs[1:])), errs  # until round-off
     rate = 1.0 - ref.mu / ref.L
     assert errs[-1] < 10 * rate**128 + 1e-10, (errs, rate)

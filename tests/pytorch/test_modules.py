@@ -356,7 +356,7 @@ def test_running_stats_inside_the_unroll_equal_k_manual_train_mode_forwards(cnn_
     prob = _carried(P, eval_upper=False)
     ests = [H.Reverse(dyn), H.Reverse(dyn, truncate=3), H.Reverse(dyn, checkpoint=2),
             H.Forward(dyn), H.Forward(dyn, products="jvp"), H.CG(dyn, iters=5), H.Exact(dyn),
-            H.Neumann(dyn, iters=5, alpha=1 / P["L"]), H.FixedPoint(dyn, iters=5, lr=1 / P["L"]),
+            H.Neumann(dyn, iters=5, alpha=1 / P["L"]), H.FixedPoint(dyn, iters=5, alpha=1 / P["L"]),
             H.FirstOrder(dyn), H.FiniteDifference(dyn),
             H.ZerothOrder(dyn, samples=2, mu=1e-6, seed=0, batched=False), H.EvoGrad(dyn)]
     for est in ests:
