@@ -180,3 +180,5 @@ def test_vmap_bad_input_names_the_field():
         vmap(Reverse(DYN), problem, x, lambda x: x)
     with pytest.raises(TypeError, match="needs an Estimator"):
         vmap(DYN, problem, x, y)
+    with pytest.raises(TypeError, match="got bl.compile.*pass est"):
+        vmap(bl.compile(Reverse(DYN)), problem, x, y)

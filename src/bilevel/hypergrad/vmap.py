@@ -91,6 +91,10 @@ def vmap(
         Equal to stacking ``est(problem, x[i], y[i], state=state[i], ...)`` over i.
     """
     if not isinstance(est, Estimator):
+        if isinstance(getattr(est, "estimator", None), Estimator):  # bl.compile(est)
+            raise TypeError(
+                "hypergrad.vmap needs the estimator itself, got bl.compile(est): compiled kernels do "
+                "not run inside torch.func.vmap; pass est (the tasks are batched by vmap instead)")
         raise TypeError(f"hypergrad.vmap needs an Estimator, got {type(est).__name__}")
     ub = batch if upper_batch is None else upper_batch
     lb = batch if lower_batch is None else lower_batch
