@@ -62,6 +62,18 @@ def test_batched_finiteness_check_names_the_first_bad_step(check_every):
     assert e.value.step == 4 and e.value.level == "upper"  # 1e300 is finite, 1e400 is not
 
 
+@pytest.mark.parametrize("check_every", [None, 1])
+def test_a_blow_up_under_warnings_as_errors_is_the_non_finite_error(check_every):
+    """The host summary ⟨x, 0⟩ meets inf: numpy's "invalid value" warning is silenced there, so
+    under ``-W error`` the user gets the NonFiniteError, not a RuntimeWarning from numpy."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        err = _blowup_run(check_every=check_every)
+    assert err.step == 4
+
+
 class _BlowupThenRaise(_Blowup):
     """_Blowup whose step raises once x is non-finite (e.g. a solver that reads it)."""
 

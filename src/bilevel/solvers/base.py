@@ -466,9 +466,16 @@ def _on_host(ts: T.Leaves) -> bool:
     return all(_host_leaf(t) for t in ts)
 
 
+#: numpy warns "invalid value encountered in dot" when ⟨t, 0⟩ meets ±inf: the summary's job, not
+#: a problem (the NonFiniteError says it; under ``-W error`` the warning would replace that error)
+def _quiet_fp() -> Any:
+    return np.errstate(invalid="ignore", over="ignore")
+
+
 def _host_dot(ts: T.Leaves, zeros: dict) -> float | None:
     """Σ ⟨t, 0⟩ by numpy for small contiguous CPU float32 / float64 leaves (a Python float); None
-    where one leaf does not qualify (the caller falls back to torch)."""
+    where one leaf does not qualify (the caller falls back to torch). Call it under
+    ``_quiet_fp()``."""
     out = 0.0
     for t in ts:
         if not _host_leaf(t):
@@ -583,7 +590,8 @@ class _FiniteChecks:
         elif self.defer:
             self.pending.append([xs, ys])
         else:
-            self.pending.append(_finite_summary(xs, ys, self.zeros))
+            with _quiet_fp():
+                self.pending.append(_finite_summary(xs, ys, self.zeros))
         self.goods.append(good if self.defer else None)
         return len(self.pending) >= self.limit
 
@@ -592,7 +600,9 @@ class _FiniteChecks:
         if not self.pending:
             return
         zeros, goods = self.zeros, self.goods
-        pending = [_finite_summary(e[0], e[1], zeros) if type(e) is list else e for e in self.pending]
+        with _quiet_fp():  # (one context per batch)
+            pending = [_finite_summary(e[0], e[1], zeros) if type(e) is list else e
+                       for e in self.pending]
         self.pending, self.goods = [], []
         try:
             _check_pending(pending, last_step)
