@@ -126,6 +126,19 @@ def test_non_finite_values_still_raise(tiny):
                  lower_data=lo, upper_data=upper, compile="step")
 
 
+def test_a_failed_backend_reports_its_own_error():
+    """dynamo's BackendCompilerFailed says only "backend=... raised:" on its first line; the
+    fallback reason is the backend's error instead (it was an empty reason)."""
+    def backend(gm, example_inputs):
+        raise NotImplementedError("no kernel for this op\nsecond line")
+
+    with pytest.raises(Exception) as err:
+        torch.compile(lambda t: t.sin() + 1, backend=backend, fullgraph=True)(torch.ones(3))
+    reason = C.reason_of(err.value)
+    assert reason == "BackendCompilerFailed: NotImplementedError: no kernel for this op", reason
+    assert C.reason_of(ValueError("a\nb")) == "ValueError: a"
+
+
 def test_compile_setting_is_checked(tiny):
     with pytest.raises(ConfigError, match="compile must be"):
         bl.solve(**tiny.solve_kwargs(), solver=S.SOBA(), steps=1, compile="fast")

@@ -467,8 +467,14 @@ def fallback(est: Any, reason: str, instead: str = "its eager path with per-orac
 
 
 def reason_of(exc: BaseException) -> str:
-    """An exception as a one-line fallback reason: its type and the first line of its message."""
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    """An exception as a one-line fallback reason: its type and the first line of its message;
+    for a backend that failed (dynamo's ``BackendCompilerFailed``, whose first line is only
+    "backend=... raised:"), the backend's own error."""
+    inner = getattr(exc, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        return f"{type(exc).__name__}: {reason_of(inner)}"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def report_fallback(msg: str, *, once: bool = False, stacklevel: int = 3) -> None:
