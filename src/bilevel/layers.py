@@ -31,6 +31,7 @@ gradient into ``x``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -128,12 +129,16 @@ class _Solve(torch.autograd.Function):
     """rhs -> H⁻¹ rhs for a fixed (x, y): linear in rhs, H symmetric, so the backward is a solve."""
 
     @staticmethod
-    def forward(ctx, spec: _Spec, nx: int, *tensors: Tensor):  # type: ignore[override]
+    def forward(spec: _Spec, nx: int, *tensors: Tensor):  # type: ignore[override]
         n = len(spec.ys0)
         xs, ys, rhs = tensors[:nx], tensors[nx : nx + n], tensors[nx + n :]
-        ctx.spec, ctx.nx, ctx.n = spec, nx, n
-        ctx.save_for_backward(*xs, *ys)
         return spec.linear_solve(xs, ys, rhs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (the separate form: torch.func can differentiate it)
+        spec, nx, *tensors = inputs
+        ctx.spec, ctx.nx, ctx.n = spec, nx, len(spec.ys0)
+        ctx.save_for_backward(*tensors[: nx + ctx.n])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -142,6 +147,14 @@ class _Solve(torch.autograd.Function):
         xs, ys = saved[: ctx.nx], saved[ctx.nx :]
         none = (None,) * (2 + ctx.nx + ctx.n)
         return (*none, *ctx.spec.linear_solve(xs, ys, grad))
+
+
+def _oracles_here() -> Any:
+    """The oracle backend for the solves of a layer: ``"func"`` when the layer itself runs inside
+    a ``torch.func`` transform (an argmin inside the lower objective of the functional or compiled
+    oracles: autograd's ``requires_grad_`` is refused there), else the one in effect."""
+    level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)()
+    return O.backend("func") if level is not None else contextlib.nullcontext()
 
 
 def _zero_upper(x: Any, y: Any) -> Tensor:  # placeholder: the lower-only problem of the forward
@@ -157,20 +170,25 @@ def _linear_upper(ybar: T.Leaves) -> Callable[[Any, Any], Tensor]:
 
 class _Argmin(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: _Spec, nx: int, *xs: Tensor):  # type: ignore[override]
-        ys = spec.solve(xs)
+    def forward(spec: _Spec, nx: int, *xs: Tensor):  # type: ignore[override]
+        with _oracles_here():
+            return spec.solve(xs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (the separate form: torch.func can differentiate it,
+        spec, nx, *xs = inputs               # e.g. an argmin inside the functional oracles' g)
         ctx.spec, ctx.nx = spec, nx
-        ctx.save_for_backward(*xs, *ys)
-        return ys
+        ctx.save_for_backward(*xs, *output)
 
     @staticmethod
     def backward(ctx, *ybar: Tensor):  # type: ignore[override]
         saved = ctx.saved_tensors
         xs, ys = saved[: ctx.nx], saved[ctx.nx :]
-        if torch.is_grad_enabled():  # a graph of the backward was requested
-            gx = ctx.spec.vjp_differentiable(xs, ys, ybar)
-        else:
-            gx = ctx.spec.vjp(xs, ys, ybar)
+        with _oracles_here():
+            if torch.is_grad_enabled():  # a graph of the backward was requested
+                gx = ctx.spec.vjp_differentiable(xs, ys, ybar)
+            else:
+                gx = ctx.spec.vjp(xs, ys, ybar)
         return (None, None, *gx)
 
 

@@ -176,3 +176,37 @@ def test_three_levels_by_nesting_match_the_closed_form():
     xd = x.detach()
     torch.testing.assert_close(y.detach(), N @ xd, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(x.grad, N.T @ (N @ xd - c) + rho * xd, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.compiled
+@pytest.mark.usefixtures("aot_eager")
+def test_an_argmin_inside_the_lower_objective_under_functional_and_compiled_oracles():
+    """g(x, y) = ½‖y − z*(x, y)‖²-type middle level with z* an argmin: an estimator on (f, g) with
+    the functional oracles (torch.func.grad of g runs the argmin inside a transform, where
+    autograd's requires_grad_ is refused) or compiled ones equals the eager one. It used to fail
+    ("autograd.Function ... must override the setup_context staticmethod")."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 4, generator=gen, dtype=F64)
+    A = A @ A.T / 4 + torch.eye(4, dtype=F64)
+    B = torch.randn(4, 3, generator=gen, dtype=F64)
+
+    def h(xy, z):  # z*(x, y) = A⁻¹(B x + y)
+        x, y = xy
+        return 0.5 * z @ A @ z - z @ (B @ x + y)
+
+    def g(x, y):
+        z = bl.argmin(h, (x, y), torch.zeros(4, dtype=F64),
+                      solver=lambda xy, z0: torch.linalg.solve(A, B @ xy[0] + xy[1]),
+                      diff=bl.hypergrad.CG(None, iters=20))
+        return 0.5 * ((y - 1.0) ** 2).sum() + 0.5 * (z**2).sum()
+
+    problem = bl.Problem(lambda x, y: 0.5 * (y**2).sum() + 0.1 * (x**2).sum(), g)
+    x, y0 = torch.tensor([0.3, -0.2, 0.5], dtype=F64), torch.zeros(4, dtype=F64)
+    est = bl.hypergrad.CG(bl.inner.GD(lr=0.3, steps=60), iters=20)
+    ref = est(problem, x, y0)
+    with bl.oracles.backend("func"):
+        func = est(problem, x, y0)
+    comp = bl.compile(est)(problem, x, y0)
+    for res in (func, comp):
+        torch.testing.assert_close(res.grad, ref.grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(res.y, ref.y, rtol=1e-9, atol=1e-12)
