@@ -25,6 +25,7 @@ import torch
 
 from .. import oracles as O
 from .._memory import saved_bytes
+from ..compiled import Compiled
 from ..hypergrad import Exact
 from ..problems.toys import TOYS, Toy
 from ..solvers.base import Context, Solver
@@ -46,16 +47,17 @@ TOY_SOLVER_KEYS = frozenset({"inner.dynamics", "inner.lr", "inner.steps", "upper
 class MemoryProbe(Solver):
     """Runs ``solver``; every N steps adds ``graph_bytes``, the peak bytes of tensors held for backward.
 
-    Not available for solvers built on ``torch.func`` transforms (BA's dense Hessian), which refuse
-    the saved-tensor hooks, nor under compiled or functional oracles (``bl.solve(...,
-    compile=...)``, ``bl.oracles.backend("func")``): such steps run unprobed and their records carry
-    no ``graph_bytes``.
+    Not available for solvers built on ``torch.func`` transforms (BA's dense Hessian, an estimator
+    wrapped in ``bl.compile``), which refuse the saved-tensor hooks, nor under compiled or
+    functional oracles (``bl.solve(..., compile=...)``, ``bl.oracles.backend("func")``): such steps
+    run unprobed and their records carry no ``graph_bytes``.
     """
 
     def __init__(self, solver: Solver, every: int = 10):
         self.solver, self.every = solver, max(1, int(every))
         self.reference = solver.reference
-        self.enabled = not isinstance(getattr(solver, "estimator", None), Exact)
+        est = getattr(solver, "estimator", None)  # (Exact and bl.compile(est) run torch.func)
+        self.enabled = not isinstance(est, (Exact, Compiled))
 
     def init(self, ctx: Context, xs, ys) -> dict[str, Any]:
         return self.solver.init(ctx, xs, ys)
