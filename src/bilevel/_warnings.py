@@ -1,7 +1,7 @@
 """torch's own warnings that a strict filter would turn into failures of bilevel's calls.
 
 Under ``python -W error`` (or pytest's ``filterwarnings = ["error"]``, common in research code
-bases) two warnings that torch itself emits — not the user's code, not ours — become exceptions:
+bases) three warnings that torch itself emits — not the user's code, not ours — become exceptions:
 
 * the first forward-mode derivative of the process (``torch.func.jvp``: compiled or functional
   ``Forward``, ``grad_y_tangents``, J u products) loads torch's jvp decompositions with the
@@ -12,8 +12,8 @@ bases) two warnings that torch itself emits — not the user's code, not ours �
   compiled ``Reverse``, a start y0(x)), reads that tensor's ``.grad``: a ``UserWarning``. Tracing
   then fails, and the kernel would fall back to eager (itself a warning, so an error too).
 
-:func:`forward_ad_ready` loads the decompositions once with that warning ignored;
-:func:`retry_quietly` reruns a compiled call that failed only because one of these warnings was
+:func:`forward_ad_ready` loads the decompositions once with that warning ignored; the compiled
+backend imports inductor under :func:`quiet`; :func:`retry_quietly` reruns a compiled call that failed only because one of these warnings was
 raised as an error, with them ignored. Every other warning keeps the user's filters.
 """
 
