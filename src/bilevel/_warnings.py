@@ -13,8 +13,9 @@ bases) three warnings that torch itself emits — not the user's code, not ours 
   then fails, and the kernel would fall back to eager (itself a warning, so an error too).
 
 :func:`forward_ad_ready` loads the decompositions once with that warning ignored; the compiled
-backend imports inductor under :func:`quiet`; :func:`retry_quietly` reruns a compiled call that failed only because one of these warnings was
-raised as an error, with them ignored. Every other warning keeps the user's filters.
+backend imports inductor under :func:`quiet`; :func:`retry_quietly` reruns a compiled call that
+failed only because one of these warnings was raised as an error, with them ignored. Every other
+warning keeps the user's filters.
 """
 
 from __future__ import annotations
