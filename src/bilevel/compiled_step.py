@@ -165,6 +165,7 @@ class _TrimGuards:
         self.dropped: list[tuple[str, Any]] = []
         self._check: Callable[..., Any] | None = None
         self._checked_n = 0
+        self._values: list[Any] = []
 
     def __call__(self, entries: Any) -> list[bool]:
         keep = []
@@ -182,8 +183,9 @@ class _TrimGuards:
             parts = " and ".join(f"({name}) is V[{i}]" for i, (name, _) in enumerate(self.dropped))
             self._check = eval(f"lambda G, V: {parts or 'True'}", {"__builtins__": {}})  # noqa: S307
             self._checked_n = len(self.dropped)
+            self._values = [v for _, v in self.dropped]
         try:
-            return bool(self._check(self.scope, [v for _, v in self.dropped]))
+            return bool(self._check(self.scope, self._values))
         except Exception:  # (a name that no longer resolves)
             return False
 
