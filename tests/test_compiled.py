@@ -107,3 +107,25 @@ def test_compiled_estimator_inside_a_solver_keeps_the_projection():
     assert float(a.y.abs().max()) <= 0.05 + 1e-15
     torch.testing.assert_close(b.x, a.x, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.y, a.y, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["oracles", "step"])
+def test_clearing_the_objective_and_step_memos_causes_no_recompile(tiny, mode):
+    """Graphs and kernels build objectives (and stocBiO its inner GD) while they are traced; the
+    eager memos behind those constructors (``formulation._LEAF_SPECS``, ``estimates._GD_CACHE``)
+    are cleared when they grow, and a graph that read them was guarded on their entries: it
+    recompiled after every clear (found with iMAML in a long process)."""
+    from bilevel import estimates, formulation
+
+    kw = dict(batch_size=4, seed=0)
+
+    def run():
+        return bl.solve(**tiny.solve_kwargs(**kw), solver=S.StocBiO(inner_steps=2, Q=3, lr_y=0.1),
+                        steps=3, track=False, compile=mode)
+
+    run(), run()  # (step: the first run probes its patterns eagerly)
+    before = C.stats()["compiles"]
+    formulation._LEAF_SPECS.clear()
+    estimates._GD_CACHE.clear()
+    run()
+    assert C.stats()["compiles"] == before

@@ -375,8 +375,8 @@ _GD_CACHE: dict[tuple, GD] = {}
 def _gd(lr: float, steps: int, projection: Callable[[Any], Any] | None) -> GD:
     """``GD(lr, steps, projection)``, built once per value (a constant step builds one per run, not
     one per outer iteration: the constructor validates its hyperparameters, ~25 µs)."""
-    if type(lr) is not float:
-        return GD(lr=lr, steps=steps, projection=projection)
+    if type(lr) is not float or torch.compiler.is_compiling():  # (a graph reading the memo
+        return GD(lr=lr, steps=steps, projection=projection)  # would recompile once it is cleared)
     key = (lr, steps, projection)
     dyn = _GD_CACHE.get(key)
     if dyn is None:

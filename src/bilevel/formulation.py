@@ -153,6 +153,8 @@ def _is_leaf(spec: T.Spec) -> bool:
     same few specs.)"""
     if spec is None:
         return False
+    if torch.compiler.is_compiling():  # (a graph reading the memo would be guarded on its
+        return T.is_leaf_spec(spec)    # entries, and recompile once it is cleared)
     hit = _LEAF_SPECS.get(id(spec))
     if hit is None or hit[0] is not spec:
         if len(_LEAF_SPECS) > 256:

@@ -153,8 +153,7 @@ def _oracles_here() -> Any:
     """The oracle backend for the solves of a layer: ``"func"`` when the layer itself runs inside
     a ``torch.func`` transform (an argmin inside the lower objective of the functional or compiled
     oracles: autograd's ``requires_grad_`` is refused there), else the one in effect."""
-    level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)()
-    return O.backend("func") if level is not None else contextlib.nullcontext()
+    return O.backend("func") if O._in_transform() else contextlib.nullcontext()
 
 
 def _zero_upper(x: Any, y: Any) -> Tensor:  # placeholder: the lower-only problem of the forward

@@ -151,12 +151,23 @@ def _functional() -> bool:
 
 
 def _kernel(kind: str, fn: Fn):
-    """The compiled kernel for ``kind`` when the compiled backend is on (else None)."""
-    if torch.compiler.is_compiling() or _BACKEND.get() != "compiled":
+    """The compiled kernel for ``kind`` when the compiled backend is on (else None). None also
+    inside a ``torch.func`` transform (e.g. the ``grad_and_value`` of an unrolled loss): dynamo
+    refuses to trace there ("Unsupported functorch tracing attempt"), so the oracle runs its
+    ``torch.func`` form eagerly instead of failing a capture."""
+    if torch.compiler.is_compiling() or _BACKEND.get() != "compiled" or _in_transform():
         return None
     from .compiled import oracle_kernel
 
     return oracle_kernel(kind, fn)
+
+
+_LEVEL = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+
+
+def _in_transform() -> bool:
+    """Is a ``torch.func`` transform (grad, vjp, jvp, vmap) active?"""
+    return _LEVEL() is not None
 
 
 _REDUCER: ContextVar[Any] = ContextVar("bilevel_reducer", default=None)

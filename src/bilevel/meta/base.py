@@ -208,9 +208,15 @@ class MetaLearner:
 
     def batched_problem(self) -> Problem:
         """One task's bilevel problem with the task's data as batches: the lower batch is the
-        support set ``{"support_x", "support_y"}``, the upper batch the query set."""
-        return Problem(lambda x, y, q: self.upper(q)(x, y), lambda x, y, s: self.lower(s)(x, y),
-                       name=type(self).__name__)
+        support set ``{"support_x", "support_y"}``, the upper batch the query set. The same
+        object on every call (of this learner, not of a copy): compiled kernels and step graphs
+        are cached per problem, so a new one per meta-step would compile every step."""
+        own = self.__dict__.get("_batched")
+        if own is None or own[0] is not self:  # (a copy.copy of the learner builds its own)
+            own = self._batched = (self, Problem(lambda x, y, q: self.upper(q)(x, y),
+                                                 lambda x, y, s: self.lower(s)(x, y),
+                                                 name=type(self).__name__))
+        return own[1]
 
     def task_sum_grad(self, x: Any, tasks: Mapping[str, Tensor], *, vmap: bool = True
                       ) -> tuple[Any, Tensor, dict[str, Any]]:

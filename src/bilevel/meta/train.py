@@ -46,6 +46,12 @@ class MetaTraining(Solver):
     ``collectives`` (1 per step) and ``local_tasks``."""
 
     reference = "meta-training outer loop (Finn et al. 2017, Alg. 2 lines 3-10)"
+    #: ``bl.solve(..., compile=True)``: not one graph (see :mod:`bilevel.compiled_step`)
+    step_not_compilable = (
+        "meta-training draws and validates its task batch inside the step (the task sampler and "
+        "the label checks run on the host) and runs the per-task estimator under torch.func.vmap, "
+        "which a step graph cannot hold; with vmap (the default) the per-task oracles are "
+        "torch.func transforms and run eagerly, without kernels")
 
     def __init__(self, learner: MetaLearner, sampler: Any, meta_batch: int = 16,
                  outer: Dynamics | None = None, vmap: bool | None = None,
