@@ -338,3 +338,19 @@ def test_while_loop_carries_the_finiteness_of_every_inner_iterate(tiny):
         with _trace.traced() as checks:
             _sgd_while_loop(_gd(30.0, 3, clip), ctx.G, stacked, (tiny.x0,), (y0,), 3, 30.0, clip)
         assert bool(checks[-1].ok) is ok
+
+
+def test_trimmed_guards_check_names_that_use_builtins():
+    """dynamo names some guarded objects through builtins (pytree's registry:
+    ``list(dict.keys(G['...'].SUPPORTED_NODES))[0]``); the once-per-run check must evaluate them
+    (without builtins it raised, counted as a rebinding: every run traced its patterns anew)."""
+    import types
+
+    from bilevel.compiled_step import _TrimGuards
+
+    reg = {"a": 1}
+    trim = _TrimGuards({"m": types.SimpleNamespace(D=reg)})
+    trim.dropped.append(("list(dict.keys(G['m'].D))[0]", next(iter(reg))))
+    assert trim.valid()
+    trim.dropped.append(("G['m'].D", {"a": 1}))  # (an equal but different object: rebound)
+    assert not trim.valid()

@@ -46,8 +46,14 @@ _CHECKS: ContextVar[list[Check] | None] = ContextVar("bilevel_traced_checks", de
 COMPILE_CHECKS: list[Check] = []
 
 
+#: nested :func:`traced` blocks while torch.compile traces (their lists; innermost last)
+_COMPILE_NESTED: list[list[Check]] = []
+
+
 def _checks() -> list[Check] | None:
-    return COMPILE_CHECKS if torch.compiler.is_compiling() else _CHECKS.get()
+    if torch.compiler.is_compiling():
+        return _COMPILE_NESTED[-1] if _COMPILE_NESTED else COMPILE_CHECKS
+    return _CHECKS.get()
 
 
 def tracing() -> bool:
@@ -60,6 +66,13 @@ def tracing() -> bool:
 def traced() -> Iterator[list[Check]]:
     """Run the block in traced mode; yields the list that collects the deferred checks."""
     checks: list[Check] = []
+    if torch.compiler.is_compiling():
+        _COMPILE_NESTED.append(checks)
+        try:
+            yield checks
+        finally:
+            _COMPILE_NESTED.pop()
+        return
     token = _CHECKS.set(checks)
     try:
         yield checks

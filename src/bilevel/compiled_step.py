@@ -181,7 +181,9 @@ class _TrimGuards:
         """Do all dropped names still refer to the objects the graph was traced with?"""
         if self._check is None or self._checked_n != len(self.dropped):  # (one expression)
             parts = " and ".join(f"({name}) is V[{i}]" for i, (name, _) in enumerate(self.dropped))
-            self._check = eval(f"lambda G, V: {parts or 'True'}", {"__builtins__": {}})  # noqa: S307
+            # (dynamo's names use builtins, e.g. list(dict.keys(...))[0] for pytree's registry:
+            # without them every check raised, so every run traced its patterns anew)
+            self._check = eval(f"lambda G, V: {parts or 'True'}", {"__builtins__": builtins})  # noqa: S307
             self._checked_n = len(self.dropped)
             self._values = [v for _, v in self.dropped]
         try:
@@ -377,6 +379,8 @@ class CompiledStep:
         if self.commit is not None:  # deferred in-place writes, only if x and y are finite
             self.commit(core, float(self.last_finite.sum()) == 0.0)
         state.update(core)
+        for k in [k for k in state if k not in core and k not in BOOKKEEPING]:
+            del state[k]  # (entries the step consumed, e.g. MetaTraining's prepared task batch)
         add = state["counts"].add
         for level, kind, n in counts:
             add(level, kind, n)

@@ -114,6 +114,9 @@ def counting(counts: OracleCounts | None = None) -> Iterator[OracleCounts]:
 def batched(k: int) -> Iterator[None]:
     """Count the block's oracle calls ``k`` times: under ``torch.func.vmap`` over k points the
     Python code, and so each oracle's count, runs once for all k."""
+    if torch.compiler.is_compiling():  # (a compiled step's counts are its eager probe's)
+        yield
+        return
     outer = _ACTIVE.get()
     with counting() as c:
         yield
@@ -132,6 +135,9 @@ def backend(name: str) -> Iterator[str]:
     """Run the oracles inside the block with backend ``name`` (one of :data:`BACKENDS`)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown oracle backend {name!r}; choose one of {BACKENDS}")
+    if torch.compiler.is_compiling():  # (traced code runs the "func" backend: get_backend)
+        yield name
+        return
     token = _BACKEND.set(name)
     try:
         yield name
@@ -177,6 +183,9 @@ _REDUCER: ContextVar[Any] = ContextVar("bilevel_reducer", default=None)
 def reducing(reducer: Any) -> Iterator[Any]:
     """Reduce oracle results over ranks with ``reducer`` inside the block (users enter it with
     :func:`bilevel.distributed.distributed`)."""
+    if torch.compiler.is_compiling():  # (compiled steps are single-process: no reducer there)
+        yield reducer
+        return
     token = _REDUCER.set(reducer)
     try:
         yield reducer

@@ -321,26 +321,77 @@ def test_meta_training_under_compiled_oracles_compiles_once_and_equals_eager(nam
     _close(res.x, ref.x, 1e-9)
 
 
+def _episodes(seed, ways=3):
+    X = torch.randn(60, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    return M.Episodes(X, torch.arange(6).repeat(10), list(range(6)), ways, 2, 2, seed=seed)
+
+
 @pytest.mark.compiled
 @pytest.mark.usefixtures("aot_eager")
-def test_meta_training_under_whole_step_compile_says_why_it_runs_without_a_graph():
-    """MetaTraining declares why its step is not one graph: the run warns with that reason at the
-    start, without a wasted eager probe step, and equals eager."""
+@pytest.mark.parametrize("name", ["maml", "protonet"])
+def test_meta_training_as_one_compiled_graph_equals_eager(name):
+    """``bl.solve(..., compile=True)`` of vmapped meta-training: the task batch is drawn and
+    checked before the step (``prepare``), the step — every task's adaptation and meta-gradient
+    under ``torch.func.vmap``, the outer Adam step — is one graph. Iterates, per-step metrics and
+    oracle counts equal eager; the consumed task batch is not left in the state; a second run
+    (new solver, new sampler) compiles nothing and probes nothing (the trimmed guards' check
+    failed on every pytree guard before, so each run traced its pattern anew)."""
     import bilevel as bl
     from bilevel import compiled as C
 
-    L = M.MAML(SIN, lr=0.05, steps=2, loss="mse")
-    x = _x(L)
+    kw = {"lr": 0.2, "steps": 2} if name == "maml" else {}
+    L = M.METHODS[name](M.MLPModel([4, 5], 3), ways=3, **kw)
+    x = _x(L, seed=4)
+    P = M.train.meta_problem(L, _episodes(9).next(4))
 
     def run(compile):
-        S = M.SinusoidTasks(shots=5, queries=4, seed=3, dtype=F64)
-        return bl.solve(M.train.meta_problem(L, S.next(2)), x, torch.zeros(1, dtype=F64),
-                        solver=M.MetaTraining(L, S, 2), steps=2, compile=compile, track=False)
+        return bl.solve(P, x, torch.zeros(1, dtype=F64), solver=M.MetaTraining(L, _episodes(1), 4),
+                        steps=4, compile=compile, track=False)
 
     ref = run(False)
-    C.reset()
-    with pytest.warns(C.CompileFallbackWarning, match="draws and validates its task batch"):
-        res = run(True)
-    assert C.stats()["eager_steps"] == 0 and C.stats()["compiled_steps"] == 0
-    assert not any(r.get("compiled") for r in res.history)
-    _close(res.x, ref.x, 1e-12)
+    res = run(True)
+    assert [r["compiled"] for r in res.history] == [False, True, True, True]  # (1st: the probe)
+    before = dict(C.stats())
+    again = run(True)
+    assert all(r["compiled"] for r in again.history)
+    assert C.stats()["compiles"] == before["compiles"] and C.stats()["eager_steps"] == before["eager_steps"]
+    for out in (res, again):
+        _close(out.x, ref.x, 1e-12)
+        assert "tasks" not in out.state and out.state["counts"] == ref.state["counts"]
+        for a, b in zip(ref.history, out.history):
+            assert b["meta_loss"] == pytest.approx(a["meta_loss"], rel=1e-12)
+            assert b["meta_grad_norm"] == pytest.approx(a["meta_grad_norm"], rel=1e-12)
+
+
+@pytest.mark.compiled
+@pytest.mark.usefixtures("aot_eager")
+def test_a_compiled_meta_step_with_a_bad_task_raises_the_eager_error():
+    """A NaN in one task's support set: the compiled step's deferred check fails, the step reruns
+    eagerly from the state before it and raises hypergrad.vmap's own error naming the task."""
+    import bilevel as bl
+    from bilevel.errors import NonFiniteError
+
+    L = M.MAML(M.MLPModel([4, 5], 3), ways=3, lr=0.2, steps=2)
+    x = _x(L, seed=4)
+    P = M.train.meta_problem(L, _episodes(9).next(4))
+
+    class Poisoned:
+        def __init__(self):
+            self.inner, self.k = _episodes(1), 0
+
+        def next(self, n):
+            t, self.k = self.inner.next(n), self.k + 1
+            if self.k == 3:  # the third meta-step (patterns are compiled by then)
+                t["support_x"][2, 0, 0] = float("nan")
+            return t
+
+    with pytest.raises(NonFiniteError, match="task 2 of 4") as err:
+        bl.solve(P, x, torch.zeros(1, dtype=F64), solver=M.MetaTraining(L, Poisoned(), 4), steps=4,
+                 compile=True, track=False)
+    assert err.value.outer_step == 3 and [r["compiled"] for r in err.value.partial.history][1:] == [True]
+
+
+def test_task_parallel_meta_training_says_why_its_step_is_not_one_graph():
+    L = M.MAML(M.MLPModel([4, 5], 3), ways=3, lr=0.2, steps=2)
+    assert M.MetaTraining(L, _episodes(1), 4).step_not_compilable is None  # (no process group)
+    assert "all-reduces" in M.MetaTraining(L, _episodes(1), 4, task_parallel=True).step_not_compilable

@@ -25,8 +25,8 @@ from torch.utils import _pytree as pytree
 
 from .. import oracles as O
 from .._trace import fill_tensors as _fill
+from .._trace import require, traced
 from .._trace import split_tensors as _split
-from .._trace import traced
 from ..errors import BilevelError, StructureMismatchError
 from ..formulation import Problem
 from .base import Estimator, HypergradResult
@@ -155,7 +155,10 @@ def vmap(
     fn = torch.func.vmap(one, in_dims=in_dims, out_dims=(0, 0, 0, 0, None, 0), randomness="same")
     with O.batched(B):  # the traced function runs once: B tasks' worth of oracle calls
         grad, ys, info_t, pt_t, sh_t, flags = fn(x, None if y_fn is not None else y, ub, lb, st_leaves)
-    if flags.numel() and not bool(flags.all()):
+    if flags.numel() and torch.compiler.is_compiling():  # (inside a compiled solver step: the
+        errors = side["errors"]  # step checks after the graph, and reruns eagerly if one failed)
+        require(flags.all(), lambda: errors[0]())
+    elif flags.numel() and not bool(flags.all()):
         bad = (~flags).nonzero()
         i, j = int(bad[0, 0]), int(bad[0, 1])
         exc = side["errors"][j]()

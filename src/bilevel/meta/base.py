@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import scalar, tracing
 from ..errors import ConfigError, StructureMismatchError
 from ..formulation import Problem
 from ..hypergrad.base import Estimator
@@ -60,14 +61,32 @@ def _diagnostics(info: Mapping[str, Any], *, batched: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "inner_grad_norm" in info:
         v = info["inner_grad_norm"]
-        out["inner_grad_norm"] = float(torch.as_tensor(v).max()) if batched else float(v)
+        out["inner_grad_norm"] = scalar(torch.as_tensor(v).max()) if batched else _number(v)
     ls = info.get("linear_solve")
     if isinstance(ls, Mapping):
         if batched and isinstance(ls.get("broke_down"), Tensor):
-            out["breakdowns"] = int(ls["broke_down"].sum())
+            n = ls["broke_down"].sum()
+            out["breakdowns"] = n.detach() if tracing() else int(n)
         elif not batched:
             out["breakdowns"] = int(ls.get("breakdown") is not None)
     return out
+
+
+def _number(v: Any) -> Any:
+    """A diagnostic as a Python number, or a tensor in traced mode (a compiled meta-step)."""
+    return scalar(v) if isinstance(v, Tensor) else float(v)
+
+
+def _reduce_diagnostics(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-task diagnostics of a loop over tasks: the largest ``inner_grad_norm``, the number
+    of ``breakdowns`` (tensors in traced mode)."""
+    diag: dict[str, Any] = {}
+    for key, red, stacked in (("inner_grad_norm", max, torch.amax), ("breakdowns", sum, torch.sum)):
+        vals = [d[key] for d in infos if key in d]
+        if vals:
+            diag[key] = (stacked(torch.stack([torch.as_tensor(v) for v in vals])) if tracing()
+                         else red(vals))
+    return diag
 
 
 __all__ = ["MetaLearner", "batched_mean_grad", "task_loss", "adapt", "split_tasks", "LOSSES"]
@@ -196,7 +215,12 @@ class MetaLearner:
         ``vmap=True`` (default where supported): the method's estimator under
         :func:`bilevel.hypergrad.vmap` over the tasks (support sets as lower batches, query sets
         as upper batches); ``vmap=False``: the same estimator called task by task."""
-        tasks = self.check(tasks)
+        return self.checked_meta_grad(x, self.check(tasks), vmap=vmap)
+
+    def checked_meta_grad(self, x: Any, tasks: Mapping[str, Tensor], *, vmap: bool | None = None
+                          ) -> tuple[Any, dict[str, Any]]:
+        """:meth:`meta_grad` of a batch already validated by :meth:`check` (no host reads: it can
+        be part of a compiled step, where the numbers of its info stay tensors)."""
         use_vmap = self.vmappable if vmap is None else bool(vmap)
         if use_vmap and not self.vmappable:
             raise ConfigError(f"{type(self).__name__} cannot be vmapped; use vmap=False")
@@ -204,7 +228,7 @@ class MetaLearner:
         B = num_tasks(tasks)
         g = T.unflatten(T.scale(T.flatten(g)[0], 1.0 / B), T.flatten(x)[1])
         check_finite(T.flatten(g)[0], "upper", f"the {type(self).__name__} meta-gradient")
-        return g, {"loss": float(per_task.mean()), "vmapped": use_vmap, "tasks": B, **diag}
+        return g, {"loss": scalar(per_task.mean()), "vmapped": use_vmap, "tasks": B, **diag}
 
     def batched_problem(self) -> Problem:
         """One task's bilevel problem with the task's data as batches: the lower batch is the
@@ -259,12 +283,7 @@ class MetaLearner:
             with torch.no_grad():
                 losses.append(self.upper(q_i)(x, res.y))
             infos.append(_diagnostics(res.info, batched=False))
-        diag: dict[str, Any] = {}
-        for key, red in (("inner_grad_norm", max), ("breakdowns", sum)):
-            vals = [d[key] for d in infos if key in d]
-            if vals:
-                diag[key] = red(vals)
-        return T.unflatten(total, T.flatten(x)[1]), torch.stack(losses).detach(), diag
+        return T.unflatten(total, T.flatten(x)[1]), torch.stack(losses).detach(), _reduce_diagnostics(infos)
 
     @torch.no_grad()
     def evaluate(self, x: Any, tasks: Any, chunk: int = 100) -> dict[str, Tensor]:

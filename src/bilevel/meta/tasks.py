@@ -116,6 +116,13 @@ class _Seeded:
         self.count += 1
         return rng
 
+    #: the attributes :meth:`__repr__` shows (besides the seed)
+    _shown: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # (by value: whole-step compiled mode keys its graphs on it)
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in (*self._shown, "seed"))
+        return f"{type(self).__name__}({shown})"
+
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "count": self.count}
 
@@ -130,6 +137,7 @@ class SinusoidTasks(_Seeded):
     inputs x ~ U[−5, 5], targets A sin(x − φ); ``shots`` support and ``queries`` query points;
     tensors of ``dtype`` on ``device`` (drawn on the CPU, so the tasks do not depend on the device)."""
 
+    _shown = ("shots", "queries", "dtype")
     amplitude = (0.1, 5.0)
     phase = (0.0, math.pi)
     inputs = (-5.0, 5.0)
@@ -171,6 +179,8 @@ class Episodes(_Seeded):
     """N-way K-shot episodes: each task draws ``ways`` of ``classes`` (labels relabelled 0..N−1 in
     random order), ``shots`` support and ``queries`` query examples per class, without overlap.
     Tasks live on the device of ``inputs`` (the draws are made on the CPU)."""
+
+    _shown = ("name", "ways", "shots", "queries")
 
     def __init__(self, inputs: Tensor, labels: Tensor | np.ndarray, classes: Sequence[int],
                  ways: int, shots: int, queries: int = 15, seed: int = 0, name: str = "data"):

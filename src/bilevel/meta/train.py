@@ -24,6 +24,7 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import scalar
 from ..errors import ConfigError
 from ..formulation import Problem
 from ..inner import Adam, Dynamics
@@ -46,13 +47,6 @@ class MetaTraining(Solver):
     ``collectives`` (1 per step) and ``local_tasks``."""
 
     reference = "meta-training outer loop (Finn et al. 2017, Alg. 2 lines 3-10)"
-    #: ``bl.solve(..., compile=True)``: not one graph (see :mod:`bilevel.compiled_step`)
-    step_not_compilable = (
-        "meta-training draws and validates its task batch inside the step (the task sampler and "
-        "the label checks run on the host) and runs the per-task estimator under torch.func.vmap, "
-        "which a step graph cannot hold; with vmap (the default) the per-task oracles are "
-        "torch.func transforms and run eagerly, without kernels")
-
     def __init__(self, learner: MetaLearner, sampler: Any, meta_batch: int = 16,
                  outer: Dynamics | None = None, vmap: bool | None = None,
                  task_parallel: bool | None = None):
@@ -66,17 +60,32 @@ class MetaTraining(Solver):
     def init(self, ctx: Context, xs, ys) -> dict[str, Any]:
         return {"x": xs, "y": ys, "upper": self.outer.init(xs)}
 
+    @property
+    def step_not_compilable(self) -> str | None:  # (bl.solve(..., compile=True))
+        from .. import distributed as D
+
+        if self.task_parallel or (self.task_parallel is None and D.is_active()):
+            return "task-parallel meta-training all-reduces the ranks' meta-gradients eagerly"
+        return None
+
+    def prepare(self, state: dict[str, Any], t: int) -> None:
+        """Draw and validate step t's task batch (``state["tasks"]``, which the step consumes),
+        on the host before the step: a compiled step receives the batch as its input."""
+        state["tasks"] = self.learner.check(self.sampler.next(self.meta_batch))
+
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         x = T.unflatten(state["x"], ctx.xspec)
-        tasks = self.sampler.next(self.meta_batch)
+        tasks = state.pop("tasks", None)
+        if tasks is None:  # (a step called without prepare)
+            tasks = self.learner.check(self.sampler.next(self.meta_batch))
         with O.reducing(None):  # per-task oracles stay local (inside bl.distributed() too)
             if self._parallel():
                 g, info = sharded_meta_grad(self.learner, x, tasks, vmap=self.vmap)
             else:
-                g, info = self.learner.meta_grad(x, tasks, vmap=self.vmap)
+                g, info = self.learner.checked_meta_grad(x, tasks, vmap=self.vmap)
         gl = T.flatten(g)[0]
         state["x"], state["upper"] = descend(self.outer, state["upper"], gl, t, ctx.project_x)
-        rec = {"meta_loss": info["loss"], "meta_grad_norm": float(T.norm(gl))}
+        rec = {"meta_loss": info["loss"], "meta_grad_norm": scalar(T.norm(gl))}
         for key in ("inner_grad_norm", "breakdowns", "collectives", "local_tasks"):
             if key in info:
                 rec[key] = info[key]
@@ -139,17 +148,18 @@ def meta_problem(learner: MetaLearner, tasks: Any) -> Problem:
 
 def meta_train(learner: MetaLearner, x0: Any, sampler: Any, steps: int, *, meta_batch: int = 16,
                outer: Dynamics | None = None, vmap: bool | None = None, monitor: Any = None,
-               callback=None):
+               callback=None, compile: bool | str = False):
     """Run ``steps`` meta-training steps from ``x0``; returns ``bl.solve``'s result (``res.x``).
     ``monitor``: a task batch whose mean query loss is tracked (default: one batch drawn from a
-    copy of the sampler's seed)."""
+    copy of the sampler's seed). ``compile``: as in ``bl.solve`` (True: each meta-step one
+    compiled graph, the task batch drawn before it)."""
     if monitor is None:
         monitor = sampler.next(meta_batch)
     solver = MetaTraining(learner, sampler, meta_batch, outer, vmap)
     ref = T.flatten(x0)[0][0]
     dummy = torch.zeros(1, dtype=ref.dtype, device=ref.device)
     return solve(meta_problem(learner, monitor), x0, dummy, solver=solver, steps=steps,
-                 callback=callback)
+                 callback=callback, compile=compile)
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
