@@ -52,6 +52,14 @@ def test_bench_metalearning_smoke(capsys):
         assert needle in out
 
 
+@pytest.mark.compiled
+@pytest.mark.usefixtures("aot_eager")
+def test_bench_metalearning_compiled_smoke(capsys):
+    assert mb.main(["--compiled", "--tasks", "2", "--steps", "1", "--rounds", "2", "--reps", "2"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.endswith("| True |")  # every timed step ran as the compiled graph
+
+
 def test_fewshot_and_sinusoid_honour_dtype(tmp_path):
     """dtype=float64 reaches data, tasks and meta-parameters (the runner rejects a run whose
     variables do not follow it); also runs IAPTT-GM's few-shot variant and vmapped iMAML."""

@@ -14,6 +14,12 @@ Time: medians of interleaved rounds (each round runs the three once, in rotating
 as tasks per second. Memory: peak resident memory of one meta-step above the post-warm-up level,
 each variant in a fresh process, divided by B. All three gradients are checked to agree first.
 
+``--compiled``: whole meta-training steps instead — ``bl.solve`` of :class:`~bilevel.meta.
+MetaTraining` (vmapped MAML, Adam outer step) eager against ``compile=True`` (each meta-step one
+graph, :mod:`bilevel.compiled_step`), the solver's clock per step, interleaved rounds of
+``--reps`` steps each from the same start and task seed; the compile time (first run), the
+break-even step count and the compiled vs eager iterates are reported.
+
 ``--task-parallel``: meta-batch scaling of task-parallel meta-learning (issue 12) — the vmapped
 MAML meta-step for B in ``--batches`` on one process vs sharded over 2 local gloo processes
 (:func:`bilevel.meta.train.sharded_meta_grad`: each rank its block of tasks, one all-reduce per
@@ -129,6 +135,40 @@ def _task_parallel(a: argparse.Namespace) -> int:
     return 0
 
 
+def compiled_steps(tasks: int, steps: int, rounds: int, reps: int) -> dict[str, Any]:
+    """``--compiled``: ms per meta-training step, eager vs ``compile=True`` (see the module
+    docstring); medians over ``rounds`` interleaved runs of ``reps`` steps."""
+    import time
+
+    import bilevel as bl
+
+    from ..meta.train import MetaTraining, meta_problem
+
+    _, learner, x, _ = setup(tasks, steps)
+    problem = meta_problem(learner, SinusoidTasks(shots=10, queries=10, seed=99).next(tasks))
+
+    def run(compile: bool, n: int):
+        solver = MetaTraining(learner, SinusoidTasks(shots=10, queries=10, seed=1), tasks)
+        return bl.solve(problem, x, torch.zeros(1), solver=solver, steps=n, compile=compile,
+                        track=False)
+
+    run(False, 1)
+    t0 = time.perf_counter()
+    run(True, 2)  # (the probe step, then the compile)
+    compile_s = time.perf_counter() - t0
+    per: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for r in range(rounds):
+        for mode in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+            res = run(mode == "compiled", reps)
+            per[mode].append(res.state["time"] / reps)
+    e, c = run(False, reps), run(True, reps)
+    rel = max(float((u - v).norm() / u.norm()) for u, v in zip(T.flatten(e.x)[0], T.flatten(c.x)[0]))
+    med = {k: median(v) for k, v in per.items()}
+    return {"ms": {k: 1e3 * v for k, v in med.items()}, "compile_s": compile_s,
+            "break_even_steps": compile_s / max(med["eager"] - med["compiled"], 1e-12),
+            "x_rel_diff": rel, "all_compiled": all(r["compiled"] for r in c.history)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bilevel bench metalearning", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=int, default=32, help="meta-batch size B")
@@ -139,10 +179,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="meta-batch scaling on 1 vs 2 processes (sharded tasks) instead")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128],
                    help="meta-batch sizes for --task-parallel")
-    p.add_argument("--reps", type=int, default=5, help="meta-steps per round for --task-parallel")
+    p.add_argument("--reps", type=int, default=5,
+                   help="meta-steps per round for --task-parallel and --compiled")
+    p.add_argument("--compiled", action="store_true",
+                   help="meta-training steps eager vs bl.solve(..., compile=True) instead")
     a = p.parse_args(argv)
     if a.task_parallel:
         return _task_parallel(a)
+    if a.compiled:
+        one_thread()
+        out = compiled_steps(a.tasks, a.steps, a.rounds, a.reps)
+        print(f"MAML meta-training step (vmapped, Adam), sinusoid MLP 1-40-40-1, K = {a.steps}, "
+              f"B = {a.tasks} tasks, float32, 1 thread; medians of {a.rounds} interleaved rounds of "
+              f"{a.reps} steps\n")
+        print("| eager (ms / step) | compiled (ms / step) | speed-up | compile (s) | break-even (steps) "
+              "| x rel. diff | every step compiled |")
+        print("|---|---|---|---|---|---|---|")
+        ms = out["ms"]
+        print(f"| {ms['eager']:.2f} | {ms['compiled']:.2f} | {ms['eager'] / ms['compiled']:.1f}× | "
+              f"{out['compile_s']:.1f} | {out['break_even_steps']:.0f} | {out['x_rel_diff']:.1e} | "
+              f"{out['all_compiled']} |")
+        return 0
     one_thread()
     fns = _variants(a.tasks, a.steps)
     ref = fns["plain"]()
