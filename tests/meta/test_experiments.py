@@ -54,6 +54,27 @@ def test_bench_metalearning_smoke(capsys):
 
 @pytest.mark.compiled
 @pytest.mark.usefixtures("aot_eager")
+def test_the_runner_compile_key_runs_meta_training_compiled_and_resumes(tmp_path):
+    """``--set compile=step``: the meta-steps after the first run as one graph (``compiled`` in
+    the trace, evaluated steps), the results equal the eager run's; a run resumed with
+    compile=step equals it too; an unknown value is a ConfigError."""
+    from bilevel.experiments.runner import load_trace
+
+    cfg = {**TINY, "method": "fomaml", "steps": 3, "eval_every": 3, "dtype": "float64"}
+    eager = run("fewshot", overrides=cfg, out=tmp_path / "e", **QUIET)
+    comp = run("fewshot", overrides={**cfg, "compile": "step"}, out=tmp_path / "c", **QUIET)
+    assert load_trace(comp.path)[-1]["compiled"] is True  # (the trace records evaluated steps)
+    for key in ("test_acc", "upper_loss", "meta_loss"):
+        assert comp.final[key] == pytest.approx(eager.final[key], rel=1e-10), key
+    part = run("fewshot", overrides=cfg, out=tmp_path / "p", stop_after=1, **QUIET)
+    done = run("fewshot", resume=part.path, overrides={"compile": "step"}, **QUIET)
+    assert done.final["upper_loss"] == pytest.approx(eager.final["upper_loss"], rel=1e-10)
+    with pytest.raises(ConfigError, match="compile"):
+        run("fewshot", overrides={**cfg, "compile": "yes"}, out=tmp_path / "x", **QUIET)
+
+
+@pytest.mark.compiled
+@pytest.mark.usefixtures("aot_eager")
 def test_bench_metalearning_compiled_smoke(capsys):
     assert mb.main(["--compiled", "--tasks", "2", "--steps", "1", "--rounds", "2", "--reps", "2"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]

@@ -62,7 +62,19 @@ __all__ = [
 #: ``loggers``: comma-separated extra loggers beside trace.jsonl (``csv``, ``tensorboard``).
 RUNNER_DEFAULTS: dict[str, Any] = {"seed": 0, "steps": 100, "eval_every": 10, "checkpoint_every": 50,
                                    "threads": 1, "lower_tol": 1e-2, "device": "cpu", "dtype": "",
-                                   "loggers": ""}
+                                   "loggers": "", "compile": ""}
+
+#: ``compile`` values -> ``bl.solve(..., compile=...)``
+COMPILE_MODES: dict[str, Any] = {"": False, "off": False, "step": "step", "oracles": "oracles"}
+
+
+def run_compile(cfg: dict[str, Any]) -> Any:
+    """The ``compile`` of a config, checked: ``""`` / ``off`` (eager), ``step`` (each outer step one
+    compiled graph), ``oracles`` (per-oracle kernels)."""
+    name = str(cfg.get("compile", "") or "")
+    if name not in COMPILE_MODES:
+        raise ConfigError(f"compile: {name!r} is not one of {', '.join(repr(k) for k in COMPILE_MODES)}")
+    return COMPILE_MODES[name]
 
 #: accepted ``dtype`` values
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64,

@@ -45,7 +45,7 @@ from ..formulation import Bound
 from ..solvers.base import solve
 from . import checkpoint as CK
 from . import config as C
-from .base import Experiment, Setup, SubResult, Table, fmt, get
+from .base import Experiment, Setup, SubResult, Table, fmt, get, run_compile
 from .trace import Callback, load_trace, make_loggers
 
 __all__ = ["run", "RunResult", "new_run_dir", "seed_everything", "load_trace"]
@@ -53,7 +53,7 @@ __all__ = ["run", "RunResult", "new_run_dir", "seed_everything", "load_trace"]
 CHECKPOINTS = Path("checkpoints")
 CHECKPOINT = CHECKPOINTS / CK.LAST
 #: config keys that may change when resuming (extending a finished run)
-RESUMABLE_KEYS = {"steps", "checkpoint_every"}
+RESUMABLE_KEYS = {"steps", "checkpoint_every", "compile"}
 
 
 @dataclass
@@ -418,6 +418,7 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
                     cbs) -> RunResult:
     wall0 = time.perf_counter()
     steps, every, ck_every = int(cfg["steps"]), int(cfg["eval_every"]), int(cfg["checkpoint_every"])
+    compile_mode = run_compile(cfg)
     seed_everything(int(cfg["seed"]))
     from ..launch import shard_setup
 
@@ -533,7 +534,7 @@ def _single_session(exp, cfg, path, *, resume, stop_after, progress, plots, echo
             live["state"] = solve(setup.problem, setup.x0, setup.y0, solver=setup.solver, steps=steps,
                   x_projection=setup.x_projection, y_projection=setup.y_projection,
                   lower_data=setup.lower_data, upper_data=setup.upper_data, track=False,
-                  state=state, callback=callback).state
+                  state=state, callback=callback, compile=compile_mode).state
     finally:
         if bar is not None:
             bar.close()
