@@ -28,6 +28,15 @@ from .validation import (
 __all__ = ["Problem", "Objective", "Bound", "params", "batch_size"]
 
 
+def start_fn(y: Any) -> Callable | None:
+    """``y`` as a function x -> y0 (an initialization that depends on the upper variable), or None
+    where ``y`` is a point (a tensor, module or pytree; checked first: dynamo cannot trace
+    ``callable`` of a dict)."""
+    if y is None or isinstance(y, (Tensor, nn.Module, dict, list, tuple)):
+        return None
+    return y if callable(y) else None
+
+
 def _batch_arity(fn: Callable) -> str:
     """'none' (fn(x, y)), 'optional' (batch has a default) or 'required'."""
     try:
@@ -218,7 +227,7 @@ class Bound:
         xs, self.xspec = T.flatten(x)
         check_variables(xs, "x")
         self.xs = T.detach(xs)
-        self.y_fn = y if callable(y) and not isinstance(y, (Tensor, nn.Module)) else None
+        self.y_fn = start_fn(y)
         y0 = self.y_fn(x) if self.y_fn is not None else y
         ys, self.yspec = T.flatten(y0)
         check_variables(ys, "y")

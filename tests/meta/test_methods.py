@@ -328,7 +328,7 @@ def _episodes(seed, ways=3):
 
 @pytest.mark.compiled
 @pytest.mark.usefixtures("aot_eager")
-@pytest.mark.parametrize("name", ["maml", "protonet"])
+@pytest.mark.parametrize("name", ["maml", "protonet", "imaml", "r2d2"])
 def test_meta_training_as_one_compiled_graph_equals_eager(name):
     """``bl.solve(..., compile=True)`` of vmapped meta-training: the task batch is drawn and
     checked before the step (``prepare``), the step — every task's adaptation and meta-gradient
@@ -339,7 +339,9 @@ def test_meta_training_as_one_compiled_graph_equals_eager(name):
     import bilevel as bl
     from bilevel import compiled as C
 
-    kw = {"lr": 0.2, "steps": 2} if name == "maml" else {}
+    kw = {"maml": {"lr": 0.2, "steps": 2},
+          "imaml": {"lam": 0.5, "inner": M.maml.GD(lr=0.3, steps=4), "cg_iters": 6, "cg_tol": 1e-3}
+          }.get(name, {})  # (iMAML: CG stops at different iterations per task, masked in the graph)
     L = M.METHODS[name](M.MLPModel([4, 5], 3), ways=3, **kw)
     x = _x(L, seed=4)
     P = M.train.meta_problem(L, _episodes(9).next(4))

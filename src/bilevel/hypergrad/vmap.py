@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .. import oracles as O
@@ -28,7 +28,7 @@ from .._trace import fill_tensors as _fill
 from .._trace import require, traced
 from .._trace import split_tensors as _split
 from ..errors import BilevelError, StructureMismatchError
-from ..formulation import Problem
+from ..formulation import Problem, start_fn
 from .base import Estimator, HypergradResult
 
 __all__ = ["vmap"]
@@ -98,7 +98,7 @@ def vmap(
         raise TypeError(f"hypergrad.vmap needs an Estimator, got {type(est).__name__}")
     ub = batch if upper_batch is None else upper_batch
     lb = batch if lower_batch is None else lower_batch
-    y_fn = y if callable(y) and not isinstance(y, (Tensor, nn.Module)) else None
+    y_fn = start_fn(y)
     B = None
     if x_batched:
         B = _tasks(x, "x", B)
