@@ -354,3 +354,21 @@ def test_trimmed_guards_check_names_that_use_builtins():
     assert trim.valid()
     trim.dropped.append(("G['m'].D", {"a": 1}))  # (an equal but different object: rebound)
     assert not trim.valid()
+
+
+def test_rhg_step_is_one_graph_and_equals_eager(tiny):
+    """RHG differentiates its unrolled loop with ``torch.func.grad_and_value`` inside the graph;
+    the inner steps' deferred checks leave the transform as outputs. Before, a check flag kept
+    from inside it made AOT autograd fail ("Cannot access storage of TensorWrapper") and RHG fell
+    back to per-oracle kernels."""
+    import warnings
+
+    kw = dict(batch_size=4, seed=0)
+    make = lambda: S.RHG(bl.inner.GD(0.2, 5), 0.3)  # noqa: E731
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=5, track=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", C.CompileFallbackWarning)
+        comp = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=5, track=False, compile=True)
+    assert any(r["compiled"] for r in comp.history)
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    assert comp.state["counts"] == eager.state["counts"]

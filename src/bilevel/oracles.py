@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from . import _tree as T
-from ._trace import fill_tensors, split_tensors
+from ._trace import Check, fill_tensors, split_tensors
+from ._trace import _checks as _trace_checks
 from ._warnings import forward_ad_ready
 
 __all__ = [
@@ -679,19 +680,32 @@ def value_and_grad(
     itself build graphs with ``create_graph`` oracles — reverse-mode unrolling); otherwise it is
     ``torch.func.grad_and_value`` (composable with vmap / torch.compile)."""
     if _functional():
-        if not has_aux:
+        checks = _trace_checks()  # (traced mode: the deferred checks fun records)
+        if not has_aux and checks is None:
             g, out = torch.func.grad_and_value(lambda *a: fun(tuple(a)), argnums=tuple(
                 range(len(args))))(*args)
             return tuple(g), out
         side: dict[str, Any] = {}
+        n0 = 0 if checks is None else len(checks)
 
         def tensor_aux(*a: Tensor):  # torch.func returns tensors only: numbers travel beside
-            val, aux = fun(tuple(a))
+            out = fun(tuple(a))
+            val, aux = out if has_aux else (out, None)
             tensors, side["marks"], side["spec"] = split_tensors(aux)
-            return val, tensors
+            # checks recorded inside the transform leave it as outputs: a flag kept from in
+            # there would be a tensor of the transform's level (a compiled graph cannot return it)
+            new = [] if checks is None else checks[n0:]
+            if new:
+                del checks[n0:]
+            side["errors"] = [c.error for c in new]
+            return val, (tensors, [c.ok for c in new])
 
-        g, (val, tensors) = torch.func.grad_and_value(tensor_aux, argnums=tuple(range(len(args))),
-                                                      has_aux=True)(*args)
+        g, (val, (tensors, oks)) = torch.func.grad_and_value(
+            tensor_aux, argnums=tuple(range(len(args))), has_aux=True)(*args)
+        if checks is not None:
+            checks.extend(Check(ok, err) for ok, err in zip(oks, side["errors"]))
+        if not has_aux:
+            return tuple(g), val
         return tuple(g), (val, fill_tensors(tensors, side["marks"], side["spec"]))
     with _grad_on():
         a = T.requires_grad(args)
