@@ -356,15 +356,19 @@ def test_trimmed_guards_check_names_that_use_builtins():
     assert not trim.valid()
 
 
-def test_rhg_step_is_one_graph_and_equals_eager(tiny):
+@pytest.mark.parametrize("name", ["RHG", "VPBGD", "PrimalDualVF"])
+def test_deterministic_steps_are_one_graph_and_equal_eager(tiny, name):
     """RHG differentiates its unrolled loop with ``torch.func.grad_and_value`` inside the graph;
     the inner steps' deferred checks leave the transform as outputs. Before, a check flag kept
     from inside it made AOT autograd fail ("Cannot access storage of TensorWrapper") and RHG fell
-    back to per-oracle kernels."""
+    back to per-oracle kernels. VPBGD read its penalty metric on the host, and PrimalDualVF kept
+    its multiplier λ as a Python float (a new pattern, so an eager step, at every step)."""
     import warnings
 
     kw = dict(batch_size=4, seed=0)
-    make = lambda: S.RHG(bl.inner.GD(0.2, 5), 0.3)  # noqa: E731
+    make = {"RHG": lambda: S.RHG(bl.inner.GD(0.2, 5), 0.3),
+            "VPBGD": lambda: S.VPBGD(bl.inner.GD(0.2, 5), 0.05),
+            "PrimalDualVF": lambda: S.PrimalDualVF(bl.inner.GD(0.2, 5), 0.05)}[name]
     eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=5, track=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", C.CompileFallbackWarning)

@@ -104,6 +104,9 @@ _ACTIVE: ContextVar[OracleCounts | None] = ContextVar("bilevel_oracle_counts", d
 def counting(counts: OracleCounts | None = None) -> Iterator[OracleCounts]:
     """Count sample-oracle calls made inside the block (nested blocks each get their own)."""
     c = OracleCounts() if counts is None else counts
+    if torch.compiler.is_compiling():  # (a compiled step's counts are its eager probe's)
+        yield c
+        return
     token = _ACTIVE.set(c)
     try:
         yield c

@@ -36,6 +36,7 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import scalar
 from ..errors import ConfigError
 from ..inner import GD, Dynamics, unroll
 from .base import Context, Solver, descend
@@ -64,7 +65,8 @@ class PrimalDualVF(Solver):
         self.upper = GD(lr=lr) if upper is None else upper
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
-        return {"x": xs, "y": ys, "y_hat": ys, "lmbda": self.lmbda0,
+        lam0 = torch.tensor(self.lmbda0, dtype=xs[0].dtype, device=xs[0].device)
+        return {"x": xs, "y": ys, "y_hat": ys, "lmbda": lam0,
                 "rule_x": self.upper.init(xs), "rule_y": self.upper.init(ys)}
 
     def smoothed_lower(self, dyn: Dynamics, G, xs: T.Leaves, y0: T.Leaves) -> T.Leaves:
@@ -79,18 +81,20 @@ class PrimalDualVF(Solver):
         return T.detach(dyn.output(state))
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
-        xs, ys, lam = state["x"], state["y"], float(state["lmbda"])
+        xs, ys = state["x"], state["y"]
         bound = ctx.bound(xs, ys, ctx.upper_batch(), ctx.lower_batch())
         y_hat = self.smoothed_lower(ctx.inner(self.inner), bound.G, xs, state["y_hat"])
         _, fx, fy = O.grads(bound.F, xs, ys)
         gval, gx, gy = O.grads(bound.G, xs, ys)
         gx_hat = O.grad_x(bound.G, xs, y_hat)
-        v_a = float(O.value(bound.G, xs, y_hat)) + 0.5 * self.a1 * float(T.dot(y_hat, y_hat)) + self.a2
-        c = float(gval) - v_a
+        # λ a 0-dim tensor (one compiled graph for every λ; a Python float in older states)
+        lam = torch.as_tensor(state["lmbda"], dtype=gval.dtype, device=gval.device)
+        v_a = O.value(bound.G, xs, y_hat) + 0.5 * self.a1 * T.dot(y_hat, y_hat) + self.a2
+        c = gval - v_a
         d_x = T.axpy(lam, T.sub(gx, gx_hat), fx)
         d_y = T.axpy(lam, gy, fy)
         state["x"], state["rule_x"] = descend(self.upper, state["rule_x"], d_x, t, ctx.project_x)
         state["y"], state["rule_y"] = descend(self.upper, state["rule_y"], d_y, t, ctx.project_y)
         state["y_hat"] = y_hat
-        state["lmbda"] = min(max(lam + self.dual_lr * c, 0.0), self.lmbda_max)
-        return {"constraint": c, "lmbda": lam}
+        state["lmbda"] = (lam + self.dual_lr * c).clamp(0.0, self.lmbda_max)
+        return {"constraint": scalar(c), "lmbda": scalar(lam)}

@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import scalar
 from ..errors import ConfigError
 from ..hypergrad.base import solve_lower
 from ..inner import Dynamics
@@ -66,5 +67,5 @@ class VPBGD(Solver):
         state["y"], state["rule_y"] = descend(self.upper, state["rule_y"], d_y, t, ctx.project_y)
         state["y_hat"] = y_hat
         with O.counting():  # diagnostic, not part of the algorithm's oracle budget
-            penalty = float(gval) - float(O.value(bound.G, xs, y_hat))
-        return {"penalty": penalty, "grad_norm": float(T.norm(d_x + d_y))}
+            penalty = scalar(gval - O.value(bound.G, xs, y_hat))
+        return {"penalty": penalty, "grad_norm": scalar(T.norm(d_x + d_y))}
