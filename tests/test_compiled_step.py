@@ -376,3 +376,30 @@ def test_deterministic_steps_are_one_graph_and_equal_eager(tiny, name):
     assert any(r["compiled"] for r in comp.history)
     torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
     assert comp.state["counts"] == eager.state["counts"]
+
+
+def test_a_float_that_changes_every_step_falls_back_naming_the_entry(tiny):
+    """A Python float in the state that changes every step makes every step a new pattern (an
+    eager probe): after SCALAR_PATTERNS such values the run falls back with a warning that names
+    the entry (it ran up to MAX_PATTERNS = 32 eager steps without a word); the results stay
+    those of the eager run."""
+    from bilevel import compiled_step as CS
+
+    class Drifting(S.SOBA):
+        def init(self, ctx, xs, ys):
+            return {**super().init(ctx, xs, ys), "c": 0.0}
+
+        def step(self, ctx, state, t):
+            out = super().step(ctx, state, t)
+            state["c"] = state["c"] + 0.5
+            return out
+
+    kw = dict(batch_size=4, seed=0)
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=Drifting(), steps=8, track=False)
+    with pytest.warns(C.CompileFallbackWarning, match="'c' is a Python float that changes"):
+        comp = bl.solve(**tiny.solve_kwargs(**kw), solver=Drifting(), steps=8, track=False,
+                        compile=True)
+    assert sum(not r["compiled"] for r in comp.history) == 8  # (probes, then per-oracle kernels)
+    assert len(CS._patterns(tiny.problem, Drifting)) <= CS.SCALAR_PATTERNS + 1  # (not 32)
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    assert comp.state["c"] == eager.state["c"] == 4.0

@@ -28,8 +28,9 @@ every solver gets it without code of its own:
   are re-raised by the eager step unchanged.
 
 Recompiles are counted in :func:`bilevel.compiled.stats` (``compiles``). Python floats held in
-the state that change every step (rare) make every step a new pattern: each then runs eagerly, and
-``stats()["eager_steps"]`` says so.
+the state that change every step (rare) make every step a new pattern, run eagerly: after
+``SCALAR_PATTERNS`` such values of one entry the run falls back with a warning naming the entry
+(keep it as a 0-dim tensor).
 """
 
 from __future__ import annotations
@@ -48,11 +49,15 @@ from . import compiled as C
 from . import oracles as O
 from ._warnings import retry_quietly
 
-__all__ = ["CompiledStep", "BOOKKEEPING", "MAX_PATTERNS", "settings"]
+__all__ = ["CompiledStep", "BOOKKEEPING", "MAX_PATTERNS", "SCALAR_PATTERNS", "settings"]
 
 #: more distinct patterns than this (one eager step and one graph each) fall back to per-oracle
 #: kernels with a warning
 MAX_PATTERNS = 32
+
+#: a state entry that is a Python float and takes this many new values (each a new pattern: an
+#: eager step) makes the run fall back with a warning naming it (rather than after MAX_PATTERNS)
+SCALAR_PATTERNS = 3
 
 #: ``dynamic``: torch.compile's ``dynamic`` (None: automatic — the step counter t is symbolic from
 #: a pattern's first graph, shapes are static until they change; True: shapes symbolic too)
@@ -272,6 +277,23 @@ def _pattern(solver: Any, settings: Hashable, core: dict[str, Any], t: int) -> H
     return (settings, _signature(core), solver.phase(core, t))
 
 
+def _changing_scalar(key: Hashable, patterns: dict[Hashable, Any]) -> str | None:
+    """The state entry (a Python float) whose value alone distinguishes the new pattern ``key``
+    from a known one (same settings, phase and other entries), or None. (Ints are left alone: a
+    random truncation index takes a few values, one graph each, by design.)"""
+    settings, (_, items), phase = key
+    for known in patterns:
+        k_settings, (_, k_items), k_phase = known
+        if k_settings != settings or k_phase != phase or len(k_items) != len(items):
+            continue
+        diff = [(a, b) for a, b in zip(items, k_items) if a != b]
+        if len(diff) == 1 and diff[0][0][0] == diff[0][1][0]:
+            (name, sig), _ = diff[0]
+            if type(sig) is tuple and len(sig) == 2 and sig[0] is float:
+                return name
+    return None
+
+
 def _hook(solver: Any, name: str) -> Callable[..., Any] | None:
     """``solver``'s method ``name`` if its class overrides :class:`Solver`'s no-op default."""
     from .solvers.base import Solver
@@ -309,6 +331,7 @@ class CompiledStep:
         self.last_compiled = False  # did the last step run as the compiled graph?
         self.last_finite: torch.Tensor | None = None  # its [x finite, y finite], from the graph
         self.compiles = 0  # graphs compiled by this run
+        self.scalar_patterns: dict[str, int] = {}  # state entry -> new patterns it alone made
 
     def __call__(self, state: dict[str, Any], t: int) -> dict[str, Any]:
         """One outer step on ``state`` (updated in place, as ``solver.step`` does); oracle counts
@@ -324,6 +347,15 @@ class CompiledStep:
                     f"more than {MAX_PATTERNS} patterns (structure or non-tensor values of the "
                     f"state, or {type(self.solver).__name__}.phase, keep changing)"))
                 return self._oracles(state, t)
+            name = _changing_scalar(key, self.patterns)
+            if name is not None:
+                self.scalar_patterns[name] = self.scalar_patterns.get(name, 0) + 1
+                if self.scalar_patterns[name] >= SCALAR_PATTERNS:
+                    self._give_up(RuntimeError(
+                        f"the state entry {name!r} is a Python {type(core[name]).__name__} that "
+                        f"changes from step to step (now {core[name]!r}): each value is a new "
+                        "pattern, run eagerly; keep it in the state as a 0-dim tensor"))
+                    return self._oracles(state, t)
             return self._probe(state, t, key)
         plan = self.plans.get(key)
         if plan is None:  # first use of the pattern in this run
