@@ -25,7 +25,7 @@ from .validation import (
     check_variables,
 )
 
-__all__ = ["Problem", "Objective", "Bound", "params", "batch_size"]
+__all__ = ["Problem", "Objective", "Bound", "params", "batch_size", "start_fn"]
 
 
 def start_fn(y: Any) -> Callable | None:

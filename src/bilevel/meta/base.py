@@ -235,11 +235,17 @@ class MetaLearner:
         support set ``{"support_x", "support_y"}``, the upper batch the query set. The same
         object on every call (of this learner, not of a copy): compiled kernels and step graphs
         are cached per problem, so a new one per meta-step would compile every step."""
-        own = self.__dict__.get("_batched")
-        if own is None or own[0] is not self:  # (a copy.copy of the learner builds its own)
-            own = self._batched = (self, Problem(lambda x, y, q: self.upper(q)(x, y),
-                                                 lambda x, y, s: self.lower(s)(x, y),
-                                                 name=type(self).__name__))
+        return self.built_once("_batched", lambda: Problem(
+            lambda x, y, q: self.upper(q)(x, y), lambda x, y, s: self.lower(s)(x, y),
+            name=type(self).__name__))
+
+    def built_once(self, name: str, build: Callable[[], Any]) -> Any:
+        """``build()`` cached on this learner object under ``name`` (a ``copy.copy`` of the
+        learner, e.g. :meth:`with_steps`, builds its own: the objects close over ``self``)."""
+        own = self.__dict__.get(name)
+        if own is None or own[0] is not self:
+            own = (self, build())
+            setattr(self, name, own)
         return own[1]
 
     def task_sum_grad(self, x: Any, tasks: Mapping[str, Tensor], *, vmap: bool = True

@@ -91,7 +91,5 @@ class R2D2(MetaLearner):
         """Backpropagation through the ridge solve on the task's support set (the lower batch);
         built once per learner (its constructor inspects the solve's signature, which a compiled
         meta-step cannot trace)."""
-        own = self.__dict__.get("_estimator")
-        if own is None or own[0] is not self:  # (a copy.copy of the learner builds its own)
-            own = self._estimator = (self, ClosedForm(lambda x_, support: self.solve(x_, support)))
-        return own[1]
+        return self.built_once("_estimator",
+                               lambda: ClosedForm(lambda x_, support: self.solve(x_, support)))

@@ -47,6 +47,7 @@ class MetaTraining(Solver):
     ``collectives`` (1 per step) and ``local_tasks``."""
 
     reference = "meta-training outer loop (Finn et al. 2017, Alg. 2 lines 3-10)"
+
     def __init__(self, learner: MetaLearner, sampler: Any, meta_batch: int = 16,
                  outer: Dynamics | None = None, vmap: bool | None = None,
                  task_parallel: bool | None = None):
