@@ -156,8 +156,10 @@ def vmap(
     with O.batched(B):  # the traced function runs once: B tasks' worth of oracle calls
         grad, ys, info_t, pt_t, sh_t, flags = fn(x, None if y_fn is not None else y, ub, lb, st_leaves)
     if flags.numel() and torch.compiler.is_compiling():  # (inside a compiled solver step: the
-        errors = side["errors"]  # step checks after the graph, and reruns eagerly if one failed)
-        require(flags.all(), lambda: errors[0]())
+        # step checks after the graph, and reruns eagerly if one failed) — one deferred check per
+        # traced check, over the tasks, with that check's own error
+        for j, error in enumerate(side["errors"]):
+            require(flags[:, j].all(), error)
     elif flags.numel() and not bool(flags.all()):
         bad = (~flags).nonzero()
         i, j = int(bad[0, 0]), int(bad[0, 1])
