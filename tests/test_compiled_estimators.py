@@ -280,3 +280,50 @@ def test_inductor_compiled_estimators():
         a = est(ref.problem, ref.x, ref.y0)
         b = bl.compile(est)(ref.problem, ref.x, ref.y0)
         assert rel_err(b.grad, a.grad) < 1e-10
+
+
+@pytest.mark.skipif(torch.backends.mkl.is_available() is False, reason="torch built without MKL")
+def test_inductor_reverse_with_packed_data_follows_the_data():
+    """Inductor with the products pass on a float32 linear model whose data matrix is large enough
+    to be packed (bilevel._gemm, MKL packed GEMM; the packed ways forced): compiled Reverse and CG
+    equal eager; after the data change in place, and for a second problem on other data of the
+    same shapes (the same kernels), they equal eager on the new data — a packed copy is never
+    used stale."""
+    from bilevel import _gemm as G
+
+    C.settings["backend"] = "inductor"
+    old_fastest = G._fastest
+    G._fastest = lambda a, b, rounds=7, pack=None: f"{pack}/aten" if pack else "aten"
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(600, 300, generator=gen)
+    Xv = torch.randn(600, 300, generator=gen)
+    labels = torch.randint(0, 10, (600,), generator=gen)
+
+    def make(X):
+        def g(lam, W):
+            logits_t = W.t() @ X.t()
+            return (torch.nn.functional.cross_entropy(logits_t.unsqueeze(0), labels.unsqueeze(0))
+                    + 0.5 * (torch.exp(lam) * W * W).sum())
+
+        def f(lam, W):
+            return torch.nn.functional.cross_entropy((W.t() @ Xv.t()).unsqueeze(0),
+                                                     labels.unsqueeze(0))
+
+        return bl.Problem(f, g, name="packed-logreg")
+
+    lam, W0 = torch.full((300, 10), -1.0), torch.zeros(300, 10)
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            problem = make(X)
+            for est in (H.Reverse(bl.inner.GD(0.5, 3)), H.CG(bl.inner.GD(0.5, 3), iters=3)):
+                torch.testing.assert_close(bl.compile(est)(problem, lam, W0).grad,
+                                           est(problem, lam, W0).grad, rtol=1e-4, atol=1e-7)
+            assert any(w.startswith("packed") for w in G.choices().values())
+            X.mul_(-1.5)  # in place: the packed copies of X and Xᵀ are stale now
+            other = make(torch.randn(600, 300, generator=gen))
+            for p in (problem, other):
+                for est in (H.Reverse(bl.inner.GD(0.5, 3)), H.CG(bl.inner.GD(0.5, 3), iters=3)):
+                    torch.testing.assert_close(bl.compile(est)(p, lam, W0).grad,
+                                               est(p, lam, W0).grad, rtol=1e-4, atol=1e-7)
+    finally:
+        G._fastest = old_fastest

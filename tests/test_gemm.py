@@ -19,6 +19,16 @@ from bilevel.errors import ConfigError
 needs_onednn = pytest.mark.skipif(G._LINEAR is None, reason="torch built without oneDNN")
 
 
+@pytest.fixture
+def no_inductor_cache():
+    """Inductor's on-disk cache off, so that the products pass runs (torch's own config patch: a
+    monkeypatched attribute of the config module is not restored as the module expects)."""
+    import torch._inductor.config as ic
+
+    with ic.patch(fx_graph_cache=False):
+        yield
+
+
 def _operand(rows: int, cols: int, transposed: bool, gen: torch.Generator) -> torch.Tensor:
     if transposed:
         return torch.randn(cols, rows, generator=gen).t()
@@ -85,7 +95,7 @@ def _products(gm):
 @pytest.mark.parametrize("chosen", ["onednn", "onednn_t", "aten"])
 def test_pass_rewrites_large_float32_products_with_the_chosen_way(monkeypatch, chosen):
     monkeypatch.setattr(G, "_CHOSEN", {})
-    monkeypatch.setattr(G, "_fastest", lambda a, b: chosen)
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: chosen)
 
     def f(X, W, v, Xd, Wd):
         return X @ W, v @ W.t(), Xd @ Wd  # large float32, small float32, large float64
@@ -112,7 +122,7 @@ def test_pass_rewrites_a_linear_layer_as_product_plus_bias(monkeypatch):
     """``F.linear`` (aten.addmm(bias, x, Wᵀ)): the product by the chosen way, then + bias; an
     addmm with β ≠ 1 is left alone."""
     monkeypatch.setattr(G, "_CHOSEN", {})
-    monkeypatch.setattr(G, "_fastest", lambda a, b: "onednn")
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: "onednn")
 
     def f(x, W, bias, c):
         return torch.nn.functional.linear(x, W, bias), torch.addmm(c, x, W.t(), beta=0.5)
@@ -132,14 +142,12 @@ def test_pass_rewrites_a_linear_layer_as_product_plus_bias(monkeypatch):
 @needs_onednn
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="inductor's C++ code generation needs a compiler")
+@pytest.mark.usefixtures("no_inductor_cache")
 def test_inductor_runs_the_rewritten_product(monkeypatch):
     """Through inductor (the kernels' Products pass, on-disk cache off so that the pass runs): a
     product and a linear layer by a forced oneDNN way, equal to eager to float32 rounding."""
-    import torch._inductor.config as ic
-
-    monkeypatch.setattr(ic, "fx_graph_cache", False)
     monkeypatch.setattr(G, "_CHOSEN", {})
-    monkeypatch.setattr(G, "_fastest", lambda a, b: "onednn")
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: "onednn")
     monkeypatch.setitem(C.settings, "backend", "inductor")
     monkeypatch.setitem(C.settings, "gemm", "auto")
 
@@ -166,3 +174,170 @@ def test_unknown_gemm_setting_is_rejected(monkeypatch, tiny):
     for mode in ("step", "oracles"):
         with pytest.raises(ConfigError, match="'auto' or 'aten', got 'mkl'"):
             bl.solve(**tiny.solve_kwargs(), solver=SOBA(), steps=1, compile=mode)
+
+
+# --- packed products: MKL's packed GEMM with the large operand (a kernel input) packed once ------
+
+needs_pack = pytest.mark.skipif(G._PACK is None, reason="torch built without MKL")
+
+
+@pytest.fixture
+def fresh_packs(monkeypatch):
+    monkeypatch.setattr(G, "_PACKED", G.OrderedDict())
+    monkeypatch.setattr(G, "_MISSES", {})
+    monkeypatch.setattr(G, "_UNPACKED", set())
+
+
+def _bound(a, b):
+    return a.shape[1] * torch.finfo(torch.float32).eps * (a.abs().double() @ b.abs().double())
+
+
+@needs_pack
+@pytest.mark.usefixtures("fresh_packs")
+@pytest.mark.parametrize("ta,tb", list(itertools.product([False, True], repeat=2)))
+def test_packed_ways_are_the_product_in_their_layout(ta, tb):
+    """packed_b (b packed) and packed_a (a packed) equal a b to float32 rounding for every layout
+    of the operands; packed_a's output is column-major, as the op's fake says, on the packed path
+    and on the fallback path alike."""
+    gen = torch.Generator().manual_seed(3)
+    thin, big = _operand(10, 300, ta, gen), _operand(300, 400, tb, gen)
+    for name, a, b in (("packed_b", thin, big), ("packed_a", big.t(), thin.t())):
+        want = a.double() @ b.double()
+        for site, fallback in (("s", "aten"), ("never", "onednn")):
+            if site == "never":
+                G._UNPACKED.add(site)
+            got = torch.ops.bilevel.mm(a, b, f"{name}/{fallback}/{site}")
+            layout = G._layout(a, b, f"{name}/{fallback}/{site}")
+            assert got.shape == want.shape and got.stride() == layout.stride(), (name, site)
+            assert ((got.double() - want).abs() <= _bound(a, b)).all(), (name, site)
+
+
+@needs_pack
+@pytest.mark.usefixtures("fresh_packs")
+def test_packed_operand_is_kept_until_it_changes():
+    """The packed form is reused while the operand's storage and version stay; an in-place change
+    (version counter), another tensor of the same shape, or another offset into the same storage
+    each get their own packing — the product is always the current one."""
+    gen = torch.Generator().manual_seed(4)
+    X, a = torch.randn(300, 400, generator=gen), torch.randn(10, 400, generator=gen)
+    p1 = G.packed(X, 10, "s")
+    assert G.packed(X, 10, "s") is p1 and G.packed(X.t().t(), 10, "s") is p1  # a view: the same
+    torch.testing.assert_close(G._packed_b(a, X.t(), "s"), a @ X.t(), rtol=0, atol=1e-3)
+    X.mul_(2.0)  # in place: version bump
+    p2 = G.packed(X, 10, "s")
+    assert p2 is not p1
+    torch.testing.assert_close(G._packed_b(a, X.t(), "s"), a @ X.t(), rtol=0, atol=2e-3)
+    Y = X.clone()
+    assert G.packed(Y, 10, "s") is not p2
+    big = torch.randn(600, 400, generator=gen)
+    top, bottom = big[:300], big[300:]
+    pt, pb = G.packed(top, 10, "s"), G.packed(bottom, 10, "s")
+    assert pt is not pb
+    torch.testing.assert_close(G._packed_b(a, bottom.t(), "s"), a @ bottom.t(), rtol=0, atol=1e-3)
+    with torch.inference_mode():
+        Z = torch.randn(300, 400)
+    assert G.packed(Z, 10, "inference") is None and "inference" in G._UNPACKED
+
+
+@needs_pack
+@pytest.mark.usefixtures("fresh_packs")
+def test_a_product_that_meets_a_new_operand_every_call_stops_packing():
+    """PACK_MISSES misses in a row (no hit between them) and that product packs no more; a hit
+    resets the count; other products are not affected."""
+    a = torch.randn(10, 400)
+    Xs = [torch.randn(300, 400) for _ in range(G.PACK_MISSES + 2)]
+    for X in Xs[:2]:
+        assert G.packed(X, 10, "new-each-call") is not None
+    assert G.packed(Xs[1], 10, "new-each-call") is not None  # a hit: the count starts again
+    for X in Xs[2:G.PACK_MISSES + 1]:  # PACK_MISSES - 1 misses in a row: still packing
+        assert G.packed(X, 10, "new-each-call") is not None
+    assert G.packed(Xs[-1], 10, "new-each-call") is None  # the PACK_MISSES-th miss in a row
+    assert "new-each-call" in G._UNPACKED and "other" not in G._UNPACKED
+    got = torch.ops.bilevel.mm(a, Xs[0].t(), "packed_b/aten/new-each-call")  # the fallback
+    torch.testing.assert_close(got, a @ Xs[0].t(), rtol=0, atol=1e-3)
+
+
+@needs_pack
+@pytest.mark.usefixtures("fresh_packs")
+def test_packed_cache_is_bounded(monkeypatch):
+    """At most PACK_BYTES of packed operands; the least recently used go first, and entries of
+    freed tensors are dropped."""
+    one = G._PACK(torch.randn(300, 400), 10)
+    monkeypatch.setattr(G, "PACK_BYTES", 2 * one.numel() * one.element_size())
+    Xs = [torch.randn(300, 400) for _ in range(3)]
+    for X in Xs:
+        G.packed(X, 10, "s")
+    assert len(G._PACKED) == 2
+    del Xs[1:]
+    G.packed(torch.randn(300, 400), 10, "t")
+    assert len(G._PACKED) == 2  # both freed entries dropped, then X0's and the new one
+
+
+def test_packed_way_wins_on_its_best_time(monkeypatch):
+    """The packed way takes no margin: it wins whenever its best time is below the best unpacked
+    way's, and the answer names that unpacked way as its fallback."""
+    now = [0.0]
+    cost = {"aten": 3.0, "onednn": 2.0, "onednn_t": 2.5, "packed_b": 1.9}
+    monkeypatch.setattr(G.time, "perf_counter", lambda: now[0])
+
+    def way(name):
+        def run(a, b, *site):
+            now[0] += cost[name]
+            return a
+        return run
+
+    monkeypatch.setattr(G, "_WAYS", {n: way(n) for n in ("aten", "onednn", "onednn_t")})
+    monkeypatch.setattr(G, "_PACKED_WAYS", {"packed_b": way("packed_b")})
+    assert G._fastest(torch.ones(2, 2), torch.ones(2, 2), rounds=2, pack="packed_b") \
+        == "packed_b/onednn"
+    cost["packed_b"] = 2.1
+    assert G._fastest(torch.ones(2, 2), torch.ones(2, 2), rounds=2, pack="packed_b") == "onednn"
+
+
+@needs_pack
+def test_pack_candidates_are_large_kernel_inputs():
+    """A product's large operand is packed only if it is a graph input (or a view of one) with at
+    least PACK_RATIO times the other's entries — never a value computed in the kernel."""
+
+    def f(X, W, Y):
+        return W.t() @ X.t(), X.t() @ (X @ W), (Y * 2) @ W, Y @ W
+
+    X, W, Y = torch.randn(700, 400), torch.randn(400, 10), torch.randn(700, 400)
+    gm = _graph(f, X, W, Y)
+    got = []
+    for n in _products(gm):
+        pa, pb = n.args[:2]
+        got.append(G._pack_candidate(pa, pb, pa.meta["val"], pb.meta["val"]))
+    # Wᵀ Xᵀ: b = Xᵀ (input view); Xᵀ (X W): a = Xᵀ; X @ W inside it: a = X; (2Y) W: computed;
+    # Y W: input
+    assert sorted(map(str, got)) == sorted(map(str, ["packed_b", "packed_a", "packed_a", None,
+                                                     "packed_a"]))
+
+
+@needs_pack
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="inductor's C++ code generation needs a compiler")
+@pytest.mark.usefixtures("fresh_packs", "no_inductor_cache")
+def test_inductor_runs_packed_products(monkeypatch):
+    """Through inductor, with the packed ways forced: equal to eager; after an in-place change of
+    the data and with other data of the same shape (no recompile: a guard does not see values),
+    still equal to eager on the new values."""
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: f"{pack}/aten" if pack else "aten")
+    monkeypatch.setitem(C.settings, "backend", "inductor")
+    monkeypatch.setitem(C.settings, "gemm", "auto")
+
+    def f(X, W):
+        P = torch.softmax(W.t() @ X.t(), 0)  # [10, 700]: Xᵀ packed (packed_b)
+        return X.t() @ P.t()                 # [400, 10]: Xᵀ packed (packed_a)
+
+    gen = torch.Generator().manual_seed(5)
+    X, W = torch.randn(700, 400, generator=gen), torch.randn(400, 10, generator=gen)
+    run = torch.compile(f, backend=C._kernel_backend, fullgraph=True)
+    torch.testing.assert_close(run(X, W), f(X, W), rtol=1e-5, atol=1e-4)
+    assert sorted(v.split("/")[0] for v in G.choices().values()) == ["packed_a", "packed_b"]
+    assert len(G._PACKED) == 2
+    X.mul_(-0.5)
+    torch.testing.assert_close(run(X, W), f(X, W), rtol=1e-5, atol=1e-4)
+    X2 = torch.randn(700, 400, generator=gen)
+    torch.testing.assert_close(run(X2, W), f(X2, W), rtol=1e-5, atol=1e-4)
