@@ -169,10 +169,10 @@ def test_unknown_gemm_setting_is_rejected(monkeypatch, tiny):
 
     monkeypatch.setitem(C.settings, "gemm", "mkl")
     ref = REFERENCE_PROBLEMS["ridge"]()
-    with pytest.raises(ConfigError, match="'auto' or 'aten', got 'mkl'"):
+    with pytest.raises(ConfigError, match="'auto' or 'unpacked' or 'aten', got 'mkl'"):
         bl.compile(bl.hypergrad.Reverse(bl.inner.GD(ref.lr, 3)))(ref.problem, ref.x, ref.y0)
     for mode in ("step", "oracles"):
-        with pytest.raises(ConfigError, match="'auto' or 'aten', got 'mkl'"):
+        with pytest.raises(ConfigError, match="'auto' or 'unpacked' or 'aten', got 'mkl'"):
             bl.solve(**tiny.solve_kwargs(), solver=SOBA(), steps=1, compile=mode)
 
 
@@ -341,3 +341,21 @@ def test_inductor_runs_packed_products(monkeypatch):
     torch.testing.assert_close(run(X, W), f(X, W), rtol=1e-5, atol=1e-4)
     X2 = torch.randn(700, 400, generator=gen)
     torch.testing.assert_close(run(X2, W), f(X2, W), rtol=1e-5, atol=1e-4)
+
+
+@needs_pack
+def test_unpacked_setting_never_packs(monkeypatch):
+    """``settings["gemm"] = "unpacked"``: the pass is asked for no packed way (and "auto" is)."""
+    seen = []
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: seen.append(pack) or "aten")
+
+    def f(X, W):
+        return W.t() @ X.t()
+
+    for gemm, want in (("unpacked", None), ("auto", "packed_b")):
+        monkeypatch.setitem(C.settings, "gemm", gemm)
+        seen.clear()
+        gm = _graph(f, torch.randn(700, 400), torch.randn(400, 10))
+        C._Products(thin=False)(gm.graph)
+        assert seen == [want], gemm

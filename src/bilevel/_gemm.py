@@ -274,11 +274,12 @@ def _pack_candidate(pa: torch.fx.Node, pb: torch.fx.Node, va: torch.Tensor, vb: 
     return None
 
 
-def rewrite(graph: torch.fx.Graph) -> int:
+def rewrite(graph: torch.fx.Graph, pack: bool = True) -> int:
     """Put ``bilevel::mm(a, b, way)`` in place of every float32 CPU ``aten.mm`` of at least
-    :data:`MIN_MACS` multiply-adds in a post-grad graph for which a oneDNN way is the fastest, and
-    ``bilevel::mm(a, b, way) + bias`` in place of such an ``aten.addmm(bias, a, b)`` (a linear
-    layer; β = α = 1 only); returns how many products it rewrote."""
+    :data:`MIN_MACS` multiply-adds in a post-grad graph for which a oneDNN way (or, with
+    ``pack``, a packed way: :func:`_pack_candidate`) is the fastest, and ``bilevel::mm(a, b, way) +
+    bias`` in place of such an ``aten.addmm(bias, a, b)`` (a linear layer; β = α = 1 only);
+    returns how many products it rewrote."""
     if _LINEAR is None:
         return 0
     aten, done = torch.ops.aten, 0
@@ -298,11 +299,11 @@ def rewrite(graph: torch.fx.Graph) -> int:
         a, b = _sample(va), _sample(vb)
         if a is None or b is None:
             continue
-        pack = _pack_candidate(pa, pb, va, vb)
+        packing = _pack_candidate(pa, pb, va, vb) if pack else None
         key = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), torch.get_num_threads(),
-               pack)
+               packing)
         if key not in _CHOSEN:
-            _CHOSEN[key] = _fastest(a, b, pack=pack)
+            _CHOSEN[key] = _fastest(a, b, pack=packing)
         way = _CHOSEN[key]
         if way == "aten":
             continue

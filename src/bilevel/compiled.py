@@ -134,7 +134,7 @@ def _kernel_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     """:func:`_counting_backend` with the large products by :mod:`bilevel._gemm`
     (``settings["gemm"] == "auto"``): the oracle kernels and the whole solver steps of
     :mod:`bilevel.compiled_step`."""
-    if settings["gemm"] != "auto" or settings["backend"] != "inductor":
+    if settings["gemm"] == "aten" or settings["backend"] != "inductor":
         return _counting_backend(gm, example_inputs)
     return _counting_backend(gm, example_inputs,
                              {"post_grad_custom_post_pass": _products_pass(thin=False)})
@@ -232,8 +232,8 @@ class _Products:
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.thin:
             self._thin(graph)
-        if settings["gemm"] == "auto":
-            _gemm.rewrite(graph)
+        if settings["gemm"] != "aten":
+            _gemm.rewrite(graph, pack=settings["gemm"] == "auto")
 
     def _thin(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
@@ -261,7 +261,7 @@ class _Products:
 
     def uuid(self) -> str:  # FX-graph-cache key of this pass (bump the version when it changes)
         # (the products' timing depends on the thread count: a part of the key)
-        return (f"bilevel-products-10-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}-"
+        return (f"bilevel-products-11-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}-"
                 f"{_gemm.MARGIN}-{_gemm.PACK_RATIO}-{_gemm._PACK is not None}-"
                 f"{torch.get_num_threads()}")
 
@@ -292,7 +292,7 @@ def check_choices(where: str, values: dict[str, Any], allowed: dict[str, tuple[s
 
 def check_settings() -> None:
     """Reject a ``settings["gemm"]`` the kernels cannot honour."""
-    check_choices("bilevel.compiled", settings, {"gemm": ("auto", "aten")})
+    check_choices("bilevel.compiled", settings, {"gemm": ("auto", "unpacked", "aten")})
 
 
 def _estimator_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -388,7 +388,9 @@ def _transposed(t: torch.Tensor) -> torch.Tensor:
 settings["data_layout"] = True
 #: the compiled kernels' large float32 CPU products (:mod:`bilevel._gemm`; inductor): "auto"
 #: computes each with the faster of BLAS and oneDNN for its shapes (timed when the kernel compiles;
-#: the ways agree to rounding, not bit for bit), "aten" with BLAS (``torch.mm``) only
+#: the ways agree to rounding, not bit for bit) and, where its large operand is a kernel input
+#: (data), MKL's packed GEMM with that operand packed once (2.4× its memory, kept while it does not
+#: change); "unpacked" the same without packing; "aten" with BLAS (``torch.mm``) only
 settings["gemm"] = "auto"
 #: inner steps per compiled kernel call (Reverse / the lower solve): n > 1 saves n − 1 calls'
 #: overhead per n steps, for a graph (and compile time) n times larger
