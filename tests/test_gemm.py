@@ -296,22 +296,27 @@ def test_packed_way_wins_on_its_best_time(monkeypatch):
 
 @needs_pack
 def test_pack_candidates_are_large_kernel_inputs():
-    """A product's large operand is packed only if it is a graph input (or a view of one) with at
-    least PACK_RATIO times the other's entries — never a value computed in the kernel."""
+    """A product's large operand is packed only if it is a kernel input (or a view of one) with at
+    least PACK_RATIO times the other's entries — never a value computed in the kernel, nor a
+    backward graph's saved value (a placeholder named after its forward node, which may be a view
+    inductor made, with a version counter that never moves). make_fx names the placeholders
+    after the arguments: ``arg0`` → ``arg0_1``, as AOT autograd's inputs; ``permute`` →
+    ``permute_1``, as a saved view."""
 
-    def f(X, W, Y):
-        return W.t() @ X.t(), X.t() @ (X @ W), (Y * 2) @ W, Y @ W
+    def f(arg0, arg1, arg2, permute):
+        X, W, Y = arg0, arg1, arg2
+        return W.t() @ X.t(), X.t() @ (X @ W), (Y * 2) @ W, Y @ W, permute.t() @ W
 
     X, W, Y = torch.randn(700, 400), torch.randn(400, 10), torch.randn(700, 400)
-    gm = _graph(f, X, W, Y)
+    gm = _graph(f, X, W, Y, Y.t())
     got = []
     for n in _products(gm):
         pa, pb = n.args[:2]
         got.append(G._pack_candidate(pa, pb, pa.meta["val"], pb.meta["val"]))
     # Wᵀ Xᵀ: b = Xᵀ (input view); Xᵀ (X W): a = Xᵀ; X @ W inside it: a = X; (2Y) W: computed;
-    # Y W: input
+    # Y W: input; a saved view: no
     assert sorted(map(str, got)) == sorted(map(str, ["packed_b", "packed_a", "packed_a", None,
-                                                     "packed_a"]))
+                                                     "packed_a", None]))
 
 
 @needs_pack
@@ -350,8 +355,8 @@ def test_unpacked_setting_never_packs(monkeypatch):
     monkeypatch.setattr(G, "_CHOSEN", {})
     monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: seen.append(pack) or "aten")
 
-    def f(X, W):
-        return W.t() @ X.t()
+    def f(arg0, arg1):
+        return arg1.t() @ arg0.t()
 
     for gemm, want in (("unpacked", None), ("auto", "packed_b")):
         monkeypatch.setitem(C.settings, "gemm", gemm)
@@ -359,3 +364,32 @@ def test_unpacked_setting_never_packs(monkeypatch):
         gm = _graph(f, torch.randn(700, 400), torch.randn(400, 10))
         C._Products(thin=False)(gm.graph)
         assert seen == [want], gemm
+
+
+@needs_pack
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="inductor's C++ code generation needs a compiler")
+@pytest.mark.usefixtures("fresh_packs", "no_inductor_cache")
+def test_inductor_backward_of_packed_products_follows_the_data(monkeypatch):
+    """A training graph (W requires grad) on data X read both ways: the forward's and the
+    backward's packed products equal eager, also after X changes in place between calls — the
+    backward reads X through the kernel input (views recomputed, not saved), never a stale copy."""
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: f"{pack}/aten" if pack else "aten")
+    monkeypatch.setitem(C.settings, "backend", "inductor")
+    monkeypatch.setitem(C.settings, "gemm", "auto")
+
+    def f(X, W):
+        return (torch.softmax(W.t() @ X.t(), 0) ** 2).sum() + torch.tanh(X @ W).sum()
+
+    gen = torch.Generator().manual_seed(6)
+    X = torch.randn(700, 400, generator=gen)
+    W = torch.randn(400, 10, generator=gen, requires_grad=True)
+    run = torch.compile(f, backend=C._kernel_backend, fullgraph=True)
+    for change in (None, lambda: X.mul_(-0.7), lambda: X.add_(0.3)):
+        if change is not None:
+            change()
+        (want,) = torch.autograd.grad(f(X, W), W)
+        (got,) = torch.autograd.grad(run(X, W), W)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert any(v.startswith("packed") for v in G.choices().values())

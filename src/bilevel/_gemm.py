@@ -32,6 +32,7 @@ call to call (a packing per call costs ~10 products), the product stops being pa
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -254,10 +255,18 @@ _VIEWS = {torch.ops.aten.permute.default, torch.ops.aten.t.default,
 
 
 def _input_of(n: torch.fx.Node) -> torch.fx.Node | None:
-    """The graph input n is (or is a view of: a transpose, a reshape without copy), or None."""
+    """The kernel input n is (or is a view of: a transpose, a reshape without copy), or None.
+
+    Only inputs proper count (AOT autograd's ``primals_i`` / ``argi_j``; in a backward graph a
+    saved input keeps its ``primals_i`` name): a value the forward computed and saved for the
+    backward (a placeholder of the backward graph with its node's name) may be a view inductor
+    made, whose version counter never moves, so its changes could not be seen."""
     while n.op == "call_function" and n.target in _VIEWS:
         n = n.args[0]
-    return n if n.op == "placeholder" else None
+    if n.op == "placeholder" and (n.name.startswith("primals_") or re.fullmatch(r"arg\d+_\d+",
+                                                                                   n.name)):
+        return n
+    return None
 
 
 def _pack_candidate(pa: torch.fx.Node, pb: torch.fx.Node, va: torch.Tensor, vb: torch.Tensor

@@ -120,11 +120,15 @@ def _counting_backend(gm: torch.fx.GraphModule, example_inputs: list,
 
         if mode is None and not patches:
             return compile_fx(gm, example_inputs)
+        from torch._functorch import config as functorch_config
         from torch._inductor import list_mode_options
 
-        return compile_fx(gm, example_inputs,
-                          config_patches={**(list_mode_options(mode) if mode else {}),
-                                          **(patches or {})})
+        # views are recomputed in the backward, never saved: its products then read the data
+        # through the kernel's input itself, whose version counter _gemm's packed copies need
+        with functorch_config.patch(recompute_views=settings["gemm"] == "auto"):
+            return compile_fx(gm, example_inputs,
+                              config_patches={**(list_mode_options(mode) if mode else {}),
+                                              **(patches or {})})
     from torch._dynamo import lookup_backend
 
     return lookup_backend(name)(gm, example_inputs)
@@ -261,7 +265,7 @@ class _Products:
 
     def uuid(self) -> str:  # FX-graph-cache key of this pass (bump the version when it changes)
         # (the products' timing depends on the thread count: a part of the key)
-        return (f"bilevel-products-11-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}-"
+        return (f"bilevel-products-12-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}-"
                 f"{_gemm.MARGIN}-{_gemm.PACK_RATIO}-{_gemm._PACK is not None}-"
                 f"{torch.get_num_threads()}")
 
