@@ -445,7 +445,11 @@ def test_hypergradient_descent_carries_the_stats_across_outer_steps(cnn_problem)
     for _ in range(T_):
         r = est(prob, x, y, buffers=b)
         x, y, b = x - 0.1 * r.grad, r.y, r.buffers
-    assert all(torch.equal(s[k], b[k]) for k in s) and torch.equal(res.x, x)
+    assert all(torch.equal(s[k], b[k]) for k in s)
+    # x to rounding: the solver's step is torch.add(x, g, alpha=-0.1), which CPUs with AVX-512
+    # compute with one fused multiply-add (one rounding) where x - 0.1 * g rounds twice (1 ulp
+    # apart on an Intel Xeon; bitwise equal on the AMD EPYC where this test was written)
+    torch.testing.assert_close(res.x, x, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
     # tracking evaluated the eval-mode f with the carried statistics of the last step
     want = float(prob.f(res.x, res.y, buffers=s))
     assert res.history[-1]["upper_loss"] == pytest.approx(want, rel=1e-12)
