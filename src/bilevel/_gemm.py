@@ -27,7 +27,8 @@ see, e.g. through a numpy view of the storage, is not seen here either — the s
 autograd's saved tensors). Measured on an Intel Xeon, one thread: 355 µs for [10, 784] @
 [784, 2500] against 460–500 µs for the best unpacked way. If the operand turns out to change from
 call to call (a packing per call costs ~10 products), the product stops being packed after
-:data:`PACK_MISSES` misses and takes the best unpacked way (written after the ``/`` of its way).
+:data:`PACK_MISSES` misses in a row and takes the best unpacked way (written after the ``/`` of its
+way).
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ def _fastest(a: torch.Tensor, b: torch.Tensor, rounds: int = 7, pack: str | None
 
 def _layout(a: torch.Tensor, b: torch.Tensor, way: str, root: torch.Tensor | None = None
             ) -> torch.Tensor:
-    """An empty output of ``bilevel::mm(a, b, way)``: row-major, column-major for packed_a."""
+    """An empty output of ``bilevel::mm(a, b, way)``: row-major, column-major for packed_a (the
+    op's fake implementation, hence ``root``, unused, in its signature)."""
     if way.startswith("packed_a/"):
         return a.new_empty(b.shape[1], a.shape[0]).t()
     return a.new_empty(a.shape[0], b.shape[1])
