@@ -197,18 +197,25 @@ def _bound(a, b):
 @pytest.mark.parametrize("ta,tb", list(itertools.product([False, True], repeat=2)))
 def test_packed_ways_are_the_product_in_their_layout(ta, tb):
     """packed_b (b packed) and packed_a (a packed) equal a b to float32 rounding for every layout
-    of the operands; packed_a's output is column-major, as the op's fake says, on the packed path
-    and on the fallback path alike."""
+    of the operands: as eager helpers (packed_a column-major), and as the kernels' op
+    ``packed_linear(x, w)`` = x wᵀ, row-major, on the operands the pass gives it (packed_b: x = a,
+    w = bᵀ; packed_a: x = bᵀ, w = a, the product's transpose), on the packed path and on the
+    fallback path alike."""
     gen = torch.Generator().manual_seed(3)
     thin, big = _operand(10, 300, ta, gen), _operand(300, 400, tb, gen)
     for name, a, b in (("packed_b", thin, big), ("packed_a", big.t(), thin.t())):
         want = a.double() @ b.double()
+        got = G._PACKED_WAYS[name](a, b, "eager")
+        assert got.stride() == ((1, got.shape[0]) if name == "packed_a" else (got.shape[1], 1))
+        assert ((got.double() - want).abs() <= _bound(a, b)).all(), name
+        x, w = (a.contiguous(), b.t()) if name == "packed_b" else (b.t().contiguous(), a)
         for site, fallback in (("s", "aten"), ("never", "onednn")):
             if site == "never":
                 G._UNPACKED.add(site)
-            got = torch.ops.bilevel.mm(a, b, f"{name}/{fallback}/{site}")
-            layout = G._layout(a, b, f"{name}/{fallback}/{site}")
-            assert got.shape == want.shape and got.stride() == layout.stride(), (name, site)
+            got = torch.ops.bilevel.packed_linear(x, w, f"{name}/{fallback}/{site}")
+            assert got.is_contiguous(), (name, site)
+            got = got if name == "packed_b" else got.t()
+            assert got.shape == want.shape, (name, site)
             assert ((got.double() - want).abs() <= _bound(a, b)).all(), (name, site)
 
 
@@ -253,7 +260,7 @@ def test_a_product_that_meets_a_new_operand_every_call_stops_packing():
         assert G.packed(X, 10, "new-each-call") is not None
     assert G.packed(Xs[-1], 10, "new-each-call") is None  # the PACK_MISSES-th miss in a row
     assert "new-each-call" in G._UNPACKED and "other" not in G._UNPACKED
-    got = torch.ops.bilevel.mm(a, Xs[0].t(), "packed_b/aten/new-each-call")  # the fallback
+    got = torch.ops.bilevel.packed_linear(a, Xs[0], "packed_b/aten/new-each-call")  # fallback
     torch.testing.assert_close(got, a @ Xs[0].t(), rtol=0, atol=1e-3)
 
 
@@ -393,3 +400,65 @@ def test_inductor_backward_of_packed_products_follows_the_data(monkeypatch):
         (got,) = torch.autograd.grad(run(X, W), W)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert any(v.startswith("packed") for v in G.choices().values())
+
+
+@needs_pack
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="inductor's C++ code generation needs a compiler")
+@pytest.mark.usefixtures("fresh_packs", "no_inductor_cache")
+def test_inductor_gives_packed_products_their_small_operand_in_the_layout_mkl_reads(monkeypatch):
+    """The small operand of a packed product reaches ``_mkl_linear`` row-major (read without a
+    copy) although the graph computes it transposed (packed_b: a = Wᵀ, a view of W; packed_a:
+    b = tanh(P)ᵀ); the products equal eager."""
+    seen: list[tuple[str, bool]] = []
+    linear = G._packed_linear
+
+    def spy(x, w, site="", root=None):
+        seen.append((site, x.is_contiguous()))
+        return linear(x, w, site, root)
+
+    monkeypatch.setattr(G, "_packed_linear", spy)
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: f"{pack}/aten" if pack else "aten")
+    monkeypatch.setitem(C.settings, "backend", "inductor")
+    monkeypatch.setitem(C.settings, "gemm", "auto")
+
+    def f(X, W):
+        P = torch.softmax(W.t() @ X.t(), 0)   # packed_b, a = Wᵀ: column-major as traced
+        return X.t() @ torch.tanh(P).t()      # packed_a, b = tanh(P)ᵀ
+
+    gen = torch.Generator().manual_seed(8)
+    X, W = torch.randn(700, 400, generator=gen), torch.randn(400, 10, generator=gen)
+    run = torch.compile(f, backend=C._kernel_backend, fullgraph=True)
+    torch.testing.assert_close(run(X, W), f(X, W), rtol=1e-5, atol=1e-4)
+    assert len(seen) == 2 and all(contiguous for _, contiguous in seen)
+    assert sorted(v.split("/")[0] for v in G.choices().values()) == ["packed_a", "packed_b"]
+
+
+@needs_pack
+def test_pass_writes_packed_products_with_their_operands_in_place(monkeypatch):
+    """At the graph level: a packed product becomes ``packed_linear(x, w)`` = x wᵀ with w the
+    big operand (packed_b: w = bᵀ; packed_a: w = a, the result read transposed) and x row-major
+    (a ``clone`` where the traced operand is not: Wᵀ here, and Z read as Zᵀ); the op's recorded
+    input values carry those layouts (what inductor's ``needs_exact_strides`` reads), its root is
+    the kernel input, and the rewritten graph computes the same numbers."""
+    monkeypatch.setattr(G, "_CHOSEN", {})
+    monkeypatch.setattr(G, "_fastest", lambda a, b, pack=None: f"{pack}/aten" if pack else "aten")
+
+    def f(arg0, arg1, arg2):
+        return arg1.t() @ arg0.t(), arg0.t() @ arg2   # packed_b (a = Wᵀ), packed_a (b = Z)
+
+    X, W, Z = torch.randn(700, 400), torch.randn(400, 10), torch.randn(700, 10)
+    gm = _graph(f, X, W, Z)
+    want = gm(X, W, Z)
+    assert G.rewrite(gm.graph) == 2
+    gm.recompile()
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.bilevel.packed_linear.default]
+    assert sorted(n.args[2].split("/")[0] for n in ops) == ["packed_a", "packed_b"]
+    for n in ops:
+        x, w, _, root = n.meta["eager_input_vals"][0]
+        assert x.is_contiguous() and x.stride() == n.args[0].meta["val"].stride()
+        assert w.stride() == n.args[1].meta["val"].stride() and n.args[3].name == "arg0_1"
+    assert sum(n.target is torch.ops.aten.clone.default for n in gm.graph.nodes) == 2
+    for got, ref in zip(gm(X, W, Z), want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)

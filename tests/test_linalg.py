@@ -476,3 +476,23 @@ def test_indexed_matvec_as_one_loop_equals_the_python_loop(alpha):
     for key in ("iterations", "residual", "converged"):
         assert torch.equal(torch.as_tensor(gi[key]), torch.as_tensor(wi[key])), key
     assert bool(wi["converged"]) is (alpha < 0.5)
+
+
+@pytest.mark.parametrize("solve", [linalg.cg, linalg.minres])
+def test_a_transposed_right_hand_side_gives_row_major_iterates(gen, solve):
+    """b held as a transpose (what autograd returns for a matrix used transposed): the solver
+    copies it once, so its vectors, and the operator's arguments, are row-major; same solution as
+    with a row-major b."""
+    A, _ = _spd(gen, n=12)
+    bt = torch.randn(3, 4, generator=gen, dtype=F64).t()     # [4, 3], column-major
+    seen = []
+
+    def op(v):
+        seen.append(all(t.is_contiguous() for t in v))
+        return (torch.reshape(A @ v[0].reshape(-1), (4, 3)),)
+
+    x, info = solve(op, (bt,), iters=50, tol=1e-12)
+    x2, _ = solve(op, (bt.contiguous(),), iters=50, tol=1e-12)
+    assert info["converged"] and all(seen) and x[0].is_contiguous()
+    torch.testing.assert_close(x[0], x2[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(x[0].reshape(-1), torch.linalg.solve(A, bt.reshape(-1)), rtol=1e-9, atol=0)

@@ -72,3 +72,20 @@ def test_requires_grad_and_detach_make_fresh_leaves(gen):
 def test_dot_of_empty_leaves_raises():
     with pytest.raises(ValueError, match="empty"):
         T.dot((), ())
+
+
+def test_dot_of_leaves_laid_out_alike_reads_them_in_place(gen):
+    """dot of transposed (column-major) leaves, of 3-D permuted ones, and of mixed layouts equals
+    the dot of their row-major copies; leaves laid out alike are read through views of their own
+    storage (no copy), in one common order."""
+    a = torch.randn(7, 5, generator=gen, dtype=torch.float64).t()   # column-major
+    b = torch.randn(7, 5, generator=gen, dtype=torch.float64).t()
+    c = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64).permute(2, 0, 1)
+    d = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64).permute(2, 0, 1)
+    e = torch.randn(5, 7, generator=gen, dtype=torch.float64)         # row-major, a's shape
+    for u, v in ((a, b), (c, d), (a, e), (a, a)):
+        want = float((u.contiguous().reshape(-1) * v.contiguous().reshape(-1)).sum())
+        assert float(T.dot((u,), (v,))) == pytest.approx(want, rel=1e-14)
+    for u, v in ((a, b), (c, d)):
+        fu, fv = T._flat_pair(u, v)
+        assert fu.data_ptr() == u.data_ptr() and fu._base is not None and fv._base is not None

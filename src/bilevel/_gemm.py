@@ -70,6 +70,8 @@ _WAYS: dict[str, Product] = {"aten": _aten, "onednn": _onednn, "onednn_t": _oned
 
 _PACK = (getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None)
          if torch.backends.mkl.is_available() else None)
+#: ``mkl::_mkl_linear`` (the overload itself: a call through the op packet resolves it every time)
+_MKL_LINEAR = torch.ops.mkl._mkl_linear.default if _PACK is not None else None
 #: the large operand must have at least this many times the other's entries to be packed (a thin
 #: product: packing pays when one small operand meets the same large one many times)
 PACK_RATIO = 16
@@ -132,20 +134,26 @@ def packed(w: torch.Tensor, m: int, site: str = "", root: torch.Tensor | None = 
     return p
 
 
+def _packed_linear(x: torch.Tensor, w: torch.Tensor, site: str = "",
+                   root: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x wᵀ (x: [M, K], w: [N, K]) by ``_mkl_linear`` with w packed (:func:`packed`), row-major;
+    None where w is not packed. ``_mkl_linear`` copies an x that is not row-major, so the kernels
+    give it a row-major one (:func:`rewrite`)."""
+    p = packed(w, x.shape[0], site, root)
+    return None if p is None else _MKL_LINEAR(x, p, w, None, x.shape[0])
+
+
 def _packed_b(a: torch.Tensor, b: torch.Tensor, site: str = "", root: torch.Tensor | None = None
               ) -> torch.Tensor | None:
-    """a b with b packed: ``_mkl_linear(a, pack(bᵀ))`` (= a (bᵀ)ᵀ)."""
-    w = b.t()
-    p = packed(w, a.shape[0], site, root)
-    return None if p is None else torch.ops.mkl._mkl_linear(a, p, w, None, a.shape[0])
+    """a b with b packed: a (bᵀ)ᵀ, row-major."""
+    return _packed_linear(a, b.t(), site, root)
 
 
 def _packed_a(a: torch.Tensor, b: torch.Tensor, site: str = "", root: torch.Tensor | None = None
               ) -> torch.Tensor | None:
-    """a b with a packed: ``_mkl_linear(bᵀ, pack(a))ᵀ`` (= (bᵀ aᵀ)ᵀ), column-major (no copy: the
-    op's output layout for this way, see :func:`_layout`)."""
-    p = packed(a, b.shape[1], site, root)
-    return None if p is None else torch.ops.mkl._mkl_linear(b.t(), p, a, None, b.shape[1]).t()
+    """a b with a packed: (bᵀ aᵀ)ᵀ, column-major (the transpose of the row-major bᵀ aᵀ)."""
+    out = _packed_linear(b.t(), a, site, root)
+    return None if out is None else out.t()
 
 
 #: ways that keep one operand packed; None from them means "not packed": take the fallback way
@@ -173,8 +181,9 @@ def _fastest(a: torch.Tensor, b: torch.Tensor, rounds: int = 7, pack: str | None
     wins, the answer is "packed_x/fallback" with the unpacked way that would have been chosen."""
     ways: dict[str, Product] = {}
     candidates = dict(_WAYS)
-    if pack:
-        candidates[pack] = lambda a, b: _PACKED_WAYS[pack](a, b, "timing")
+    if pack:  # (on the operand layouts the kernel gives it: see _packed_nodes)
+        ap, bp = (a.contiguous(), b) if pack == "packed_b" else (a, b.t().contiguous().t())
+        candidates[pack] = lambda a, b: _PACKED_WAYS[pack](ap, bp, "timing")
         _UNPACKED.discard("timing")
         _MISSES.pop("timing", None)
     for name, way in candidates.items():  # warm-up (oneDNN creates its primitive on the first call)
@@ -206,34 +215,46 @@ def _fastest(a: torch.Tensor, b: torch.Tensor, rounds: int = 7, pack: str | None
     return unpacked
 
 
-def _layout(a: torch.Tensor, b: torch.Tensor, way: str, root: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """An empty output of ``bilevel::mm(a, b, way)``: row-major, column-major for packed_a (the
-    op's fake implementation, hence ``root``, unused, in its signature)."""
-    if way.startswith("packed_a/"):
-        return a.new_empty(b.shape[1], a.shape[0]).t()
-    return a.new_empty(a.shape[0], b.shape[1])
+def _mm(a: torch.Tensor, b: torch.Tensor, way: str) -> torch.Tensor:
+    """``a @ b`` by ``way`` (a name of :data:`_WAYS`), row-major."""
+    return _WAYS[way](a, b)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, way: str, root: torch.Tensor | None = None
-        ) -> torch.Tensor:
-    """``a @ b`` by ``way``: a name of :data:`_WAYS`, or "packed_x/fallback/site" (``root``: the
-    kernel input the packed operand is a view of, see :func:`packed`)."""
-    name, _, fallback = way.partition("/")
-    if not fallback:
-        return _WAYS[name](a, b)
-    fallback, _, site = fallback.partition("/")
-    out = _PACKED_WAYS[name](a, b, site, root)
+#: a packed way's string "packed_x/fallback/site" -> (site, the fallback product, packed_a?):
+#: parsed once, not at every call
+_PARSED: dict[str, tuple[str, Product, bool]] = {}
+
+
+def _packed_op(x: torch.Tensor, w: torch.Tensor, way: str, root: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """x wᵀ, row-major, for the packed product of a kernel (``way``; :func:`rewrite` puts the
+    operands in place: for packed_b x = a, w = bᵀ; for packed_a x = bᵀ, w = a and the kernel reads
+    the result transposed), with w packed while it is not changing, else by the fallback way on
+    (a, b), as it was timed. ``root``: the kernel input w is a view of (see :func:`packed`)."""
+    parsed = _PARSED.get(way)
+    if parsed is None:
+        name, _, rest = way.partition("/")
+        fallback, _, site = rest.partition("/")
+        parsed = _PARSED[way] = (site, _WAYS[fallback], name == "packed_a")
+    site, fallback_product, transposed = parsed
+    out = _packed_linear(x, w, site, root)
     if out is not None:
         return out
-    out = _WAYS[fallback](a, b)  # in the layout the compiled kernel expects of this way
-    return _layout(a, b, way).copy_(out) if name == "packed_a" else out
+    if transposed:  # a = w, b = xᵀ
+        return fallback_product(w, x.t()).t().contiguous()
+    return fallback_product(x, w.t())
 
 
 _LIB = torch.library.Library("bilevel", "DEF")
-_LIB.define("mm(Tensor a, Tensor b, str way, Tensor? root=None) -> Tensor")
+_LIB.define("mm(Tensor a, Tensor b, str way) -> Tensor")
 _LIB.impl("mm", _mm, "CPU")
-torch.library.register_fake("bilevel::mm", _layout, lib=_LIB)
+torch.library.register_fake("bilevel::mm", lambda a, b, way: a.new_empty(a.shape[0], b.shape[1]),
+                            lib=_LIB)
+_LIB.define("packed_linear(Tensor x, Tensor w, str way, Tensor? root=None) -> Tensor",
+            tags=(torch.Tag.needs_exact_strides,))  # (the layouts rewrite gives the operands)
+_LIB.impl("packed_linear", _packed_op, "CPU")
+torch.library.register_fake("bilevel::packed_linear",
+                            lambda x, w, way, root=None: x.new_empty(x.shape[0], w.shape[0]), lib=_LIB)
 
 
 def _hint(s: int | torch.SymInt) -> int:
@@ -285,12 +306,53 @@ def _pack_candidate(pa: torch.fx.Node, pb: torch.fx.Node, va: torch.Tensor, vb: 
     return None
 
 
+def _node(graph: torch.fx.Graph, target: Any, args: tuple, val: torch.Tensor,
+          kwargs: dict[str, Any] | None = None) -> torch.fx.Node:
+    node = graph.call_function(target, args, kwargs or {})
+    node.meta["val"] = val
+    return node
+
+
+def _transposed(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    # (permute: a post-grad graph holds no aten.t, which inductor decomposes)
+    return _node(graph, torch.ops.aten.permute.default, (node, [1, 0]), node.meta["val"].permute(1, 0))
+
+
+def _row_major(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """node, or a row-major ``clone`` of it: inductor then writes it in its own code (often the
+    kernel that computes it writes it so directly) instead of ``_mkl_linear`` copying it at every
+    call (~17 µs for a [10, 784] transpose on an Intel Xeon)."""
+    v = node.meta["val"]
+    if v.is_contiguous():
+        return node
+    fmt = {"memory_format": torch.contiguous_format}
+    return _node(graph, torch.ops.aten.clone.default, (node,), v.clone(**fmt), fmt)
+
+
+def _packed_nodes(graph: torch.fx.Graph, way: str, pa: torch.fx.Node, pb: torch.fx.Node
+                  ) -> torch.fx.Node:
+    """The nodes of a packed product a b: ``packed_linear(x, w)`` = x wᵀ with w the big operand
+    (for packed_b x = a, w = bᵀ; for packed_a x = bᵀ, w = a, and the product is its transpose),
+    x row-major, the views as nodes of the graph (inductor makes them in its own code; a view in
+    the op costs a dispatch per call). The op's recorded input values carry the operands' layouts
+    (inductor's ``needs_exact_strides`` reads them; an op without them is left free)."""
+    if way.startswith("packed_b"):
+        x, w, root = _row_major(graph, pa), _transposed(graph, pb), _input_of(pb)
+    else:
+        x, w, root = _row_major(graph, _transposed(graph, pb)), pa, _input_of(pa)
+    xv, wv = x.meta["val"], w.meta["val"]
+    core = _node(graph, torch.ops.bilevel.packed_linear.default, (x, w, way, root),
+                 xv.new_empty(xv.shape[0], wv.shape[0]))
+    core.meta["eager_input_vals"] = ((xv, wv, way, root.meta["val"]), {})
+    return core if way.startswith("packed_b") else _transposed(graph, core)
+
+
 def rewrite(graph: torch.fx.Graph, pack: bool = True) -> int:
     """Put ``bilevel::mm(a, b, way)`` in place of every float32 CPU ``aten.mm`` of at least
-    :data:`MIN_MACS` multiply-adds in a post-grad graph for which a oneDNN way (or, with
-    ``pack``, a packed way: :func:`_pack_candidate`) is the fastest, and ``bilevel::mm(a, b, way) +
-    bias`` in place of such an ``aten.addmm(bias, a, b)`` (a linear layer; β = α = 1 only);
-    returns how many products it rewrote."""
+    :data:`MIN_MACS` multiply-adds in a post-grad graph for which a oneDNN way is the fastest, or,
+    with ``pack``, the nodes of a packed product (:func:`_packed_nodes`) where a packed way
+    (:func:`_pack_candidate`) is; the same + bias in place of such an ``aten.addmm(bias, a, b)``
+    (a linear layer; β = α = 1 only); returns how many products it rewrote."""
     if _LINEAR is None:
         return 0
     aten, done = torch.ops.aten, 0
@@ -318,19 +380,14 @@ def rewrite(graph: torch.fx.Graph, pack: bool = True) -> int:
         way = _CHOSEN[key]
         if way == "aten":
             continue
-        extra: tuple = ()
-        if "/" in way:  # a packed way: each packed product counts its own misses, and is given
-            way = f"{way}/{uuid.uuid4().hex[:12]}"  # the input its packed operand views
-            extra = (_input_of(pa if way.startswith("packed_a") else pb),)
-        if addmm:
-            with graph.inserting_before(n):
-                mm = graph.call_function(torch.ops.bilevel.mm.default, (pa, pb, way, *extra))
-                out = graph.call_function(aten.add.Tensor, (mm, n.args[0]))
-            mm.meta["val"], out.meta["val"] = _layout(va, vb, way), n.meta["val"]
-            n.replace_all_uses_with(out)
-            graph.erase_node(n)
-        else:
-            n.target, n.args = torch.ops.bilevel.mm.default, (*n.args, way, *extra)
-            n.meta["val"] = _layout(va, vb, way)
+        with graph.inserting_before(n):
+            if "/" in way:  # a packed way: each packed product counts its own misses
+                prod = _packed_nodes(graph, f"{way}/{uuid.uuid4().hex[:12]}", pa, pb)
+            else:
+                prod = _node(graph, torch.ops.bilevel.mm.default, (pa, pb, way),
+                             va.new_empty(va.shape[0], vb.shape[1]))
+            out = _node(graph, aten.add.Tensor, (prod, n.args[0]), n.meta["val"]) if addmm else prod
+        n.replace_all_uses_with(out)
+        graph.erase_node(n)
         done += 1
     return done

@@ -99,11 +99,24 @@ def axpy(alpha: float | Tensor, x: Leaves, y: Leaves) -> Leaves:
     return tuple([torch.add(v, u, alpha=alpha) for u, v in zip(x, y)])
 
 
+def _flat_pair(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """u and v as 1-D tensors in one common order of their entries (their inner product does not
+    depend on it), without a copy where both are laid out alike: a transposed (column-major) pair,
+    e.g. a matrix gradient autograd returns as a transpose and the vectors a linear solver builds
+    from it, is read in its storage order instead of being copied to row-major by ``reshape``."""
+    if u.dim() > 1 and not u.is_contiguous() and u.stride() == v.stride():
+        order = sorted(range(u.dim()), key=lambda i: -u.stride(i))
+        up = u.permute(order)
+        if up.is_contiguous():
+            return up.reshape(-1), v.permute(order).reshape(-1)
+    return u.reshape(-1), v.reshape(-1)
+
+
 def dot(a: Leaves, b: Leaves) -> Tensor:
     """Euclidean inner product of two flat tuples (a 0-dim tensor)."""
     out = None
     for u, v in zip(a, b):
-        d = torch.vdot(u.reshape(-1), v.reshape(-1))
+        d = torch.vdot(*_flat_pair(u, v))
         out = d if out is None else out + d
     if out is None:
         raise ValueError("dot of empty leaves")

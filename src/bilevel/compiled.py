@@ -265,7 +265,7 @@ class _Products:
 
     def uuid(self) -> str:  # FX-graph-cache key of this pass (bump the version when it changes)
         # (the products' timing depends on the thread count: a part of the key)
-        return (f"bilevel-products-12-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}-"
+        return (f"bilevel-products-16-thin{int(self.thin)}-{settings['gemm']}-{_gemm.MIN_MACS}-"
                 f"{_gemm.MARGIN}-{_gemm.PACK_RATIO}-{_gemm._PACK is not None}-"
                 f"{torch.get_num_threads()}")
 

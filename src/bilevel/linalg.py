@@ -82,7 +82,12 @@ def _norms(rs: list[T.Leaves]) -> list[Tensor]:
 
 
 def _start(matvec: MatVec, b: T.Leaves, x0: T.Leaves | None) -> tuple[T.Leaves, T.Leaves]:
-    """(x, r = b − A x) at the start x0 (None: x = 0, r = b, no product)."""
+    """(x, r = b − A x) at the start x0 (None: x = 0, r = b, no product). Eagerly, a leaf of b
+    that is not row-major (a matrix gradient autograd returns as a transpose) is copied once: the
+    solver's vectors take b's layout, and each would otherwise be copied at every inner product
+    and at every product with a kernel that takes row-major vectors."""
+    if not tracing():
+        b = tuple(t if t.is_contiguous() else t.contiguous() for t in b)
     if x0 is None:
         return T.zeros_like(b), tuple(b)
     x = tuple(x0)
