@@ -327,3 +327,19 @@ def test_inductor_reverse_with_packed_data_follows_the_data():
                                                est(p, lam, W0).grad, rtol=1e-4, atol=1e-7)
     finally:
         G._fastest = old_fastest
+
+
+def test_compiled_implicit_estimators_take_the_upper_gradients_from_a_kernel():
+    """Under ``bl.compile``, CG's and MINRES's upper gradients (∇_x f, ∇_y f) come from the
+    compiled ``grads`` oracle kernel of the upper objective (its products then go through the
+    products pass, as the lower ones'), with the eager estimator's result and oracle counts."""
+    ref = REFERENCE_PROBLEMS[sorted(REFERENCE_PROBLEMS)[0]]()
+    for name in ("cg", "minres"):
+        est = _estimators(ref.lr)[name]
+        with bl.oracles.counting() as c_eager:
+            want = est(ref.problem, ref.x, ref.y0)
+        with bl.oracles.counting() as c_comp:
+            got = bl.compile(est)(ref.problem, ref.x, ref.y0)
+        assert rel_err(got.grad, want.grad) < 1e-10 and c_comp == c_eager, name
+        kinds = {k[:2] for k in C._CACHE.get(ref.problem, {}) if isinstance(k, tuple)}
+        assert ("grads", "upper") in kinds, (name, kinds)

@@ -521,6 +521,14 @@ def unroll(G: Objective, inner: Dynamics, xs: T.Leaves, state: T.Leaves, steps: 
     return tuple(state), info
 
 
+def grads(fn: Objective, xs: T.Leaves, ys: T.Leaves) -> tuple[torch.Tensor, T.Leaves, T.Leaves]:
+    """:func:`bilevel.oracles.grads` as its compiled oracle kernel (the implicit estimators' upper
+    gradients under ``bl.compile(est)``: the upper data's large products go through the same
+    products pass as the lower ones', e.g. packed)."""
+    with O.backend("compiled"):
+        return O.grads(fn, xs, ys)
+
+
 class Linearization(O.Linearization):
     """:class:`bilevel.oracles.Linearization` with (g, ∇_y g) at (x, y) one compiled kernel: its
     compiled backward (AOT autograd, residuals kept) is every product H v, J^T v, (H v, J^T v)."""

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,19 +143,20 @@ class Implicit(Estimator):
         if C.estimators_compiled():
             why = C.why_not(bound, self.inner)
             if why is None and not isinstance(self, Exact):
-                with O.backend("autograd"):  # compiled inner steps and linearization
-                    return self._compute(bound, state, C.Linearization)
+                with O.backend("autograd"):  # compiled inner steps, linearization, upper grads
+                    return self._compute(bound, state, C.Linearization, C.grads)
             if why is not None:
                 C.fallback(self, why)
         return self._compute(bound, state, O.Linearization)
 
-    def _compute(self, bound: Bound, state: dict[str, Any], linearize: type[O.Linearization]):
+    def _compute(self, bound: Bound, state: dict[str, Any], linearize: type[O.Linearization],
+                 grads: Callable[..., Any] = O.grads):
         xs = bound.xs
         if bound.y_fn is not None and not state.get("start_warned", False):
             _warn_start(self)
             state["start_warned"] = True
         ys, info = solve_lower(bound, self.inner, xs, bound.init(xs))
-        fval, gx, b = O.grads(bound.upper_with(info), xs, ys)  # (f with the carried buffers)
+        fval, gx, b = grads(bound.upper_with(info), xs, ys)  # (f with the carried buffers)
         lin = linearize(bound.G, xs, ys)
         check_finite_groups([
             ("upper", "f, ∇_x f or ∇_y f at the lower point", (fval, *gx, *b)),
