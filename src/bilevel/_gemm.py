@@ -28,7 +28,9 @@ autograd's saved tensors). Measured on an Intel Xeon, one thread: 355 µs for [1
 [784, 2500] against 460–500 µs for the best unpacked way. If the operand turns out to change from
 call to call (a packing per call costs ~10 products), the product stops being packed after
 :data:`PACK_MISSES` misses in a row and takes the best unpacked way (written after the ``/`` of its
-way).
+way). In a kernel a packed product is the op ``bilevel::packed_linear(x, w, way, root)`` = x wᵀ
+with w the packed operand, its transposes nodes of the graph and x row-major
+(:func:`_packed_nodes`): no view or copy is made in the op at each call.
 """
 
 from __future__ import annotations
