@@ -100,3 +100,38 @@ def test_solve_finiteness_summary_flags_the_level_and_step():
     assert e.value.level == "upper" and e.value.step == 6 and pending == []
     with pytest.raises(bl.errors.NonFiniteError, match="lower level at step 1"):
         _check_pending([_finite_summary(x_ok, (torch.tensor([math.nan]),))], 1)
+
+
+@pytest.mark.parametrize("leaves", [1, 2])
+def test_one_shot_gradient_and_products_equal_the_linearization_bitwise(leaves):
+    """``grad_y_hvp_cross`` (SOBA's oracles: ∇_y g, H v, Jᵀ v in one shot; with one leaf each its
+    flat path, which frees the graph and builds no linearization) gives bitwise the linearization's
+    ``grad_y`` and ``both(v)``, counted as one gradient, one HVP and one cross product; zeros
+    where g does not depend on x, is linear in y, or does not depend on y."""
+    g2, xs2, ys2, v2 = _objective()
+    if leaves == 2:
+        g, xs, ys, v = g2, xs2, ys2, v2
+    else:
+        def g(xs, ys):
+            return g2((xs[0], xs2[1]), (ys[0], ys2[1]))
+        xs, ys, v = xs2[:1], ys2[:1], v2[:1]
+    with torch.enable_grad():
+        lin = O.Linearization(g, xs, ys)
+        ref = (lin.grad_y, *lin.both(v))
+        with O.counting() as c:
+            got = O.grad_y_hvp_cross(g, xs, ys, v)
+    for a, b in zip(got, ref):
+        assert len(a) == len(b) and all(torch.equal(p, q) for p, q in zip(a, b))
+        assert not any(t.requires_grad for t in a)
+    assert c["objective"] == {"grad": 1, "hvp": 1, "cross": 1}
+    y, x, w = ys[0], xs[0], v[0]
+    cases = {  # g, and which of (∇_y g, H v, Jᵀ v) are zero
+        "no x": (lambda xs, ys: (ys[0] ** 3).sum(), (False, False, True)),
+        "linear in y": (lambda xs, ys: (xs[0].sum() * ys[0]).sum(), (False, True, False)),
+        "no y": (lambda xs, ys: (xs[0] ** 2).sum(), (True, True, True)),
+    }
+    for name, (fn, zero) in cases.items():
+        with torch.enable_grad():
+            got = O.grad_y_hvp_cross(fn, (x,), (y,), (w,))
+        assert [t[0].shape for t in got] == [y.shape, y.shape, x.shape], name
+        assert [bool((t[0] == 0).all()) for t in got] == list(zero), name

@@ -479,8 +479,7 @@ def soba_oracles(
     With v ≈ H⁻¹ ∇_y F (the sign convention of this package; SOBA's paper uses −v):
     D_y = ∇_y G,  D_v = H v − ∇_y F,  D_x = ∇_x F − ∇²_xy G v.
     """
-    lin = O.Linearization(G, xs, ys)
-    hv, jv = lin.both(v)
+    gyG, hv, jv = O.grad_y_hvp_cross(G, xs, ys, v)
     _, gx, gy = O.grads(F, xs, ys)
-    return lin.grad_y, hv, jv, gx, gy
+    return gyG, hv, jv, gx, gy
 

@@ -64,6 +64,7 @@ __all__ = [
     "hvp",
     "cross",
     "hvp_and_cross",
+    "grad_y_hvp_cross",
     "grad_y_fn",
     "value_and_grad",
     "vjp",
@@ -631,7 +632,31 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
 
 def hvp_and_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> tuple[T.Leaves, T.Leaves]:
     """One-shot (H v, J^T v): one gradient with graph plus one backward for both products."""
-    return Linearization(fn, xs, ys).both(v)
+    return grad_y_hvp_cross(fn, xs, ys, v)[1:]
+
+
+def grad_y_hvp_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves
+                     ) -> tuple[T.Leaves, T.Leaves, T.Leaves]:
+    """One-shot (∇_y g, H v, J^T v): one gradient with graph plus one backward for both products,
+    the numbers of ``Linearization(fn, xs, ys)``'s ``grad_y`` and ``both(v)``. On the flat eager
+    path (one leaf each) the backward frees the graph and no linearization object is built."""
+    if _flat(xs, ys):
+        _count(fn, "grad", "hvp")
+        _count(fn, "cross")
+        x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
+        out = fn((x,), (y,))
+        gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0] \
+            if out.requires_grad else None
+        if gy is None:
+            return (torch.zeros_like(y),), (torch.zeros_like(y),), (torch.zeros_like(x),)
+        if not gy.requires_grad:  # (g linear in y)
+            return (gy,), (torch.zeros_like(y),), (torch.zeros_like(x),)
+        jv, hv = torch.autograd.grad(gy, (x, y), v[0], allow_unused=True)
+        return ((gy.detach(),), (torch.zeros_like(y) if hv is None else hv,),
+                (torch.zeros_like(x) if jv is None else jv,))
+    lin = Linearization(fn, xs, ys)
+    hv, jv = lin.both(v)
+    return lin.grad_y, hv, jv
 
 
 def grad_y_tangents(
