@@ -113,6 +113,9 @@ class Problem:
                 f"bl.Functional(module).running_stats(); got {type(buffers).__name__}")
         self.buffers = buffers
         self._upper_buffers = _takes_buffers(upper)
+        #: per level, the objective to call directly as fn(x, y, batch) given a batch (None: see _call)
+        self._direct = {"upper": upper if self._arity["upper"] != "none" and not self._upper_buffers
+                        else None, "lower": lower if self._arity["lower"] != "none" else None}
         if self._upper_buffers and buffers is None:
             raise ConfigError(
                 "the upper objective takes `buffers`, but the problem carries none: pass "
@@ -178,7 +181,8 @@ class Objective:
     ``level`` and ``n`` (samples in the batch) let the oracle layer count sample-gradient calls.
     """
 
-    __slots__ = ("problem", "level", "batch", "xspec", "yspec", "n", "_xleaf", "_yleaf", "buffers")
+    __slots__ = ("problem", "level", "batch", "xspec", "yspec", "n", "_xleaf", "_yleaf", "buffers",
+                 "_direct")
 
     def __init__(self, problem: Problem, level: str, batch: Any, xspec: T.Spec, yspec: T.Spec,
                  buffers: Any = None):
@@ -189,8 +193,15 @@ class Objective:
         check_batch(batch, self.n, level)
         # fast path: a bare tensor variable needs no pytree rebuild (saves ~10 us per call)
         self._xleaf, self._yleaf = _is_leaf(xspec), _is_leaf(yspec)
+        # the common case of Problem._call (one-leaf variables, a batch the objective takes, no
+        # buffers), resolved once: the objective itself, called directly
+        self._direct = (problem._direct[level] if batch is not None and buffers is None
+                        and self._xleaf and self._yleaf else None)
 
     def __call__(self, xs: T.Leaves, ys: T.Leaves) -> Tensor:
+        direct = self._direct
+        if direct is not None:
+            return check_scalar(direct(xs[0], ys[0], self.batch), self.level)
         x = xs[0] if self._xleaf else T.unflatten(xs, self.xspec)
         y = ys[0] if self._yleaf else T.unflatten(ys, self.yspec)
         return self.problem._call(self.level, x, y, self.batch, self.buffers)

@@ -319,11 +319,20 @@ def _eager() -> bool:
     return not _is_compiling() and _BACKEND.get() == "autograd" and _REDUCER.get() is None
 
 
-def _flat(xs: T.Leaves, ys: T.Leaves) -> bool:
+def _flat(xs: T.Leaves, ys: T.Leaves, fn: Fn | None = None, *kinds: str) -> bool:
     """The flattest eager path applies: one leaf each, plain eager autograd, grad mode on (what
     :func:`bilevel.solve` runs). Its oracles below call autograd directly, without the
-    leafwise helpers — a loop of small oracle calls pays every Python call between two kernels."""
-    return len(ys) == 1 and len(xs) == 1 and _eager() and torch.is_grad_enabled()
+    leafwise helpers — a loop of small oracle calls pays every Python call between two kernels.
+    Where it applies, the oracle calls ``kinds`` of ``fn`` are counted too (:func:`_count`, in
+    the same call)."""
+    if not (len(ys) == 1 and len(xs) == 1 and _eager() and torch.is_grad_enabled()):
+        return False
+    c = _ACTIVE.get() if kinds else None
+    if c is not None:
+        level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
+        for kind in kinds:
+            c.add(level, kind, n)
+    return True
 
 
 def _count(fn: Fn, kind: str, kind2: str | None = None) -> None:
@@ -358,8 +367,7 @@ def value(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> Tensor:
 
 def grad_y(fn: Fn, xs: T.Leaves, ys: T.Leaves, *, create_graph: bool = False) -> T.Leaves:
     """∇_y fn(x, y). With ``create_graph`` the result stays differentiable in (x, y) (unrolling)."""
-    if not create_graph and _flat(xs, ys):
-        _count(fn, "grad")
+    if not create_graph and _flat(xs, ys, fn, "grad"):
         x, y = xs[0], ys[0].detach().requires_grad_(True)
         out = fn((x.detach() if x.requires_grad else x,), (y,))
         g = torch.autograd.grad(out, y, allow_unused=True)[0] if out.requires_grad else None
@@ -405,8 +413,7 @@ def grad_x(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> T.Leaves:
 
 def grads(fn: Fn, xs: T.Leaves, ys: T.Leaves) -> tuple[Tensor, T.Leaves, T.Leaves]:
     """(value, ∇_x fn, ∇_y fn) from one backward pass."""
-    if _flat(xs, ys):
-        _count(fn, "grad")
+    if _flat(xs, ys, fn, "grad"):
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
         val = fn((x,), (y,))
         gx, gy = torch.autograd.grad(val, (x, y), allow_unused=True) if val.requires_grad else (None, None)
@@ -447,8 +454,7 @@ class Linearization:
     def __init__(self, fn: Fn, xs: T.Leaves, ys: T.Leaves):
         self.fn = fn
         self._pending: tuple | None = None  # data-parallel: local (value, ∇_y g) to reduce
-        if _flat(xs, ys):  # the autograd branch below, written out (see _flat)
-            _count(fn, "grad")
+        if _flat(xs, ys, fn, "grad"):  # the autograd branch below, written out (see _flat)
             self._mode, self._flat = "autograd", True
             self.xs, self.ys = (xs[0].detach().requires_grad_(True),), (ys[0].detach().requires_grad_(True),)
             value = fn(self.xs, self.ys)
@@ -590,8 +596,7 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     Eager (no data-parallel reduction): ∇_y g is built with x *outside* the graph (x detached, only
     y a graph input — the product never differentiates in x) and its graph is freed by the one
     backward; the numbers are those of ``Linearization(fn, xs, ys).hvp(v)``."""
-    if _flat(xs, ys):
-        _count(fn, "grad", "hvp")
+    if _flat(xs, ys, fn, "grad", "hvp"):
         x = xs[0].detach() if xs[0].requires_grad else xs[0]
         y = ys[0].detach().requires_grad_(True)
         return (_flat_product(fn, x, y, y, v[0]),)
@@ -612,8 +617,7 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
 def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     """One-shot J^T v = ∇²_xy g · v (eager: one gradient with graph, one backward that frees it;
     the numbers of ``Linearization(fn, xs, ys).cross(v)``)."""
-    if _flat(xs, ys):
-        _count(fn, "grad", "cross")
+    if _flat(xs, ys, fn, "grad", "cross"):
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
         return (_flat_product(fn, x, y, x, v[0]),)
     if _functional():
@@ -640,9 +644,7 @@ def grad_y_hvp_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves
     """One-shot (∇_y g, H v, J^T v): one gradient with graph plus one backward for both products,
     the numbers of ``Linearization(fn, xs, ys)``'s ``grad_y`` and ``both(v)``. On the flat eager
     path (one leaf each) the backward frees the graph and no linearization object is built."""
-    if _flat(xs, ys):
-        _count(fn, "grad", "hvp")
-        _count(fn, "cross")
+    if _flat(xs, ys, fn, "grad", "hvp", "cross"):
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
         out = fn((x,), (y,))
         gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0] \
