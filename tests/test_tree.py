@@ -89,3 +89,15 @@ def test_dot_of_leaves_laid_out_alike_reads_them_in_place(gen):
     for u, v in ((a, b), (c, d)):
         fu, fv = T._flat_pair(u, v)
         assert fu.data_ptr() == u.data_ptr() and fu._base is not None and fv._base is not None
+
+
+def test_dot_of_transposed_leaves_under_vmap_and_compile(gen):
+    """The layout test of ``dot`` also runs on vmap's batched tensors and under torch.compile."""
+    B = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    want = (B * B).sum((1, 2))
+    got = torch.func.vmap(lambda u: T.dot((u.t(),), (u.t(),)))(B)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    got = torch.func.vmap(lambda u: T.dot((u.t(),), (u.t(),)))(B.transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    compiled = torch.compile(lambda u: T.dot((u.t(),), (u.t(),)), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(B[0]), want[0], rtol=1e-14, atol=0)
