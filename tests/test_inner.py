@@ -323,3 +323,21 @@ def test_proximal_dynamics_validate_their_prox():
     # the projection applies after the prox
     s = inner.with_projection(inner.ISTA(lr=1.0, prox=inner.L1(0.5)), lambda v: v.clamp(max=1.0))
     _close(s.update((_t(3.0, -2.0),), (_t(0.0, 0.0),), 0)[0], _t(1.0, -1.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unroll_does_not_call_a_large_finite_half_precision_iterate_non_finite(dtype):
+    """GD toward c = 100 in 16-bit floats: the iterates (1000 entries ≈ 100) sum to ~1e5, past
+    float16's largest value; the finiteness summary accumulates in float32, so no false
+    NonFiniteError — and a NaN is still reported at its step."""
+    c = torch.full((1000,), 100.0, dtype=dtype)
+    dyn = inner.GD(lr=0.5)
+    state, _ = inner.unroll(dyn, lambda ys, k: (ys[0] - c,), dyn.init((torch.zeros_like(c),)), 6)
+    assert torch.isfinite(state[0]).all() and float(state[0].float().mean()) > 95.0
+
+    def grad_fn(ys, k):
+        return ((ys[0] - c) * float("nan"),) if k == 3 else (ys[0] - c,)
+
+    with pytest.raises(bl.NonFiniteError) as e:
+        inner.unroll(dyn, grad_fn, dyn.init((torch.zeros_like(c),)), 6)
+    assert e.value.step == 4

@@ -551,13 +551,20 @@ def _batched(t: Tensor) -> bool:
     return bool(torch._C._functorch.is_batchedtensor(t))
 
 
+#: the summation dtype of a finiteness summary, where it is not the leaf's own: a 16-bit iterate is
+#: summed in float32 (float16's largest value is 65504: 1000 finite entries of 100 would sum to inf)
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def _summary(leaves: T.Leaves) -> Tensor:
-    """Σ of every entry of the iterate: finite iff no entry is NaN/inf (barring an overflow of the
-    sum itself); one scalar per step for the batched check of :func:`unroll`."""
+    """Σ of every entry of the iterate (in float32 at least): finite iff no entry is NaN/inf,
+    barring an overflow of the sum itself — which needs entries within a factor of the leaf's size
+    of float32's (or float64's) largest value; one scalar per step for the batched check of
+    :func:`unroll`."""
     t = leaves[0]
-    out = (t.detach() if t.requires_grad else t).sum()
+    out = (t.detach() if t.requires_grad else t).sum(dtype=_SUM_DTYPE.get(t.dtype))
     for t in leaves[1:]:
-        out = out + (t.detach() if t.requires_grad else t).sum()
+        out = out + (t.detach() if t.requires_grad else t).sum(dtype=_SUM_DTYPE.get(t.dtype))
     return out
 
 
