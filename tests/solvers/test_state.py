@@ -217,8 +217,8 @@ def test_non_bilevel_errors_get_a_note_and_the_partial_result():
 
 @pytest.mark.parametrize("name", bl.solvers.stochastic.__all__)
 def test_one_state_seeds_several_identical_resumes_for_every_stochastic_solver(name):
-    """The state passed in is copied with everything mutable in it (a random.Random included:
-    BSA / TTSA draw their truncation index from one), so two resumes from it draw the same."""
+    """The state passed in is copied with everything mutable in it (generator states, SAGA
+    tables, ...), so two resumes from it draw the same."""
     from bilevel.problems import stochastic_quadratic
 
     p = stochastic_quadratic(dim_x=3, dim_y=4, n_lower=32, n_upper=32, batch_size=8, seed=0)

@@ -24,12 +24,12 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
 import bilevel as bl
+from bilevel._rng import index
 from bilevel.errors import ConfigError
 from bilevel.problems import stochastic_quadratic
 
@@ -119,21 +119,19 @@ def ref_random_neumann(D, lo, ub, x, y, Q, eta, pidx):
 
 def ref_bsa(p, K, a=0.2, b=0.5, T=3, Q=4, eta=0.6, seed=0):
     D, (lo, up), (x, y, _) = Dense(p), samplers(p), start(p)
-    rng = random.Random(seed)
-    for _ in range(K):
+    for t in range(K):
         for _ in range(T):
             y = y - b * D.gy(lo.next(), x, y)
-        hg = ref_random_neumann(D, lo, up.next(), x, y, Q, eta, rng.randrange(Q))
+        hg = ref_random_neumann(D, lo, up.next(), x, y, Q, eta, index(seed, t, Q))
         x = x - a * hg
     return x, y
 
 
 def ref_ttsa(p, K, a=0.2, b=0.5, Q=4, eta=0.6, seed=0, project=lambda x: x):
     D, (lo, up), (x, y, _) = Dense(p), samplers(p), start(p)
-    rng = random.Random(seed)
-    for _ in range(K):
+    for t in range(K):
         y = y - b * D.gy(lo.next(), x, y)
-        x = project(x - a * ref_random_neumann(D, lo, up.next(), x, y, Q, eta, rng.randrange(Q)))
+        x = project(x - a * ref_random_neumann(D, lo, up.next(), x, y, Q, eta, index(seed, t, Q)))
     return x, y
 
 

@@ -266,7 +266,7 @@ def copy_state(obj: Any, weak: bool = False) -> Any:
         return obj
     if tp is O.OracleCounts:  # {level: {kind: int}}: two levels (cheaper than deepcopy)
         return tp({k: dict(v) for k, v in obj.items()})
-    if isinstance(obj, random.Random):  # (BSA / TTSA draw their truncation index from one)
+    if isinstance(obj, random.Random):  # (a user solver's; the package keeps generator states)
         return copy.copy(obj)  # (its __reduce__ carries the generator state: an independent copy)
     own = (weak and getattr(tp, "_weak_copy", None)) or getattr(tp, "_state_copy", None)
     if own is not None:

@@ -53,6 +53,19 @@ __all__ = ["Bare", "BARE", "whole_iteration", "bare_for", "main"]
 
 _grad = torch.autograd.grad
 
+try:
+    from bilevel._rng import index as _index  # the solvers' stateless truncation draw
+except ImportError:  # an older checkout (--against): its BSA / TTSA drew from random.Random(seed)
+    _index = None
+
+
+def _truncation(s: Any) -> Callable[[int], int]:
+    """t -> the random truncation index p_t ~ U{0..Q−1} that ``s`` (BSA / TTSA) draws at step t."""
+    if _index is not None:
+        return lambda t: _index(s.seed, t, s.Q)
+    rng = random.Random(s.seed)
+    return lambda t: rng.randrange(s.Q)
+
 
 # --- bare oracle calls (what a hand-written loop writes) -------------------------------------------
 def _z(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -180,10 +193,10 @@ class StocBiO(Bare):
 class BSA(Bare):
     def setup(self, s):
         self.T, self.Q, self.eta, self.lr_y = s.inner_steps, s.Q, s.eta, _lr(s.lr_y)
-        self.rng = random.Random(s.seed)
+        self.draw = _truncation(s)
 
     def step(self, t):
-        p = self.rng.randrange(self.Q)
+        p = self.draw(t)
         x = self.x
         y = self.inner(x, self.y, self.T, self.lr_y(t))
         self.descend(x, y, t, lambda gy: self.sampled(x, y, gy, p, self.Q, self.eta))
@@ -192,10 +205,10 @@ class BSA(Bare):
 class TTSA(Bare):
     def setup(self, s):
         self.Q, self.eta, self.lr_y = s.Q, s.eta, _lr(s.lr_y)
-        self.rng = random.Random(s.seed)
+        self.draw = _truncation(s)
 
     def step(self, t):
-        p = self.rng.randrange(self.Q)
+        p = self.draw(t)
         x = self.x
         y = torch.add(self.y, grad_y(self.g, x, self.y, self.lo.next()), alpha=-self.lr_y(t))
         self.descend(x, y, t, lambda gy: self.sampled(x, y, gy, p, self.Q, self.eta))

@@ -15,10 +15,10 @@ E_p[v] = η Σ_{q=0}^{Q−1} (I − ηH)^q ∇_y F → H⁻¹ ∇_y F as Q → �
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from ... import _tree as T
+from ..._rng import index
 from ...estimates import Schedule, sampled_neumann_hypergradient, sgd_lower
 from ..base import Context, Solver
 from ..upper import step_rule
@@ -39,7 +39,8 @@ class BSA(Solver):
         inner_steps: T lower steps per outer iteration (≥ 0).
         Q: truncation range of the Neumann series (≥ 1).
         eta: η, the Neumann step (> 0, η ≤ 1/L_g).
-        seed: seeds the generator of the random truncation / directions (kept in the state).
+        seed: seeds the random truncation index p_t, a pure function of (seed, t)
+            (:func:`bilevel._rng.index`: no generator in the state, a resumed run draws the same).
 
     Reference: Ghadimi & Wang 2018, Algorithms 2–3.
     """
@@ -63,10 +64,10 @@ class BSA(Solver):
         self.inner_steps, self.Q, self.eta, self.seed = int(inner_steps), int(Q), float(eta), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
-        return {"x": xs, "y": ys, "rng": random.Random(self.seed)}
+        return {"x": xs, "y": ys}
 
     def prepare(self, state: dict[str, Any], t: int) -> None:
-        state["p"] = state["rng"].randrange(self.Q)  # the truncation index p ~ U{0..Q−1}
+        state["p"] = index(self.seed, t, self.Q)  # the truncation index p ~ U{0..Q−1}
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs = state["x"]

@@ -15,11 +15,11 @@ Per iteration: 1 lower gradient, 1 upper gradient, p ≤ Q−1 HVPs, 1 cross pro
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from ... import _tree as T
 from ... import oracles as O
+from ..._rng import index
 from ...estimates import Schedule, sampled_neumann_hypergradient
 from ..base import Context, Solver
 from ..upper import step_rule
@@ -39,7 +39,8 @@ class TTSA(Solver):
         lr_y: β_k (default ∝ k^(−2/5)).
         Q: truncation range (≥ 1).
         eta: the Neumann step (> 0).
-        seed: seeds the generator of the random truncation / directions (kept in the state).
+        seed: seeds the random truncation index p_t, a pure function of (seed, t)
+            (:func:`bilevel._rng.index`: no generator in the state, a resumed run draws the same).
 
     Reference: Hong, Wai, Wang & Yang 2023 (SIAM J. Optim.), Algorithm 1.
     """
@@ -62,10 +63,10 @@ class TTSA(Solver):
         self.Q, self.eta, self.seed = int(Q), float(eta), int(seed)
 
     def init(self, ctx: Context, xs: T.Leaves, ys: T.Leaves) -> dict[str, Any]:
-        return {"x": xs, "y": ys, "rng": random.Random(self.seed)}
+        return {"x": xs, "y": ys}
 
     def prepare(self, state: dict[str, Any], t: int) -> None:
-        state["p"] = state["rng"].randrange(self.Q)  # the truncation index p ~ U{0..Q−1}
+        state["p"] = index(self.seed, t, self.Q)  # the truncation index p ~ U{0..Q−1}
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
         xs = state["x"]
