@@ -36,6 +36,12 @@ def _cli(*args: str, crash: str = "") -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _done(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """Wait for ``p`` and read its stderr to the end (which closes the pipe): (return code, stderr)."""
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
 def _steps(path: Path) -> list[int]:
     return [r["step"] for r in load_trace(path)]
 
@@ -50,12 +56,12 @@ def reference(tmp_path_factory):
 def test_kill9_anywhere_then_resume_is_bit_identical(tmp_path, reference):
     out = tmp_path / "run"
     # 1. killed half-way through writing the 3rd checkpoint (step 6): a torn last.pt.tmp is left
-    p = _cli(*["--set", *ARGS], "--out", str(out), crash="checkpoint:3")
-    assert p.wait(timeout=300) == -signal.SIGKILL, p.stderr.read()
+    rc, err = _done(_cli(*["--set", *ARGS], "--out", str(out), crash="checkpoint:3"))
+    assert rc == -signal.SIGKILL, err
     assert (out / "checkpoints" / "last.pt.tmp").exists() and max(_steps(out)) >= 6
     # 2. resumed, killed between the renames of its 2nd checkpoint (only prev.pt is complete)
-    p = _cli("--resume", str(out), crash="rename:2")
-    assert p.wait(timeout=300) == -signal.SIGKILL, p.stderr.read()
+    rc, err = _done(_cli("--resume", str(out), crash="rename:2"))
+    assert rc == -signal.SIGKILL, err
     assert not (out / "checkpoints" / "last.pt").exists() and (out / "checkpoints" / "prev.pt").exists()
     # 3. resumed, killed from outside after a random number of new trace records
     rng = random.Random(0)
@@ -67,10 +73,10 @@ def test_kill9_anywhere_then_resume_is_bit_identical(tmp_path, reference):
         time.sleep(0.01)
     if p.poll() is None:
         p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
+    _done(p, 60)
     # 4. resumed to the end
-    p = _cli("--resume", str(out))
-    assert p.wait(timeout=300) == 0, p.stderr.read()
+    rc, err = _done(_cli("--resume", str(out)))
+    assert rc == 0, err
     assert strip_time(load_trace(out)) == reference  # every metric bit-identical, wall times excepted
 
 
