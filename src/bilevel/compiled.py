@@ -82,12 +82,19 @@ _IMPL: dict[str, Callable[..., Any]] = {
     "both": lambda fn, xs, ys, v: O.f_both(fn, _d(xs), _d(ys), tuple(v)),
     "value_grad_y_both": lambda fn, xs, ys, v: O.f_value_grad_y_both(fn, _d(xs), _d(ys), tuple(v)),
     # estimator kernels: differentiable in (xs, ys) by their compiled backward
-    "value_grad_y_graph": lambda fn, xs, ys: O.f_value_grad_y(fn, tuple(xs), tuple(ys)),
+    # (the value detached: nothing differentiates it, and as a differentiable output it would give
+    # every backward of the kernel a zero tangent and its terms to carry)
+    "value_grad_y_graph": lambda fn, xs, ys: _value_detached(*O.f_value_grad_y(fn, tuple(xs),
+                                                                                tuple(ys))),
 }
 
 
 def _d(ts):
     return tuple(t.detach() for t in ts)
+
+
+def _value_detached(val: torch.Tensor, g: T.Leaves) -> tuple[torch.Tensor, T.Leaves]:
+    return val.detach(), g
 
 
 def stats() -> dict[str, Any]:
