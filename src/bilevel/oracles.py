@@ -576,18 +576,19 @@ class Linearization:
             return self._out(T.detach(_grad(jtw, w, u, retain_graph=True)))
 
 
-def _flat_product(fn: Fn, x: Tensor, y: Tensor, wrt: Tensor, v: Tensor) -> Tensor:
-    """(∂/∂wrt ∇_y fn(x, y))ᵀ v for one-leaf variables (y requires grad; wrt is y for H v, x for
-    Jᵀ v): one gradient with graph and one backward that frees it; zeros where fn does not
-    depend on the variables."""
+def _flat_products(fn: Fn, x: Tensor, y: Tensor, wrt: tuple[Tensor, ...], v: Tensor
+                   ) -> tuple[Tensor | None, list[Tensor]]:
+    """(∇_y fn(x, y), [(∂/∂w ∇_y fn)ᵀ v for w in wrt]) for one-leaf variables (y requires grad;
+    w = y for H v, x for Jᵀ v): one gradient with graph and one backward that frees it; zeros
+    where fn does not depend on the variables (∇_y fn: None where fn ignores y; still in the
+    graph, if it is, and not detached)."""
     out = fn((x,), (y,))
-    if out.requires_grad:
-        gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0]
-        if gy is not None and gy.requires_grad:
-            r = torch.autograd.grad(gy, wrt, v, allow_unused=True)[0]
-            if r is not None:
-                return r
-    return torch.zeros_like(wrt)
+    gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0] \
+        if out.requires_grad else None
+    if gy is None or not gy.requires_grad:  # (g ignores y, or is linear in it)
+        return gy, [torch.zeros_like(w) for w in wrt]
+    rs = torch.autograd.grad(gy, wrt, v, allow_unused=True)
+    return gy, [torch.zeros_like(w) if r is None else r for r, w in zip(rs, wrt)]
 
 
 def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
@@ -599,7 +600,7 @@ def hvp(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     if _flat(xs, ys, fn, "grad", "hvp"):
         x = xs[0].detach() if xs[0].requires_grad else xs[0]
         y = ys[0].detach().requires_grad_(True)
-        return (_flat_product(fn, x, y, y, v[0]),)
+        return (_flat_products(fn, x, y, (y,), v[0])[1][0],)
     if _functional():
         _record(fn, "grad", "hvp")
         k = _kernel("hvp", fn)
@@ -619,7 +620,7 @@ def cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves) -> T.Leaves:
     the numbers of ``Linearization(fn, xs, ys).cross(v)``)."""
     if _flat(xs, ys, fn, "grad", "cross"):
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
-        return (_flat_product(fn, x, y, x, v[0]),)
+        return (_flat_products(fn, x, y, (x,), v[0])[1][0],)
     if _functional():
         _record(fn, "grad", "cross")
         k = _kernel("cross", fn)
@@ -646,16 +647,9 @@ def grad_y_hvp_cross(fn: Fn, xs: T.Leaves, ys: T.Leaves, v: T.Leaves
     path (one leaf each) the backward frees the graph and no linearization object is built."""
     if _flat(xs, ys, fn, "grad", "hvp", "cross"):
         x, y = xs[0].detach().requires_grad_(True), ys[0].detach().requires_grad_(True)
-        out = fn((x,), (y,))
-        gy = torch.autograd.grad(out, y, create_graph=True, allow_unused=True)[0] \
-            if out.requires_grad else None
-        if gy is None:
-            return (torch.zeros_like(y),), (torch.zeros_like(y),), (torch.zeros_like(x),)
-        if not gy.requires_grad:  # (g linear in y)
-            return (gy,), (torch.zeros_like(y),), (torch.zeros_like(x),)
-        jv, hv = torch.autograd.grad(gy, (x, y), v[0], allow_unused=True)
-        return ((gy.detach(),), (torch.zeros_like(y) if hv is None else hv,),
-                (torch.zeros_like(x) if jv is None else jv,))
+        gy, (jv, hv) = _flat_products(fn, x, y, (x, y), v[0])
+        gy = torch.zeros_like(y) if gy is None else gy.detach() if gy.requires_grad else gy
+        return (gy,), (hv,), (jv,)
     lin = Linearization(fn, xs, ys)
     hv, jv = lin.both(v)
     return lin.grad_y, hv, jv
