@@ -549,7 +549,7 @@ class Linearization(O.Linearization):
         with torch.enable_grad():
             self.xs, self.ys = T.requires_grad(xs), T.requires_grad(ys)
             val, self._gy = k(self.xs, self.ys)
-        self.value, self.grad_y = val.detach(), T.detach(self._gy)
+        self.value, self.grad_y = val, T.detach(self._gy)  # (val: detached by the kernel)
 
     def cross_t(self, u: T.Leaves) -> T.Leaves:
         """J u by ``torch.func.jvp`` (a compiled backward cannot be differentiated again)."""

@@ -327,22 +327,19 @@ def _flat(xs: T.Leaves, ys: T.Leaves, fn: Fn | None = None, *kinds: str) -> bool
     the same call)."""
     if not (len(ys) == 1 and len(xs) == 1 and _eager() and torch.is_grad_enabled()):
         return False
-    c = _ACTIVE.get() if kinds else None
+    if kinds:
+        _count(fn, *kinds)
+    return True
+
+
+def _count(fn: Fn, *kinds: str) -> None:
+    """:func:`_record` of one call of each of ``kinds`` on the eager path (known not to be
+    compiling)."""
+    c = _ACTIVE.get()
     if c is not None:
         level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
         for kind in kinds:
             c.add(level, kind, n)
-    return True
-
-
-def _count(fn: Fn, kind: str, kind2: str | None = None) -> None:
-    """:func:`_record` of one or two kinds on the eager path (known not to be compiling)."""
-    c = _ACTIVE.get()
-    if c is not None:
-        level, n = getattr(fn, "level", "objective"), getattr(fn, "n", 1)
-        c.add(level, kind, n)
-        if kind2 is not None:
-            c.add(level, kind2, n)
 
 
 def _fixed(ts: T.Leaves) -> T.Leaves:
