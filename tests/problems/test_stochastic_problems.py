@@ -170,7 +170,7 @@ def hc():
 
 def test_hyperclean_protocol(hc):
     A, lab, idx = hc.lower_tensors
-    assert A.shape == (150, 784) and hc.y0.shape == (784, 10)
+    assert A.shape == (150, 784) and hc.y0.shape == (10, 784)
     torch.testing.assert_close(hc.x0, torch.full((150,), -2.0, dtype=F64))
     assert float(hc.y0.abs().max()) == 0.0
     corrupted, clean = hc.info["corrupted"], hc.info["clean_labels"]
@@ -223,8 +223,8 @@ def test_hyperclean_products_keep_the_classes_first():
     from bilevel.estimates import soba_oracles
 
     p = hyperclean(0.5, source="mnist5k", n_train=300, n_val=100, n_test=100, batch_size=32)
-    x, y = p.x0 + 0.1, 0.01 * torch.randn(784, 10, generator=torch.Generator().manual_seed(0))
-    v = torch.randn(784, 10, generator=torch.Generator().manual_seed(1))
+    x, y = p.x0 + 0.1, 0.01 * torch.randn(10, 784, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(10, 784, generator=torch.Generator().manual_seed(1))
     G = bl.formulation.Bound(p.problem, x, y, lower_batch=p.lower_data.next()).G
     F = bl.formulation.Bound(p.problem, x, y, upper_batch=p.upper_data.next()).F
     with _Products() as rec:

@@ -15,8 +15,8 @@ Tasks (the same mathematics, float32, as the ``bilevel`` rows they are compared 
   ``jax.grad``, no early stop) and returns −∇²_{λW} g v.
 * ``soba`` / ``stocbio`` / ``mrbo`` / ``bsa`` / ``saba`` / ``vrbo`` / ``ttsa`` / ``amigo`` /
   ``fsla`` / ``sustain`` — one outer iteration of each stochastic solver on hyper-cleaning
-  (784×10 linear classifier, one weight σ(x_i) per training sample, batch 64, 10 inner SGD steps
-  and 10 Neumann HVPs with a fresh batch each, as in :mod:`bilevel.solvers.stochastic`), the
+  (10×784 linear classifier Z, logits Z Aᵀ, one weight σ(x_i) per training sample, batch 64, 10
+  inner SGD steps and 10 Neumann HVPs with a fresh batch each, as in :mod:`bilevel.solvers.stochastic`), the
   whole iteration one jitted function, batches drawn inside it with ``jax.random``. Each is
   written as ``core(state, indices)`` + ``draw(key)`` (:func:`stochastic_cores`) so that
   :mod:`bilevel.bench.jax_check` can feed it the batches our solver drew and compare the
@@ -63,7 +63,8 @@ def _ce(jnp, jax, W, X, y):
 
 
 def _ce_vec(jnp, jax, Z, A, lab):
-    lt = Z.T @ A.T
+    """Per-sample softmax cross-entropy of Z (10 × 784, classes first as bilevel's hyperclean)."""
+    lt = Z @ A.T
     return jax.nn.logsumexp(lt, axis=0) - jnp.take_along_axis(lt, lab[None], 0)[0]
 
 
@@ -374,7 +375,7 @@ def stochastic_cores(d, jax, jnp, parts=None):
 
     saba.parts = (saba_read, saba_write)
     x0 = jnp.full((o.n,), -2.0, jnp.float32)
-    Z0 = jnp.zeros((o.A.shape[1], 10), jnp.float32)
+    Z0 = jnp.zeros((10, o.A.shape[1]), jnp.float32)
     t0 = jnp.zeros((), jnp.int32)
 
     def tab(k, like):

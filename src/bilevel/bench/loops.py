@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = hyperclean(0.5, source="mnist5k", batch_size=64, seed=0)
     loops = inner_loops(p.problem.lower, lr=0.1)
     x = torch.zeros(p.lower_tensors[0].shape[0])
-    y0 = torch.zeros(p.lower_tensors[0].shape[1], 10)
+    y0 = torch.zeros_like(p.y0)
     out: dict[str, Any] = {"machine": f"{torch.__version__}, one thread", "rows": {}}
     for T in (int(s) for s in a.steps.split(",")):
         data = _stacked(p, T, 64, seed=T)

@@ -4,7 +4,8 @@ in Dagréou et al. 2022, sec. 4): learn one weight σ(x_i) per (possibly corrupt
     g(x, Z) = (1/n) Σ_i σ(x_i) CE(Z; a_i, ℓ_i) + reg ‖Z‖²      (train, corrupted labels)
     f(x, Z) = (1/m) Σ_k CE(Z; a_k, ℓ_k)                         (clean validation)
 
-Z ∈ R^{784×10} is a linear classifier (no bias), CE the softmax cross-entropy, reg = 0.2,
+Z ∈ R^{10×784} is a linear classifier (no bias) stored classes first, as ``nn.Linear(784, 10)``
+stores its weight (logits of a row a: Z a); CE the softmax cross-entropy, reg = 0.2,
 x0 = −2 (every weight σ(−2) ≈ 0.12), Z0 = 0. Pixels are standardised with the training mean and
 standard deviation (constant pixels: scale 1), as sklearn's StandardScaler does.
 
@@ -128,16 +129,18 @@ def hyperclean_data(
 
 
 def _cross_entropy(Z: Tensor, A: Tensor, labels: Tensor) -> Tensor:
-    """Per-sample softmax cross-entropy of the linear classifier Z on rows A (vector of length b).
+    """Per-sample softmax cross-entropy of the linear classifier Z (10 × 784) on rows A (vector of
+    length b).
 
-    Computed on transposed logits Zᵀ Aᵀ (10 × b, Zᵀ and Aᵀ made contiguous): every matrix product
-    of the forward, backward and double-backward passes then has the 10 classes as its row
-    dimension, which single-threaded BLAS handles several times faster than the b × 10 layout.
-    (Zᵀ as a transposed view would do for the forward, but autograd returns the gradient of a
-    transposed operand in its layout, as Aᵀ(784 × b) @ (b × 10): 68 against 31 µs per product
-    for b = 64, three per SOBA iteration; docs/performance.md.)
+    Computed on transposed logits Z Aᵀ (10 × b, Aᵀ a view): every matrix product of the forward,
+    backward and double-backward passes then has the 10 classes as its row dimension, which
+    single-threaded BLAS handles several times faster than the b × 10 layout; the gradient of Z
+    comes out of its product (∂lt Aᵀᵀ = ∂lt A) in Z's own row-major layout, so the iterate updates
+    read every operand in one order. (With Z stored 784 × 10 and used as Zᵀ, each update of a
+    compiled step transposed the gradient; a contiguous copy of Aᵀ cost more than the product:
+    docs/performance.md.)
     """
-    lt = Z.T.contiguous() @ A.T.contiguous()
+    lt = Z @ A.T
     return torch.logsumexp(lt, 0) - lt.gather(0, labels[None])[0]
 
 
@@ -212,24 +215,24 @@ def hyperclean(
 
     def y_star(x: Tensor, z_init: Tensor | None = None) -> Tensor:
         x64 = x.double()
-        z0 = torch.zeros(n_feat, n_cls, dtype=torch.float64) if z_init is None else z_init.double()
+        z0 = torch.zeros(n_cls, n_feat, dtype=torch.float64) if z_init is None else z_init.double()
         z = lbfgs_lower(lambda Z: g(x64, Z, full64_lower), z0, tol=1e-8)
         return z.to(dtype)
 
     def hypergrad(x: Tensor, z_init: Tensor | None = None) -> Tensor:
         x64 = x.double()
-        z0 = torch.zeros(n_feat, n_cls, dtype=torch.float64) if z_init is None else z_init.double()
+        z0 = torch.zeros(n_cls, n_feat, dtype=torch.float64) if z_init is None else z_init.double()
         z = lbfgs_lower(lambda Z: g(x64, Z, full64_lower), z0, tol=1e-8)
         return implicit_hypergrad(problem, x64, z, full64_lower, full64_upper).to(dtype)
 
     def test_error(x: Tensor, Z: Tensor) -> float:
-        return float(((At64 @ Z.double()).argmax(1) != l_te).double().mean())
+        return float(((At64 @ Z.double().T).argmax(1) != l_te).double().mean())
 
     return StochasticProblem(
         name=f"hyperclean{corruption:g}",
         problem=problem,
         x0=torch.full((n_tr,), float(x_init), dtype=dtype),
-        y0=torch.zeros(n_feat, n_cls, dtype=dtype),
+        y0=torch.zeros(n_cls, n_feat, dtype=dtype),
         lower_tensors=lower,
         upper_tensors=upper,
         lower_data=make_sampler(lower, sampler, batch_size, seed),
