@@ -48,6 +48,7 @@ from . import _trace
 from . import compiled as C
 from . import oracles as O
 from ._warnings import retry_quietly
+from .sampling import Minibatches
 
 __all__ = ["CompiledStep", "BOOKKEEPING", "MAX_PATTERNS", "SCALAR_PATTERNS", "settings"]
 
@@ -368,8 +369,12 @@ class CompiledStep:
         saved = state.get("data") or {}  # the samplers' positions now (solve keeps them current)
         lower: tuple[list[Any], list[Any]] = ([], [])
         upper: tuple[list[Any], list[Any]] = ([], [])
-        for sampler, is_lower in samplers:  # in the order the step draws them (paired samplers)
+        for sampler, is_lower, k in samplers:  # in the order the step draws them (paired samplers)
             out = lower if is_lower else upper
+            if k > 1:  # k draws in a row from a sampler without batch indices: one gather
+                out[0].extend(sampler.next_many(k))
+                out[1].extend([None] * k)
+                continue
             out[0].append(sampler.next())
             index = getattr(sampler, "last_index", None)
             out[1].append(self._index(index, out[0][-1]) if type(index) is int else index)
@@ -428,12 +433,19 @@ class CompiledStep:
         leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
         return torch.tensor(i, device=leaves[0].device if leaves else None)
 
-    def _plan(self, key: Hashable) -> tuple[list[tuple[Any, bool]], list[tuple[str, str, int]], Any]:
+    def _plan(self, key: Hashable) -> tuple[list[tuple[Any, bool, int]], list[tuple[str, str, int]], Any]:
         """What a compiled step of pattern ``key`` does in this run, resolved once: the samplers
-        to draw from in order (and whether each is the lower one), the pattern's oracle counts
-        as (level, kind, n) and its compiled function."""
+        to draw from in order (whether each is the lower one, and how many draws in a row: a run
+        of draws from one :class:`~bilevel.sampling.Minibatches` is gathered at once), the
+        pattern's oracle counts as (level, kind, n) and its compiled function."""
         draws, counts, fn = self.patterns[key]
-        samplers = [(getattr(self.ctx, f"{level}_data"), level == "lower") for level, _ in draws]
+        samplers: list[tuple[Any, bool, int]] = []
+        for level, _ in draws:
+            sampler = getattr(self.ctx, f"{level}_data")
+            if samplers and samplers[-1][0] is sampler and isinstance(sampler, Minibatches):
+                samplers[-1] = (sampler, samplers[-1][1], samplers[-1][2] + 1)
+            else:
+                samplers.append((sampler, level == "lower", 1))
         flat = [(level, kind, n) for level, d in counts.items() for kind, n in d.items()]
         return samplers, flat, fn
 

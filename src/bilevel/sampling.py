@@ -98,19 +98,39 @@ class Minibatches(Sampler):
         self._perm = perm
         self._on = perm.to(self.tensors[0].device)
 
-    def next(self):
+    def _epoch(self) -> int:
+        """Batches left in the current epoch, shuffling a new epoch first if none is left."""
         if self._pos + self.batch_size > self.n:
             if self._on is not None:
                 self.epoch += 1
             self._apply(torch.randperm(self.n, generator=self.generator))
             self._gen_state = None
             self._pos = 0
+        return (self.n - self._pos) // self.batch_size
+
+    def _gather(self, k: int) -> tuple[Tensor, ...]:
+        """The next ``k`` batches' rows of every tensor, in one gather each."""
         lo = self._pos
-        self._pos += self.batch_size
+        self._pos += k * self.batch_size
         rows = self._on[lo : self._pos]
         # index_select is ~4x faster than fancy indexing for a row gather of a (n, 784) matrix
         return tuple([t.index_select(0, rows if rows.device == t.device else rows.to(t.device))
                       for t in self.tensors])
+
+    def next(self):
+        self._epoch()
+        return self._gather(1)
+
+    def next_many(self, k: int) -> list[tuple[Tensor, ...]]:
+        """The next ``k`` batches, exactly those of ``k`` calls of :meth:`next`, gathered with one
+        ``index_select`` per tensor and epoch they span (each batch a contiguous row block of
+        it): a compiled step draws all its batches before it runs (``bilevel.compiled_step``)."""
+        out: list[tuple[Tensor, ...]] = []
+        while len(out) < k:
+            m = min(k - len(out), self._epoch())
+            block = self._gather(m)
+            out.extend(zip(*[t.split(self.batch_size) for t in block]))
+        return out
 
     def full(self):
         return self.tensors
