@@ -81,6 +81,30 @@ def test_whole_step_equals_eager(tiny, name):
     assert all(r["compiled"] for r in again.history)
 
 
+def test_runs_of_draws_are_gathered_in_the_graph(tiny, monkeypatch):
+    """StocBiO's runs of lower draws (3 inner steps, Q + 1 = 3 products) are drawn as the rows of
+    their batches at once (``Minibatches.next_rows``), gathered inside the graph: the eager run's
+    iterates, counts and sampler positions, and one graph although the epochs (6 batches) end
+    inside the runs at changing positions."""
+    from bilevel.sampling import Minibatches
+
+    sizes = []
+    rows = Minibatches.next_rows
+    monkeypatch.setattr(Minibatches, "next_rows", lambda self, k: sizes.append(k) or rows(self, k))
+    kw = dict(batch_size=4, seed=0)
+    make = lambda: S.StocBiO(inner_steps=3, Q=2)  # noqa: E731
+    eager = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=8, track=False)
+    assert sizes == []  # (eager steps draw one batch at a time)
+    first = C.stats()["compiles"]
+    comp = bl.solve(**tiny.solve_kwargs(**kw), solver=make(), steps=8, track=False, compile="step")
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(comp.y, eager.y, rtol=1e-12, atol=1e-14)
+    assert comp.state["counts"] == eager.state["counts"]
+    assert _same(comp.state["data"], eager.state["data"])
+    assert sizes == [3, 1, 3] * sum(r["compiled"] for r in comp.history) != []  # inner, F, Neumann
+    assert C.stats()["compiles"] - first == 1
+
+
 def test_sampler_positions_and_exact_resume(tiny):
     kw = dict(batch_size=4, seed=2)
     full = bl.solve(**tiny.solve_kwargs(**kw), solver=S.SOBA(), steps=6, track=False)

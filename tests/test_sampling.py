@@ -39,16 +39,19 @@ def test_resume_is_exact_across_epochs():
     assert c.epoch == a.epoch == 3
 
 
-def test_next_many_is_that_many_next_calls_across_epochs():
-    """``next_many(k)`` (a compiled step's pre-draw) gives the batches of k ``next`` calls, also
-    when they span epochs (5 batches an epoch here), and leaves the sampler where they would."""
-    one, many = Minibatches(*_data(), batch_size=4, seed=2), Minibatches(*_data(), batch_size=4, seed=2)
+def test_next_rows_are_those_of_that_many_next_calls_across_epochs():
+    """``next_rows(k)`` (a compiled step's pre-draw) gives the rows of k ``next`` calls in order,
+    also when they span epochs (5 batches an epoch here), and leaves the sampler where those
+    calls would."""
+    X, lab, idx = _data()
+    one, many = Minibatches(X, lab, idx, batch_size=4, seed=2), Minibatches(X, lab, idx, batch_size=4, seed=2)
     for k in (1, 3, 7, 2, 11):
         want = [one.next() for _ in range(k)]
-        got = many.next_many(k)
-        assert len(got) == k
-        for u, v in zip(got, want):
-            assert all(torch.equal(a, b) and a.shape == b.shape for a, b in zip(u, v))
+        rows = many.next_rows(k)
+        assert rows.shape == (4 * k,)
+        for j, (bx, bl_, bi) in enumerate(want):
+            r = rows[4 * j : 4 * j + 4]
+            assert torch.equal(r, bi) and torch.equal(X[r], bx) and torch.equal(lab[r], bl_)
         assert (many.epoch, many.state_dict()["pos"]) == (one.epoch, one.state_dict()["pos"])
     assert one.epoch == 4
     assert all(torch.equal(a, b) for a, b in zip(many.next(), one.next()))

@@ -247,8 +247,24 @@ def _finite_code(xs: Any, ys: Any) -> torch.Tensor:
     return torch.stack([code(xs), code(ys)])
 
 
-def _load(replay: _Replay, draws: tuple[list[Any], list[Any]]) -> bool:
-    replay.queue, replay.indices = list(draws[0]), list(draws[1])
+def _load(replay: _Replay, draws: tuple[list[Any], list[Any], list[int | None]]) -> bool:
+    """Queue the pre-drawn batches. ``draws`` = (entries, indices, sizes): an entry of size None is
+    a drawn batch with its batch index; one of size k the data tensors of a
+    :class:`~bilevel.sampling.Minibatches` with, as its index, the rows of k batches in a row
+    (``next_rows``), gathered here, inside the graph: each batch is gathered where the step uses
+    it (a small gather stays in cache for its product), and no eager call per batch."""
+    queue: list[Any] = []
+    indices: list[Any] = []
+    for entry, index, k in zip(*draws):
+        if k is None:
+            queue.append(entry)
+            indices.append(index)
+            continue
+        b = index.shape[0] // k
+        queue.extend(tuple(t.index_select(0, index[j * b : (j + 1) * b]) for t in entry)
+                     for j in range(k))
+        indices.extend([None] * k)
+    replay.queue, replay.indices = queue, indices
     return True
 
 
@@ -367,13 +383,14 @@ class CompiledStep:
             plan = self.plans[key] = self._plan(key)
         samplers, counts, fn = plan
         saved = state.get("data") or {}  # the samplers' positions now (solve keeps them current)
-        lower: tuple[list[Any], list[Any]] = ([], [])
-        upper: tuple[list[Any], list[Any]] = ([], [])
+        lower: tuple[list[Any], list[Any], list[int | None]] = ([], [], [])
+        upper: tuple[list[Any], list[Any], list[int | None]] = ([], [], [])
         for sampler, is_lower, k in samplers:  # in the order the step draws them (paired samplers)
             out = lower if is_lower else upper
-            if k > 1:  # k draws in a row from a sampler without batch indices: one gather
-                out[0].extend(sampler.next_many(k))
-                out[1].extend([None] * k)
+            out[2].append(k)
+            if k is not None:  # k draws in a row from Minibatches: their rows, gathered in the graph
+                out[0].append(sampler.tensors)
+                out[1].append(sampler.next_rows(k))
                 continue
             out[0].append(sampler.next())
             index = getattr(sampler, "last_index", None)
@@ -401,8 +418,8 @@ class CompiledStep:
                     "step reads changes from step to step (e.g. a batch index or a float in the "
                     "state), so it recompiles"))
         if any(r.queue for _, r in self.replays):  # the step drew fewer batches than its probe
-            self._restore(saved, {lv: len((lower if lv == "lower" else upper)[0]) - len(r.queue)
-                                  for lv, r in self.replays})
+            self._restore(saved, {lv: sum(k or 1 for k in (lower if lv == "lower" else upper)[2])
+                                  - len(r.queue) for lv, r in self.replays})
         if checks:
             pending = list(checks)
             checks.clear()
@@ -433,19 +450,22 @@ class CompiledStep:
         leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
         return torch.tensor(i, device=leaves[0].device if leaves else None)
 
-    def _plan(self, key: Hashable) -> tuple[list[tuple[Any, bool, int]], list[tuple[str, str, int]], Any]:
+    def _plan(self, key: Hashable) -> tuple[list[tuple[Any, bool, int | None]], list[tuple[str, str, int]],
+                                            Any]:
         """What a compiled step of pattern ``key`` does in this run, resolved once: the samplers
-        to draw from in order (whether each is the lower one, and how many draws in a row: a run
-        of draws from one :class:`~bilevel.sampling.Minibatches` is gathered at once), the
-        pattern's oracle counts as (level, kind, n) and its compiled function."""
+        to draw from in order (whether each is the lower one, and for a
+        :class:`~bilevel.sampling.Minibatches` how many draws in a row: their rows are drawn at
+        once and gathered in the graph; None for other samplers), the pattern's oracle counts as
+        (level, kind, n) and its compiled function."""
         draws, counts, fn = self.patterns[key]
-        samplers: list[tuple[Any, bool, int]] = []
+        samplers: list[tuple[Any, bool, int | None]] = []
         for level, _ in draws:
             sampler = getattr(self.ctx, f"{level}_data")
-            if samplers and samplers[-1][0] is sampler and isinstance(sampler, Minibatches):
+            rows = isinstance(sampler, Minibatches)  # (its batches' rows: gathered in the graph)
+            if rows and samplers and samplers[-1][0] is sampler:
                 samplers[-1] = (sampler, samplers[-1][1], samplers[-1][2] + 1)
             else:
-                samplers.append((sampler, level == "lower", 1))
+                samplers.append((sampler, level == "lower", 1 if rows else None))
         flat = [(level, kind, n) for level, d in counts.items() for kind, n in d.items()]
         return samplers, flat, fn
 
