@@ -431,7 +431,7 @@ class CompiledStep:
                 self.solver.step(self.ctx, state, t)  # updated yet): its exact error, if it fails
                 raise error
         if self.commit is not None:  # deferred in-place writes, only if x and y are finite
-            self.commit(core, float(self.last_finite.sum()) == 0.0)
+            self.commit(core, self.last_finite.tolist() == [0.0, 0.0])
         state.update(core)
         for k in [k for k in state if k not in core and k not in BOOKKEEPING]:
             del state[k]  # (entries the step consumed, e.g. MetaTraining's prepared task batch)

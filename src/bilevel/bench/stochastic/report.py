@@ -222,7 +222,7 @@ def write_report(path: Path, img_dir: Path, problems: dict[str, dict[str, Any]],
 
 
 TIMING_TEXT = (
-    "Linear 784×10 classifier, offline 5k MNIST sample split 3000/1000/1000, batch 64, one thread, "
+    "Linear 784 → 10 classifier, offline 5k MNIST sample split 3000/1000/1000, batch 64, one thread, "
     "inner / Neumann / linear-system steps = 10 (benchopt's setting). *ms/iter*: median wall time of one "
     "outer iteration after 3 warm-up iterations (the solver's clock); *CPU ms/iter*: mean CPU time of "
     "the process per iteration (a mean, like the calls: VRBO restarts on the full data every 10 "
