@@ -261,7 +261,8 @@ def _load(replay: _Replay, draws: tuple[list[Any], list[Any], list[int | None]])
             indices.append(index)
             continue
         b = index.shape[0] // k
-        queue.extend(tuple(t.index_select(0, index[j * b : (j + 1) * b]) for t in entry)
+        on = [index if index.device == t.device else index.to(t.device) for t in entry]
+        queue.extend(tuple(t.index_select(0, r[j * b : (j + 1) * b]) for t, r in zip(entry, on))
                      for j in range(k))
         indices.extend([None] * k)
     replay.queue, replay.indices = queue, indices
