@@ -231,3 +231,8 @@ def test_hyperclean_products_keep_the_classes_first():
         soba_oracles(G, F, (x,), (y,), (v,))
     assert len(rec.shapes) >= 5
     assert all(s[0] == 10 for s in rec.shapes), rec.shapes
+    # and every y-shaped result comes out in Z's own row-major layout (no transposed gradient for
+    # the updates to read; with Z stored 784 x 10 and used as Z.T it came out with strides (1, 784))
+    gy, hv, jv, gxF, gyF = soba_oracles(G, F, (x,), (y,), (v,))
+    for t in (gy[0], hv[0], gyF[0]):
+        assert t.shape == (10, 784) and t.stride() == (784, 1), t.stride()
