@@ -48,7 +48,7 @@ from . import _trace
 from . import compiled as C
 from . import oracles as O
 from ._warnings import retry_quietly
-from .sampling import Minibatches
+from .sampling import Minibatches, gather
 
 __all__ = ["CompiledStep", "BOOKKEEPING", "MAX_PATTERNS", "SCALAR_PATTERNS", "settings"]
 
@@ -261,9 +261,7 @@ def _load(replay: _Replay, draws: tuple[list[Any], list[Any], list[int | None]])
             indices.append(index)
             continue
         b = index.shape[0] // k
-        on = [index if index.device == t.device else index.to(t.device) for t in entry]
-        queue.extend(tuple(t.index_select(0, r[j * b : (j + 1) * b]) for t, r in zip(entry, on))
-                     for j in range(k))
+        queue.extend(gather(entry, index[j * b : (j + 1) * b]) for j in range(k))
         indices.extend([None] * k)
     replay.queue, replay.indices = queue, indices
     return True

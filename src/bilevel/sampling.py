@@ -19,7 +19,7 @@ from torch import Tensor
 from .errors import EmptyDataError
 
 __all__ = [
-    "Sampler", "FullBatch", "Minibatches", "FixedBatches", "IterableSampler", "paired", "as_sampler"
+    "Sampler", "FullBatch", "Minibatches", "FixedBatches", "IterableSampler", "paired", "as_sampler", "gather"
 ]
 
 
@@ -73,6 +73,14 @@ class FullBatch(Sampler):
         return self.tensors
 
 
+def gather(tensors: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+    """The rows ``rows`` of every tensor (the indices moved to each tensor's device): a
+    :class:`Minibatches` batch, eagerly or inside a compiled step's graph."""
+    # index_select is ~4x faster than fancy indexing for a row gather of a (n, 784) matrix
+    return tuple([t.index_select(0, rows if rows.device == t.device else rows.to(t.device))
+                  for t in tensors])
+
+
 class Minibatches(Sampler):
     """Batches of ``batch_size`` rows in a random order, reshuffled every epoch.
 
@@ -108,16 +116,11 @@ class Minibatches(Sampler):
             self._pos = 0
         return (self.n - self._pos) // self.batch_size
 
-    def _take(self, rows: Tensor) -> tuple[Tensor, ...]:
-        # index_select is ~4x faster than fancy indexing for a row gather of a (n, 784) matrix
-        return tuple([t.index_select(0, rows if rows.device == t.device else rows.to(t.device))
-                      for t in self.tensors])
-
     def next(self):
         self._epoch()
         lo = self._pos
         self._pos += self.batch_size
-        return self._take(self._on[lo : self._pos])
+        return gather(self.tensors, self._on[lo : self._pos])
 
     def next_rows(self, k: int) -> Tensor:
         """The row indices (on the data's device) of the next ``k`` batches: rows j·b … (j+1)·b − 1

@@ -213,16 +213,17 @@ def hyperclean(
     full64_upper: Any = (Av64, l_va)
     problem = Problem(upper=f, lower=g, name="hyperclean")
 
-    def y_star(x: Tensor, z_init: Tensor | None = None) -> Tensor:
-        x64 = x.double()
+    def z_star64(x64: Tensor, z_init: Tensor | None) -> Tensor:
+        """Z*(x) in float64 by L-BFGS on the full lower data (from z_init, else Z = 0)."""
         z0 = torch.zeros(n_cls, n_feat, dtype=torch.float64) if z_init is None else z_init.double()
-        z = lbfgs_lower(lambda Z: g(x64, Z, full64_lower), z0, tol=1e-8)
-        return z.to(dtype)
+        return lbfgs_lower(lambda Z: g(x64, Z, full64_lower), z0, tol=1e-8)
+
+    def y_star(x: Tensor, z_init: Tensor | None = None) -> Tensor:
+        return z_star64(x.double(), z_init).to(dtype)
 
     def hypergrad(x: Tensor, z_init: Tensor | None = None) -> Tensor:
         x64 = x.double()
-        z0 = torch.zeros(n_cls, n_feat, dtype=torch.float64) if z_init is None else z_init.double()
-        z = lbfgs_lower(lambda Z: g(x64, Z, full64_lower), z0, tol=1e-8)
+        z = z_star64(x64, z_init)
         return implicit_hypergrad(problem, x64, z, full64_lower, full64_upper).to(dtype)
 
     def test_error(x: Tensor, Z: Tensor) -> float:

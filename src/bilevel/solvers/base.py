@@ -536,9 +536,13 @@ def _check_pending(pending: list[Any], last_step: int) -> None:
     k = len(pending)
     if k == 1:
         c = pending[0]
-        # (one host sync; a compiled step's flags as a list: no reduction op dispatched for it)
-        if (float(c[0] + c[1]) == 0.0 if type(c) is tuple else
-                c.tolist() == [0.0, 0.0] if c.dim() == 1 else float(c.sum()) == 0.0):
+        if type(c) is tuple:
+            ok = float(c[0] + c[1]) == 0.0  # (one host sync)
+        elif c.dim() == 1:  # a compiled step's flags: read as a list, no reduction op dispatched
+            ok = c.tolist() == [0.0, 0.0]
+        else:
+            ok = float(c.sum()) == 0.0
+        if ok:
             pending.clear()
             return
     if all(type(c) is tuple and type(c[0]) is float and type(c[1]) is float for c in pending):
