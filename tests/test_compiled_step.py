@@ -402,6 +402,40 @@ def test_deterministic_steps_are_one_graph_and_equal_eager(tiny, name):
     assert comp.state["counts"] == eager.state["counts"]
 
 
+def test_iapttgm_step_is_one_graph_with_its_truncation_held_in_the_graph():
+    """IAPTT-GM's truncation k* (the first maximiser of f along the lower trajectory) was read on the
+    host (``Tensor.tolist()``), so its step fell back to per-oracle kernels. Inside the graph k* is
+    a tensor and all K steps are recomputed with those after k* held (``bl.inner.Stopped``): the
+    same iterates as eager while k* changes from step to step (here 2, 2, 2, 1, 6, 5), k*
+    reported per step, and K differentiated steps counted each step (eager counts k*)."""
+    import warnings
+
+    prob = bl.Problem(upper=lambda x, y: y.sum() + 0.3 * (x * y).sum(),
+                      lower=lambda x, y: 0.5 * ((y - x) ** 2).sum() + 0.01 * (y**4).sum())
+    x0 = torch.tensor([0.0, 0.2], dtype=torch.float64)
+    z0 = torch.tensor([1.0, 0.6], dtype=torch.float64)
+
+    def make():
+        return S.IAPTTGM(bl.inner.GD(lr=1.9, steps=6), 0.4)
+
+    eager = bl.solve(prob, x0, z0, solver=make(), steps=6, track=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", C.CompileFallbackWarning)
+        comp = bl.solve(prob, x0, z0, solver=make(), steps=6, track=False, compile=True)
+    k_eager = [r["k_star"] for r in eager.history]
+    assert len(set(k_eager)) > 1 and min(k_eager) < 6  # (the truncation really moves)
+    assert [r["k_star"] for r in comp.history] == k_eager
+    assert [r["compiled"] for r in comp.history] == [False] + [True] * 5
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(comp.state["z"], eager.state["z"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(comp.y, eager.y, rtol=1e-12, atol=1e-14)
+    # eager: K + k* lower gradients and k* products per step; compiled (and the eager step that
+    # records the pattern, whose counts the compiled steps repeat): 2K and K
+    assert eager.state["counts"]["lower"] == {"grad": 6 * 6 + sum(k_eager), "hvp": sum(k_eager),
+                                              "cross": sum(k_eager)}
+    assert comp.state["counts"]["lower"] == {"grad": 12 * 6, "hvp": 6 * 6, "cross": 6 * 6}
+
+
 def test_a_float_that_changes_every_step_falls_back_naming_the_entry(tiny):
     """A Python float in the state that changes every step makes every step a new pattern (an
     eager probe): after SCALAR_PATTERNS such values the run falls back with a warning that names

@@ -341,3 +341,39 @@ def test_unroll_does_not_call_a_large_finite_half_precision_iterate_non_finite(d
     with pytest.raises(bl.NonFiniteError) as e:
         inner.unroll(dyn, grad_fn, dyn.init((torch.zeros_like(c),)), 6)
     assert e.value.step == 4
+
+
+@pytest.mark.parametrize("make", [lambda: bl.inner.GD(lr=0.3, steps=7),
+                                  lambda: bl.inner.Nesterov(lr=0.2, steps=7,
+                                                            projection=lambda t: t.clamp(-2, 2)),
+                                  lambda: bl.inner.Adam(lr=0.1, steps=7)], ids=["gd", "fista-box", "adam"])
+@pytest.mark.parametrize("n", [0, 3, 7])
+def test_stopped_dynamics_equal_the_truncated_run_and_its_derivative(make, n):
+    """Stopped(dyn, n) over all K steps (n a 0-dim tensor, as inside a compiled graph) holds the state
+    after step n: its iterate and the derivative of f(y_K) in (x, y0) are those of dyn run for n
+    steps (an int n takes the same path without masks)."""
+    A = torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.0, -0.2], [0.0, -0.2, 1.5]], dtype=torch.float64)
+
+    def grad(x, y):
+        return A @ y - torch.tanh(x) + 0.1 * y**3
+
+    def run(dyn, x, y0):
+        state = dyn.init((y0,))
+        for k in range(dyn.steps):
+            state = dyn.update(state, (grad(x, dyn.point(state)[0]),), k)
+        return dyn.output(state)[0]
+
+    x = torch.tensor([0.4, -1.1, 0.7], dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.5, -0.5, 0.2], dtype=torch.float64, requires_grad=True)
+    ref_dyn = make()
+    ref_dyn.steps = n
+    ref = run(ref_dyn, x, y0)
+    gref = torch.autograd.grad((ref**2).sum() + ref[0], (x, y0), allow_unused=True)
+    for stop in (torch.tensor(n), n):
+        out = run(bl.inner.Stopped(make(), stop), x, y0)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        if n == 0:
+            continue
+        g = torch.autograd.grad((out**2).sum() + out[0], (x, y0))
+        for a, b in zip(g, gref):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)

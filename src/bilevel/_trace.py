@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["tracing", "traced", "require", "scalar", "Check", "split_tensors", "fill_tensors"]
+__all__ = ["tracing", "graph_path", "traced", "require", "scalar", "Check", "split_tensors", "fill_tensors"]
 
 
 @dataclass
@@ -54,6 +54,18 @@ def _checks() -> list[Check] | None:
     if torch.compiler.is_compiling():
         return _COMPILE_NESTED[-1] if _COMPILE_NESTED else COMPILE_CHECKS
     return _CHECKS.get()
+
+
+#: non-empty while :mod:`bilevel.compiled_step` runs the eager step that records a pattern
+PROBING: list[bool] = []
+
+
+def graph_path() -> bool:
+    """Take the path a compiled step's graph takes — while torch.compile traces a whole step, and in
+    the eager step that records its pattern (whose batch draws and oracle counts every compiled
+    step of the pattern repeats) — where a step's path would depend on values (IAPTT-GM's
+    truncation)."""
+    return bool(PROBING) or tracing()
 
 
 def tracing() -> bool:

@@ -486,8 +486,12 @@ class CompiledStep:
             rec.lower_data = _Recorder(self.ctx.lower_data, "lower", log)
         if self.ctx.upper_data is not None:
             rec.upper_data = _Recorder(self.ctx.upper_data, "upper", log)
-        with O.counting() as counts:
-            metrics = self.solver.step(rec, state, t)
+        _trace.PROBING.append(True)
+        try:
+            with O.counting() as counts:
+                metrics = self.solver.step(rec, state, t)
+        finally:
+            _trace.PROBING.pop()
         for level, d in counts.items():
             for kind, n in d.items():
                 state["counts"].add(level, kind, n)

@@ -54,7 +54,7 @@ from .validation import first_nonfinite
 
 __all__ = [
     "Dynamics", "GD", "Momentum", "Nesterov", "Adam", "PerStep", "unroll", "fista_momentum",
-    "with_projection", "ISTA", "FISTA", "L1", "soft_threshold",
+    "with_projection", "ISTA", "FISTA", "L1", "soft_threshold", "Stopped",
 ]
 
 GradFn = Callable[[T.Leaves, int], T.Leaves]
@@ -632,6 +632,51 @@ def unroll(
     if grad_norm and last_grad is not None and (tracing() or (track and not _batched(last_grad[0]))):
         info["last_grad_norm"] = scalar(T.norm(T.detach(last_grad)))
     return state, info
+
+
+class Stopped(Dynamics):
+    """``dyn`` run for its first ``n`` steps, then held:  s_{k+1} = Φ_k(s_k) for k < n, s_k after.
+
+    ``n`` may be a 0-dim integer tensor: a number of steps chosen from data inside a compiled graph
+    (IAPTT-GM's truncation k*), where Python cannot stop the loop at it. Unrolled over all
+    ``dyn.steps`` steps, the iterate stays y_n from step n on, and its derivative is that of the
+    first n steps (``torch.where`` hands the adjoint of a held step through unchanged): the numbers
+    of ``dyn`` run for n steps, at the cost of ``dyn.steps``."""
+
+    def __init__(self, dyn: Dynamics, n: int | Tensor):
+        # (no Dynamics.__init__: the hyperparameters are dyn's, read through it)
+        self.dyn, self.n = dyn, n
+        self.slots, self.steps, self.lr, self.projection = dyn.slots, dyn.steps, dyn.lr, dyn.projection
+
+    @property
+    def depends_on_x(self) -> bool:
+        return self.dyn.depends_on_x
+
+    def bind(self, x: Any, y: Any = None) -> Dynamics:
+        bound = self.dyn.bind(x, y)
+        return self if bound is self.dyn else Stopped(bound, self.n)
+
+    def hp(self, name: str, k: int) -> Any:
+        return self.dyn.hp(name, k)
+
+    def init(self, y: T.Leaves) -> T.Leaves:
+        return self.dyn.init(y)
+
+    def output(self, state: T.Leaves) -> T.Leaves:
+        return self.dyn.output(state)
+
+    def point(self, state: T.Leaves) -> T.Leaves:
+        return self.dyn.point(state)
+
+    def update(self, state: T.Leaves, grad: T.Leaves, k: int) -> T.Leaves:
+        new = self.dyn.update(state, grad, k)
+        if not isinstance(self.n, Tensor):
+            return new if k < self.n else tuple(state)
+        held = self.n <= k
+        return tuple(torch.where(held, s, t) for s, t in zip(state, new))
+
+    def __repr__(self) -> str:
+        return f"Stopped({self.dyn!r}, n={self.n})"
 
 
 def with_projection(dyn: Dynamics, projection: Callable[[Any], Any] | None) -> Dynamics:

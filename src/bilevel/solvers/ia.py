@@ -14,7 +14,10 @@ z ∈ Y that is itself an upper-level variable (Sec. 2.1, Eq. 4):
 
   and descend φ(x, z) = f(x, y_{k*}(x, z)) in both variables:
   x ← P_X(x − β_x ∇_x φ),  z ← P_Y(z − β_z ∇_z φ). Only k* ≤ K steps are differentiated: they are
-  recomputed with a graph from z (memory O(k*), time K + k* forward steps).
+  recomputed with a graph from z (memory O(k*), time K + k* forward steps). Inside a compiled step
+  (``bl.solve(..., compile=True)``) k* is not read on the host: all K steps are recomputed, those
+  after k* held (:class:`bilevel.inner.Stopped`) — the same φ and derivative, at 2K forward steps,
+  counted so (also in the eager step that records the graph's pattern).
 * IA-GM (the ablation of Fig. 1g–h) keeps k* = K.
 * IA-GM(A) (Sec. 3.2, Eq. 9; for convex followers) is IA-GM with Nesterov-accelerated lower
   dynamics — the accelerated proximal gradient of Beck & Teboulle 2009 (FISTA) with the standard
@@ -38,11 +41,12 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import graph_path
 from ..errors import ConfigError
 from ..formulation import Bound
 from ..hypergrad import Reverse
 from ..hypergrad.base import lower_grad_fn
-from ..inner import GD, Dynamics, Nesterov
+from ..inner import GD, Dynamics, Nesterov, Stopped
 from ..validation import check_finite
 from .base import Context, Solver, descend
 from .upper import upper_rule
@@ -95,8 +99,10 @@ class IAGM(Solver):
             )
         return {"x": xs, "y": ys, "z": ys, "upper": self.upper.init(xs), "init": self.init_rule.init(ys)}
 
-    def truncation(self, bound: Bound, dyn: Dynamics) -> tuple[int, T.Leaves]:
-        """(k*, y_K): run the K lower steps from z without a graph, recording f(x, y_k)."""
+    def truncation(self, bound: Bound, dyn: Dynamics) -> tuple[int | torch.Tensor, T.Leaves]:
+        """(k*, y_K): run the K lower steps from z without a graph, recording f(x, y_k). Inside a
+        compiled step, and in the eager step that records its pattern, k* stays a 0-dim tensor
+        (``torch.argmax``: the first maximiser, as on the host)."""
         xs = bound.xs
         gfn = lower_grad_fn(bound, xs, create_graph=False)
         state = dyn.init(bound.ys0)
@@ -109,6 +115,8 @@ class IAGM(Solver):
         vals = torch.stack(values)
         check_finite(y_K, "lower", "the last iterate of the truncation pass")
         check_finite([vals], "upper", "the upper objective along the lower trajectory")
+        if graph_path():  # (a compiled step, or the eager step recording its draws and counts)
+            return torch.argmax(vals) + 1, y_K
         return ptt_index(vals), y_K
 
     def step(self, ctx: Context, state: dict[str, Any], t: int) -> dict[str, Any]:
@@ -118,7 +126,9 @@ class IAGM(Solver):
             k_star, y_last = self.truncation(bound, dyn)
         else:
             k_star, y_last = dyn.steps, None
-        if k_star != dyn.steps:
+        if isinstance(k_star, torch.Tensor):  # traced: all K steps, those after k* held
+            dyn = Stopped(dyn, k_star)
+        elif k_star != dyn.steps:
             dyn = copy.copy(dyn)
             dyn.steps = k_star
         gx, y_k, info, _ = Reverse(dyn, checkpoint=self.checkpoint, wrt_init=True).apply(bound)
