@@ -568,14 +568,23 @@ def _summary(leaves: T.Leaves) -> Tensor:
     return out
 
 
-def nonfinite_error(dyn: Dynamics, level: str, step: int, last: int | None = None) -> NonFiniteError:
+class _Named:
+    """What :func:`nonfinite_error` says of a dynamics: its class name and ``lr``."""
+
+    def __init__(self, name: str, lr: Any):
+        self.name, self.lr = name, lr
+
+
+def nonfinite_error(dyn: Dynamics | _Named, level: str, step: int, last: int | None = None
+                    ) -> NonFiniteError:
     """The error of :func:`unroll` for a first non-finite iterate at ``step`` (1-based), or, where
     the step is not known (traced mode), somewhere within steps ``step..last``."""
     where = f"at step {step} of" if last is None else "of"
     within = "" if last is None else f" within steps {step}..{last}"
     return NonFiniteError(
         f"non-finite values (NaN/inf) in the {level}-level iterate {where} "
-        f"{type(dyn).__name__} (lr={dyn.lr}){within}; reduce the step size or check the objective",
+        f"{dyn.name if isinstance(dyn, _Named) else type(dyn).__name__} (lr={dyn.lr}){within}; "
+        "reduce the step size or check the objective",
         level=level,
         step=step if last is None else None,
     )
@@ -619,7 +628,11 @@ def unroll(
             sums.append(_summary(state[: len(state) // dyn.slots]))
     if track and tracing() and sums:  # traced (vmap): no host read, the check runs afterwards
         ok = torch.isfinite(torch.stack([s.reshape(()) for s in sums])).all()
-        require(ok, lambda: nonfinite_error(dyn, level, start + 1, start + steps))
+        # (the error names the dynamics without holding it: bound dynamics close over the
+        # transform's x, and a check kept past the graph would make it an output — a tensor of
+        # the transform's level, which a compiled graph cannot return)
+        named = _Named(type(dyn).__name__, dyn.lr)
+        require(ok, lambda: nonfinite_error(named, level, start + 1, start + steps))
     if track and any(_batched(t) for t in state):  # inside a plain vmap: the caller checks
         track = False
     bad = first_nonfinite(sums) if track and not tracing() else None

@@ -330,7 +330,8 @@ def _episodes(seed, ways=3):
 @pytest.mark.compiled
 @pytest.mark.usefixtures("aot_eager")
 @pytest.mark.parametrize("name,vmap", [("maml", True), ("maml", False), ("protonet", True),
-                                       ("imaml", True), ("r2d2", True)])
+                                       ("imaml", True), ("r2d2", True), ("metasgd", True),
+                                       ("metasgd", False)])
 def test_meta_training_as_one_compiled_graph_equals_eager(name, vmap):
     """``bl.solve(..., compile=True)`` of vmapped meta-training: the task batch is drawn and
     checked before the step (``prepare``), the step — every task's adaptation and meta-gradient
@@ -340,7 +341,9 @@ def test_meta_training_as_one_compiled_graph_equals_eager(name, vmap):
     failed on every pytree guard before, so each run traced its pattern anew). MAML task by task
     (``vmap=False``) differentiates its unrolled loss with ``torch.func.grad_and_value``: the
     checks recorded inside it leave the transform as outputs (a flag kept from inside made AOT
-    autograd fail: "Cannot access storage of TensorWrapper")."""
+    autograd fail: "Cannot access storage of TensorWrapper"). Meta-SGD failed the same way: the
+    deferred check of its unrolled steps kept the bound dynamics for its error message, whose
+    learned rate closes over the transform's x."""
     import bilevel as bl
     from bilevel import compiled as C
 
