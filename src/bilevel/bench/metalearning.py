@@ -18,7 +18,8 @@ each variant in a fresh process, divided by B. All three gradients are checked t
 MetaTraining` (vmapped MAML, Adam outer step) eager against ``compile=True`` (each meta-step one
 graph, :mod:`bilevel.compiled_step`), the solver's clock per step, interleaved rounds of
 ``--reps`` steps each from the same start and task seed; the compile time (first run), the
-break-even step count and the compiled vs eager iterates are reported.
+break-even step count and the compiled vs eager iterates are reported. ``--method metasgd``: the
+same for Meta-SGD (learned per-parameter inner rates, ``lr0`` 0.01).
 
 ``--task-parallel``: meta-batch scaling of task-parallel meta-learning (issue 12) — the vmapped
 MAML meta-step for B in ``--batches`` on one process vs sharded over 2 local gloo processes
@@ -34,15 +35,16 @@ from typing import Any
 import torch
 
 from .. import _tree as T
-from ..meta import MAML, MLPModel, SinusoidTasks
+from ..meta import MAML, MetaSGD, MLPModel, SinusoidTasks
 from ._timing import MB, median, one_thread, peak_rss, run_isolated
 
 __all__ = ["main", "setup", "plain_maml_grad", "task_parallel_times"]
 
 
-def setup(tasks: int, steps: int, hidden: int = 40, seed: int = 0):
+def setup(tasks: int, steps: int, hidden: int = 40, seed: int = 0, method: str = "maml"):
     model = MLPModel([1, hidden, hidden], 1)
-    learner = MAML(model, lr=0.01, steps=steps, loss="mse")
+    learner = (MAML(model, lr=0.01, steps=steps, loss="mse") if method == "maml"
+               else MetaSGD(model, lr0=0.01, steps=steps, loss="mse"))
     x = learner.init(torch.Generator().manual_seed(seed))
     batch = SinusoidTasks(shots=10, queries=10, seed=seed).next(tasks)
     return model, learner, x, batch
@@ -135,7 +137,7 @@ def _task_parallel(a: argparse.Namespace) -> int:
     return 0
 
 
-def compiled_steps(tasks: int, steps: int, rounds: int, reps: int) -> dict[str, Any]:
+def compiled_steps(tasks: int, steps: int, rounds: int, reps: int, method: str = "maml") -> dict[str, Any]:
     """``--compiled``: ms per meta-training step, eager vs ``compile=True`` (see the module
     docstring); medians over ``rounds`` interleaved runs of ``reps`` steps."""
     import time
@@ -144,7 +146,7 @@ def compiled_steps(tasks: int, steps: int, rounds: int, reps: int) -> dict[str, 
 
     from ..meta.train import MetaTraining, meta_problem
 
-    _, learner, x, _ = setup(tasks, steps)
+    _, learner, x, _ = setup(tasks, steps, method=method)
     problem = meta_problem(learner, SinusoidTasks(shots=10, queries=10, seed=99).next(tasks))
 
     def run(compile: bool, n: int):
@@ -183,13 +185,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="meta-steps per round for --task-parallel and --compiled")
     p.add_argument("--compiled", action="store_true",
                    help="meta-training steps eager vs bl.solve(..., compile=True) instead")
+    p.add_argument("--method", choices=("maml", "metasgd"), default="maml",
+                   help="--compiled: the learner (MAML, or Meta-SGD with its learned per-parameter rates)")
     a = p.parse_args(argv)
     if a.task_parallel:
         return _task_parallel(a)
     if a.compiled:
         one_thread()
-        out = compiled_steps(a.tasks, a.steps, a.rounds, a.reps)
-        print(f"MAML meta-training step (vmapped, Adam), sinusoid MLP 1-40-40-1, K = {a.steps}, "
+        out = compiled_steps(a.tasks, a.steps, a.rounds, a.reps, a.method)
+        name = "MAML" if a.method == "maml" else "Meta-SGD"
+        print(f"{name} meta-training step (vmapped, Adam), sinusoid MLP 1-40-40-1, K = {a.steps}, "
               f"B = {a.tasks} tasks, float32, 1 thread; medians of {a.rounds} interleaved rounds of "
               f"{a.reps} steps\n")
         print("| eager (ms / step) | compiled (ms / step) | speed-up | compile (s) | break-even (steps) "
