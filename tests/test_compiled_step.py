@@ -436,6 +436,44 @@ def test_iapttgm_step_is_one_graph_with_its_truncation_held_in_the_graph():
     assert comp.state["counts"]["lower"] == {"grad": 12 * 6, "hvp": 6 * 6, "cross": 6 * 6}
 
 
+@pytest.mark.parametrize("trials", [3, 1])
+def test_backtracked_bda_step_is_one_graph_and_a_longer_search_reruns_eagerly(trials, monkeypatch):
+    """BDA's Armijo search (``adaptive=True``, the default) read f on the host, so its step fell
+    back. In the graph the trial steps are a tensor (``BDA.graph_state``) and each search tries
+    ``GRAPH_TRIALS`` halvings; a search that needs more fails a ``redo`` check and that step runs
+    again eagerly. On the LLC toy from a start that backtracks (up to 6 halvings per outer step
+    after the first): the iterates, the steps used, the halvings and the new trials equal eager;
+    with 3 trials every step after the probes is one graph, with 1 exactly the steps that halved
+    are rerun eagerly."""
+    import warnings
+
+    from bilevel.problems import llc_toy
+    from bilevel.solvers import bda
+
+    monkeypatch.setattr(bda, "GRAPH_TRIALS", trials)
+    toy = llc_toy(n=4, x0=2.0, y0=-2.0)  # (a new problem: no graph of another test's setting)
+    x0, y0 = toy.start()
+
+    def run(**kw):
+        solver = S.BDA(bl.inner.GD(lr=0.5, steps=6), mu=0.5, s_u=10.0,
+                       upper=bl.inner.Adam(lr=0.05, betas=(0.9, 0.9)))
+        return bl.solve(toy.problem, x0, y0, solver=solver, steps=10, track=False,
+                        x_projection=toy.x_projection, **kw)
+
+    eager = run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", C.CompileFallbackWarning)
+        comp = run(compile=True)
+    halved = [r["backtracks"] > 0 for r in eager.history]
+    assert sum(halved[2:]) >= 3  # (the searches really work after the probes)
+    want = [True] * 8 if trials == 3 else [not h for h in halved[2:]]
+    assert [r["compiled"] for r in comp.history] == [False, False] + want
+    torch.testing.assert_close(comp.x, eager.x, rtol=1e-12, atol=1e-14)
+    for key in ("backtracks", "s_u_min", "s_u_max"):
+        assert [r[key] for r in comp.history] == [r[key] for r in eager.history]
+    assert comp.state["est"]["s_u"].tolist() == eager.state["est"]["s_u"]
+
+
 def test_a_float_that_changes_every_step_falls_back_naming_the_entry(tiny):
     """A Python float in the state that changes every step makes every step a new pattern (an
     eager probe): after SCALAR_PATTERNS such values the run falls back with a warning that names

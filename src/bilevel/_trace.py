@@ -32,10 +32,14 @@ __all__ = ["tracing", "graph_path", "traced", "require", "scalar", "Check", "spl
 
 @dataclass
 class Check:
-    """A deferred check: ``ok`` (a bool tensor, one value per task under vmap) and the error."""
+    """A deferred check: ``ok`` (a bool tensor, one value per task under vmap) and the error.
+    ``redo``: a failure means the values left the path the graph took (not an error of the run):
+    a compiled step that fails only such checks is run again eagerly (:mod:`bilevel.compiled_step`);
+    elsewhere the error is raised."""
 
     ok: Tensor
     error: Callable[[], BaseException]
+    redo: bool = False
 
 
 _CHECKS: ContextVar[list[Check] | None] = ContextVar("bilevel_traced_checks", default=None)
@@ -92,14 +96,15 @@ def traced() -> Iterator[list[Check]]:
         _CHECKS.reset(token)
 
 
-def require(ok: Tensor | bool, error: Callable[[], BaseException]) -> None:
-    """Raise ``error()`` unless ``ok``; in traced mode record the check for later instead."""
+def require(ok: Tensor | bool, error: Callable[[], BaseException], redo: bool = False) -> None:
+    """Raise ``error()`` unless ``ok``; in traced mode record the check for later instead
+    (``redo``: see :class:`Check`)."""
     checks = _checks()
     if checks is None:
         if not bool(ok):
             raise error()
         return
-    checks.append(Check(torch.as_tensor(ok).detach().reshape(()), error))
+    checks.append(Check(torch.as_tensor(ok).detach().reshape(()), error, redo))
 
 
 def scalar(t: Tensor) -> float | Tensor:

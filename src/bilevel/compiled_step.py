@@ -20,7 +20,12 @@ every solver gets it without code of its own:
   (:mod:`bilevel._trace`): the linear solvers run their full budget with masks, and the deferred
   checks are evaluated after the step (one host read). A failed check reruns the step eagerly from
   the state before it (the graph's updates are not applied yet), so the error is the eager step's
-  own, with its exact step numbers.
+  own, with its exact step numbers. A check made with ``redo`` (``_trace.require(..., redo=True)``:
+  the values left the path the graph covers, e.g. BDA's Armijo search needing more halvings than
+  the graph tries) reruns the step eagerly the same way, and the run goes on.
+* **a step whose path depends on values** takes the graph's path in the eager step that records
+  its pattern too (``_trace.graph_path()``: IAPTT-GM's truncation, BDA's search), so the recorded
+  draws and counts are those of the compiled steps.
 * **a clear fallback.** If dynamo cannot capture the step (data-dependent Python control flow,
   ``.item()``, random numbers from a ``torch.Generator``, a data-parallel reducer ...), the run
   continues with per-oracle compiled kernels (:mod:`bilevel.compiled`) and a
@@ -425,9 +430,13 @@ class CompiledStep:
             if not bool(torch.stack([c.ok for c in pending]).all()):
                 if self.commit is not None:
                     self.commit(core, False)
-                error = next(c.error() for c in pending if not bool(c.ok))
+                failed = [c for c in pending if not bool(c.ok)]
                 self._restore(saved, {})  # the eager step from the state before the step (not
-                self.solver.step(self.ctx, state, t)  # updated yet): its exact error, if it fails
+                if all(c.redo for c in failed):  # updated yet): values off the graph's path
+                    C._STATS["eager_steps"] += 1
+                    return self.solver.step(self.ctx, state, t)
+                error = failed[0].error()
+                self.solver.step(self.ctx, state, t)  # its exact error, if it fails
                 raise error
         if self.commit is not None:  # deferred in-place writes, only if x and y are finite
             self.commit(core, self.last_finite.tolist() == [0.0, 0.0])

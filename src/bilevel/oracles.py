@@ -718,13 +718,13 @@ def value_and_grad(
             new = [] if checks is None else checks[n0:]
             if new:
                 del checks[n0:]
-            side["errors"] = [c.error for c in new]
+            side["errors"] = [(c.error, c.redo) for c in new]
             return val, (tensors, [c.ok for c in new])
 
         g, (val, (tensors, oks)) = torch.func.grad_and_value(
             tensor_aux, argnums=tuple(range(len(args))), has_aux=True)(*args)
         if checks is not None:
-            checks.extend(Check(ok, err) for ok, err in zip(oks, side["errors"]))
+            checks.extend(Check(ok, err, redo) for ok, (err, redo) in zip(oks, side["errors"]))
         if not has_aux:
             return tuple(g), val
         return tuple(g), (val, fill_tensors(tensors, side["marks"], side["spec"]))

@@ -57,6 +57,7 @@ import torch
 
 from .. import _tree as T
 from .. import oracles as O
+from .._trace import graph_path, require, tracing
 from ..errors import ConfigError, NonFiniteError
 from ..formulation import Bound
 from ..hypergrad import Reverse
@@ -67,6 +68,9 @@ __all__ = ["BDA", "bda_schedule", "Aggregation", "AggregatedReverse"]
 
 #: Armijo constant σ, shrink and regrow factors, and the most halvings of one backtracking search
 ARMIJO_SIGMA, SHRINK, GROW, MAX_HALVINGS = 0.5, 0.5, 2.0, 60
+#: trials s, s/2, ... of one search inside a compiled step (a search that accepts none of them
+#: reruns that step eagerly, where the search goes on up to MAX_HALVINGS)
+GRAPH_TRIALS = 3
 
 
 def bda_schedule(mu: float) -> Callable[[int], float]:
@@ -109,7 +113,8 @@ class Aggregation:
             if trials is None:
                 s = self.s_u
             else:
-                s, first, halvings = backtrack(F, xs, ys, gu, a, trials[k], k)
+                search = backtrack_in_graph if isinstance(trials, torch.Tensor) else backtrack
+                s, first, halvings = search(F, xs, ys, gu, a, trials[k], k)
                 if used is not None:
                     used[k] = (s, first, halvings)
             # a (s/s_l): the same float operations as the fixed rule when no test backtracks
@@ -147,6 +152,35 @@ def backtrack(F: Any, xs: T.Leaves, ys: T.Leaves, gu: T.Leaves, a: float, s: flo
         level="upper")
 
 
+def backtrack_in_graph(F: Any, xs: T.Leaves, ys: T.Leaves, gu: T.Leaves, a: float, s: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`backtrack` as tensors, for a compiled step (and the eager step recording its pattern):
+    the first :data:`GRAPH_TRIALS` trials s, s/2, ... evaluated, the first accepted one taken. If
+    none is, a ``redo`` check fails and the step runs again eagerly (in the recording step: the
+    search goes on here, by :func:`backtrack`)."""
+    with torch.no_grad():
+        xd, yd, gd = T.detach(xs), T.detach(ys), T.detach(gu)
+        f0 = O.value(F, xd, yd)
+        n2 = sum((g * g).sum() for g in gd)
+        require(torch.isfinite(f0) & torch.isfinite(n2), lambda: NonFiniteError(
+            f"BDA: non-finite upper objective or gradient at lower step {k + 1}", level="upper"))
+        oks = []
+        for h in range(GRAPH_TRIALS):
+            t = a * (s * SHRINK**h)
+            f1 = O.value(F, xd, T.axpy(-t, gd, yd))
+            oks.append(torch.isfinite(f1) & (f1 <= f0 - ARMIJO_SIGMA * t * n2))
+        oks[0] = oks[0] | (n2 == 0)
+        ok = torch.stack(oks)
+        if not tracing() and not bool(ok.any()):
+            s1, first, halvings = backtrack(F, xs, ys, gu, a, float(s), k)
+            return s.new_tensor(s1), torch.tensor(first), torch.tensor(halvings)
+        require(ok.any(), lambda: ConfigError(
+            f"BDA: the Armijo search at lower step {k + 1} needs more than {GRAPH_TRIALS} trials "
+            "(a compiled step reruns eagerly)"), redo=True)
+        halvings = torch.argmax(ok.to(torch.int8))  # (the first accepted trial)
+        return s * torch.pow(SHRINK, halvings.to(s.dtype)), halvings == 0, halvings
+
+
 class AggregatedReverse(Reverse):
     """:class:`~bilevel.hypergrad.Reverse` through BDA's aggregated steps with the backtracked upper
     step: ``state["s_u"]`` holds the trial step of every lower step k (module docstring).
@@ -168,14 +202,23 @@ class AggregatedReverse(Reverse):
     def check_state(self, state: Any) -> dict[str, Any]:
         state = super().check_state(state)
         trials = state["s_u"]
-        if not (isinstance(trials, (list, tuple)) and len(trials) == self.inner.steps
-                and all(isinstance(s, float) and s > 0 for s in trials)):
+        if isinstance(trials, torch.Tensor):  # (the form of a compiled run: BDA.graph_state)
+            ok = trials.shape == (self.inner.steps,) and trials.is_floating_point() and (
+                torch.compiler.is_compiling() or bool((trials > 0).all()))
+        else:
+            ok = (isinstance(trials, (list, tuple)) and len(trials) == self.inner.steps
+                  and all(isinstance(s, float) and s > 0 for s in trials))
+        if not ok:
             raise ConfigError(f"BDA: state['s_u'] must hold {self.inner.steps} positive trial steps "
                               f"(one per lower step), got {trials!r}")
         return state
 
     def compute(self, bound: Bound, state: dict):
-        trials = list(state["s_u"])
+        trials = state["s_u"]
+        if isinstance(trials, torch.Tensor) and graph_path():
+            return self._compute_in_graph(bound, state, trials)
+        held = trials if isinstance(trials, torch.Tensor) else None
+        trials = trials.tolist() if held is not None else list(trials)
         used: dict[int, tuple] = {}
         est = copy.copy(self)  # this call's direction; the estimator itself is never modified
         est.grad_fn = partial(self.direction, trials=trials, used=used)
@@ -185,7 +228,22 @@ class AggregatedReverse(Reverse):
             new[k] = min(self.direction.s_u, GROW * s) if first else s
         info["s_u"] = [used[k][0] for k in sorted(used)]
         info["backtracks"] = sum(h for _, _, h in used.values())
-        return gx, ys, info, {**state, "s_u": new}
+        return gx, ys, info, {**state, "s_u": new if held is None else held.new_tensor(new)}
+
+    def _compute_in_graph(self, bound: Bound, state: dict, trials: torch.Tensor):
+        """:meth:`compute` with the trial steps a tensor (a compiled step, or the eager step that
+        records its pattern): the searches of :func:`backtrack_in_graph`, the regrowth as tensors."""
+        used: dict[int, tuple] = {}
+        est = copy.copy(self)
+        est.grad_fn = partial(self.direction, trials=trials, used=used)
+        gx, ys, info, _ = Reverse.compute(est, bound, state)
+        cap = self.direction.s_u
+        new = [torch.where(used[k][1], torch.clamp(GROW * used[k][0], max=cap), used[k][0])
+               if k in used else trials[k] for k in range(len(trials))]
+        keys = sorted(used)
+        info["s_u"] = torch.stack([used[k][0] for k in keys]) if keys else trials[:0]
+        info["backtracks"] = sum(used[k][2] for k in keys) if keys else 0
+        return gx, ys, info, {**state, "s_u": torch.stack(new)}
 
 
 class BDA(HypergradientDescent):
@@ -240,6 +298,18 @@ class BDA(HypergradientDescent):
         return float(self.direction.alpha(k))
 
     def metrics(self, x: Any, grad: Any, info: dict[str, Any]) -> dict[str, Any]:
-        if "s_u" not in info or not info["s_u"]:
+        used = info.get("s_u")
+        if used is None or len(used) == 0:
             return {}
-        return {"s_u_min": min(info["s_u"]), "s_u_max": max(info["s_u"]), "backtracks": info["backtracks"]}
+        if isinstance(used, torch.Tensor):  # (a compiled step)
+            return {"s_u_min": used.min(), "s_u_max": used.max(), "backtracks": info["backtracks"]}
+        return {"s_u_min": min(used), "s_u_max": max(used), "backtracks": info["backtracks"]}
+
+    def graph_state(self, state: dict[str, Any]) -> None:
+        """A compiled run keeps the Armijo trial steps as a tensor (float64; float32 on Apple's
+        GPUs), so that their changes are values of one graph, not new patterns."""
+        est = state.get("est")
+        if self.adaptive and isinstance(est, dict) and isinstance(est.get("s_u"), (list, tuple)):
+            dev = state["x"][0].device
+            est["s_u"] = torch.tensor(est["s_u"], dtype=torch.float32 if dev.type == "mps"
+                                      else torch.float64, device=dev)
