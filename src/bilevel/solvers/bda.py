@@ -160,7 +160,10 @@ def backtrack_in_graph(F: Any, xs: T.Leaves, ys: T.Leaves, gu: T.Leaves, a: floa
     search goes on here, by :func:`backtrack`)."""
     with torch.no_grad():
         xd, yd, gd = T.detach(xs), T.detach(ys), T.detach(gu)
-        f0 = O.value(F, xd, yd)
+        # f at y as at the trials, y − 0·∇f (a graph keeps 0·t: it is NaN for t = inf): the same
+        # kernel, so rounding cannot pass for a decrease (a kernel shared with ∇f's own forward
+        # sums in another order, and the tests of small steps then failed)
+        f0 = O.value(F, xd, T.axpy(-(s * 0.0), gd, yd))
         n2 = sum((g * g).sum() for g in gd)
         require(torch.isfinite(f0) & torch.isfinite(n2), lambda: NonFiniteError(
             f"BDA: non-finite upper objective or gradient at lower step {k + 1}", level="upper"))
