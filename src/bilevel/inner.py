@@ -552,27 +552,19 @@ def _batched(t: Tensor) -> bool:
 
 
 #: the summation dtype of a finiteness summary, where it is not the leaf's own: a 16-bit iterate is
-#: summed in float32 (float16's largest value is 65504: 1000 finite entries of 100 would sum to
-#: inf), a float32 one in float64 (10,000 finite entries of 1e35 would overflow float32's 3.4e38)
-_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
-
-
-def _leaf_sum(t: Tensor) -> Tensor:
-    t = t.detach() if t.requires_grad else t
-    dtype = _SUM_DTYPE.get(t.dtype)
-    if dtype is torch.float64 and t.is_mps:  # (no float64 on Apple's GPUs)
-        dtype = None
-    return t.sum(dtype=dtype)
+#: summed in float32 (float16's largest value is 65504: 1000 finite entries of 100 would sum to inf)
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _summary(leaves: T.Leaves) -> Tensor:
-    """Σ of every entry of the iterate (16-bit leaves in float32, float32 ones in float64): finite
-    iff no entry is NaN/inf — the sum of finite entries cannot overflow the wider type (float32 on
-    Apple's GPUs: there it needs entries near float32's largest value); one scalar per step for the
-    batched check of :func:`unroll`."""
-    out = _leaf_sum(leaves[0])
+    """Σ of every entry of the iterate (in float32 at least): finite iff no entry is NaN/inf,
+    barring an overflow of the sum itself — which needs entries within a factor of the leaf's size
+    of float32's (or float64's) largest value; one scalar per step for the batched check of
+    :func:`unroll`."""
+    t = leaves[0]
+    out = (t.detach() if t.requires_grad else t).sum(dtype=_SUM_DTYPE.get(t.dtype))
     for t in leaves[1:]:
-        out = out + _leaf_sum(t)
+        out = out + (t.detach() if t.requires_grad else t).sum(dtype=_SUM_DTYPE.get(t.dtype))
     return out
 
 
